@@ -1,0 +1,86 @@
+// The shape of one MLA layer as a Hugging Face DeepSeek config.json describes it, and the constants derived
+// from it once (softmax scale, YaRN frequencies and magnitude). ../docs/spec-notes.md cites the formulas.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace mla {
+
+enum class RopeType { Default, Yarn };
+
+struct RopeParams {
+  RopeType type = RopeType::Default;
+  double theta = 10000.0;
+  // YaRN only.
+  double factor = 1.0;
+  double original_max_position = 4096.0;
+  double beta_fast = 32.0;
+  double beta_slow = 1.0;
+  double mscale = 1.0;
+  double mscale_all_dim = 0.0;
+  double attention_factor = 0.0;  // 0: derived from mscale / mscale_all_dim
+};
+
+struct Config {
+  int64_t hidden_size = 0;        // D
+  int64_t num_heads = 0;          // H
+  int64_t q_lora_rank = 0;        // d_q; 0 = no query compression (q_proj)
+  int64_t kv_lora_rank = 0;       // d_c
+  int64_t qk_nope_head_dim = 0;   // d_n
+  int64_t qk_rope_head_dim = 0;   // d_r (even)
+  int64_t v_head_dim = 0;         // d_v
+  int64_t num_layers = 1;
+  double rms_norm_eps = 1e-6;     // NOT used by the latent norms (they always use kLatentNormEps)
+  bool attention_bias = false;
+  RopeParams rope;
+  std::string name;               // preset name or the config's path, for messages
+
+  int64_t qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
+  int64_t latent_dim() const { return kv_lora_rank + qk_rope_head_dim; }  // one cache row
+  bool has_q_lora() const { return q_lora_rank > 0; }
+
+  // Throws mla::Error naming the key for a missing, mistyped or inconsistent value.
+  static Config from_json(std::string_view json_text, std::string_view source = "config.json");
+  static Config from_file(const std::filesystem::path& path);
+  // "v2-lite", "v2", "v3" (r1 is an alias of v3).
+  static Config preset(std::string_view name);
+  static std::vector<std::string> preset_names();
+
+  void validate() const;
+};
+
+// RMSNorm epsilon of q_a_layernorm and kv_a_layernorm in every released checkpoint, whatever rms_norm_eps says.
+inline constexpr float kLatentNormEps = 1e-6f;
+
+// Constants computed once per config, in fp32 as the reference implementation computes them.
+struct DerivedConstants {
+  float softmax_scale = 0.f;        // τ
+  float rope_magnitude = 1.f;       // A, multiplies cos and sin
+  float yarn_low = 0.f, yarn_high = 0.f;  // ramp ends (YaRN only)
+  std::vector<float> inv_freq;      // ω_i, d_r/2 values
+
+  static DerivedConstants compute(const Config& config);
+};
+
+// YaRN magnitude helper m(s, x) = 1 if s <= 1 else 0.1·x·ln(s) + 1.
+double yarn_mscale(double scale, double mscale);
+
+// FLOP and byte counts used by `mla info`, `mla bench` and the docs.
+struct CostModel {
+  double projection_flops_per_token;      // q (+q_a), kv_a, o
+  double absorb_flops_per_token;          // q̂ = W_UKᵀ qn and o = W_UV ô, all heads
+  double expand_flops_per_key;            // kv_b applied to one cached row (expanded path)
+  double expanded_attention_flops_per_pair;  // one (query, key) pair, all heads
+  double absorbed_attention_flops_per_pair;
+  int64_t cache_values_per_token;         // d_c + d_r
+  int64_t expanded_cache_values_per_token;  // H·(d_qk + d_v)
+  int64_t mha_cache_values_per_token;     // H·(d_qk + d_v) too, for plain MHA of the same head dims
+
+  static CostModel of(const Config& config);
+};
+
+}  // namespace mla

@@ -1,0 +1,26 @@
+// One error type for the whole library. Messages name the file, tensor, expected and actual values.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+namespace mla {
+
+class Error : public std::runtime_error {
+ public:
+  explicit Error(const std::string& what) : std::runtime_error(what) {}
+};
+
+// Bad arguments from the caller (shapes, ids, options): bindings map this to ValueError.
+class InvalidArgument : public Error {
+ public:
+  using Error::Error;
+};
+
+// The latent cache has no free page for a request; nothing was changed.
+class OutOfPages : public Error {
+ public:
+  using Error::Error;
+};
+
+}  // namespace mla

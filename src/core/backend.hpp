@@ -1,0 +1,69 @@
+// The one small interface every backend implements. Callers of the public API never see it.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "mla/attention.hpp"
+#include "mla/dtype.hpp"
+#include "mla/weights.hpp"
+
+namespace mla::detail {
+
+// The page pool's memory: [num_pages, page_size, row_width] of the cache dtype.
+class PageStorage {
+ public:
+  virtual ~PageStorage() = default;
+  virtual void* data() = 0;
+  virtual void copy_to_host(int64_t offset_bytes, int64_t bytes, void* dst) const = 0;
+  virtual void copy_from_host(int64_t offset_bytes, int64_t bytes, const void* src) = 0;
+};
+
+// One chunk of new tokens, planned by Attention::forward before the backend runs.
+struct ChunkPlan {
+  int64_t first_row = 0;            // index of its first token in hidden/out
+  int64_t num_tokens = 0;
+  int64_t cached = 0;               // tokens already in the cache; the new rows go to [cached, cached+num_tokens)
+  const int64_t* positions = nullptr;   // [num_tokens], host
+  const int32_t* block_table = nullptr; // [ceil((cached+num_tokens)/page_size)] page indices, host
+  Path path = Path::Expanded;       // resolved: Expanded or Absorbed
+};
+
+struct ForwardArgs {
+  std::span<const ChunkPlan> chunks;
+  int64_t total_tokens = 0;
+  const float* hidden = nullptr;    // [total_tokens, D]
+  float* out = nullptr;             // [total_tokens, D]
+  void* cache = nullptr;            // page pool storage
+  int64_t page_size = 0;
+  DType cache_dtype = DType::BF16;
+};
+
+class LayerImpl {
+ public:
+  virtual ~LayerImpl() = default;
+  // Writes the chunks' latent rows into the cache, then their outputs. Must throw before touching the cache
+  // when the inputs are unusable (non-finite hidden states).
+  virtual void forward(const ForwardArgs& args) = 0;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string_view name() const = 0;
+  virtual std::unique_ptr<PageStorage> allocate_pages(int64_t bytes) const = 0;
+  virtual std::unique_ptr<LayerImpl> make_layer(const LayerWeights& weights, const LayerOptions& options) const = 0;
+};
+
+// Throws mla::InvalidArgument naming the available backends for an unknown or unavailable name.
+const Backend& find_backend(std::string_view name);
+std::vector<const Backend*> all_backends();
+
+// Host page storage shared by the CPU backends (64-byte aligned, zero-initialised).
+std::unique_ptr<PageStorage> allocate_host_pages(int64_t bytes);
+
+}  // namespace mla::detail

@@ -1,0 +1,185 @@
+#include "mla/cache.hpp"
+
+#include <algorithm>
+#include <bit>
+#include <numeric>
+#include <random>
+#include <cstring>
+#include <utility>
+
+#include "core/backend.hpp"
+#include "mla/error.hpp"
+
+namespace mla {
+
+LatentCache::LatentCache(const CacheOptions& options) : options_(options) {
+  const int64_t p = options.page_size;
+  if (p < 1 || p > 256 || !std::has_single_bit(static_cast<uint64_t>(p)))
+    throw InvalidArgument("cache: page_size must be a power of two from 1 to 256, got " + std::to_string(p));
+  if (options.num_pages < 1 || options.num_pages > (int64_t{1} << 31) - 1)
+    throw InvalidArgument("cache: num_pages must be from 1 to 2^31-1, got " + std::to_string(options.num_pages));
+  if (options.row_width < 1) throw InvalidArgument("cache: row_width must be positive");
+  if (options.dtype != DType::BF16 && options.dtype != DType::F32)
+    throw InvalidArgument("cache: dtype must be BF16 or F32, got " + std::string(dtype_name(options.dtype)));
+  storage_ = detail::find_backend(options.device).allocate_pages(options.num_pages * page_bytes());
+  free_pages_.resize(static_cast<size_t>(options.num_pages));
+  // A stack handed out from the back: reversed so that page 0 goes first.
+  std::iota(free_pages_.rbegin(), free_pages_.rend(), 0);
+  if (options.page_order_seed != 0) {
+    std::mt19937_64 rng(options.page_order_seed);
+    std::shuffle(free_pages_.begin(), free_pages_.end(), rng);
+  }
+}
+
+LatentCache::~LatentCache() = default;
+LatentCache::LatentCache(LatentCache&&) noexcept = default;
+LatentCache& LatentCache::operator=(LatentCache&&) noexcept = default;
+
+SeqId LatentCache::add_sequence() {
+  SeqId id = next_id_++;
+  sequences_.emplace_back(id, Sequence{});
+  return id;
+}
+
+const LatentCache::Sequence& LatentCache::find(SeqId id) const {
+  for (const auto& [k, s] : sequences_)
+    if (k == id) return s;
+  throw InvalidArgument("cache: no sequence with id " + std::to_string(id));
+}
+
+LatentCache::Sequence& LatentCache::find(SeqId id) {
+  return const_cast<Sequence&>(std::as_const(*this).find(id));
+}
+
+void LatentCache::free_sequence(SeqId id) {
+  auto it = std::find_if(sequences_.begin(), sequences_.end(), [&](const auto& e) { return e.first == id; });
+  if (it == sequences_.end()) throw InvalidArgument("cache: no sequence with id " + std::to_string(id));
+  // Pages go back so that the first page of the freed sequence is handed out first.
+  free_pages_.insert(free_pages_.end(), it->second.pages.rbegin(), it->second.pages.rend());
+  sequences_.erase(it);
+}
+
+bool LatentCache::contains(SeqId id) const {
+  return std::any_of(sequences_.begin(), sequences_.end(), [&](const auto& e) { return e.first == id; });
+}
+
+std::vector<SeqId> LatentCache::sequences() const {
+  std::vector<SeqId> ids;
+  for (const auto& e : sequences_) ids.push_back(e.first);
+  return ids;
+}
+
+int64_t LatentCache::length(SeqId id) const { return find(id).length; }
+
+int64_t LatentCache::capacity(SeqId id) const {
+  return static_cast<int64_t>(find(id).pages.size()) * options_.page_size;
+}
+
+std::span<const int32_t> LatentCache::block_table(SeqId id) const { return find(id).pages; }
+
+void LatentCache::reserve(std::span<const SeqId> ids, std::span<const int64_t> extra) {
+  if (ids.size() != extra.size()) throw InvalidArgument("cache: reserve needs one count per sequence");
+  std::vector<int64_t> need(ids.size());
+  int64_t total = 0;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (extra[i] < 0) throw InvalidArgument("cache: cannot reserve a negative number of tokens");
+    const Sequence& s = find(ids[i]);
+    // Sequences listed twice accumulate.
+    int64_t want = s.length + extra[i];
+    for (size_t j = 0; j < i; ++j)
+      if (ids[j] == ids[i]) want += extra[j];
+    const int64_t pages = (want + options_.page_size - 1) / options_.page_size;
+    int64_t already = static_cast<int64_t>(s.pages.size());
+    for (size_t j = 0; j < i; ++j)
+      if (ids[j] == ids[i]) already += need[j];
+    need[i] = std::max<int64_t>(0, pages - already);
+    total += need[i];
+  }
+  if (total > pages_free())
+    throw OutOfPages("cache: out of pages: the request needs " + std::to_string(total) + " more pages of " +
+                     std::to_string(options_.page_size) + " tokens, only " + std::to_string(pages_free()) +
+                     " of " + std::to_string(pages_total()) + " are free; nothing was stored");
+  for (size_t i = 0; i < ids.size(); ++i) {
+    Sequence& s = find(ids[i]);
+    for (int64_t k = 0; k < need[i]; ++k) {
+      s.pages.push_back(free_pages_.back());
+      free_pages_.pop_back();
+    }
+  }
+}
+
+void LatentCache::commit(SeqId id, int64_t new_length) {
+  Sequence& s = find(id);
+  if (new_length < s.length || new_length > capacity(id))
+    throw InvalidArgument("cache: commit of sequence " + std::to_string(id) + " to length " +
+                          std::to_string(new_length) + " outside [" + std::to_string(s.length) + ", " +
+                          std::to_string(capacity(id)) + "]");
+  s.length = new_length;
+}
+
+void LatentCache::truncate(SeqId id, int64_t new_length) {
+  Sequence& s = find(id);
+  if (new_length < 0 || new_length > s.length)
+    throw InvalidArgument("cache: cannot truncate sequence " + std::to_string(id) + " of length " +
+                          std::to_string(s.length) + " to " + std::to_string(new_length));
+  s.length = new_length;
+}
+
+void LatentCache::release_unused(SeqId id) {
+  Sequence& s = find(id);
+  const auto keep = static_cast<size_t>((s.length + options_.page_size - 1) / options_.page_size);
+  while (s.pages.size() > keep) {
+    free_pages_.push_back(s.pages.back());
+    s.pages.pop_back();
+  }
+}
+
+std::vector<float> LatentCache::read_rows(SeqId id, int64_t begin, int64_t end) const {
+  const Sequence& s = find(id);
+  if (begin < 0 || end < begin || end > s.length)
+    throw InvalidArgument("cache: rows [" + std::to_string(begin) + ", " + std::to_string(end) +
+                          ") of sequence " + std::to_string(id) + " of length " + std::to_string(s.length));
+  const int64_t w = options_.row_width;
+  std::vector<float> out(static_cast<size_t>((end - begin) * w));
+  std::vector<std::byte> row(static_cast<size_t>(row_bytes()));
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t page = s.pages[static_cast<size_t>(t / options_.page_size)];
+    const int64_t offset = (page * options_.page_size + t % options_.page_size) * row_bytes();
+    storage_->copy_to_host(offset, row_bytes(), row.data());
+    float* dst = out.data() + (t - begin) * w;
+    if (options_.dtype == DType::F32) {
+      std::memcpy(dst, row.data(), static_cast<size_t>(row_bytes()));
+    } else {
+      for (int64_t j = 0; j < w; ++j) {
+        uint16_t b;
+        std::memcpy(&b, row.data() + 2 * j, 2);
+        dst[j] = bf16_to_float(b);
+      }
+    }
+  }
+  return out;
+}
+
+void LatentCache::fill_unused(float value) {
+  std::vector<std::byte> row(static_cast<size_t>(row_bytes()));
+  for (int64_t j = 0; j < options_.row_width; ++j) {
+    if (options_.dtype == DType::F32) {
+      std::memcpy(row.data() + 4 * j, &value, 4);
+    } else {
+      const uint16_t b = float_to_bf16(value);
+      std::memcpy(row.data() + 2 * j, &b, 2);
+    }
+  }
+  std::vector<bool> used(static_cast<size_t>(options_.num_pages * options_.page_size), false);
+  for (const auto& [id, s] : sequences_)
+    for (int64_t t = 0; t < s.length; ++t)
+      used[static_cast<size_t>(s.pages[static_cast<size_t>(t / options_.page_size)] * options_.page_size +
+                               t % options_.page_size)] = true;
+  for (size_t slot = 0; slot < used.size(); ++slot)
+    if (!used[slot]) storage_->copy_from_host(static_cast<int64_t>(slot) * row_bytes(), row_bytes(), row.data());
+}
+
+void* LatentCache::storage() { return storage_->data(); }
+const void* LatentCache::storage() const { return storage_->data(); }
+
+}  // namespace mla

@@ -1,0 +1,198 @@
+#include "mla/weights.hpp"
+
+#include <cmath>
+#include <sstream>
+
+#include "mla/error.hpp"
+#include "mla/safetensors.hpp"
+
+namespace mla {
+namespace {
+
+std::string shape_str(std::initializer_list<int64_t> dims) {
+  std::ostringstream s;
+  s << '[';
+  const char* sep = "";
+  for (int64_t d : dims) s << sep << d, sep = ", ";
+  s << ']';
+  return s.str();
+}
+
+std::string shape_str(const std::vector<int64_t>& dims) {
+  std::ostringstream s;
+  s << '[';
+  for (size_t i = 0; i < dims.size(); ++i) s << (i ? ", " : "") << dims[i];
+  s << ']';
+  return s.str();
+}
+
+void expect_shape(const TensorRef& t, const std::vector<int64_t>& want, const std::string& dir) {
+  if (t.info.shape != want)
+    throw Error("checkpoint '" + dir + "': tensor '" + t.info.name + "' has shape " + shape_str(t.info.shape) +
+                " but the config implies " + shape_str(want) + " (" + t.file + ")");
+}
+
+// FP8 weights: W[r,c] = fp8(W8[r,c]) · S[r/128, c/128]; "scale_inv" multiplies despite its name.
+void apply_block_scales(const Checkpoint& ckpt, const std::string& name, Matrix& m) {
+  const std::string scale_name = name + "_scale_inv";
+  if (!ckpt.contains(scale_name))
+    throw Error("checkpoint '" + ckpt.dir().string() + "': FP8 tensor '" + name + "' has no '" + scale_name + "'");
+  TensorRef s = ckpt.tensor(scale_name);
+  const int64_t br = (m.rows + 127) / 128, bc = (m.cols + 127) / 128;
+  expect_shape(s, {br, bc}, ckpt.dir().string());
+  std::vector<float> scale(static_cast<size_t>(br * bc));
+  convert_to_f32(s, scale.data());
+  for (int64_t r = 0; r < m.rows; ++r)
+    for (int64_t c = 0; c < m.cols; ++c) m.data[r * m.cols + c] *= scale[(r / 128) * bc + c / 128];
+}
+
+Matrix load_matrix(const Checkpoint& ckpt, const std::string& name, int64_t rows, int64_t cols) {
+  TensorRef t = ckpt.tensor(name);
+  expect_shape(t, {rows, cols}, ckpt.dir().string());
+  Matrix m;
+  m.rows = rows, m.cols = cols;
+  m.data.resize(static_cast<size_t>(rows * cols));
+  convert_to_f32(t, m.data.data());
+  if (t.info.dtype == DType::F8_E4M3) apply_block_scales(ckpt, name, m);
+  return m;
+}
+
+std::vector<float> load_vector(const Checkpoint& ckpt, const std::string& name, int64_t n) {
+  TensorRef t = ckpt.tensor(name);
+  expect_shape(t, {n}, ckpt.dir().string());
+  std::vector<float> v(static_cast<size_t>(n));
+  convert_to_f32(t, v.data());
+  return v;
+}
+
+// splitmix64: fast, deterministic, good enough for random test weights.
+struct Rng {
+  uint64_t state;
+  uint64_t next() {
+    uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+  float uniform() { return static_cast<float>(next() >> 40) * (1.0f / 16777216.0f) * 2.0f - 1.0f; }  // [-1, 1)
+};
+
+// Uniform with variance 1/cols, like a trained projection's scale; values exactly representable in bf16 so
+// that the f32 and bf16 paths start from the same weights.
+Matrix random_matrix(Rng& rng, int64_t rows, int64_t cols) {
+  Matrix m;
+  m.rows = rows, m.cols = cols;
+  m.data.resize(static_cast<size_t>(rows * cols));
+  const float a = std::sqrt(3.0f / static_cast<float>(cols));
+  for (float& v : m.data) v = round_bf16(a * rng.uniform());
+  return m;
+}
+
+std::vector<float> random_gain(Rng& rng, int64_t n) {
+  std::vector<float> v(static_cast<size_t>(n));
+  for (float& x : v) x = round_bf16(1.0f + 0.1f * rng.uniform());
+  return v;
+}
+
+}  // namespace
+
+LayerWeights LayerWeights::load(const std::filesystem::path& dir, int64_t layer) {
+  if (!std::filesystem::is_directory(dir)) throw Error("checkpoint folder '" + dir.string() + "' does not exist");
+  const Config config = Config::from_file(dir / "config.json");
+  Checkpoint ckpt(dir);
+  return load(ckpt, config, layer);
+}
+
+LayerWeights LayerWeights::load(const Checkpoint& ckpt, const Config& c, int64_t layer) {
+  if (layer < 0 || layer >= c.num_layers)
+    throw InvalidArgument("layer " + std::to_string(layer) + " is out of range: the config has " +
+                          std::to_string(c.num_layers) + " layers (num_hidden_layers)");
+  const std::string p = "model.layers." + std::to_string(layer) + ".self_attn.";
+  const int64_t H = c.num_heads, D = c.hidden_size, dqk = c.qk_head_dim();
+  LayerWeights w;
+  w.config = c;
+  w.layer = layer;
+  if (c.has_q_lora()) {
+    w.q_a_proj = load_matrix(ckpt, p + "q_a_proj.weight", c.q_lora_rank, D);
+    w.q_a_norm = load_vector(ckpt, p + "q_a_layernorm.weight", c.q_lora_rank);
+    w.q_b_proj = load_matrix(ckpt, p + "q_b_proj.weight", H * dqk, c.q_lora_rank);
+  } else {
+    w.q_proj = load_matrix(ckpt, p + "q_proj.weight", H * dqk, D);
+  }
+  w.kv_a_proj = load_matrix(ckpt, p + "kv_a_proj_with_mqa.weight", c.latent_dim(), D);
+  w.kv_a_norm = load_vector(ckpt, p + "kv_a_layernorm.weight", c.kv_lora_rank);
+  w.kv_b_proj = load_matrix(ckpt, p + "kv_b_proj.weight", H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank);
+  w.o_proj = load_matrix(ckpt, p + "o_proj.weight", D, H * c.v_head_dim);
+  if (c.attention_bias) {
+    w.q_bias = load_vector(ckpt, p + (c.has_q_lora() ? "q_a_proj.bias" : "q_proj.bias"),
+                           c.has_q_lora() ? c.q_lora_rank : H * dqk);
+    w.kv_a_bias = load_vector(ckpt, p + "kv_a_proj_with_mqa.bias", c.latent_dim());
+    w.o_bias = load_vector(ckpt, p + "o_proj.bias", D);
+  }
+  w.validate();
+  return w;
+}
+
+LayerWeights LayerWeights::random(const Config& c, uint64_t seed) {
+  c.validate();
+  Rng rng{seed * 0x2545f4914f6cdd1dull + 1};
+  const int64_t H = c.num_heads, D = c.hidden_size, dqk = c.qk_head_dim();
+  LayerWeights w;
+  w.config = c;
+  if (c.has_q_lora()) {
+    w.q_a_proj = random_matrix(rng, c.q_lora_rank, D);
+    w.q_a_norm = random_gain(rng, c.q_lora_rank);
+    w.q_b_proj = random_matrix(rng, H * dqk, c.q_lora_rank);
+  } else {
+    w.q_proj = random_matrix(rng, H * dqk, D);
+  }
+  w.kv_a_proj = random_matrix(rng, c.latent_dim(), D);
+  w.kv_a_norm = random_gain(rng, c.kv_lora_rank);
+  w.kv_b_proj = random_matrix(rng, H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank);
+  w.o_proj = random_matrix(rng, D, H * c.v_head_dim);
+  if (c.attention_bias) {
+    auto bias = [&](int64_t n) {
+      std::vector<float> v(static_cast<size_t>(n));
+      for (float& x : v) x = round_bf16(0.02f * rng.uniform());
+      return v;
+    };
+    w.q_bias = bias(c.has_q_lora() ? c.q_lora_rank : H * dqk);
+    w.kv_a_bias = bias(c.latent_dim());
+    w.o_bias = bias(D);
+  }
+  return w;
+}
+
+void LayerWeights::validate() const {
+  const Config& c = config;
+  c.validate();
+  const int64_t H = c.num_heads, D = c.hidden_size, dqk = c.qk_head_dim();
+  auto check = [&](const Matrix& m, const char* name, int64_t rows, int64_t cols) {
+    if (m.rows != rows || m.cols != cols || static_cast<int64_t>(m.data.size()) != rows * cols)
+      throw Error(std::string("weights: ") + name + " is " + shape_str({m.rows, m.cols}) + ", expected " +
+                  shape_str({rows, cols}));
+  };
+  auto check_vec = [&](const std::vector<float>& v, const char* name, int64_t n) {
+    if (static_cast<int64_t>(v.size()) != n)
+      throw Error(std::string("weights: ") + name + " has " + std::to_string(v.size()) + " values, expected " +
+                  std::to_string(n));
+  };
+  if (c.has_q_lora()) {
+    check(q_a_proj, "q_a_proj", c.q_lora_rank, D);
+    check_vec(q_a_norm, "q_a_layernorm", c.q_lora_rank);
+    check(q_b_proj, "q_b_proj", H * dqk, c.q_lora_rank);
+  } else {
+    check(q_proj, "q_proj", H * dqk, D);
+  }
+  check(kv_a_proj, "kv_a_proj_with_mqa", c.latent_dim(), D);
+  check_vec(kv_a_norm, "kv_a_layernorm", c.kv_lora_rank);
+  check(kv_b_proj, "kv_b_proj", H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank);
+  check(o_proj, "o_proj", D, H * c.v_head_dim);
+  if (c.attention_bias) {
+    check_vec(q_bias, "q bias", c.has_q_lora() ? c.q_lora_rank : H * dqk);
+    check_vec(kv_a_bias, "kv_a_proj_with_mqa.bias", c.latent_dim());
+    check_vec(o_bias, "o_proj.bias", D);
+  }
+}
+
+}  // namespace mla

@@ -1,0 +1,75 @@
+// Pieces both CPU backends share: the latent-row math that must be identical on every path, and the
+// page addressing of the cache.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <span>
+#include <vector>
+
+#include "core/backend.hpp"
+#include "mla/config.hpp"
+#include "mla/dtype.hpp"
+#include "mla/error.hpp"
+
+namespace mla::cpu {
+
+// y = γ ⊙ x / sqrt(mean(x²) + ε), statistics in fp32.
+inline void rms_norm(const float* x, int64_t n, const float* gamma, float eps, float* y) {
+  float ss = 0.f;
+  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = gamma[i] * (x[i] * inv);
+}
+
+// Adjacent-pair RoPE in place: pair i = (x[2i], x[2i+1]) turns by fp32(p)·ω_i, cos and sin scaled by A.
+// The angle is rounded to fp32 and cos/sin are the accurate libm ones (never fast-math).
+inline void rope_pairs(float* x, int64_t dim, int64_t position, const DerivedConstants& k) {
+  const auto p = static_cast<float>(position);
+  for (int64_t i = 0; i < dim / 2; ++i) {
+    const float angle = p * k.inv_freq[i];
+    const float c = std::cos(angle) * k.rope_magnitude, s = std::sin(angle) * k.rope_magnitude;
+    const float a = x[2 * i], b = x[2 * i + 1];
+    x[2 * i] = a * c - b * s;
+    x[2 * i + 1] = a * s + b * c;
+  }
+}
+
+inline void round_to_bf16(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = round_bf16(x[i]);
+}
+
+// Address of cache row t of a sequence: page block_table[t / P], slot t % P.
+inline int64_t row_index(const int32_t* block_table, int64_t page_size, int64_t t) {
+  return static_cast<int64_t>(block_table[t / page_size]) * page_size + t % page_size;
+}
+
+inline void store_row(void* cache, DType dtype, int64_t width, int64_t index, const float* row) {
+  if (dtype == DType::F32) {
+    std::memcpy(static_cast<float*>(cache) + index * width, row, static_cast<size_t>(width) * 4);
+  } else {
+    uint16_t* dst = static_cast<uint16_t*>(cache) + index * width;
+    for (int64_t j = 0; j < width; ++j) dst[j] = float_to_bf16(row[j]);
+  }
+}
+
+inline void load_row(const void* cache, DType dtype, int64_t width, int64_t index, float* row) {
+  if (dtype == DType::F32) {
+    std::memcpy(row, static_cast<const float*>(cache) + index * width, static_cast<size_t>(width) * 4);
+  } else {
+    const uint16_t* src = static_cast<const uint16_t*>(cache) + index * width;
+    for (int64_t j = 0; j < width; ++j) row[j] = bf16_to_float(src[j]);
+  }
+}
+
+// Throws before anything is stored when an input row holds NaN or infinity.
+inline void check_finite(const float* hidden, int64_t rows, int64_t width) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < width; ++j)
+      if (!std::isfinite(hidden[r * width + j]))
+        throw InvalidArgument("forward: hidden_states[" + std::to_string(r) + ", " + std::to_string(j) +
+                              "] is " + std::to_string(hidden[r * width + j]) + " (not finite); nothing was stored");
+}
+
+}  // namespace mla::cpu

@@ -1,0 +1,282 @@
+// The fast CPU backend ("cpu"): GEMMs through the library in gemm.cpp, flash-style tiling with an online
+// softmax, both cores through OpenMP. Elements are float (f32 path) or bf16 bits (bf16 path); every product
+// accumulates in fp32. Rounding points match reference.cpp so that the two agree to accumulation order.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+#include "core/backend.hpp"
+#include "cpu/common.hpp"
+#include "cpu/gemm.hpp"
+#include "cpu/kernels.hpp"
+
+namespace mla::cpu {
+namespace {
+
+constexpr int64_t kQueryTile = 64;    // expanded path: queries per task
+constexpr int64_t kKeyBlock = 256;    // keys expanded / streamed per step
+
+template <class T>
+std::vector<T> convert(const float* x, int64_t n) {
+  std::vector<T> y(static_cast<size_t>(n));
+  if constexpr (std::is_same_v<T, float>) std::copy_n(x, n, y.data());
+  else to_bf16(x, y.data(), n);
+  return y;
+}
+
+template <class T>
+void convert_into(const float* x, T* y, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) std::copy_n(x, n, y);
+  else to_bf16(x, y, n);
+}
+
+template <class T>
+class FastLayer final : public detail::LayerImpl {
+ public:
+  FastLayer(const LayerWeights& w, const LayerOptions&) : c_(w.config), k_(DerivedConstants::compute(w.config)) {
+    auto conv = [](const Matrix& m) { return convert<T>(m.data.data(), static_cast<int64_t>(m.data.size())); };
+    q_proj_ = conv(w.q_proj), q_a_ = conv(w.q_a_proj), q_b_ = conv(w.q_b_proj);
+    kv_a_ = conv(w.kv_a_proj), kv_b_ = conv(w.kv_b_proj), o_ = conv(w.o_proj);
+    q_a_norm_ = w.q_a_norm, kv_a_norm_ = w.kv_a_norm;
+    q_bias_ = w.q_bias, kv_a_bias_ = w.kv_a_bias, o_bias_ = w.o_bias;
+  }
+
+  void forward(const detail::ForwardArgs& a) override {
+    const int64_t N = a.total_tokens, D = c_.hidden_size, H = c_.num_heads, dqk = c_.qk_head_dim();
+    check_finite(a.hidden, N, D);
+    if (N == 0) return;
+    const std::vector<T> x = convert<T>(a.hidden, N * D);
+
+    // Queries [N, H, d_qk] and latent rows [N, W] of the new tokens.
+    std::vector<T> q(static_cast<size_t>(N * H * dqk));
+    project_queries(x.data(), N, a, q.data());
+    store_latents(x.data(), N, a);
+
+    std::vector<T> o(static_cast<size_t>(N * H * c_.v_head_dim));
+    for (const detail::ChunkPlan& chunk : a.chunks) {
+      if (chunk.num_tokens == 0) continue;
+      if (chunk.path == Path::Absorbed) attend_absorbed(a, chunk, q.data(), o.data());
+      else attend_expanded(a, chunk, q.data(), o.data());
+    }
+    gemm_nt(N, D, H * c_.v_head_dim, o.data(), H * c_.v_head_dim, o_.data(), H * c_.v_head_dim, a.out, D);
+    add_bias(a.out, N, o_bias_);
+  }
+
+ private:
+  static void add_bias(float* y, int64_t rows, const std::vector<float>& bias) {
+    if (bias.empty()) return;
+    const auto n = static_cast<int64_t>(bias.size());
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < n; ++j) y[r * n + j] += bias[j];
+  }
+
+  void project_queries(const T* x, int64_t N, const detail::ForwardArgs& a, T* q) const {
+    const int64_t D = c_.hidden_size, H = c_.num_heads, dqk = c_.qk_head_dim(), dn = c_.qk_nope_head_dim;
+    std::vector<float> qf(static_cast<size_t>(N * H * dqk));
+    if (c_.has_q_lora()) {
+      const int64_t dq = c_.q_lora_rank;
+      std::vector<float> qa(static_cast<size_t>(N * dq));
+      gemm_nt(N, dq, D, x, D, q_a_.data(), D, qa.data(), dq);
+      add_bias(qa.data(), N, q_bias_);
+      for (int64_t r = 0; r < N; ++r) rms_norm(&qa[r * dq], dq, q_a_norm_.data(), kLatentNormEps, &qa[r * dq]);
+      const std::vector<T> qa_t = convert<T>(qa.data(), N * dq);
+      gemm_nt(N, H * dqk, dq, qa_t.data(), dq, q_b_.data(), dq, qf.data(), H * dqk);
+    } else {
+      gemm_nt(N, H * dqk, D, x, D, q_proj_.data(), D, qf.data(), H * dqk);
+      add_bias(qf.data(), N, q_bias_);
+    }
+    if constexpr (!std::is_same_v<T, float>) round_to_bf16(qf.data(), N * H * dqk);  // q enters rope as bf16
+    for (const detail::ChunkPlan& chunk : a.chunks)
+      for (int64_t i = 0; i < chunk.num_tokens; ++i)
+        for (int64_t h = 0; h < H; ++h)
+          rope_pairs(&qf[((chunk.first_row + i) * H + h) * dqk + dn], c_.qk_rope_head_dim, chunk.positions[i], k_);
+    convert_into(qf.data(), q, N * H * dqk);
+  }
+
+  void store_latents(const T* x, int64_t N, const detail::ForwardArgs& a) const {
+    const int64_t D = c_.hidden_size, W = c_.latent_dim(), dc = c_.kv_lora_rank;
+    std::vector<float> kv(static_cast<size_t>(N * W));
+    gemm_nt(N, W, D, x, D, kv_a_.data(), D, kv.data(), W);
+    add_bias(kv.data(), N, kv_a_bias_);
+    for (const detail::ChunkPlan& chunk : a.chunks)
+      for (int64_t i = 0; i < chunk.num_tokens; ++i) {
+        float* row = &kv[(chunk.first_row + i) * W];
+        rms_norm(row, dc, kv_a_norm_.data(), kLatentNormEps, row);
+        rope_pairs(row + dc, c_.qk_rope_head_dim, chunk.positions[i], k_);
+        const int64_t slot = row_index(chunk.block_table, a.page_size, chunk.cached + i);
+        convert_into(row, static_cast<T*>(a.cache) + slot * W, W);
+      }
+  }
+
+  // Copies cache rows [t0, t1) of a sequence into dst [t1-t0, W].
+  void gather(const detail::ForwardArgs& a, const detail::ChunkPlan& chunk, int64_t t0, int64_t t1, T* dst) const {
+    const int64_t W = c_.latent_dim();
+    const T* cache = static_cast<const T*>(a.cache);
+    for (int64_t t = t0; t < t1;) {
+      const int64_t slot = row_index(chunk.block_table, a.page_size, t);
+      const int64_t run = std::min(t1 - t, a.page_size - t % a.page_size);  // contiguous within a page
+      std::copy_n(cache + slot * W, run * W, dst + (t - t0) * W);
+      t += run;
+    }
+  }
+
+  // Expanded form: per key block, K_nope and V for all heads = latent · kv_bᵀ (one GEMM), then every
+  // (head, query tile) task updates its online softmax with S = qn·knᵀ + qr·krᵀ and O += P·V.
+  void attend_expanded(const detail::ForwardArgs& a, const detail::ChunkPlan& chunk, const T* q, T* o) const {
+    const int64_t H = c_.num_heads, dn = c_.qk_nope_head_dim, dr = c_.qk_rope_head_dim, dv = c_.v_head_dim;
+    const int64_t dc = c_.kv_lora_rank, W = c_.latent_dim(), dqk = dn + dr, dkv = dn + dv;
+    const int64_t n = chunk.num_tokens, L = chunk.cached + n;
+    const int64_t tiles = (n + kQueryTile - 1) / kQueryTile;
+    const T* qc = q + chunk.first_row * H * dqk;
+
+    std::vector<float> acc(static_cast<size_t>(n * H * dv), 0.f);       // [n, H, dv]
+    std::vector<float> m(static_cast<size_t>(n * H), -std::numeric_limits<float>::infinity()), l(m.size(), 0.f);
+    std::vector<T> lat(static_cast<size_t>(kKeyBlock * W));
+    std::vector<float> kvf(static_cast<size_t>(kKeyBlock * H * dkv));
+    std::vector<T> kv(kvf.size());
+
+    for (int64_t k0 = 0; k0 < L; k0 += kKeyBlock) {
+      const int64_t kb = std::min(kKeyBlock, L - k0);
+      gather(a, chunk, k0, k0 + kb, lat.data());
+      gemm_nt(kb, H * dkv, dc, lat.data(), W, kv_b_.data(), dc, kvf.data(), H * dkv);
+      convert_into(kvf.data(), kv.data(), kb * H * dkv);
+
+#pragma omp parallel
+      {
+        std::vector<float> s(static_cast<size_t>(kQueryTile * kb));
+        std::vector<T> p(s.size());
+#pragma omp for collapse(2) schedule(dynamic)
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t tile = 0; tile < tiles; ++tile) {
+            const int64_t i0 = tile * kQueryTile, qt = std::min(kQueryTile, n - i0);
+            if (k0 > chunk.cached + i0 + qt - 1) continue;  // the whole block is in this tile's future
+            const T* qh = qc + (i0 * H + h) * dqk;
+            gemm_nt(qt, kb, dn, qh, H * dqk, kv.data() + h * dkv, H * dkv, s.data(), kb);
+            gemm_nt(qt, kb, dr, qh + dn, H * dqk, lat.data() + dc, W, s.data(), kb, 1.f);
+            for (int64_t r = 0; r < qt; ++r) {
+              const int64_t i = i0 + r, visible = chunk.cached + i + 1 - k0;
+              float* pf = nullptr;
+              uint16_t* pb = nullptr;
+              if constexpr (std::is_same_v<T, float>) pf = p.data() + r * kb;
+              else pb = p.data() + r * kb;
+              const float alpha = online_softmax_step(s.data() + r * kb, kb, visible, k_.softmax_scale,
+                                                      m[i * H + h], l[i * H + h], pf, pb);
+              scale_inplace(&acc[(i * H + h) * dv], dv, alpha);
+            }
+            gemm_nn(qt, dv, kb, p.data(), kb, kv.data() + h * dkv + dn, H * dkv, &acc[(i0 * H + h) * dv], H * dv, 1.f);
+          }
+      }
+    }
+    finish(acc.data(), l.data(), n * H, dv, o + chunk.first_row * H * dv);
+  }
+
+  // out[r] = T(acc[r] / l[r]) for r in [0, rows), each row `width` wide.
+  static void finish(const float* acc, const float* l, int64_t rows, int64_t width, T* out) {
+    std::vector<float> row(static_cast<size_t>(width));
+    for (int64_t r = 0; r < rows; ++r) {
+      const float inv = 1.0f / l[r];
+      for (int64_t j = 0; j < width; ++j) row[j] = acc[r * width + j] * inv;
+      convert_into(row.data(), out + r * width, width);
+    }
+  }
+
+  // Absorbed form: q̂ = W_UKᵀ qn per head, then MQA of the n·H rows [q̂ | qr] over the latent rows, split over
+  // the threads by key range (split-KV) and merged by log-sum-exp; finally o = W_UV ô per head.
+  void attend_absorbed(const detail::ForwardArgs& a, const detail::ChunkPlan& chunk, const T* q, T* o) const {
+    const int64_t H = c_.num_heads, dn = c_.qk_nope_head_dim, dr = c_.qk_rope_head_dim, dv = c_.v_head_dim;
+    const int64_t dc = c_.kv_lora_rank, W = c_.latent_dim(), dqk = dn + dr, dkv = dn + dv;
+    const int64_t n = chunk.num_tokens, L = chunk.cached + n, M = n * H;
+    const T* qc = q + chunk.first_row * H * dqk;
+
+    // qa [n·H, W] = [q̂ | qr], row i·H + h.
+    std::vector<float> qhat(static_cast<size_t>(M * W));
+    for (int64_t h = 0; h < H; ++h)
+      gemm_nn(n, dc, dn, qc + h * dqk, H * dqk, kv_b_.data() + h * dkv * dc, dc, &qhat[h * W], H * W);
+    std::vector<T> qa(static_cast<size_t>(M * W));
+    for (int64_t r = 0; r < M; ++r) {
+      convert_into(&qhat[r * W], &qa[r * W], dc);
+      std::copy_n(qc + r * dqk + dn, dr, &qa[r * W + dc]);
+    }
+
+    const int64_t blocks = (L + kKeyBlock - 1) / kKeyBlock;
+    const int threads = static_cast<int>(std::min<int64_t>(omp_get_max_threads(), blocks));
+    std::vector<float> acc(static_cast<size_t>(threads * M * dc), 0.f);
+    std::vector<float> m(static_cast<size_t>(threads * M), -std::numeric_limits<float>::infinity());
+    std::vector<float> l(m.size(), 0.f);
+#pragma omp parallel num_threads(threads)
+    {
+      const int t = omp_get_thread_num();
+      const int64_t b0 = blocks * t / threads, b1 = blocks * (t + 1) / threads;
+      std::vector<T> lat(static_cast<size_t>(kKeyBlock * W));
+      std::vector<float> s(static_cast<size_t>(M * kKeyBlock));
+      std::vector<T> p(s.size());
+      float* acc_t = &acc[t * M * dc];
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t k0 = b * kKeyBlock, kb = std::min(kKeyBlock, L - k0);
+        gather(a, chunk, k0, k0 + kb, lat.data());
+        gemm_nt(M, kb, W, qa.data(), W, lat.data(), W, s.data(), kb);
+        for (int64_t r = 0; r < M; ++r) {
+          const int64_t visible = chunk.cached + r / H + 1 - k0;
+          float* pf = nullptr;
+          uint16_t* pb = nullptr;
+          if constexpr (std::is_same_v<T, float>) pf = p.data() + r * kb;
+          else pb = p.data() + r * kb;
+          const float alpha = online_softmax_step(s.data() + r * kb, kb, visible, k_.softmax_scale, m[t * M + r],
+                                                  l[t * M + r], pf, pb);
+          scale_inplace(acc_t + r * dc, dc, alpha);
+        }
+        gemm_nn(M, dc, kb, p.data(), kb, lat.data(), W, acc_t, dc, 1.f);
+      }
+    }
+    // Merge the per-thread partial softmaxes: rescale each to the global max.
+    for (int64_t r = 0; r < M; ++r) {
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int t = 0; t < threads; ++t) mx = std::max(mx, m[t * M + r]);
+      float lsum = 0.f;
+      for (int t = 0; t < threads; ++t) {
+        const float w = l[t * M + r] == 0.f ? 0.f : std::exp(m[t * M + r] - mx);
+        lsum += l[t * M + r] * w;
+        if (t == 0) scale_inplace(&acc[r * dc], dc, w);
+        else
+          for (int64_t j = 0; j < dc; ++j) acc[r * dc + j] += w * acc[(t * M + r) * dc + j];
+      }
+      l[r] = lsum;
+    }
+    std::vector<T> ohat(static_cast<size_t>(M * dc));
+    finish(acc.data(), l.data(), M, dc, ohat.data());
+    std::vector<float> of(static_cast<size_t>(n * H * dv));
+    for (int64_t h = 0; h < H; ++h)
+      gemm_nt(n, dv, dc, ohat.data() + h * dc, H * dc, kv_b_.data() + (h * dkv + dn) * dc, dc, &of[h * dv], H * dv);
+    convert_into(of.data(), o + chunk.first_row * H * dv, n * H * dv);
+  }
+
+  Config c_;
+  DerivedConstants k_;
+  std::vector<T> q_proj_, q_a_, q_b_, kv_a_, kv_b_, o_;
+  std::vector<float> q_a_norm_, kv_a_norm_, q_bias_, kv_a_bias_, o_bias_;
+};
+
+class FastBackend final : public detail::Backend {
+ public:
+  std::string_view name() const override { return "cpu"; }
+  std::unique_ptr<detail::PageStorage> allocate_pages(int64_t bytes) const override {
+    return detail::allocate_host_pages(bytes);
+  }
+  std::unique_ptr<detail::LayerImpl> make_layer(const LayerWeights& w, const LayerOptions& o) const override {
+    if (o.precision == Precision::F32) return std::make_unique<FastLayer<float>>(w, o);
+    return std::make_unique<FastLayer<uint16_t>>(w, o);
+  }
+};
+
+}  // namespace
+}  // namespace mla::cpu
+
+namespace mla::detail {
+const Backend& cpu_backend() {
+  static const cpu::FastBackend backend;
+  return backend;
+}
+}  // namespace mla::detail
