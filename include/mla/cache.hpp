@@ -13,7 +13,7 @@
 namespace mla {
 
 namespace detail {
-class PageStorage;
+class Buffer;
 }
 
 using SeqId = int64_t;
@@ -79,7 +79,7 @@ class LatentCache {
   Sequence& find(SeqId id);
 
   CacheOptions options_;
-  std::unique_ptr<detail::PageStorage> storage_;
+  std::unique_ptr<detail::Buffer> storage_;
   std::vector<int32_t> free_pages_;   // a stack: back() is handed out next
   std::vector<std::pair<SeqId, Sequence>> sequences_;
   SeqId next_id_ = 0;

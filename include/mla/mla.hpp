@@ -9,3 +9,4 @@
 #include "mla/safetensors.hpp"
 #include "mla/weights.hpp"
 #include "mla/run.hpp"
+#include "mla/ops.hpp"

@@ -41,7 +41,7 @@ const Backend& find_backend(std::string_view name) {
 
 namespace {
 
-class HostPages final : public PageStorage {
+class HostPages final : public Buffer {
  public:
   explicit HostPages(int64_t bytes) : bytes_(bytes) {
     const size_t rounded = (static_cast<size_t>(bytes) + 63) / 64 * 64;
@@ -65,6 +65,6 @@ class HostPages final : public PageStorage {
 
 }  // namespace
 
-std::unique_ptr<PageStorage> allocate_host_pages(int64_t bytes) { return std::make_unique<HostPages>(bytes); }
+std::unique_ptr<Buffer> allocate_host(int64_t bytes) { return std::make_unique<HostPages>(bytes); }
 
 }  // namespace mla::detail

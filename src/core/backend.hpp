@@ -10,14 +10,15 @@
 
 #include "mla/attention.hpp"
 #include "mla/dtype.hpp"
+#include "mla/ops.hpp"
 #include "mla/weights.hpp"
 
 namespace mla::detail {
 
-// The page pool's memory: [num_pages, page_size, row_width] of the cache dtype.
-class PageStorage {
+// A buffer in a backend's memory (the page pool, staging for host data).
+class Buffer {
  public:
-  virtual ~PageStorage() = default;
+  virtual ~Buffer() = default;
   virtual void* data() = 0;
   virtual void copy_to_host(int64_t offset_bytes, int64_t bytes, void* dst) const = 0;
   virtual void copy_from_host(int64_t offset_bytes, int64_t bytes, const void* src) = 0;
@@ -55,15 +56,19 @@ class Backend {
  public:
   virtual ~Backend() = default;
   virtual std::string_view name() const = 0;
-  virtual std::unique_ptr<PageStorage> allocate_pages(int64_t bytes) const = 0;
+  // True when the backend computes on host memory (hidden/out pointers are host pointers).
+  virtual bool host_memory() const = 0;
+  virtual std::unique_ptr<Buffer> allocate(int64_t bytes) const = 0;
   virtual std::unique_ptr<LayerImpl> make_layer(const LayerWeights& weights, const LayerOptions& options) const = 0;
+  virtual void decode_attention(const DecodeParams& params) const = 0;
+  virtual void prefill_attention(const PrefillParams& params) const = 0;
 };
 
 // Throws mla::InvalidArgument naming the available backends for an unknown or unavailable name.
 const Backend& find_backend(std::string_view name);
 std::vector<const Backend*> all_backends();
 
-// Host page storage shared by the CPU backends (64-byte aligned, zero-initialised).
-std::unique_ptr<PageStorage> allocate_host_pages(int64_t bytes);
+// Host memory for the CPU backends (64-byte aligned, zero-initialised).
+std::unique_ptr<Buffer> allocate_host(int64_t bytes);
 
 }  // namespace mla::detail

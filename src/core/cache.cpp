@@ -21,7 +21,7 @@ LatentCache::LatentCache(const CacheOptions& options) : options_(options) {
   if (options.row_width < 1) throw InvalidArgument("cache: row_width must be positive");
   if (options.dtype != DType::BF16 && options.dtype != DType::F32)
     throw InvalidArgument("cache: dtype must be BF16 or F32, got " + std::string(dtype_name(options.dtype)));
-  storage_ = detail::find_backend(options.device).allocate_pages(options.num_pages * page_bytes());
+  storage_ = detail::find_backend(options.device).allocate(options.num_pages * page_bytes());
   free_pages_.resize(static_cast<size_t>(options.num_pages));
   // A stack handed out from the back: reversed so that page 0 goes first.
   std::iota(free_pages_.rbegin(), free_pages_.rend(), 0);

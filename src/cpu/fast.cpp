@@ -12,6 +12,7 @@
 #include "cpu/common.hpp"
 #include "cpu/gemm.hpp"
 #include "cpu/kernels.hpp"
+#include "cpu/ops.hpp"
 
 namespace mla::cpu {
 namespace {
@@ -262,9 +263,10 @@ class FastLayer final : public detail::LayerImpl {
 class FastBackend final : public detail::Backend {
  public:
   std::string_view name() const override { return "cpu"; }
-  std::unique_ptr<detail::PageStorage> allocate_pages(int64_t bytes) const override {
-    return detail::allocate_host_pages(bytes);
-  }
+  bool host_memory() const override { return true; }
+  std::unique_ptr<detail::Buffer> allocate(int64_t bytes) const override { return detail::allocate_host(bytes); }
+  void decode_attention(const DecodeParams& p) const override { cpu::decode_attention(p); }
+  void prefill_attention(const PrefillParams& p) const override { cpu::prefill_attention(p); }
   std::unique_ptr<detail::LayerImpl> make_layer(const LayerWeights& w, const LayerOptions& o) const override {
     if (o.precision == Precision::F32) return std::make_unique<FastLayer<float>>(w, o);
     return std::make_unique<FastLayer<uint16_t>>(w, o);

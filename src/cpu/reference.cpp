@@ -6,6 +6,7 @@
 
 #include "core/backend.hpp"
 #include "cpu/common.hpp"
+#include "cpu/ops.hpp"
 
 namespace mla::cpu {
 namespace {
@@ -196,9 +197,10 @@ class ReferenceLayer final : public detail::LayerImpl {
 class ReferenceBackend final : public detail::Backend {
  public:
   std::string_view name() const override { return "cpu-reference"; }
-  std::unique_ptr<detail::PageStorage> allocate_pages(int64_t bytes) const override {
-    return detail::allocate_host_pages(bytes);
-  }
+  bool host_memory() const override { return true; }
+  std::unique_ptr<detail::Buffer> allocate(int64_t bytes) const override { return detail::allocate_host(bytes); }
+  void decode_attention(const DecodeParams& p) const override { cpu::decode_attention(p); }
+  void prefill_attention(const PrefillParams& p) const override { cpu::prefill_attention(p); }
   std::unique_ptr<detail::LayerImpl> make_layer(const LayerWeights& w, const LayerOptions& o) const override {
     return std::make_unique<ReferenceLayer>(w, o);
   }

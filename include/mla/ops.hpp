@@ -1,0 +1,56 @@
+// Attention kernels as plain functions, for engines that keep their own cache and projections.
+// All pointers are in the named device's memory (host memory for "cpu" / "cpu-reference").
+#pragma once
+
+#include <cstdint>
+#include <string_view>
+
+#include "mla/dtype.hpp"
+
+namespace mla {
+
+// Absorbed-form decode, the semantics of FlashMLA's flash_mla_with_kvcache: MQA with one latent KV head,
+// key = the whole row (head_dim wide), value = its first head_dim_v columns.
+// Causal with s_q > 1 is bottom-right aligned: query i of sequence b sees keys t < seqlen_b − (s_q − 1 − i).
+// A sequence of length 0 (or a query that sees no key) gives out = 0 and lse = +inf... see docs/ops.md.
+struct DecodeParams {
+  int64_t batch = 0, s_q = 1, h_q = 0;
+  int64_t head_dim = 576, head_dim_v = 512;
+  int64_t page_size = 64;         // power of two
+  int64_t num_pages = 0;          // pages in kv_cache
+  int64_t max_pages = 0;          // block_table row length
+  DType dtype = DType::BF16;      // of q, kv_cache and out: BF16, F16 or F32
+  const void* q = nullptr;        // [batch, s_q, h_q, head_dim]
+  const void* kv_cache = nullptr; // [num_pages, page_size, 1, head_dim]
+  const int32_t* block_table = nullptr;    // [batch, max_pages]
+  const int32_t* cache_seqlens = nullptr;  // [batch]
+  float softmax_scale = 0.f;
+  bool causal = false;
+  void* out = nullptr;            // [batch, s_q, h_q, head_dim_v], dtype
+  float* lse = nullptr;           // [batch, h_q, s_q] natural-log sum of exp(scale·logits); may be null
+};
+
+// Expanded-form (prefill) attention over variable-length sequences packed along the token axis.
+// Causal is bottom-right aligned: query i of a sequence with n_q queries and n_k keys sees keys
+// t <= n_k − n_q + i.
+struct PrefillParams {
+  int64_t batch = 0, num_heads = 0;
+  int64_t head_dim_qk = 192, head_dim_v = 128;
+  int64_t total_q = 0, total_k = 0;
+  DType dtype = DType::BF16;      // of q, k, v and out: BF16, F16 or F32
+  const int32_t* cu_seqlens_q = nullptr;   // [batch + 1], host memory
+  const int32_t* cu_seqlens_k = nullptr;   // [batch + 1], host memory
+  const void* q = nullptr;        // [total_q, num_heads, head_dim_qk]
+  const void* k = nullptr;        // [total_k, num_heads, head_dim_qk]
+  const void* v = nullptr;        // [total_k, num_heads, head_dim_v]
+  float softmax_scale = 0.f;
+  bool causal = true;
+  void* out = nullptr;            // [total_q, num_heads, head_dim_v]
+  float* lse = nullptr;           // [num_heads, total_q]; may be null
+};
+
+// Throw mla::InvalidArgument naming the parameter for bad shapes, dtypes or unsupported combinations.
+void decode_attention(std::string_view device, const DecodeParams& params);
+void prefill_attention(std::string_view device, const PrefillParams& params);
+
+}  // namespace mla

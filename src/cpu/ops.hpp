@@ -1,0 +1,11 @@
+// CPU implementations of the kernel-level ops in mla/ops.hpp (parameters already validated by src/core/ops.cpp).
+#pragma once
+
+#include "mla/ops.hpp"
+
+namespace mla::cpu {
+
+void decode_attention(const DecodeParams& params);
+void prefill_attention(const PrefillParams& params);
+
+}  // namespace mla::cpu
