@@ -1,6 +1,9 @@
 // Helpers shared by the tests.
 #pragma once
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <string>
@@ -63,6 +66,58 @@ inline std::vector<float> random_values(size_t n, uint64_t seed, float scale = 1
     x = scale * (static_cast<float>(s >> 40) / 8388608.0f - 1.0f);
   }
   return v;
+}
+
+// A small config for random-weight tests. rope: yarn (V3-like scaling, mscale != mscale_all_dim so that A != 1)
+// or plain.
+inline Config small_config(int64_t D, int64_t H, int64_t dq, int64_t dc, int64_t dn, int64_t dr, int64_t dv,
+                           bool yarn = true) {
+  Config c;
+  c.hidden_size = D, c.num_heads = H, c.q_lora_rank = dq, c.kv_lora_rank = dc;
+  c.qk_nope_head_dim = dn, c.qk_rope_head_dim = dr, c.v_head_dim = dv;
+  c.name = "test";
+  if (yarn) {
+    c.rope.type = RopeType::Yarn;
+    c.rope.factor = 8.0;
+    c.rope.original_max_position = 256.0;
+    c.rope.mscale = 1.0;
+    c.rope.mscale_all_dim = 0.707;
+  }
+  c.validate();
+  return c;
+}
+
+// A fresh empty folder under the system temp dir, removed when this object dies.
+class TempDir {
+ public:
+  explicit TempDir(const std::string& tag) {
+    static int counter = 0;
+    path_ = std::filesystem::temp_directory_path() /
+            ("mla_test_" + tag + "_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
+    std::filesystem::remove_all(path_);
+    std::filesystem::create_directories(path_);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
+};
+
+// Largest |a − b|, infinity when either holds a non-finite value or the sizes differ.
+inline double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  if (a.size() != b.size()) return INFINITY;
+  double m = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!std::isfinite(a[i]) || !std::isfinite(b[i])) return INFINITY;
+    m = std::max(m, std::fabs(static_cast<double>(a[i]) - b[i]));
+  }
+  return m;
 }
 
 }  // namespace mla::testing

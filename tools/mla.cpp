@@ -1,1 +1,73 @@
-int main(){return 0;}
+// `mla`: one program, subcommands forward / info / demo / bench.
+#include <CLI/CLI.hpp>
+
+#include <exception>
+#include <iostream>
+
+#include "commands.hpp"
+#include "mla/error.hpp"
+
+int main(int argc, char** argv) {
+  using namespace mla::tools;
+  CLI::App app{"mla: DeepSeek Multi-head Latent Attention (one layer), exactly as real checkpoints expect"};
+  app.require_subcommand(1);
+
+  ForwardArgs fwd;
+  auto* f = app.add_subcommand("forward", "Run one attention layer of a checkpoint over hidden states from a file");
+  f->add_option("--model", fwd.model, "Checkpoint folder (config.json + safetensors)")->required();
+  f->add_option("--input", fwd.input, "safetensors with hidden_states F32 [B,T,D] and optional position_ids I64 [B,T]")->required();
+  f->add_option("--output", fwd.output, "safetensors to write: output F32 [B,T,D], latent F32 [B,T,d_c+d_r]")->required();
+  f->add_option("--dtype", fwd.dtype, "Compute precision")->check(CLI::IsMember({"f32", "bf16"}))->capture_default_str();
+  f->add_option("--layer", fwd.layer, "Layer index")->capture_default_str();
+  f->add_option("--chunk", fwd.chunk, "Feed the tokens in chunks of N (0: all at once)")->check(CLI::NonNegativeNumber);
+  f->add_option("--decode-after", fwd.decode_after, "Prefill K tokens, then decode the rest one token per call");
+  f->add_option("--path", fwd.path, "Attention form")->check(CLI::IsMember({"auto", "expanded", "absorbed"}))->capture_default_str();
+  f->add_option("--page-size", fwd.page_size, "Cache page size (power of two, 1..256)")->capture_default_str();
+  f->add_option("--device", fwd.device, "Backend: cpu, cpu-reference, cuda")->capture_default_str();
+
+  InfoArgs info;
+  auto* i = app.add_subcommand("info", "Cache bytes, FLOPs per token and derived constants of a preset or checkpoint");
+  auto* ip = i->add_option("--preset", info.preset, "v2-lite, v2, v3");
+  auto* im = i->add_option("--model", info.model, "Checkpoint folder");
+  ip->excludes(im);
+  i->add_option("--context", info.context, "Context length for the per-token attention FLOPs")->capture_default_str();
+
+  DemoArgs demo;
+  auto* d = app.add_subcommand("demo", "Prefill, check chunked == one-shot, generate with the latent cache vs re-expanding it");
+  d->add_option("--device", demo.device)->capture_default_str();
+  d->add_option("--dtype", demo.dtype)->check(CLI::IsMember({"f32", "bf16"}))->capture_default_str();
+  d->add_option("--prompt", demo.prompt, "Prompt tokens")->check(CLI::PositiveNumber)->capture_default_str();
+  d->add_option("--generate", demo.generate, "Tokens to generate")->check(CLI::PositiveNumber)->capture_default_str();
+  d->add_option("--chunk", demo.chunk, "Chunk size for the chunked prefill")->check(CLI::PositiveNumber)->capture_default_str();
+  d->add_option("--page-size", demo.page_size)->capture_default_str();
+  d->add_option("--seed", demo.seed)->capture_default_str();
+
+  BenchArgs bench;
+  auto* b = app.add_subcommand("bench", "Benchmark prefill and decode against this machine's GEMM and copy ceilings");
+  b->add_option("--device", bench.device)->capture_default_str();
+  b->add_option("--preset", bench.preset)->capture_default_str();
+  b->add_option("--json", bench.json, "Also write the results to this JSON file");
+  b->add_option("--prefill-tokens", bench.prefill_tokens)->check(CLI::PositiveNumber)->capture_default_str();
+  b->add_option("--context", bench.context, "Decode context length")->check(CLI::PositiveNumber)->capture_default_str();
+  b->add_option("--repeats", bench.repeats, "Timed repetitions (0: automatic)");
+  b->add_flag("--quick", bench.quick, "Fewer repetitions");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  const std::string name = app.get_subcommands().front()->get_name();
+  try {
+    if (name == "forward") return run_forward(fwd);
+    if (name == "info") {
+      if (info.preset.empty() && info.model.empty()) info.preset = "v3";
+      return run_info(info);
+    }
+    if (name == "demo") return run_demo(demo);
+    return run_bench(bench);
+  } catch (const std::exception& e) {
+    std::cerr << "mla " << name << ": error: " << e.what() << "\n";
+    return 1;
+  }
+}

@@ -59,6 +59,9 @@ class Attention {
   // as it was.
   void forward(std::span<const SequenceChunk> batch, const float* hidden, float* out, LatentCache& cache);
 
+  // The same with hidden and out in host memory whatever the device (staged through device buffers).
+  void forward_host(std::span<const SequenceChunk> batch, const float* hidden, float* out, LatentCache& cache);
+
   // The paths the last forward() used, one per chunk.
   const std::vector<Path>& last_paths() const { return last_paths_; }
 

@@ -128,6 +128,19 @@ void Attention::forward(std::span<const SequenceChunk> batch, const float* hidde
   for (size_t i = 0; i < batch.size(); ++i) cache.commit(batch[i].seq, before[i] + batch[i].num_tokens);
 }
 
+void Attention::forward_host(std::span<const SequenceChunk> batch, const float* hidden, float* out,
+                             LatentCache& cache) {
+  const detail::Backend& backend = detail::find_backend(options_.device);
+  if (backend.host_memory()) return forward(batch, hidden, out, cache);
+  int64_t total = 0;
+  for (const SequenceChunk& c : batch) total += std::max<int64_t>(c.num_tokens, 0);
+  const int64_t bytes = std::max<int64_t>(total * config_.hidden_size * static_cast<int64_t>(sizeof(float)), 4);
+  auto din = backend.allocate(bytes), dout = backend.allocate(bytes);
+  if (total > 0) din->copy_from_host(0, bytes, hidden);
+  forward(batch, static_cast<const float*>(din->data()), static_cast<float*>(dout->data()), cache);
+  if (total > 0) dout->copy_to_host(0, bytes, out);
+}
+
 const Config& Attention::config() const { return config_; }
 
 }  // namespace mla

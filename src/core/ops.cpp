@@ -1,16 +1,154 @@
+// The kernel-level ops: every parameter is checked here, once, before a backend sees it. Messages name the
+// parameter, what was expected and what was passed. Semantics: ../../docs/ops.md.
 #include "mla/ops.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
 
 #include "core/backend.hpp"
 #include "mla/error.hpp"
 
 namespace mla {
+namespace {
+
+// Dimensions are bounded so that every index and every element count fits comfortably in int64.
+constexpr int64_t kMaxDim = std::numeric_limits<int32_t>::max();
+constexpr int64_t kMaxElements = int64_t{1} << 48;
+
+[[noreturn]] void fail(std::string_view op, const std::string& what) {
+  throw InvalidArgument(std::string(op) + ": " + what);
+}
+
+std::string str(int64_t v) { return std::to_string(v); }
+
+void check_dim(std::string_view op, const char* name, int64_t v, int64_t min = 1) {
+  if (v < min || v > kMaxDim)
+    fail(op, std::string(name) + " must be in [" + str(min) + ", " + str(kMaxDim) + "], got " + str(v));
+}
+
+void check_ptr(std::string_view op, const char* name, const void* p) {
+  if (p == nullptr) fail(op, std::string(name) + " must not be null");
+}
+
+void check_dtype(std::string_view op, DType t) {
+  if (t != DType::BF16 && t != DType::F16 && t != DType::F32)
+    fail(op, "dtype must be BF16, F16 or F32, got " + std::string(dtype_name(t)));
+}
+
+void check_scale(std::string_view op, float scale) {
+  if (!std::isfinite(scale) || scale <= 0.f)
+    fail(op, "softmax_scale must be a positive finite number (FlashMLA's default is head_dim^-0.5), got " +
+                 std::to_string(scale));
+}
+
+// Product of dims, failing when a tensor would be unreasonably large.
+void check_elements(std::string_view op, const char* tensor, std::initializer_list<int64_t> dims) {
+  int64_t n = 1;
+  for (int64_t d : dims) {
+    if (d != 0 && n > kMaxElements / d) fail(op, std::string(tensor) + " has too many elements");
+    n *= d;
+  }
+}
+
+// cu_seqlens: [batch + 1] host int32, starting at 0, non-decreasing, ending at `total`.
+void check_cu_seqlens(std::string_view op, const char* name, const int32_t* cu, int64_t batch, int64_t total,
+                      const char* total_name) {
+  if (cu[0] != 0) fail(op, std::string(name) + "[0] must be 0, got " + str(cu[0]));
+  for (int64_t b = 0; b < batch; ++b)
+    if (cu[b + 1] < cu[b])
+      fail(op, std::string(name) + " must be non-decreasing: " + name + "[" + str(b + 1) + "] = " + str(cu[b + 1]) +
+                   " < " + name + "[" + str(b) + "] = " + str(cu[b]) + " (batch index " + str(b) + ")");
+  if (cu[batch] != total)
+    fail(op, std::string(name) + "[batch] must equal " + total_name + " = " + str(total) + ", got " + str(cu[batch]));
+}
+
+void validate(const detail::Backend& backend, const DecodeParams& p) {
+  constexpr std::string_view op = "decode_attention";
+  check_dim(op, "batch", p.batch);
+  check_dim(op, "s_q", p.s_q);
+  check_dim(op, "h_q", p.h_q);
+  check_dim(op, "head_dim", p.head_dim);
+  check_dim(op, "head_dim_v", p.head_dim_v);
+  if (p.head_dim_v > p.head_dim)
+    fail(op, "head_dim_v must be <= head_dim = " + str(p.head_dim) + " (the value is the first head_dim_v columns "
+             "of each key row), got " + str(p.head_dim_v));
+  check_dim(op, "page_size", p.page_size);
+  if ((p.page_size & (p.page_size - 1)) != 0)
+    fail(op, "page_size must be a power of two, got " + str(p.page_size));
+  check_dim(op, "num_pages", p.num_pages);
+  check_dim(op, "max_pages", p.max_pages);
+  check_dtype(op, p.dtype);
+  check_scale(op, p.softmax_scale);
+  check_elements(op, "q", {p.batch, p.s_q, p.h_q, p.head_dim});
+  check_elements(op, "kv_cache", {p.num_pages, p.page_size, p.head_dim});
+  check_elements(op, "block_table", {p.batch, p.max_pages});
+  check_ptr(op, "q", p.q);
+  check_ptr(op, "kv_cache", p.kv_cache);
+  check_ptr(op, "block_table", p.block_table);
+  check_ptr(op, "cache_seqlens", p.cache_seqlens);
+  check_ptr(op, "out", p.out);
+  // Contents can only be read where the backend's memory is host memory; device backends check them
+  // themselves (or document what they do with bad entries).
+  if (!backend.host_memory()) return;
+  const int64_t capacity = p.max_pages * p.page_size;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t len = p.cache_seqlens[b];
+    if (len < 0 || len > capacity)
+      fail(op, "cache_seqlens[" + str(b) + "] must be in [0, max_pages * page_size = " + str(capacity) + "], got " +
+                   str(len) + " (batch index " + str(b) + ")");
+    const int64_t used = (len + p.page_size - 1) / p.page_size;
+    for (int64_t j = 0; j < used; ++j) {
+      const int64_t page = p.block_table[b * p.max_pages + j];
+      if (page < 0 || page >= p.num_pages)
+        fail(op, "block_table[" + str(b) + ", " + str(j) + "] must be a page index in [0, num_pages = " +
+                     str(p.num_pages) + "), got " + str(page) + " (batch index " + str(b) + ", holding tokens " +
+                     str(j * p.page_size) + ".." + str(std::min(len, (j + 1) * p.page_size) - 1) + ")");
+    }
+  }
+}
+
+void validate(const PrefillParams& p) {
+  constexpr std::string_view op = "prefill_attention";
+  check_dim(op, "batch", p.batch);
+  check_dim(op, "num_heads", p.num_heads);
+  check_dim(op, "head_dim_qk", p.head_dim_qk);
+  check_dim(op, "head_dim_v", p.head_dim_v);
+  check_dim(op, "total_q", p.total_q, 0);
+  check_dim(op, "total_k", p.total_k, 0);
+  check_dtype(op, p.dtype);
+  check_scale(op, p.softmax_scale);
+  check_elements(op, "q", {p.total_q, p.num_heads, p.head_dim_qk});
+  check_elements(op, "k", {p.total_k, p.num_heads, p.head_dim_qk});
+  check_elements(op, "v", {p.total_k, p.num_heads, p.head_dim_v});
+  check_ptr(op, "cu_seqlens_q", p.cu_seqlens_q);
+  check_ptr(op, "cu_seqlens_k", p.cu_seqlens_k);
+  if (p.total_q > 0) {
+    check_ptr(op, "q", p.q);
+    check_ptr(op, "out", p.out);
+  }
+  if (p.total_k > 0) {
+    check_ptr(op, "k", p.k);
+    check_ptr(op, "v", p.v);
+  }
+  check_cu_seqlens(op, "cu_seqlens_q", p.cu_seqlens_q, p.batch, p.total_q, "total_q");
+  check_cu_seqlens(op, "cu_seqlens_k", p.cu_seqlens_k, p.batch, p.total_k, "total_k");
+}
+
+}  // namespace
 
 void decode_attention(std::string_view device, const DecodeParams& p) {
-  detail::find_backend(device).decode_attention(p);
+  const detail::Backend& backend = detail::find_backend(device);
+  validate(backend, p);
+  backend.decode_attention(p);
 }
 
 void prefill_attention(std::string_view device, const PrefillParams& p) {
-  detail::find_backend(device).prefill_attention(p);
+  const detail::Backend& backend = detail::find_backend(device);
+  validate(p);
+  backend.prefill_attention(p);
 }
 
 }  // namespace mla

@@ -4,7 +4,6 @@
 #include <cmath>
 #include <limits>
 
-#include "core/backend.hpp"
 #include "mla/error.hpp"
 
 namespace mla {
@@ -31,7 +30,6 @@ RunResult run_sequences(Attention& layer, const float* hidden, const int64_t* po
     positions = default_positions.data();
   }
 
-  const detail::Backend& backend = detail::find_backend(layer.options().device);
   RunResult r;
   r.output.assign(static_cast<size_t>(batch * tokens * D), std::numeric_limits<float>::quiet_NaN());
   const int64_t prefill = opt.decode_after >= 0 ? opt.decode_after : tokens;
@@ -49,15 +47,7 @@ RunResult run_sequences(Attention& layer, const float* hidden, const int64_t* po
     for (int64_t b = 0; b < batch; ++b) chunks.push_back({ids[b], step, positions + b * tokens + done});
     if (opt.poison_unused) cache.fill_unused(std::numeric_limits<float>::quiet_NaN());
     out.assign(in.size(), 0.f);
-    if (backend.host_memory()) {
-      layer.forward(chunks, in.data(), out.data(), cache);
-    } else {  // stage through the device
-      const auto bytes = static_cast<int64_t>(in.size() * sizeof(float));
-      auto din = backend.allocate(std::max<int64_t>(bytes, 4)), dout = backend.allocate(std::max<int64_t>(bytes, 4));
-      din->copy_from_host(0, bytes, in.data());
-      layer.forward(chunks, static_cast<const float*>(din->data()), static_cast<float*>(dout->data()), cache);
-      dout->copy_to_host(0, bytes, out.data());
-    }
+    layer.forward_host(chunks, in.data(), out.data(), cache);
     for (int64_t b = 0; b < batch; ++b)
       std::copy_n(out.data() + b * step * D, step * D, r.output.data() + (b * tokens + done) * D);
     done += step;

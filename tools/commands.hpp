@@ -1,0 +1,44 @@
+// The subcommands of the `mla` program. Each returns the process exit code; errors reach main() as exceptions.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "mla/attention.hpp"
+
+namespace mla::tools {
+
+struct ForwardArgs {
+  std::string model, input, output;
+  std::string dtype = "f32", path = "auto", device = "cpu";
+  int64_t layer = 0, chunk = 0, decode_after = -1, page_size = 64;
+};
+
+struct InfoArgs {
+  std::string preset, model;
+  int64_t context = 4096;
+};
+
+struct DemoArgs {
+  std::string device = "cpu", dtype = "bf16";
+  int64_t prompt = 1024, generate = 64, chunk = 128, page_size = 64;
+  uint64_t seed = 1;
+};
+
+struct BenchArgs {
+  std::string device = "cpu", json;
+  std::string preset = "v2-lite";
+  bool quick = false;
+  int64_t prefill_tokens = 1024, context = 4096, repeats = 0;
+};
+
+int run_forward(const ForwardArgs& args);
+int run_info(const InfoArgs& args);
+int run_demo(const DemoArgs& args);
+int run_bench(const BenchArgs& args);
+
+// Parsing helpers shared by the subcommands; throw mla::InvalidArgument naming the flag.
+Precision parse_precision(const std::string& s);
+Path parse_path(const std::string& s);
+
+}  // namespace mla::tools
