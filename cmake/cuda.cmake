@@ -1,8 +1,58 @@
-# The CUDA backend. Sources are added here as they exist; MLA_WITH_CUDA tells the core to register it.
+# The CUDA backend (src/cuda). MLA_WITH_CUDA tells the core to register it.
+#
+# The kernels are built as an object library of their own so that the C++-only warning flags of `mla` never
+# reach nvcc, then folded into `mla`. Machine code for sm_80 (the portable mma.sync path, any GPU since Ampere)
+# and sm_90a (Hopper; the same kernels, plus wgmma where it exists). Each architecture is named with -gencode,
+# because `-arch=sm_90a` also runs a plain sm_90 pass.
 find_package(CUDAToolkit REQUIRED)
-file(GLOB _mla_cuda_sources CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/src/cuda/*.cu ${CMAKE_CURRENT_SOURCE_DIR}/src/cuda/*.cpp)
-if(_mla_cuda_sources)
-  target_sources(mla PRIVATE ${_mla_cuda_sources})
-  target_compile_definitions(mla PRIVATE MLA_WITH_CUDA)
-  target_link_libraries(mla PRIVATE CUDA::cudart CUDA::cublasLt)
+
+set(MLA_CUDA_GENCODE "80;90a" CACHE STRING "CUDA architectures to build machine code for (e.g. 80;90a)")
+option(MLA_CUDA_VERBOSE_PTXAS "Print ptxas register/spill reports for every CUDA kernel" OFF)
+
+file(GLOB_RECURSE _mla_cuda_sources CONFIGURE_DEPENDS
+  ${CMAKE_CURRENT_SOURCE_DIR}/src/cuda/*.cu ${CMAKE_CURRENT_SOURCE_DIR}/src/cuda/*.cpp)
+
+add_library(mla_cuda OBJECT ${_mla_cuda_sources})
+set_target_properties(mla_cuda PROPERTIES CUDA_ARCHITECTURES OFF CUDA_STANDARD 20 CUDA_STANDARD_REQUIRED ON
+                                          POSITION_INDEPENDENT_CODE ON)
+target_include_directories(mla_cuda PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/include ${CMAKE_CURRENT_SOURCE_DIR}/src)
+target_link_libraries(mla_cuda PRIVATE CUDA::cudart CUDA::cublasLt)
+target_compile_definitions(mla_cuda PRIVATE MLA_WITH_CUDA)
+set(_mla_cuda_flags -lineinfo --expt-relaxed-constexpr)
+foreach(_arch IN LISTS MLA_CUDA_GENCODE)
+  list(APPEND _mla_cuda_flags "-gencode=arch=compute_${_arch},code=sm_${_arch}")
+endforeach()
+if(MLA_CUDA_VERBOSE_PTXAS)
+  list(APPEND _mla_cuda_flags "--ptxas-options=-v,--warn-on-spills,--warn-on-local-memory-usage")
 endif()
+# Never --use_fast_math: the rope kernel needs accurate sinf/cosf at positions ~1.5e5.
+target_compile_options(mla_cuda PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:${_mla_cuda_flags}>
+                                        $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra -Wno-unused-parameter>)
+
+target_sources(mla PRIVATE $<TARGET_OBJECTS:mla_cuda>)
+target_compile_definitions(mla PRIVATE MLA_WITH_CUDA)
+target_link_libraries(mla PRIVATE CUDA::cudart CUDA::cublasLt)
+
+# `mla bench --device cuda` (tools/bench.cpp) calls mla::tools::bench_cuda, defined in tools/bench_cuda.cu;
+# bench/cuda/main.cpp is a stand-alone entry point for the GPU machine (scripts/gpu.sh).
+if(MLA_BUILD_TOOLS AND EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/tools/bench_cuda.cu)
+  add_library(mla_bench_cuda OBJECT ${CMAKE_CURRENT_SOURCE_DIR}/tools/bench_cuda.cu)
+  set_target_properties(mla_bench_cuda PROPERTIES CUDA_ARCHITECTURES OFF CUDA_STANDARD 20)
+  target_include_directories(mla_bench_cuda PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/include
+                                                    ${CMAKE_CURRENT_SOURCE_DIR}/src ${CMAKE_CURRENT_SOURCE_DIR}/tools)
+  target_link_libraries(mla_bench_cuda PRIVATE CUDA::cudart nlohmann_json::nlohmann_json)
+  target_compile_options(mla_bench_cuda PRIVATE ${_mla_cuda_flags})
+  add_executable(mla_bench_cuda_main ${CMAKE_CURRENT_SOURCE_DIR}/bench/cuda/main.cpp $<TARGET_OBJECTS:mla_bench_cuda>)
+  set_target_properties(mla_bench_cuda_main PROPERTIES OUTPUT_NAME mla-bench-cuda)
+  target_link_libraries(mla_bench_cuda_main PRIVATE mla CUDA::cudart nlohmann_json::nlohmann_json)
+endif()
+
+# mla_cli is defined after this file is included: attach the benchmark objects once the directory is done.
+function(_mla_cuda_attach_cli)
+  if(TARGET mla_cli AND TARGET mla_bench_cuda)
+    target_sources(mla_cli PRIVATE $<TARGET_OBJECTS:mla_bench_cuda>)
+    target_link_libraries(mla_cli PRIVATE CUDA::cudart)
+    target_compile_definitions(mla_cli PRIVATE MLA_WITH_CUDA)
+  endif()
+endfunction()
+cmake_language(DEFER CALL _mla_cuda_attach_cli)

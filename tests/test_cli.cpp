@@ -1,2 +1,137 @@
+// The `mla` program end to end: forward on golden cases, and every bad input leaves no output file.
 #include <gtest/gtest.h>
-TEST(Placeholdercli, Builds) {}
+
+#include <array>
+#include <cstdio>
+#include <fstream>
+#include <sys/wait.h>
+
+#include "testing.hpp"
+
+namespace mla {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct Result {
+  int code = -1;
+  std::string output;  // stdout + stderr
+};
+
+Result run(const std::string& args) {
+  Result r;
+  const std::string cmd = std::string(MLA_CLI_PATH) + " " + args + " 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  std::array<char, 4096> buf{};
+  while (size_t n = fread(buf.data(), 1, buf.size(), p)) r.output.append(buf.data(), n);
+  const int status = pclose(p);
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+class Cli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / ("mla-cli-" + std::to_string(::getpid()) + "-" +
+                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  std::string out() const { return (dir_ / "out.safetensors").string(); }
+  // No output and no temporary left behind.
+  void expect_no_output() const {
+    EXPECT_FALSE(fs::exists(out()));
+    for (const auto& e : fs::directory_iterator(dir_)) ADD_FAILURE() << "left behind: " << e.path();
+  }
+  fs::path dir_;
+};
+
+TEST_F(Cli, ForwardMatchesGoldenInEveryFeedMode) {
+  for (const std::string name : {"v3-tiny", "yarn-ramp", "fp8-sharded"}) {
+    const auto g = testing::golden_dir(name);
+    for (const std::string extra : {"", "--chunk 5", "--decode-after 3 --page-size 1", "--path absorbed"}) {
+      const Result r = run("forward --model " + g.string() + " --input " + (g / "io.safetensors").string() +
+                           " --output " + out() + " --dtype f32 " + extra);
+      ASSERT_EQ(r.code, 0) << r.output;
+      SafetensorsFile o(out());
+      SafetensorsFile ref(g / "io.safetensors");
+      EXPECT_LT(testing::rel_error(o.read_f32("output"), ref.read_f32("output")), 2e-5) << name << " " << extra;
+      EXPECT_LT(testing::rel_error(o.read_f32("latent"), ref.read_f32("latent")), 2e-5) << name << " " << extra;
+    }
+  }
+}
+
+TEST_F(Cli, ForwardBf16) {
+  const auto g = testing::golden_dir("v2lite-tiny");
+  const Result r = run("forward --model " + g.string() + " --input " + (g / "io.safetensors").string() + " --output " +
+                       out() + " --dtype bf16 --chunk 4");
+  ASSERT_EQ(r.code, 0) << r.output;
+  SafetensorsFile o(out()), ref(g / "io.safetensors");
+  EXPECT_LT(testing::rel_error(o.read_f32("output"), ref.read_f32("output")), 2e-2);
+}
+
+TEST_F(Cli, ErrorsLeaveNoOutput) {
+  const auto g = testing::golden_dir("v3-tiny");
+  const std::string io = (g / "io.safetensors").string();
+  // Input of the wrong width: another case's hidden states.
+  const std::string other = (testing::golden_dir("noyarn") / "io.safetensors").string();
+  std::ofstream(dir_ / "empty.safetensors").close();
+  const fs::path bad_model = dir_ / "model";
+  fs::create_directories(bad_model);
+  std::ofstream(bad_model / "config.json") << "{ not json";
+  struct Case {
+    std::string args, expect;
+  } cases[] = {
+      {"--model " + (dir_ / "missing").string() + " --input " + io, "does not exist"},
+      {"--model " + g.string() + " --input " + other, "hidden_states has shape"},
+      {"--model " + g.string() + " --input " + (dir_ / "empty.safetensors").string(), "empty.safetensors"},
+      {"--model " + bad_model.string() + " --input " + io, "not valid JSON"},
+      {"--model " + g.string() + " --input " + io + " --layer 3", "layer 3"},
+      {"--model " + g.string() + " --input " + io + " --page-size 3", "page_size"},
+      {"--model " + g.string() + " --input " + io + " --device cuda", "cuda"},
+      {"--model " + g.string() + " --input " + io + " --decode-after 999", "decode_after"},
+  };
+  for (const Case& c : cases) {
+    const Result r = run("forward " + c.args + " --output " + out());
+    EXPECT_NE(r.code, 0) << c.args;
+    EXPECT_NE(r.output.find(c.expect), std::string::npos) << c.args << "\n" << r.output;
+    EXPECT_FALSE(fs::exists(out())) << c.args;
+  }
+  fs::remove_all(bad_model);
+  fs::remove(dir_ / "empty.safetensors");
+  expect_no_output();
+}
+
+TEST_F(Cli, FailedRunKeepsAnExistingOutput) {
+  std::ofstream(out()) << "previous";
+  const auto g = testing::golden_dir("v3-tiny");
+  const Result r = run("forward --model " + g.string() + " --input " + (dir_ / "missing.safetensors").string() +
+                       " --output " + out());
+  EXPECT_NE(r.code, 0);
+  std::ifstream in(out());
+  std::string s;
+  in >> s;
+  EXPECT_EQ(s, "previous");
+}
+
+TEST_F(Cli, InfoPrintsDerivedConstants) {
+  const Result r = run("info --preset v3");
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("0.13523"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("lo=10 hi=23"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("1152 B"), std::string::npos) << r.output;
+  EXPECT_NE(run("info --preset nope").code, 0);
+  const Result m = run("info --model " + testing::golden_dir("yarn-ramp").string());
+  EXPECT_EQ(m.code, 0) << m.output;
+}
+
+TEST_F(Cli, DemoRunsAndMatches) {
+  const Result r = run("demo --prompt 96 --generate 4 --chunk 40");
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("speedup"), std::string::npos);
+  EXPECT_EQ(r.output.find("MISMATCH"), std::string::npos) << r.output;
+}
+
+}  // namespace
+}  // namespace mla

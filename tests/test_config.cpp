@@ -331,7 +331,7 @@ TEST(CostModel, ChoosePath) {
     SCOPED_TRACE(name);
     const Config c = Config::preset(name);
     EXPECT_EQ(choose_path(c, 1, 4096), Path::Absorbed);
-    EXPECT_EQ(choose_path(c, 1, 1), Path::Absorbed);
+    EXPECT_EQ(choose_path(c, 1, 64), Path::Absorbed);
     EXPECT_EQ(choose_path(c, 1024, 1024), Path::Expanded);
     EXPECT_EQ(choose_path(c, 4096, 4096), Path::Expanded);
   }

@@ -1,0 +1,387 @@
+// The kernel-level ops (mla/ops.hpp) against plain double loops: random shapes, permuted block tables, NaN in
+// every unused cache slot, zero-length sequences, every dtype, causal and not; plus every validation error.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <random>
+
+#include "testing.hpp"
+
+namespace mla {
+namespace {
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+constexpr float kInf = std::numeric_limits<float>::infinity();
+const std::vector<std::string> kDevices{"cpu", "cpu-reference"};
+
+uint16_t to_f16(float x) { return std::bit_cast<uint16_t>(static_cast<_Float16>(x)); }
+
+// A BF16/F16/F32 array: the stored bytes and the values they hold, as float.
+struct Array {
+  DType dt = DType::F32;
+  std::vector<float> f32;      // the values (already rounded to dt)
+  std::vector<uint16_t> bits;  // BF16/F16 storage
+
+  Array(DType t, std::vector<float> v) : dt(t), f32(std::move(v)) {
+    if (dt == DType::F32) return;
+    bits.resize(f32.size());
+    for (size_t i = 0; i < f32.size(); ++i) {
+      bits[i] = dt == DType::BF16 ? float_to_bf16(f32[i]) : to_f16(f32[i]);
+      f32[i] = dt == DType::BF16 ? bf16_to_float(bits[i]) : f16_to_float(bits[i]);
+    }
+  }
+  Array(DType t, size_t n) : Array(t, std::vector<float>(n, 0.f)) {}
+  void* data() { return dt == DType::F32 ? static_cast<void*>(f32.data()) : bits.data(); }
+  std::vector<float> values() const {  // read back after a kernel wrote `bits`
+    if (dt == DType::F32) return f32;
+    std::vector<float> v(bits.size());
+    for (size_t i = 0; i < v.size(); ++i) v[i] = dt == DType::BF16 ? bf16_to_float(bits[i]) : f16_to_float(bits[i]);
+    return v;
+  }
+};
+
+// Output tolerance (relative Frobenius): bf16 rounds P and the output, f16 only the output.
+double tolerance(DType dt) { return dt == DType::F32 ? 2e-6 : dt == DType::F16 ? 1e-3 : 1e-2; }
+
+void expect_close(const std::vector<float>& got, const std::vector<double>& want, double tol, const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  double num = 0, den = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    ASSERT_TRUE(std::isfinite(got[i])) << what << " [" << i << "] = " << got[i];
+    num += (got[i] - want[i]) * (got[i] - want[i]);
+    den += want[i] * want[i];
+  }
+  EXPECT_LE(std::sqrt(num / std::max(den, 1e-30)), tol) << what;
+}
+
+void expect_lse(const std::vector<float>& got, const std::vector<double>& want, const std::string& what) {
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (std::isinf(want[i])) EXPECT_EQ(got[i], kInf) << what << " lse[" << i << "]";
+    else EXPECT_NEAR(got[i], want[i], 2e-5 * std::max(1.0, std::abs(want[i]))) << what << " lse[" << i << "]";
+  }
+}
+
+// Softmax-weighted sum in double over keys [0, visible): o (dv values) and lse; o = 0, lse = +inf when none.
+template <class Key, class Val>
+void reference_row(int64_t visible, int64_t dv, double scale, Key logit, Val value, double* o, double& lse) {
+  std::fill(o, o + dv, 0.0);
+  if (visible <= 0) {
+    lse = INFINITY;
+    return;
+  }
+  std::vector<double> s(static_cast<size_t>(visible));
+  for (int64_t t = 0; t < visible; ++t) s[t] = scale * logit(t);
+  const double mx = *std::max_element(s.begin(), s.end());
+  double sum = 0;
+  for (int64_t t = 0; t < visible; ++t) {
+    const double w = std::exp(s[t] - mx);
+    sum += w;
+    for (int64_t j = 0; j < dv; ++j) o[j] += w * value(t, j);
+  }
+  for (int64_t j = 0; j < dv; ++j) o[j] /= sum;
+  lse = mx + std::log(sum);
+}
+
+// ---- decode ----
+
+struct DecodeCase {
+  int64_t h_q, s_q, page_size, head_dim = 576, head_dim_v = 512;
+  std::vector<int32_t> seqlens;
+  bool causal;
+  DType dtype;
+  uint64_t seed;
+};
+
+void run_decode_case(const DecodeCase& c, const std::string& device) {
+  const int64_t B = static_cast<int64_t>(c.seqlens.size()), P = c.page_size, d = c.head_dim, dv = c.head_dim_v;
+  std::mt19937_64 rng(c.seed);
+  int64_t max_pages = 1, used_pages = 0;
+  for (int32_t L : c.seqlens) {
+    max_pages = std::max<int64_t>(max_pages, (L + P - 1) / P + 1);  // one spare entry per row
+    used_pages += (L + P - 1) / P;
+  }
+  const int64_t num_pages = used_pages + 3;  // a few pages nobody uses
+  std::vector<int32_t> order(static_cast<size_t>(num_pages));
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), rng);
+  std::vector<int32_t> table(static_cast<size_t>(B * max_pages), -1);  // unused entries are invalid on purpose
+  int64_t next = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < (c.seqlens[b] + P - 1) / P; ++j) table[b * max_pages + j] = order[next++];
+
+  // NaN in every slot, then real rows where tokens are stored.
+  std::vector<float> cache_vals(static_cast<size_t>(num_pages * P * d), kNaN);
+  const std::vector<float> rows = testing::random_values(static_cast<size_t>(used_pages * P * d), c.seed + 1);
+  size_t used = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < c.seqlens[b]; ++t, ++used) {
+      const int64_t slot = int64_t{table[b * max_pages + t / P]} * P + t % P;
+      std::copy_n(&rows[used * d], d, &cache_vals[slot * d]);
+    }
+  Array cache(c.dtype, cache_vals);
+  Array q(c.dtype, testing::random_values(static_cast<size_t>(B * c.s_q * c.h_q * d), c.seed + 2));
+  Array out(c.dtype, static_cast<size_t>(B * c.s_q * c.h_q * dv));
+  std::vector<float> lse(static_cast<size_t>(B * c.h_q * c.s_q), kNaN);
+
+  DecodeParams p;
+  p.batch = B, p.s_q = c.s_q, p.h_q = c.h_q, p.head_dim = d, p.head_dim_v = dv;
+  p.page_size = P, p.num_pages = num_pages, p.max_pages = max_pages, p.dtype = c.dtype;
+  p.q = q.data(), p.kv_cache = cache.data(), p.block_table = table.data(), p.cache_seqlens = c.seqlens.data();
+  p.softmax_scale = 0.125f, p.causal = c.causal, p.out = out.data(), p.lse = lse.data();
+  decode_attention(device, p);
+
+  std::vector<double> want(out.f32.size()), want_lse(lse.size());
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < c.s_q; ++i)
+      for (int64_t h = 0; h < c.h_q; ++h) {
+        const float* qr = &q.f32[((b * c.s_q + i) * c.h_q + h) * d];
+        auto key = [&](int64_t t) { return &cache.f32[(int64_t{table[b * max_pages + t / P]} * P + t % P) * d]; };
+        auto logit = [&](int64_t t) {
+          double s = 0;
+          for (int64_t j = 0; j < d; ++j) s += double{qr[j]} * key(t)[j];
+          return s;
+        };
+        const int64_t L = c.seqlens[b], visible = c.causal ? L - (c.s_q - 1 - i) : L;
+        reference_row(visible, dv, p.softmax_scale, logit, [&](int64_t t, int64_t j) { return double{key(t)[j]}; },
+                      &want[((b * c.s_q + i) * c.h_q + h) * dv], want_lse[(b * c.h_q + h) * c.s_q + i]);
+      }
+  const std::string what = device + " " + std::string(dtype_name(c.dtype)) + " h_q=" + std::to_string(c.h_q) +
+                           " s_q=" + std::to_string(c.s_q) + " page=" + std::to_string(P) +
+                           (c.causal ? " causal" : "") + " seed=" + std::to_string(c.seed);
+  expect_close(out.values(), want, tolerance(c.dtype), what);
+  expect_lse(lse, want_lse, what);
+}
+
+// Lengths that hit page edges, zeros and a random one.
+std::vector<int32_t> random_lengths(std::mt19937_64& rng, int64_t batch, int64_t page, int64_t max_len) {
+  const int64_t picks[] = {0, 1, 17, page - 1, page, page + 1, 2 * page + 3};
+  std::vector<int32_t> v;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t k = static_cast<int64_t>(rng() % 9);
+    v.push_back(static_cast<int32_t>(k < 7 ? std::min(picks[k], max_len) : static_cast<int64_t>(rng() % (max_len + 1))));
+  }
+  return v;
+}
+
+TEST(DecodeAttention, MatchesDoubleLoopF32) {
+  uint64_t seed = 1;
+  for (int64_t h_q : {1, 3, 16, 128})
+    for (int64_t s_q : {1, 2, 4})
+      for (int64_t page : {1, 16, 64, 256}) {
+        std::mt19937_64 rng(seed);
+        DecodeCase c{h_q, s_q, page, 576, 512, random_lengths(rng, 3, page, h_q >= 16 ? 300 : 600),
+                     seed % 2 == 0, DType::F32, seed};
+        c.seqlens[0] = 0;  // always one empty sequence
+        run_decode_case(c, "cpu");
+        ++seed;
+      }
+}
+
+TEST(DecodeAttention, MatchesDoubleLoopHalfTypes) {
+  uint64_t seed = 100;
+  for (DType dt : {DType::BF16, DType::F16})
+    for (int64_t h_q : {1, 16, 128})
+      for (int64_t page : {1, 64, 256})
+        for (bool causal : {false, true}) {
+          std::mt19937_64 rng(seed);
+          DecodeCase c{h_q, causal ? 4 : 1, page, 576, 512, random_lengths(rng, 2, page, 300), causal, dt, seed++};
+          run_decode_case(c, "cpu");
+        }
+}
+
+TEST(DecodeAttention, OddHeadDimsAndLongSequences) {
+  run_decode_case({3, 2, 16, 72, 40, {1013, 0, 5}, true, DType::F32, 7}, "cpu");
+  run_decode_case({63, 1, 64, 576, 512, {2049}, false, DType::BF16, 8}, "cpu");
+  run_decode_case({126, 2, 256, 576, 512, {700, 1}, true, DType::F16, 9}, "cpu");
+  run_decode_case({5, 3, 2, 64, 64, {3, 2, 1, 0}, true, DType::F32, 10}, "cpu");  // causal rows with no key
+}
+
+TEST(DecodeAttention, ReferenceBackendUsesTheSameKernels) {
+  run_decode_case({16, 2, 64, 576, 512, {100, 0, 65}, true, DType::BF16, 11}, "cpu-reference");
+}
+
+TEST(DecodeAttention, LseMayBeNullAndEmptySequencesGiveZeros) {
+  std::vector<float> q(2 * 4 * 8, 1.f), cache(4 * 8, kNaN), out(2 * 4 * 8, kNaN);
+  std::vector<int32_t> table{0, 1, 2, 3}, lens{0, 0};
+  DecodeParams p;
+  p.batch = 2, p.s_q = 1, p.h_q = 4, p.head_dim = 8, p.head_dim_v = 8, p.page_size = 2, p.num_pages = 2;
+  p.max_pages = 2, p.dtype = DType::F32, p.q = q.data(), p.kv_cache = cache.data(), p.block_table = table.data();
+  p.cache_seqlens = lens.data(), p.softmax_scale = 1.f, p.out = out.data();
+  decode_attention("cpu", p);
+  for (float v : out) EXPECT_EQ(v, 0.f);
+}
+
+// ---- prefill ----
+
+struct PrefillCase {
+  int64_t heads, dqk, dv;
+  std::vector<int32_t> n_q, n_k;
+  bool causal;
+  DType dtype;
+  uint64_t seed;
+};
+
+void run_prefill_case(const PrefillCase& c, const std::string& device = "cpu") {
+  const int64_t B = static_cast<int64_t>(c.n_q.size()), H = c.heads;
+  std::vector<int32_t> cu_q{0}, cu_k{0};
+  for (int64_t b = 0; b < B; ++b) cu_q.push_back(cu_q.back() + c.n_q[b]), cu_k.push_back(cu_k.back() + c.n_k[b]);
+  const int64_t Tq = cu_q.back(), Tk = cu_k.back();
+  Array q(c.dtype, testing::random_values(static_cast<size_t>(Tq * H * c.dqk), c.seed));
+  Array k(c.dtype, testing::random_values(static_cast<size_t>(Tk * H * c.dqk), c.seed + 1));
+  Array v(c.dtype, testing::random_values(static_cast<size_t>(Tk * H * c.dv), c.seed + 2));
+  Array out(c.dtype, static_cast<size_t>(Tq * H * c.dv));
+  std::vector<float> lse(static_cast<size_t>(H * Tq), kNaN);
+  PrefillParams p;
+  p.batch = B, p.num_heads = H, p.head_dim_qk = c.dqk, p.head_dim_v = c.dv, p.total_q = Tq, p.total_k = Tk;
+  p.dtype = c.dtype, p.cu_seqlens_q = cu_q.data(), p.cu_seqlens_k = cu_k.data();
+  p.q = q.data(), p.k = k.data(), p.v = v.data(), p.softmax_scale = 0.3f, p.causal = c.causal;
+  p.out = out.data(), p.lse = lse.data();
+  prefill_attention(device, p);
+
+  std::vector<double> want(out.f32.size()), want_lse(lse.size());
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < c.n_q[b]; ++i)
+      for (int64_t h = 0; h < H; ++h) {
+        const float* qr = &q.f32[((cu_q[b] + i) * H + h) * c.dqk];
+        auto logit = [&](int64_t t) {
+          double s = 0;
+          for (int64_t j = 0; j < c.dqk; ++j) s += double{qr[j]} * k.f32[((cu_k[b] + t) * H + h) * c.dqk + j];
+          return s;
+        };
+        auto value = [&](int64_t t, int64_t j) { return double{v.f32[((cu_k[b] + t) * H + h) * c.dv + j]}; };
+        const int64_t visible = c.causal ? std::min<int64_t>(c.n_k[b], c.n_k[b] - c.n_q[b] + i + 1) : c.n_k[b];
+        reference_row(visible, c.dv, p.softmax_scale, logit, value, &want[((cu_q[b] + i) * H + h) * c.dv],
+                      want_lse[h * Tq + cu_q[b] + i]);
+      }
+  const std::string what = device + " " + std::string(dtype_name(c.dtype)) + " heads=" + std::to_string(H) +
+                           (c.causal ? " causal" : "") + " seed=" + std::to_string(c.seed);
+  expect_close(out.values(), want, tolerance(c.dtype), what);
+  expect_lse(lse, want_lse, what);
+}
+
+TEST(PrefillAttention, MatchesDoubleLoop) {
+  uint64_t seed = 200;
+  for (DType dt : {DType::F32, DType::BF16, DType::F16})
+    for (int64_t heads : {1, 3, 16})
+      for (bool causal : {true, false}) {
+        std::mt19937_64 rng(seed);
+        std::vector<int32_t> n_q, n_k;
+        for (int b = 0; b < 4; ++b) {
+          const auto nk = static_cast<int32_t>(rng() % 300);
+          n_k.push_back(nk);
+          n_q.push_back(b == 0 ? nk : static_cast<int32_t>(rng() % (nk + 1)));  // self-attention, then with a prefix
+        }
+        n_k[3] = 0, n_q[3] = 2;  // queries with no key at all
+        run_prefill_case({heads, 192, 128, n_q, n_k, causal, dt, seed++});
+      }
+  run_prefill_case({2, 40, 24, {70, 5, 0}, {3, 5, 9}, true, DType::F32, 300});  // n_q > n_k: leading rows see nothing
+  run_prefill_case({2, 192, 128, {130}, {130}, true, DType::BF16, 301}, "cpu-reference");
+}
+
+// ---- validation ----
+
+struct DecodeFixture {
+  std::vector<float> q = std::vector<float>(2 * 3 * 16, 0.5f), cache = std::vector<float>(4 * 4 * 16, 0.25f);
+  std::vector<float> out = std::vector<float>(2 * 3 * 8), lse = std::vector<float>(2 * 3);
+  std::vector<int32_t> table{0, 1, 3, 2}, lens{5, 8};
+  DecodeParams p;
+  DecodeFixture() {
+    p.batch = 2, p.s_q = 1, p.h_q = 3, p.head_dim = 16, p.head_dim_v = 8, p.page_size = 4, p.num_pages = 4;
+    p.max_pages = 2, p.dtype = DType::F32, p.q = q.data(), p.kv_cache = cache.data(), p.block_table = table.data();
+    p.cache_seqlens = lens.data(), p.softmax_scale = 0.25f, p.out = out.data(), p.lse = lse.data();
+  }
+};
+
+// Runs f, expects InvalidArgument whose message contains every piece.
+template <class F>
+void expect_invalid(F f, std::initializer_list<std::string> pieces) {
+  try {
+    f();
+    ADD_FAILURE() << "no exception; expected one mentioning " << *pieces.begin();
+  } catch (const InvalidArgument& e) {
+    for (const std::string& s : pieces) EXPECT_NE(std::string(e.what()).find(s), std::string::npos) << e.what();
+  }
+}
+
+TEST(DecodeAttention, ValidFixtureRuns) {
+  DecodeFixture f;
+  for (const std::string& dev : kDevices) EXPECT_NO_THROW(decode_attention(dev, f.p));
+}
+
+TEST(DecodeAttention, RejectsBadParameters) {
+  auto bad = [](auto edit, std::initializer_list<std::string> pieces) {
+    DecodeFixture f;
+    edit(f);
+    expect_invalid([&] { decode_attention("cpu", f.p); }, pieces);
+  };
+  bad([](DecodeFixture& f) { f.p.q = nullptr; }, {"q must not be null"});
+  bad([](DecodeFixture& f) { f.p.kv_cache = nullptr; }, {"kv_cache"});
+  bad([](DecodeFixture& f) { f.p.block_table = nullptr; }, {"block_table"});
+  bad([](DecodeFixture& f) { f.p.cache_seqlens = nullptr; }, {"cache_seqlens"});
+  bad([](DecodeFixture& f) { f.p.out = nullptr; }, {"out"});
+  bad([](DecodeFixture& f) { f.p.batch = 0; }, {"batch", "got 0"});
+  bad([](DecodeFixture& f) { f.p.s_q = -1; }, {"s_q", "got -1"});
+  bad([](DecodeFixture& f) { f.p.h_q = 0; }, {"h_q", "got 0"});
+  bad([](DecodeFixture& f) { f.p.head_dim = 0; }, {"head_dim"});
+  bad([](DecodeFixture& f) { f.p.head_dim_v = 17; }, {"head_dim_v", "<= head_dim = 16", "got 17"});
+  bad([](DecodeFixture& f) { f.p.page_size = 3; }, {"page_size", "power of two", "got 3"});
+  bad([](DecodeFixture& f) { f.p.num_pages = 0; }, {"num_pages"});
+  bad([](DecodeFixture& f) { f.p.max_pages = 0; }, {"max_pages"});
+  bad([](DecodeFixture& f) { f.p.dtype = DType::F64; }, {"dtype", "BF16, F16 or F32", "F64"});
+  bad([](DecodeFixture& f) { f.p.softmax_scale = 0.f; }, {"softmax_scale"});
+  bad([](DecodeFixture& f) { f.p.softmax_scale = kNaN; }, {"softmax_scale"});
+  bad([](DecodeFixture& f) { f.lens[1] = 9; }, {"cache_seqlens[1]", "max_pages * page_size = 8", "got 9", "batch index 1"});
+  bad([](DecodeFixture& f) { f.lens[0] = -2; }, {"cache_seqlens[0]", "got -2", "batch index 0"});
+  bad([](DecodeFixture& f) { f.table[3] = 4; }, {"block_table[1, 1]", "num_pages = 4", "got 4", "batch index 1"});
+  bad([](DecodeFixture& f) { f.table[1] = -1; }, {"block_table[0, 1]", "got -1", "batch index 0"});
+  expect_invalid([] { decode_attention("tpu", DecodeFixture().p); }, {"unknown device 'tpu'", "cpu"});
+}
+
+TEST(DecodeAttention, UnusedBlockTableEntriesAreNotChecked) {
+  DecodeFixture f;
+  f.lens[0] = 4;        // one page used
+  f.table[1] = 99999;   // the second entry of row 0 is never read
+  EXPECT_NO_THROW(decode_attention("cpu", f.p));
+}
+
+struct PrefillFixture {
+  std::vector<float> q = std::vector<float>(5 * 2 * 8, 0.5f), k = std::vector<float>(7 * 2 * 8, 0.25f);
+  std::vector<float> v = std::vector<float>(7 * 2 * 4, 1.f), out = std::vector<float>(5 * 2 * 4);
+  std::vector<int32_t> cu_q{0, 2, 5}, cu_k{0, 3, 7};
+  PrefillParams p;
+  PrefillFixture() {
+    p.batch = 2, p.num_heads = 2, p.head_dim_qk = 8, p.head_dim_v = 4, p.total_q = 5, p.total_k = 7;
+    p.dtype = DType::F32, p.cu_seqlens_q = cu_q.data(), p.cu_seqlens_k = cu_k.data();
+    p.q = q.data(), p.k = k.data(), p.v = v.data(), p.softmax_scale = 0.5f, p.out = out.data();
+  }
+};
+
+TEST(PrefillAttention, RejectsBadParameters) {
+  auto bad = [](auto edit, std::initializer_list<std::string> pieces) {
+    PrefillFixture f;
+    edit(f);
+    expect_invalid([&] { prefill_attention("cpu", f.p); }, pieces);
+  };
+  {
+    PrefillFixture f;
+    EXPECT_NO_THROW(prefill_attention("cpu", f.p));
+    for (float x : f.out) EXPECT_NEAR(x, 1.f, 1e-6);
+  }
+  bad([](PrefillFixture& f) { f.p.q = nullptr; }, {"q must not be null"});
+  bad([](PrefillFixture& f) { f.p.v = nullptr; }, {"v must not be null"});
+  bad([](PrefillFixture& f) { f.p.cu_seqlens_k = nullptr; }, {"cu_seqlens_k"});
+  bad([](PrefillFixture& f) { f.p.num_heads = 0; }, {"num_heads", "got 0"});
+  bad([](PrefillFixture& f) { f.p.head_dim_v = 0; }, {"head_dim_v"});
+  bad([](PrefillFixture& f) { f.p.dtype = DType::I32; }, {"dtype", "I32"});
+  bad([](PrefillFixture& f) { f.cu_q[0] = 1; }, {"cu_seqlens_q[0] must be 0", "got 1"});
+  bad([](PrefillFixture& f) { f.cu_k[1] = 8; }, {"cu_seqlens_k", "non-decreasing", "batch index 1"});
+  bad([](PrefillFixture& f) { f.p.total_q = 6; }, {"cu_seqlens_q[batch]", "total_q = 6", "got 5"});
+  bad([](PrefillFixture& f) { f.p.softmax_scale = -1.f; }, {"softmax_scale"});
+}
+
+}  // namespace
+}  // namespace mla
