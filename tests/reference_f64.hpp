@@ -69,10 +69,17 @@ inline RopeTables ref_rope_tables(const Config& c, Variant variant = Variant::Co
   double lo = std::max(std::floor(corr(r.beta_fast)), 0.0);
   double hi = std::min(std::ceil(corr(r.beta_slow)), static_cast<double>(dr - 1));
   if (lo == hi) hi += 0.001;
+  // The fp32 evaluation order of transformers' _compute_yarn_parameters. It matters: at p = 150000 (golden
+  // `long-positions`) one ulp of ω moves the angle by ~1e-2 rad, and the algebraically equal
+  // ω⁰(1 − ρ) + (ω⁰/s)ρ of the spec misses that golden's cache rows by 3e-5.
   for (int64_t i = 0; i < half; ++i) {
-    float rho = (static_cast<float>(i) - static_cast<float>(lo)) / static_cast<float>(hi - lo);
+    const float pos_freq = std::pow(theta, static_cast<float>(2 * i) / static_cast<float>(dr));
+    const float extrapolation = 1.0f / pos_freq;
+    const float interpolation = 1.0f / (static_cast<float>(s) * pos_freq);
+    float rho = (static_cast<float>(i) - static_cast<float>(lo)) / (static_cast<float>(hi) - static_cast<float>(lo));
     rho = std::clamp(rho, 0.0f, 1.0f);
-    t.inv_freq[i] = base[i] * (1.0f - rho) + (base[i] / static_cast<float>(s)) * rho;
+    const float keep = 1.0f - rho;
+    t.inv_freq[i] = interpolation * (1.0f - keep) + extrapolation * keep;
   }
   if (r.mscale != 0.0 && r.mscale_all_dim != 0.0)
     t.magnitude = ref_mscale(s, r.mscale) / ref_mscale(s, r.mscale_all_dim);

@@ -78,7 +78,7 @@ struct CostModel {
   double absorbed_attention_flops_per_pair;
   int64_t cache_values_per_token;         // d_c + d_r
   int64_t expanded_cache_values_per_token;  // H·(d_qk + d_v)
-  int64_t mha_cache_values_per_token;     // H·(d_qk + d_v) too, for plain MHA of the same head dims
+  int64_t mha_cache_values_per_token;     // 2·H·d_n: plain MHA with H heads of size d_n (DeepSeek-V2 paper)
 
   static CostModel of(const Config& config);
 };

@@ -76,27 +76,29 @@ __attribute__((target("avx512f"))) inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(p, k);
 }
 
-// Round to nearest even on plain AVX-512 (no BF16 instructions); NaN handled by the caller's data (finite).
+// Round to nearest even with integer arithmetic, exact for subnormals (the native vcvtneps2bf16 flushes them
+// to zero); NaN lanes become quiet NaNs with their sign, as float_to_bf16 does.
 __attribute__((target("avx512f,avx512bw"))) inline __m256i cvt_bf16_avx512(__m512 v) {
-  __m512i u = _mm512_castps_si512(v);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  u = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+  return _mm512_cvtepi32_epi16(r);
 }
 
+// Softmax weights lie in [1e-38, 1] (exp512 clamps its argument), never subnormal, so the native instruction
+// rounds them exactly like cvt_bf16_avx512.
 __attribute__((target("avx512f,avx512bw,avx512bf16,avx512vl"))) inline __m256i cvt_bf16_native(__m512 v) {
   return (__m256i)_mm512_cvtneps_pbh(v);
 }
 
-template <bool kNative>
-__attribute__((target("avx512f,avx512bw,avx512bf16,avx512vl"))) void to_bf16_avx512(const float* x, uint16_t* y,
+__attribute__((target("avx512f,avx512bw"))) void to_bf16_avx512(const float* x, uint16_t* y,
                                                                                     int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     __m512 v = _mm512_loadu_ps(x + i);
-    __m256i b;
-    if constexpr (kNative) b = cvt_bf16_native(v);
-    else b = cvt_bf16_avx512(v);
+    const __m256i b = cvt_bf16_avx512(v);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), b);
   }
   to_bf16_scalar(x + i, y + i, n - i);
@@ -152,8 +154,8 @@ std::string kernel_isa() {
 
 void to_bf16(const float* x, uint16_t* y, int64_t n) {
   switch (isa()) {
-    case Isa::Avx512Bf16: return to_bf16_avx512<true>(x, y, n);
-    case Isa::Avx512: return to_bf16_avx512<false>(x, y, n);
+    case Isa::Avx512Bf16:
+    case Isa::Avx512: return to_bf16_avx512(x, y, n);
     case Isa::Scalar: return to_bf16_scalar(x, y, n);
   }
 }

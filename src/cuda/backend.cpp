@@ -1,0 +1,63 @@
+// The "cuda" backend: device buffers, the CUDA layer and the attention ops. Registered only when a GPU is
+// present, so a CUDA build still runs on machines without one.
+#include <mutex>
+
+#include "core/backend.hpp"
+#include "cuda/common/attention.hpp"
+#include "cuda/common/check.hpp"
+#include "cuda/common/device_memory.hpp"
+#include "cuda/layer.hpp"
+
+namespace mla::cuda {
+namespace {
+
+class CudaBackend final : public detail::Backend {
+ public:
+  CudaBackend() {
+    int device = 0;
+    MLA_CUDA_CHECK(cudaGetDevice(&device));
+    MLA_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device));
+  }
+  std::string_view name() const override { return "cuda"; }
+  bool host_memory() const override { return false; }
+  std::unique_ptr<detail::Buffer> allocate(int64_t bytes) const override { return std::make_unique<DeviceBuffer>(bytes); }
+  std::unique_ptr<detail::LayerImpl> make_layer(const LayerWeights& w, const LayerOptions& o) const override {
+    return make_cuda_layer(w, o);
+  }
+  // Asynchronous on the default stream, like any CUDA op; the split-KV workspace is kept between calls.
+  void decode_attention(const DecodeParams& p) const override {
+    validate(p);
+    std::lock_guard lock(mutex_);
+    const DecodePlan plan = plan_decode(p, num_sms_);
+    run_decode(p, plan, workspace_, nullptr);
+  }
+  void prefill_attention(const PrefillParams& p) const override {
+    validate(p);
+    run_prefill(p, nullptr);
+  }
+
+ private:
+  int num_sms_ = 0;
+  mutable std::mutex mutex_;
+  mutable DeviceArray workspace_;
+};
+
+}  // namespace
+}  // namespace mla::cuda
+
+namespace mla::detail {
+
+const Backend* cuda_backend_if_usable() {
+  static const Backend* backend = []() -> const Backend* {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+      cudaGetLastError();  // clear the sticky "no device" error
+      return nullptr;
+    }
+    static const cuda::CudaBackend instance;
+    return &instance;
+  }();
+  return backend;
+}
+
+}  // namespace mla::detail

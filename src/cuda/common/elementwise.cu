@@ -1,0 +1,179 @@
+#include "cuda/common/check.hpp"
+#include "cuda/common/elementwise.hpp"
+#include "cuda/common/types.cuh"
+
+namespace mla::cuda {
+namespace {
+
+template <class T>
+__global__ void convert_checked_kernel(const float* __restrict__ in, T* __restrict__ out, int64_t n,
+                                       unsigned long long* first_bad) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    const float v = in[i];
+    if (!isfinite(v)) atomicMin(first_bad, static_cast<unsigned long long>(i));
+    out[i] = from_f32<T>(v);
+  }
+}
+
+template <class T>
+__global__ void rms_norm_kernel(const float* __restrict__ in, int64_t ld_in, const float* __restrict__ bias,
+                                const float* __restrict__ gamma, float eps, int64_t d, T* __restrict__ out) {
+  __shared__ float scratch[32];
+  const float* x = in + blockIdx.x * ld_in;
+  float ss = 0.f;
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+    const float v = x[j] + (bias ? bias[j] : 0.f);
+    ss += v * v;
+  }
+  ss = block_sum(ss, scratch);
+  const float inv = 1.0f / sqrtf(ss / static_cast<float>(d) + eps);
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+    const float v = x[j] + (bias ? bias[j] : 0.f);
+    out[blockIdx.x * d + j] = from_f32<T>(gamma[j] * (v * inv));
+  }
+}
+
+// Element j of an adjacent-pair rotation of x (pair j/2 turns by fp32(p)·ω). Accurate cosf/sinf: no intrinsics.
+__device__ __forceinline__ float rope_element(float a, float b, int64_t j, int64_t position, const RopeTable& rope) {
+  const float angle = static_cast<float>(position) * rope.inv_freq[j / 2];
+  const float c = cosf(angle) * rope.magnitude, s = sinf(angle) * rope.magnitude;
+  return (j % 2 == 0) ? a * c - b * s : a * s + b * c;
+}
+
+template <class T>
+__global__ void finish_queries_kernel(QueryFinish p) {
+  const int64_t n = blockIdx.x, dqk = p.d_nope + p.d_rope, width = p.heads * dqk;
+  const float* src = p.q_f32 + n * width;
+  T* q = static_cast<T*>(p.q) + n * width;
+  const int64_t position = p.positions[n];
+  for (int64_t e = threadIdx.x; e < width; e += blockDim.x) {
+    const int64_t h = e / dqk, j = e % dqk;
+    auto value = [&](int64_t idx) { return round_to<T>(src[idx] + (p.bias ? p.bias[idx] : 0.f)); };
+    if (j < p.d_nope) {
+      q[e] = from_f32<T>(value(e));
+    } else {
+      const int64_t r = j - p.d_nope, pair = e - (r % 2);
+      const T y = from_f32<T>(rope_element(value(pair), value(pair + 1), r, position, p.rope));
+      q[e] = y;
+      if (p.qa) static_cast<T*>(p.qa)[(n * p.heads + h) * p.row_width + p.d_c + r] = y;
+    }
+  }
+}
+
+template <class T>
+__global__ void store_latents_kernel(LatentStore p) {
+  __shared__ float scratch[32];
+  if (*p.error_flag != ~0ull) return;  // a non-finite input: the cache must stay as it was
+  const int64_t n = blockIdx.x, W = p.d_c + p.d_rope;
+  const float* kv = p.kv + n * W;
+  auto value = [&](int64_t j) { return kv[j] + (p.bias ? p.bias[j] : 0.f); };
+  float ss = 0.f;
+  for (int64_t j = threadIdx.x; j < p.d_c; j += blockDim.x) ss += value(j) * value(j);
+  ss = block_sum(ss, scratch);
+  const float inv = 1.0f / sqrtf(ss / static_cast<float>(p.d_c) + p.eps);
+  T* row = static_cast<T*>(p.cache) + p.slots[n] * W;
+  const int64_t position = p.positions[n];
+  for (int64_t j = threadIdx.x; j < W; j += blockDim.x) {
+    if (j < p.d_c) {
+      row[j] = from_f32<T>(p.gamma[j] * (value(j) * inv));
+    } else {
+      const int64_t r = j - p.d_c, pair = j - (r % 2);
+      row[j] = from_f32<T>(rope_element(value(pair), value(pair + 1), r, position, p.rope));
+    }
+  }
+}
+
+template <class T>
+__global__ void gather_rows_kernel(const T* __restrict__ cache, const int32_t* __restrict__ block_table,
+                                   int64_t page_size, int64_t width, T* __restrict__ dst) {
+  const int64_t t = blockIdx.x;
+  const int64_t slot = int64_t{block_table[t / page_size]} * page_size + t % page_size;
+  for (int64_t j = threadIdx.x; j < width; j += blockDim.x) dst[t * width + j] = cache[slot * width + j];
+}
+
+template <class T>
+__global__ void split_expanded_kernel(const T* __restrict__ kv, const T* __restrict__ lat, int64_t width, int64_t d_c,
+                                      int64_t heads, int64_t d_nope, int64_t d_rope, int64_t d_v, T* __restrict__ k,
+                                      T* __restrict__ v) {
+  const int64_t t = blockIdx.x, dqk = d_nope + d_rope, dkv = d_nope + d_v;
+  for (int64_t e = threadIdx.x; e < heads * dqk; e += blockDim.x) {
+    const int64_t h = e / dqk, j = e % dqk;
+    k[t * heads * dqk + e] = j < d_nope ? kv[(t * heads + h) * dkv + j] : lat[t * width + d_c + (j - d_nope)];
+  }
+  for (int64_t e = threadIdx.x; e < heads * d_v; e += blockDim.x) {
+    const int64_t h = e / d_v, j = e % d_v;
+    v[t * heads * d_v + e] = kv[(t * heads + h) * dkv + d_nope + j];
+  }
+}
+
+__global__ void add_bias_kernel(float* y, const float* bias, int64_t rows, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < rows * n; i += int64_t{gridDim.x} * blockDim.x)
+    y[i] += bias[i % n];
+}
+
+unsigned grid_for(int64_t n, int threads) {
+  return static_cast<unsigned>(std::min<int64_t>((n + threads - 1) / threads, 65536));
+}
+
+}  // namespace
+
+#define MLA_DISPATCH_TYPE(dtype, T, ...)                    \
+  do {                                                      \
+    if ((dtype) == DType::F32) {                            \
+      using T = float;                                      \
+      __VA_ARGS__;                                          \
+    } else if ((dtype) == DType::BF16) {                    \
+      using T = bf16;                                       \
+      __VA_ARGS__;                                          \
+    } else {                                                \
+      throw InvalidArgument("cuda: element type must be F32 or BF16"); \
+    }                                                       \
+  } while (0)
+
+void convert_checked(const float* in, void* out, DType dtype, int64_t n, unsigned long long* first_bad,
+                     cudaStream_t stream) {
+  if (n == 0) return;
+  MLA_DISPATCH_TYPE(dtype, T, convert_checked_kernel<T><<<grid_for(n, 256), 256, 0, stream>>>(in, static_cast<T*>(out), n, first_bad));
+  MLA_CUDA_LAUNCH_CHECK();
+}
+
+void rms_norm_rows(const float* in, int64_t ld_in, const float* bias, const float* gamma, float eps, int64_t rows,
+                   int64_t d, void* out, DType dtype, cudaStream_t stream) {
+  if (rows == 0) return;
+  MLA_DISPATCH_TYPE(dtype, T, rms_norm_kernel<T><<<static_cast<unsigned>(rows), 256, 0, stream>>>(in, ld_in, bias, gamma, eps, d, static_cast<T*>(out)));
+  MLA_CUDA_LAUNCH_CHECK();
+}
+
+void finish_queries(const QueryFinish& p, cudaStream_t stream) {
+  if (p.tokens == 0) return;
+  MLA_DISPATCH_TYPE(p.dtype, T, finish_queries_kernel<T><<<static_cast<unsigned>(p.tokens), 256, 0, stream>>>(p));
+  MLA_CUDA_LAUNCH_CHECK();
+}
+
+void store_latents(const LatentStore& p, cudaStream_t stream) {
+  if (p.tokens == 0) return;
+  MLA_DISPATCH_TYPE(p.dtype, T, store_latents_kernel<T><<<static_cast<unsigned>(p.tokens), 256, 0, stream>>>(p));
+  MLA_CUDA_LAUNCH_CHECK();
+}
+
+void gather_rows(const void* cache, const int32_t* block_table, int64_t page_size, int64_t rows, int64_t width,
+                 void* dst, DType dtype, cudaStream_t stream) {
+  if (rows == 0) return;
+  MLA_DISPATCH_TYPE(dtype, T, gather_rows_kernel<T><<<static_cast<unsigned>(rows), 128, 0, stream>>>(static_cast<const T*>(cache), block_table, page_size, width, static_cast<T*>(dst)));
+  MLA_CUDA_LAUNCH_CHECK();
+}
+
+void split_expanded(const void* kv, const void* lat, int64_t width, int64_t d_c, int64_t rows, int64_t heads,
+                    int64_t d_nope, int64_t d_rope, int64_t d_v, void* k, void* v, DType dtype, cudaStream_t stream) {
+  if (rows == 0) return;
+  MLA_DISPATCH_TYPE(dtype, T, split_expanded_kernel<T><<<static_cast<unsigned>(rows), 256, 0, stream>>>(static_cast<const T*>(kv), static_cast<const T*>(lat), width, d_c, heads, d_nope, d_rope, d_v, static_cast<T*>(k), static_cast<T*>(v)));
+  MLA_CUDA_LAUNCH_CHECK();
+}
+
+void add_bias_rows(float* y, const float* bias, int64_t rows, int64_t n, cudaStream_t stream) {
+  if (rows == 0 || !bias) return;
+  add_bias_kernel<<<grid_for(rows * n, 256), 256, 0, stream>>>(y, bias, rows, n);
+  MLA_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace mla::cuda

@@ -1,0 +1,271 @@
+#include "cuda/layer.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "cuda/common/attention.hpp"
+#include "cuda/common/check.hpp"
+#include "cuda/common/device_memory.hpp"
+#include "cuda/common/elementwise.hpp"
+#include "cuda/common/gemm.hpp"
+
+namespace mla::cuda {
+namespace {
+
+// Round-to-nearest-even bf16 bits (the host copy of the weights; same rounding as the CPU backends).
+std::vector<uint16_t> to_bf16(const std::vector<float>& x) {
+  std::vector<uint16_t> y(x.size());
+  for (size_t i = 0; i < x.size(); ++i) y[i] = float_to_bf16(x[i]);
+  return y;
+}
+
+template <class V>
+DeviceArray upload(const V& host) {
+  DeviceArray d(std::max<int64_t>(1, static_cast<int64_t>(host.size() * sizeof(host[0]))));
+  if (!host.empty())
+    MLA_CUDA_CHECK(cudaMemcpy(d.get(), host.data(), host.size() * sizeof(host[0]), cudaMemcpyHostToDevice));
+  return d;
+}
+
+class CudaLayer final : public detail::LayerImpl {
+ public:
+  CudaLayer(const LayerWeights& w, const LayerOptions& o)
+      : c_(w.config), k_(DerivedConstants::compute(w.config)),
+        dt_(o.precision == Precision::F32 ? DType::F32 : DType::BF16) {
+    auto weight = [&](const Matrix& m) {
+      return dt_ == DType::F32 ? upload(m.data) : upload(to_bf16(m.data));
+    };
+    q_proj_ = weight(w.q_proj), q_a_ = weight(w.q_a_proj), q_b_ = weight(w.q_b_proj);
+    kv_a_ = weight(w.kv_a_proj), kv_b_ = weight(w.kv_b_proj), o_weight_ = weight(w.o_proj);
+    q_a_norm_ = upload(w.q_a_norm), kv_a_norm_ = upload(w.kv_a_norm), inv_freq_ = upload(k_.inv_freq);
+    has_q_bias_ = !w.q_bias.empty(), has_kv_bias_ = !w.kv_a_bias.empty(), has_o_bias_ = !w.o_bias.empty();
+    q_bias_ = upload(w.q_bias), kv_a_bias_ = upload(w.kv_a_bias), o_bias_ = upload(w.o_bias);
+    int device = 0;
+    MLA_CUDA_CHECK(cudaGetDevice(&device));
+    MLA_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device));
+    flag_.reserve(sizeof(unsigned long long));
+  }
+
+  void forward(const detail::ForwardArgs& a) override {
+    const int64_t N = a.total_tokens, D = c_.hidden_size, H = c_.num_heads, W = c_.latent_dim();
+    const int64_t dn = c_.qk_nope_head_dim, dr = c_.qk_rope_head_dim, dv = c_.v_head_dim, dc = c_.kv_lora_rank;
+    const int64_t dqk = dn + dr, es = dtype_size(dt_);
+    if (a.cache_dtype != dt_) throw InvalidArgument("forward (cuda): cache dtype does not match the layer's precision");
+    if (N == 0) return;
+    cudaStream_t stream = nullptr;  // the legacy default stream: ordered with the Buffer copies
+
+    // Per-token positions and cache slots, one upload.
+    std::vector<int64_t> meta(static_cast<size_t>(2 * N));
+    bool any_absorbed = false;
+    for (const detail::ChunkPlan& ch : a.chunks) {
+      for (int64_t i = 0; i < ch.num_tokens; ++i) {
+        const int64_t t = ch.cached + i;
+        meta[ch.first_row + i] = ch.positions[i];
+        meta[N + ch.first_row + i] = int64_t{ch.block_table[t / a.page_size]} * a.page_size + t % a.page_size;
+      }
+      any_absorbed |= ch.path == Path::Absorbed && ch.num_tokens > 0;
+    }
+    meta_.reserve(2 * N * 8);
+    MLA_CUDA_CHECK(cudaMemcpyAsync(meta_.get(), meta.data(), meta.size() * 8, cudaMemcpyHostToDevice, stream));
+    const int64_t* positions = meta_.get<int64_t>();
+    const int64_t* slots = positions + N;
+    MLA_CUDA_CHECK(cudaMemsetAsync(flag_.get(), 0xff, sizeof(unsigned long long), stream));
+    auto* flag = flag_.get<unsigned long long>();
+
+    // x = dtype(hidden), with the non-finite check.
+    x_.reserve(N * D * es);
+    convert_checked(a.hidden, x_.get(), dt_, N * D, flag, stream);
+
+    // Queries [N, H, d_qk] (rope dims rotated); the absorbed query's rope tail goes to qa [N, H, W] too.
+    q32_.reserve(N * H * dqk * 4);
+    q_.reserve(N * H * dqk * es);
+    if (any_absorbed) qa_.reserve(N * H * W * es);
+    if (c_.has_q_lora()) {
+      const int64_t dq = c_.q_lora_rank;
+      qa32_.reserve(N * dq * 4);
+      qat_.reserve(N * dq * es);
+      linear(x_.get(), N, D, q_a_.get(), dq, qa32_.get(), DType::F32, stream);
+      rms_norm_rows(qa32_.get<float>(), dq, has_q_bias_ ? q_bias_.get<float>() : nullptr, q_a_norm_.get<float>(),
+                    kLatentNormEps, N, dq, qat_.get(), dt_, stream);
+      linear(qat_.get(), N, dq, q_b_.get(), H * dqk, q32_.get(), DType::F32, stream);
+    } else {
+      linear(x_.get(), N, D, q_proj_.get(), H * dqk, q32_.get(), DType::F32, stream);
+    }
+    QueryFinish qf;
+    qf.q_f32 = q32_.get<float>();
+    qf.bias = !c_.has_q_lora() && has_q_bias_ ? q_bias_.get<float>() : nullptr;
+    qf.positions = positions;
+    qf.tokens = N, qf.heads = H, qf.d_nope = dn, qf.d_rope = dr;
+    qf.q = q_.get();
+    qf.qa = any_absorbed ? qa_.get() : nullptr;
+    qf.row_width = W, qf.d_c = dc;
+    qf.dtype = dt_;
+    qf.rope = {inv_freq_.get<float>(), k_.rope_magnitude};
+    finish_queries(qf, stream);
+
+    // Latent rows → cache (skipped entirely on the device when the flag is set).
+    kv32_.reserve(N * W * 4);
+    linear(x_.get(), N, D, kv_a_.get(), W, kv32_.get(), DType::F32, stream);
+    LatentStore ls;
+    ls.kv = kv32_.get<float>();
+    ls.bias = has_kv_bias_ ? kv_a_bias_.get<float>() : nullptr;
+    ls.gamma = kv_a_norm_.get<float>();
+    ls.positions = positions, ls.slots = slots, ls.error_flag = flag;
+    ls.tokens = N, ls.d_c = dc, ls.d_rope = dr;
+    ls.cache = a.cache, ls.dtype = dt_, ls.eps = kLatentNormEps;
+    ls.rope = qf.rope;
+    store_latents(ls, stream);
+
+    o_.reserve(N * H * dv * es);
+    attend(a, stream);
+
+    // out = o · o_projᵀ (+ bias).
+    linear(o_.get(), N, H * dv, o_weight_.get(), D, a.out, DType::F32, stream);
+    if (has_o_bias_) add_bias_rows(a.out, o_bias_.get<float>(), N, D, stream);
+
+    unsigned long long bad = 0;
+    MLA_CUDA_CHECK(cudaMemcpyAsync(&bad, flag, sizeof(bad), cudaMemcpyDeviceToHost, stream));
+    MLA_CUDA_CHECK(cudaStreamSynchronize(stream));
+    if (bad != ~0ull) {
+      float value = 0.f;
+      MLA_CUDA_CHECK(cudaMemcpy(&value, a.hidden + bad, sizeof(float), cudaMemcpyDeviceToHost));
+      const auto r = static_cast<int64_t>(bad) / D, j = static_cast<int64_t>(bad) % D;
+      throw InvalidArgument("forward: hidden_states[" + std::to_string(r) + ", " + std::to_string(j) + "] is " +
+                            std::to_string(value) + " (not finite); nothing was stored");
+    }
+  }
+
+ private:
+  // y [rows, out] = x [rows, in] · Wᵀ with W [out, in] in the layer's dtype.
+  void linear(const void* x, int64_t rows, int64_t in, const void* w, int64_t out, void* y, DType y_type,
+              cudaStream_t stream) {
+    GemmArgs g;
+    g.m = rows, g.n = out, g.k = in;
+    g.a = x, g.lda = in;
+    g.b = w, g.ldb = in, g.b_transposed = true;
+    g.c = y, g.ldc = out;
+    g.ab_type = dt_, g.c_type = y_type;
+    gemm_.run(g, stream);
+  }
+
+  void attend(const detail::ForwardArgs& a, cudaStream_t stream) {
+    const int64_t H = c_.num_heads, W = c_.latent_dim(), dn = c_.qk_nope_head_dim, dr = c_.qk_rope_head_dim;
+    const int64_t dv = c_.v_head_dim, dc = c_.kv_lora_rank, dqk = dn + dr, dkv = dn + dv, es = dtype_size(dt_);
+    const auto& chunks = a.chunks;
+    const char* kv_b = kv_b_.get<char>();
+    for (size_t i = 0; i < chunks.size();) {
+      const detail::ChunkPlan& first = chunks[i];
+      if (first.num_tokens == 0) { ++i; continue; }
+      if (first.path == Path::Expanded) {
+        expanded(a, first, stream);
+        ++i;
+        continue;
+      }
+      // A run of consecutive absorbed chunks with the same token count: one decode launch.
+      size_t j = i + 1;
+      while (j < chunks.size() && chunks[j].path == Path::Absorbed && chunks[j].num_tokens == first.num_tokens) ++j;
+      const int64_t count = static_cast<int64_t>(j - i), n = first.num_tokens, rows = count * n, row0 = first.first_row;
+      int64_t max_pages = 0;
+      for (size_t c = i; c < j; ++c)
+        max_pages = std::max(max_pages, (chunks[c].cached + n + a.page_size - 1) / a.page_size);
+      std::vector<int32_t> tables(static_cast<size_t>(count * max_pages + count), 0);
+      for (size_t c = i; c < j; ++c) {
+        const int64_t b = static_cast<int64_t>(c - i), L = chunks[c].cached + n;
+        std::copy_n(chunks[c].block_table, (L + a.page_size - 1) / a.page_size, tables.begin() + b * max_pages);
+        tables[count * max_pages + b] = static_cast<int32_t>(L);
+      }
+      tables_.reserve(static_cast<int64_t>(tables.size() * 4));
+      MLA_CUDA_CHECK(cudaMemcpyAsync(tables_.get(), tables.data(), tables.size() * 4, cudaMemcpyHostToDevice, stream));
+
+      // q̂_h [rows, d_c] = qn_h [rows, d_n] · W_UK^h (W_UK^h is [d_n, d_c] row-major): into qa[:, h, :d_c].
+      GemmArgs g;
+      g.m = rows, g.n = dc, g.k = dn, g.batch = H;
+      g.a = q_.get<char>() + row0 * H * dqk * es, g.lda = H * dqk, g.stride_a = dqk;
+      g.b = kv_b, g.ldb = dc, g.stride_b = dkv * dc, g.b_transposed = false;
+      g.c = qa_.get<char>() + row0 * H * W * es, g.ldc = H * W, g.stride_c = W;
+      g.ab_type = dt_, g.c_type = dt_;
+      gemm_.run(g, stream);
+
+      ohat_.reserve(a.total_tokens * H * dc * es);
+      DecodeParams d;
+      d.batch = count, d.s_q = n, d.h_q = H, d.head_dim = W, d.head_dim_v = dc;
+      d.page_size = a.page_size, d.max_pages = max_pages, d.dtype = dt_;
+      d.q = g.c;
+      d.kv_cache = a.cache;
+      d.block_table = tables_.get<int32_t>();
+      d.cache_seqlens = tables_.get<int32_t>() + count * max_pages;
+      d.softmax_scale = k_.softmax_scale;
+      d.causal = true;
+      d.out = ohat_.get<char>() + row0 * H * dc * es;
+      const DecodePlan plan = plan_decode(d, num_sms_);
+      run_decode(d, plan, decode_ws_, stream);
+
+      // o_h [rows, d_v] = ô_h [rows, d_c] · W_UV^hᵀ (W_UV^h is [d_v, d_c] row-major).
+      GemmArgs u;
+      u.m = rows, u.n = dv, u.k = dc, u.batch = H;
+      u.a = d.out, u.lda = H * dc, u.stride_a = dc;
+      u.b = kv_b + dn * dc * es, u.ldb = dc, u.stride_b = dkv * dc, u.b_transposed = true;
+      u.c = o_.get<char>() + row0 * H * dv * es, u.ldc = H * dv, u.stride_c = dv;
+      u.ab_type = dt_, u.c_type = dt_;
+      gemm_.run(u, stream);
+      i = j;
+    }
+  }
+
+  // Expanded form for one chunk: K, V of every head expanded from the sequence's latent rows, then causal
+  // attention of the chunk's queries over all of them.
+  void expanded(const detail::ForwardArgs& a, const detail::ChunkPlan& ch, cudaStream_t stream) {
+    const int64_t H = c_.num_heads, W = c_.latent_dim(), dn = c_.qk_nope_head_dim, dr = c_.qk_rope_head_dim;
+    const int64_t dv = c_.v_head_dim, dc = c_.kv_lora_rank, dqk = dn + dr, dkv = dn + dv, es = dtype_size(dt_);
+    const int64_t n = ch.num_tokens, L = ch.cached + n, pages = (L + a.page_size - 1) / a.page_size;
+    tables_.reserve(pages * 4);
+    MLA_CUDA_CHECK(cudaMemcpyAsync(tables_.get(), ch.block_table, static_cast<size_t>(pages) * 4, cudaMemcpyHostToDevice, stream));
+    lat_.reserve(L * W * es);
+    gather_rows(a.cache, tables_.get<int32_t>(), a.page_size, L, W, lat_.get(), dt_, stream);
+    // [L, H·(d_n + d_v)] = lat[:, :d_c] · kv_bᵀ, rounded to the element type (the CPU's rounding point).
+    kvx_.reserve(L * H * dkv * es);
+    GemmArgs g;
+    g.m = L, g.n = H * dkv, g.k = dc;
+    g.a = lat_.get(), g.lda = W;
+    g.b = kv_b_.get(), g.ldb = dc, g.b_transposed = true;
+    g.c = kvx_.get(), g.ldc = H * dkv;
+    g.ab_type = dt_, g.c_type = dt_;
+    gemm_.run(g, stream);
+    kx_.reserve(L * H * dqk * es);
+    vx_.reserve(L * H * dv * es);
+    split_expanded(kvx_.get(), lat_.get(), W, dc, L, H, dn, dr, dv, kx_.get(), vx_.get(), dt_, stream);
+
+    const int32_t cu_q[2] = {0, static_cast<int32_t>(n)}, cu_k[2] = {0, static_cast<int32_t>(L)};
+    PrefillParams p;
+    p.batch = 1, p.num_heads = H, p.head_dim_qk = dqk, p.head_dim_v = dv;
+    p.total_q = n, p.total_k = L, p.dtype = dt_;
+    p.cu_seqlens_q = cu_q, p.cu_seqlens_k = cu_k;
+    p.q = q_.get<char>() + ch.first_row * H * dqk * es;
+    p.k = kx_.get(), p.v = vx_.get();
+    p.softmax_scale = k_.softmax_scale;
+    p.causal = true;
+    p.out = o_.get<char>() + ch.first_row * H * dv * es;
+    run_prefill(p, stream);
+  }
+
+  Config c_;
+  DerivedConstants k_;
+  DType dt_;
+  int num_sms_ = 0;
+  Gemm gemm_;
+  DeviceArray q_proj_, q_a_, q_b_, kv_a_, kv_b_, o_weight_;
+  DeviceArray q_a_norm_, kv_a_norm_, inv_freq_, q_bias_, kv_a_bias_, o_bias_;
+  bool has_q_bias_ = false, has_kv_bias_ = false, has_o_bias_ = false;
+  // Workspaces, grown on demand.
+  DeviceArray meta_, flag_, x_, qa32_, qat_, q32_, q_, qa_, kv32_, o_, ohat_, tables_, lat_, kvx_, kx_, vx_, decode_ws_;
+};
+
+}  // namespace
+
+std::unique_ptr<detail::LayerImpl> make_cuda_layer(const LayerWeights& weights, const LayerOptions& options) {
+  return std::make_unique<CudaLayer>(weights, options);
+}
+
+}  // namespace mla::cuda

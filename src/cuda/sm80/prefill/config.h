@@ -1,0 +1,40 @@
+// Shapes of the sm80 expanded-prefill kernel: per-head q·k width 192, v width 128 (every released MLA model).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace mla::cuda::sm80::prefill {
+
+constexpr int kHeadDimQK = 192;
+constexpr int kHeadDimV = 128;
+constexpr int kBlockM = 128;  // queries per block: 8 warps × 16 rows
+constexpr int kBlockN = 64;   // keys per tile
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kChunksQK = kHeadDimQK / 8;
+constexpr int kChunksV = kHeadDimV / 8;
+
+struct SharedMemoryPlan {
+  uint16_t q[kBlockM * kHeadDimQK];     // [128, 192] bf16, swizzled (read once into registers)
+  uint16_t k[2][kBlockN * kHeadDimQK];  // [2][64, 192]
+  uint16_t v[2][kBlockN * kHeadDimV];   // [2][64, 128]
+};
+
+// One sequence (n_q queries over n_k keys, bottom-right causal), all heads.
+struct Params {
+  int heads = 0, n_q = 0, n_k = 0;
+  int64_t q_offset = 0, k_offset = 0, total_q = 0;  // token offsets of this sequence; rows of lse
+  const void* q = nullptr;  // [total_q, H, 192] bf16
+  const void* k = nullptr;  // [total_k, H, 192] bf16
+  const void* v = nullptr;  // [total_k, H, 128] bf16
+  float scale_log2 = 0.f;
+  bool causal = true;
+  void* out = nullptr;      // [total_q, H, 128] bf16
+  float* lse = nullptr;     // [H, total_q], may be null
+};
+
+void run_bf16_192_128(const Params& p, cudaStream_t stream);
+
+}  // namespace mla::cuda::sm80::prefill

@@ -1,0 +1,421 @@
+// The CUDA backend against the goldens and against the CPU backends / scalar references: the layer on every
+// feed and both attention paths, the decode and prefill ops on adversarial caches (permuted block tables,
+// NaN in every unused slot, zero-length sequences, odd head counts, page sizes 1..256), and the errors.
+// Every test skips when the build has CUDA support but the machine has no GPU.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <random>
+
+#include "core/backend.hpp"
+#include "testing.hpp"
+
+namespace mla {
+namespace {
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+bool have_cuda() {
+  const auto d = available_devices();
+  return std::find(d.begin(), d.end(), "cuda") != d.end();
+}
+#define SKIP_WITHOUT_GPU() \
+  if (!have_cuda()) GTEST_SKIP() << "no usable GPU"
+
+// ---- golden cases on "cuda" -------------------------------------------------------------------------------
+
+enum class Feed { OneShot, Chunked, Decode };
+struct GoldenParam {
+  std::string name;
+  Precision precision;
+  Feed feed;
+};
+
+class CudaGolden : public ::testing::TestWithParam<GoldenParam> {};
+
+TEST_P(CudaGolden, MatchesTransformers) {
+  SKIP_WITHOUT_GPU();
+  const GoldenParam& p = GetParam();
+  const testing::GoldenCase g = testing::load_golden(p.name);
+  LayerOptions opt;
+  opt.device = "cuda";
+  opt.precision = p.precision;
+  Attention layer(g.weights, opt);
+  RunOptions run;
+  run.page_size = 16;
+  run.poison_unused = true;
+  run.page_order_seed = 7;
+  if (p.feed == Feed::Chunked) run.chunk = 7;
+  if (p.feed == Feed::Decode) run.decode_after = g.tokens / 2;
+  const RunResult r = run_sequences(layer, g.hidden.data(), g.positions.data(), g.batch, g.tokens, run);
+  const double tol = p.precision == Precision::F32 ? 2e-5 : 2e-2;
+  EXPECT_LT(testing::rel_error(r.output, g.output), tol) << "output";
+  EXPECT_LT(testing::rel_error(r.latent, g.latent), tol) << "latent";
+}
+
+std::vector<GoldenParam> golden_params() {
+  std::vector<GoldenParam> ps;
+  for (const std::string& name : testing::golden_cases())
+    for (Precision pr : {Precision::F32, Precision::BF16})
+      for (Feed f : {Feed::OneShot, Feed::Chunked, Feed::Decode}) ps.push_back({name, pr, f});
+  return ps;
+}
+
+std::string golden_name(const ::testing::TestParamInfo<GoldenParam>& info) {
+  const GoldenParam& p = info.param;
+  std::string s = p.name + "_" + std::string(precision_name(p.precision)) + "_" +
+                  (p.feed == Feed::OneShot ? "oneshot" : p.feed == Feed::Chunked ? "chunked" : "decode");
+  for (char& ch : s)
+    if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+  return s;
+}
+
+INSTANTIATE_TEST_SUITE_P(AllCases, CudaGolden, ::testing::ValuesIn(golden_params()), golden_name);
+
+// ---- the layer against the CPU on the production head dims (576/512 latent, 192/128 expanded) ------------
+
+Config production_dims(int64_t heads) {
+  Config c = Config::preset("v3");
+  c.hidden_size = 256;
+  c.num_heads = heads;
+  c.q_lora_rank = 96;
+  c.name = "v3-dims";
+  return c;
+}
+
+struct LayerParam {
+  int64_t heads, page_size, chunk, decode_after;
+  Path path;
+  Precision precision;
+};
+
+class CudaLayerVsCpu : public ::testing::TestWithParam<LayerParam> {};
+
+TEST_P(CudaLayerVsCpu, AgreesWithCpu) {
+  SKIP_WITHOUT_GPU();
+  const LayerParam& p = GetParam();
+  const Config c = production_dims(p.heads);
+  const LayerWeights w = LayerWeights::random(c, 11);
+  const int64_t B = 3, T = 45;
+  const std::vector<float> hidden = testing::random_values(static_cast<size_t>(B * T * c.hidden_size), 5);
+  std::vector<int64_t> positions(static_cast<size_t>(B * T));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) positions[b * T + t] = 1000 * b + t;  // per-sequence offsets
+  RunOptions run;
+  run.page_size = p.page_size;
+  run.chunk = p.chunk;
+  run.decode_after = p.decode_after;
+  run.poison_unused = true;
+  run.page_order_seed = 99;
+  RunResult out[2];
+  for (int i = 0; i < 2; ++i) {
+    LayerOptions o;
+    o.device = i == 0 ? "cuda" : "cpu";
+    o.precision = p.precision;
+    o.path = p.path;
+    Attention layer(w, o);
+    out[i] = run_sequences(layer, hidden.data(), positions.data(), B, T, run);
+  }
+  const double tol = p.precision == Precision::F32 ? 2e-5 : 1.5e-2;
+  EXPECT_LT(testing::rel_error(out[0].output, out[1].output), tol) << "output";
+  EXPECT_LT(testing::rel_error(out[0].latent, out[1].latent), p.precision == Precision::F32 ? 1e-6 : 1e-2) << "latent";
+}
+
+std::vector<LayerParam> layer_params() {
+  std::vector<LayerParam> ps;
+  for (Precision pr : {Precision::BF16, Precision::F32})
+    for (Path path : {Path::Absorbed, Path::Expanded, Path::Auto})
+      for (int64_t page : {1, 16, 64, 256}) ps.push_back({3, page, page == 16 ? 13 : 0, page == 64 ? 20 : -1, path, pr});
+  ps.push_back({1, 64, 0, 30, Path::Absorbed, Precision::BF16});
+  ps.push_back({16, 64, 17, 40, Path::Auto, Precision::BF16});
+  ps.push_back({126, 64, 0, 40, Path::Absorbed, Precision::BF16});
+  return ps;
+}
+
+std::string layer_name(const ::testing::TestParamInfo<LayerParam>& info) {
+  const LayerParam& p = info.param;
+  return "h" + std::to_string(p.heads) + "_page" + std::to_string(p.page_size) + "_chunk" + std::to_string(p.chunk) +
+         "_decode" + std::to_string(p.decode_after + 1) + "_" + std::string(path_name(p.path)) + "_" +
+         std::string(precision_name(p.precision));
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, CudaLayerVsCpu, ::testing::ValuesIn(layer_params()), layer_name);
+
+TEST(CudaLayer, NonFiniteHiddenThrowsAndStoresNothing) {
+  SKIP_WITHOUT_GPU();
+  const Config c = production_dims(2);
+  LayerOptions o;
+  o.device = "cuda";
+  Attention layer(LayerWeights::random(c, 3), o);
+  LatentCache cache = layer.make_cache(4, 64);
+  const SeqId id = cache.add_sequence();
+  std::vector<float> hidden = testing::random_values(static_cast<size_t>(5 * c.hidden_size), 2);
+  hidden[3 * c.hidden_size + 7] = kNaN;
+  const detail::Backend& be = detail::find_backend("cuda");
+  auto din = be.allocate(static_cast<int64_t>(hidden.size() * 4)), dout = be.allocate(static_cast<int64_t>(hidden.size() * 4));
+  din->copy_from_host(0, static_cast<int64_t>(hidden.size() * 4), hidden.data());
+  const SequenceChunk chunk{id, 5, nullptr};
+  try {
+    layer.forward({&chunk, 1}, static_cast<const float*>(din->data()), static_cast<float*>(dout->data()), cache);
+    FAIL() << "no exception";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("hidden_states[3, 7]"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(cache.length(id), 0);
+  EXPECT_EQ(cache.pages_free(), 4);
+}
+
+// ---- the decode op against a scalar reference ------------------------------------------------------------
+
+struct DecodeCase {
+  int64_t batch, s_q, h_q, page_size;
+  std::vector<int32_t> seqlens;  // empty: random in [0, 300)
+  DType dtype;
+  int64_t head_dim = 576, head_dim_v = 512;
+};
+
+// Device copies of host vectors through the backend's buffers (the test needs no CUDA headers).
+struct Device {
+  std::unique_ptr<detail::Buffer> buf;
+  template <class T>
+  explicit Device(const std::vector<T>& v) {
+    const auto bytes = static_cast<int64_t>(std::max<size_t>(1, v.size()) * sizeof(T));
+    buf = detail::find_backend("cuda").allocate(bytes);
+    if (!v.empty()) buf->copy_from_host(0, static_cast<int64_t>(v.size() * sizeof(T)), v.data());
+  }
+  template <class T>
+  std::vector<T> read(size_t n) const {
+    std::vector<T> v(n);
+    buf->copy_to_host(0, static_cast<int64_t>(n * sizeof(T)), v.data());
+    return v;
+  }
+  void* data() const { return buf->data(); }
+};
+
+template <class T>
+std::vector<T> encode(const std::vector<float>& x, DType t) {
+  std::vector<T> y(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    if constexpr (sizeof(T) == 2) y[i] = float_to_bf16(x[i]);
+    else y[i] = x[i];
+  }
+  return y;
+}
+
+void run_decode_case(const DecodeCase& dc, uint64_t seed) {
+  const int64_t D = dc.head_dim, DV = dc.head_dim_v, P = dc.page_size;
+  const bool bf16 = dc.dtype == DType::BF16;
+  std::mt19937 rng(static_cast<uint32_t>(seed));
+  std::vector<int32_t> seqlens = dc.seqlens;
+  if (seqlens.empty())
+    for (int64_t b = 0; b < dc.batch; ++b) seqlens.push_back(static_cast<int32_t>(rng() % 300));
+  int64_t max_pages = 1;
+  for (int32_t L : seqlens) max_pages = std::max<int64_t>(max_pages, (L + P - 1) / P + 1);  // one spare page each
+  const int64_t num_pages = dc.batch * max_pages + 3;
+  std::vector<int32_t> perm(static_cast<size_t>(num_pages));
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  std::vector<int32_t> table(static_cast<size_t>(dc.batch * max_pages), -1);  // unused entries: garbage
+  for (int64_t i = 0; i < dc.batch * max_pages; ++i) table[i] = perm[i];
+  // Cache: NaN everywhere, then real rows for every stored token.
+  std::vector<float> cache(static_cast<size_t>(num_pages * P * D), kNaN);
+  const std::vector<float> vals = testing::random_values(cache.size(), seed + 1);
+  for (int64_t b = 0; b < dc.batch; ++b)
+    for (int64_t t = 0; t < seqlens[b]; ++t) {
+      const int64_t slot = int64_t{table[b * max_pages + t / P]} * P + t % P;
+      for (int64_t j = 0; j < D; ++j) {
+        const float v = vals[slot * D + j];
+        cache[slot * D + j] = bf16 ? round_bf16(v) : v;
+      }
+    }
+  std::vector<float> q = testing::random_values(static_cast<size_t>(dc.batch * dc.s_q * dc.h_q * D), seed + 2);
+  if (bf16)
+    for (float& v : q) v = round_bf16(v);
+  const float scale = 0.1352f;
+
+  std::vector<float> want(static_cast<size_t>(dc.batch * dc.s_q * dc.h_q * DV)), want_lse(static_cast<size_t>(dc.batch * dc.h_q * dc.s_q));
+  for (int64_t b = 0; b < dc.batch; ++b)
+    for (int64_t i = 0; i < dc.s_q; ++i)
+      for (int64_t h = 0; h < dc.h_q; ++h) {
+        const int64_t limit = std::max<int64_t>(0, seqlens[b] - (dc.s_q - 1 - i));
+        const float* qr = &q[((b * dc.s_q + i) * dc.h_q + h) * D];
+        std::vector<double> logit(static_cast<size_t>(limit));
+        double mx = -INFINITY;
+        for (int64_t t = 0; t < limit; ++t) {
+          const float* k = &cache[(int64_t{table[b * max_pages + t / P]} * P + t % P) * D];
+          double dot = 0;
+          for (int64_t j = 0; j < D; ++j) dot += static_cast<double>(qr[j]) * k[j];
+          logit[t] = scale * dot;
+          mx = std::max(mx, logit[t]);
+        }
+        double sum = 0;
+        std::vector<double> acc(static_cast<size_t>(DV), 0.0);
+        for (int64_t t = 0; t < limit; ++t) {
+          const double p = std::exp(logit[t] - mx);
+          sum += p;
+          const float* k = &cache[(int64_t{table[b * max_pages + t / P]} * P + t % P) * D];
+          for (int64_t j = 0; j < DV; ++j) acc[j] += p * k[j];
+        }
+        float* o = &want[((b * dc.s_q + i) * dc.h_q + h) * DV];
+        for (int64_t j = 0; j < DV; ++j) o[j] = limit > 0 ? static_cast<float>(acc[j] / sum) : 0.f;
+        want_lse[(b * dc.h_q + h) * dc.s_q + i] = limit > 0 ? static_cast<float>(mx + std::log(sum)) : INFINITY;
+      }
+
+  const size_t out_n = want.size();
+  DecodeParams p;
+  p.batch = dc.batch, p.s_q = dc.s_q, p.h_q = dc.h_q, p.head_dim = D, p.head_dim_v = DV;
+  p.page_size = P, p.num_pages = num_pages, p.max_pages = max_pages, p.dtype = dc.dtype;
+  p.softmax_scale = scale;
+  p.causal = true;
+  std::vector<float> got(out_n), lse;
+  auto run = [&](auto element) {
+    using T = decltype(element);
+    Device dq(encode<T>(q, dc.dtype)), dkv(encode<T>(cache, dc.dtype)), dt(table), ds(seqlens);
+    Device dout(std::vector<T>(out_n, bf16 ? T(0x7fc0) : T(kNaN)));  // poisoned
+    Device dlse(std::vector<float>(want_lse.size(), kNaN));
+    p.q = dq.data(), p.kv_cache = dkv.data(), p.block_table = static_cast<const int32_t*>(dt.data());
+    p.cache_seqlens = static_cast<const int32_t*>(ds.data());
+    p.out = dout.data(), p.lse = static_cast<float*>(dlse.data());
+    decode_attention("cuda", p);
+    const std::vector<T> o = dout.read<T>(out_n);
+    for (size_t i = 0; i < out_n; ++i) {
+      if constexpr (sizeof(T) == 2) got[i] = bf16_to_float(o[i]);
+      else got[i] = o[i];
+    }
+    lse = dlse.read<float>(want_lse.size());
+  };
+  if (bf16) run(uint16_t{});
+  else run(float{});
+  const double tol = bf16 ? 1e-2 : 1e-5;
+  EXPECT_LT(testing::rel_error(got, want), tol);  // also fails on any NaN left in the output
+  for (size_t i = 0; i < lse.size(); ++i) {
+    if (std::isinf(want_lse[i])) {
+      EXPECT_TRUE(std::isinf(lse[i]) && lse[i] > 0) << "lse " << i << " = " << lse[i];
+    } else {
+      ASSERT_NEAR(lse[i], want_lse[i], bf16 ? 2e-3 : 1e-5) << "lse " << i;
+    }
+  }
+}
+
+TEST(CudaDecode, AdversarialCaches) {
+  SKIP_WITHOUT_GPU();
+  uint64_t seed = 1;
+  for (int64_t page : {1, 16, 64, 256})
+    for (int64_t h_q : {1, 3, 16, 63, 64, 126, 128}) {
+      SCOPED_TRACE("page " + std::to_string(page) + " h_q " + std::to_string(h_q));
+      run_decode_case({4, 1, h_q, page, {0, 1, 17, 0}, DType::BF16}, seed++);
+      run_decode_case({3, 2, h_q, page, {}, DType::BF16}, seed++);
+    }
+}
+
+TEST(CudaDecode, SplitKvAndLongSequences) {
+  SKIP_WITHOUT_GPU();
+  run_decode_case({1, 1, 128, 64, {4000}, DType::BF16}, 3);       // one long sequence: many splits + combine
+  run_decode_case({2, 4, 16, 64, {1013, 3}, DType::BF16}, 4);     // s_q 4, one query sees nothing at length 3
+  run_decode_case({5, 1, 128, 16, {2500, 0, 64, 65, 1}, DType::BF16}, 5);
+}
+
+TEST(CudaDecode, GenericF32AndSmallDims) {
+  SKIP_WITHOUT_GPU();
+  run_decode_case({3, 2, 5, 16, {}, DType::F32}, 6);
+  run_decode_case({2, 1, 3, 64, {300, 0}, DType::F32, 96, 80}, 7);
+  run_decode_case({2, 3, 4, 1, {}, DType::BF16, 144, 128}, 8);
+}
+
+TEST(CudaDecode, RejectsUnsupportedByName) {
+  SKIP_WITHOUT_GPU();
+  DecodeParams p;
+  p.batch = 1, p.h_q = 1, p.dtype = DType::F16;
+  try {
+    decode_attention("cuda", p);
+    FAIL() << "no exception";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("F16"), std::string::npos) << e.what();
+  }
+  p.dtype = DType::BF16;
+  p.page_size = 48;
+  EXPECT_THROW(decode_attention("cuda", p), InvalidArgument);
+}
+
+// ---- the prefill op against a scalar reference ------------------------------------------------------------
+
+void run_prefill_case(int64_t heads, int64_t dqk, int64_t dv, std::vector<int32_t> nq, std::vector<int32_t> nk,
+                      DType dtype, uint64_t seed) {
+  const bool bf16 = dtype == DType::BF16;
+  std::vector<int32_t> cq{0}, ck{0};
+  for (size_t b = 0; b < nq.size(); ++b) cq.push_back(cq.back() + nq[b]), ck.push_back(ck.back() + nk[b]);
+  const int64_t TQ = cq.back(), TK = ck.back();
+  auto rnd = [&](size_t n, uint64_t s) {
+    std::vector<float> v = testing::random_values(n, s);
+    if (bf16)
+      for (float& x : v) x = round_bf16(x);
+    return v;
+  };
+  const std::vector<float> q = rnd(static_cast<size_t>(TQ * heads * dqk), seed), k = rnd(static_cast<size_t>(TK * heads * dqk), seed + 1),
+                           v = rnd(static_cast<size_t>(TK * heads * dv), seed + 2);
+  const float scale = 0.0721687836f * 2;
+  std::vector<float> want(static_cast<size_t>(TQ * heads * dv), 0.f);
+  for (size_t b = 0; b < nq.size(); ++b)
+    for (int64_t i = 0; i < nq[b]; ++i)
+      for (int64_t h = 0; h < heads; ++h) {
+        const int64_t limit = std::clamp<int64_t>(nk[b] - nq[b] + i + 1, 0, nk[b]);
+        const float* qr = &q[((cq[b] + i) * heads + h) * dqk];
+        std::vector<double> logit(static_cast<size_t>(limit));
+        double mx = -INFINITY, sum = 0;
+        for (int64_t t = 0; t < limit; ++t) {
+          double dot = 0;
+          for (int64_t j = 0; j < dqk; ++j) dot += static_cast<double>(qr[j]) * k[((ck[b] + t) * heads + h) * dqk + j];
+          logit[t] = scale * dot;
+          mx = std::max(mx, logit[t]);
+        }
+        float* o = &want[((cq[b] + i) * heads + h) * dv];
+        std::vector<double> acc(static_cast<size_t>(dv), 0.0);
+        for (int64_t t = 0; t < limit; ++t) {
+          const double p = std::exp(logit[t] - mx);
+          sum += p;
+          for (int64_t j = 0; j < dv; ++j) acc[j] += p * v[((ck[b] + t) * heads + h) * dv + j];
+        }
+        for (int64_t j = 0; j < dv; ++j) o[j] = limit > 0 ? static_cast<float>(acc[j] / sum) : 0.f;
+      }
+  PrefillParams p;
+  p.batch = static_cast<int64_t>(nq.size()), p.num_heads = heads, p.head_dim_qk = dqk, p.head_dim_v = dv;
+  p.total_q = TQ, p.total_k = TK, p.dtype = dtype;
+  p.cu_seqlens_q = cq.data(), p.cu_seqlens_k = ck.data();
+  p.softmax_scale = scale;
+  p.causal = true;
+  std::vector<float> got(want.size());
+  auto run = [&](auto element) {
+    using T = decltype(element);
+    Device dq(encode<T>(q, dtype)), dk(encode<T>(k, dtype)), dvv(encode<T>(v, dtype));
+    Device dout(std::vector<T>(want.size(), bf16 ? T(0x7fc0) : T(kNaN)));
+    p.q = dq.data(), p.k = dk.data(), p.v = dvv.data(), p.out = dout.data();
+    prefill_attention("cuda", p);
+    const std::vector<T> o = dout.read<T>(want.size());
+    for (size_t i = 0; i < want.size(); ++i) {
+      if constexpr (sizeof(T) == 2) got[i] = bf16_to_float(o[i]);
+      else got[i] = o[i];
+    }
+  };
+  if (bf16) run(uint16_t{});
+  else run(float{});
+  EXPECT_LT(testing::rel_error(got, want), bf16 ? 1e-2 : 1e-5);
+}
+
+TEST(CudaPrefill, ExpandedKernelVarlen) {
+  SKIP_WITHOUT_GPU();
+  run_prefill_case(3, 192, 128, {100, 0, 257, 1, 64}, {100, 5, 300, 1013, 64}, DType::BF16, 1);
+  run_prefill_case(16, 192, 128, {130}, {130}, DType::BF16, 2);
+}
+
+TEST(CudaPrefill, GenericKernel) {
+  SKIP_WITHOUT_GPU();
+  run_prefill_case(2, 64, 48, {40, 17}, {57, 17}, DType::F32, 3);
+  run_prefill_case(3, 80, 40, {33}, {70}, DType::BF16, 4);
+  run_prefill_case(2, 192, 128, {70, 3}, {90, 3}, DType::F32, 5);
+}
+
+}  // namespace
+}  // namespace mla
