@@ -4,6 +4,8 @@
 #include <array>
 #include <cstdio>
 #include <fstream>
+#include <functional>
+#include <iterator>
 #include <sys/wait.h>
 
 #include "testing.hpp"
@@ -100,6 +102,60 @@ TEST_F(Cli, ErrorsLeaveNoOutput) {
   }
   fs::remove_all(bad_model);
   fs::remove(dir_ / "empty.safetensors");
+  expect_no_output();
+}
+
+// Each damage of a checkpoint copy must make `mla forward` fail with a message naming it and write nothing.
+TEST_F(Cli, ForwardRejectsDamagedCheckpoints) {
+  const auto io = (testing::golden_dir("v3-tiny") / "io.safetensors").string();
+  auto fresh = [&](const std::string& name) {
+    const fs::path d = dir_ / "ckpt";
+    fs::remove_all(d);
+    fs::copy(testing::golden_dir(name), d, fs::copy_options::recursive);
+    fs::remove(d / "io.safetensors");
+    return d;
+  };
+  auto patch = [](const fs::path& file, const std::function<void(std::string&)>& edit) {
+    std::ifstream in(file, std::ios::binary);
+    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    in.close();
+    edit(bytes);
+    std::ofstream(file, std::ios::binary | std::ios::trunc) << bytes;
+  };
+  struct Case {
+    std::string name, expect;
+    std::function<void(const fs::path&)> damage;
+  } cases[] = {
+      {"truncated shard", "truncated", [&](const fs::path& d) { fs::resize_file(d / "model.safetensors", 4096); }},
+      {"header length beyond the file", "exceeds", [&](const fs::path& d) {
+         patch(d / "model.safetensors", [](std::string& b) { b[6] = 0x7f; });
+       }},
+      {"header not JSON", "JSON", [&](const fs::path& d) {
+         patch(d / "model.safetensors", [](std::string& b) { b[8] = '#'; });
+       }},
+      {"config disagrees with the tensors", "kv_a_proj_with_mqa", [&](const fs::path& d) {
+         patch(d / "config.json", [](std::string& b) {
+           const std::string from = "\"kv_lora_rank\": 80", to = "\"kv_lora_rank\": 81";
+           b.replace(b.find(from), from.size(), to);
+         });
+       }},
+      {"config not JSON", "config.json", [&](const fs::path& d) { std::ofstream(d / "config.json") << "{ oops"; }},
+      {"missing tensor", "no tensor", [&](const fs::path& d) {
+         patch(d / "model.safetensors", [](std::string& b) {
+           const auto at = b.find("kv_b_proj.weight");
+           b[at] = 'x';  // renames the tensor: the checkpoint no longer has kv_b_proj.weight
+         });
+       }},
+  };
+  for (const Case& c : cases) {
+    const fs::path d = fresh("v3-tiny");
+    c.damage(d);
+    const Result r = run("forward --model " + d.string() + " --input " + io + " --output " + out());
+    EXPECT_NE(r.code, 0) << c.name;
+    EXPECT_NE(r.output.find(c.expect), std::string::npos) << c.name << ": " << r.output;
+    EXPECT_FALSE(fs::exists(out())) << c.name;
+  }
+  fs::remove_all(dir_ / "ckpt");
   expect_no_output();
 }
 
