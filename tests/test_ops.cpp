@@ -9,6 +9,7 @@
 #include <numeric>
 #include <random>
 
+#include "cpu/common.hpp"
 #include "testing.hpp"
 
 namespace mla {
@@ -381,6 +382,62 @@ TEST(PrefillAttention, RejectsBadParameters) {
   bad([](PrefillFixture& f) { f.cu_k[1] = 8; }, {"cu_seqlens_k", "non-decreasing", "batch index 1"});
   bad([](PrefillFixture& f) { f.p.total_q = 6; }, {"cu_seqlens_q[batch]", "total_q = 6", "got 5"});
   bad([](PrefillFixture& f) { f.p.softmax_scale = -1.f; }, {"softmax_scale"});
+}
+
+}  // namespace
+}  // namespace mla
+
+// ---- the layer's absorbed path is decode_attention over its own cache ----
+
+namespace mla {
+namespace {
+
+TEST(DecodeAttention, EqualsTheAbsorbedLayerOnItsCache) {
+  const Config c = Config::preset("v2-lite");
+  const LayerWeights w = LayerWeights::random(c, 5);
+  const DerivedConstants k = DerivedConstants::compute(c);
+  const int64_t D = c.hidden_size, H = c.num_heads, dn = c.qk_nope_head_dim, dr = c.qk_rope_head_dim;
+  const int64_t dv = c.v_head_dim, dc = c.kv_lora_rank, W = c.latent_dim(), dqk = dn + dr, L = 70;
+  Attention layer(w, {.device = "cpu", .precision = Precision::F32, .path = Path::Absorbed});
+  LatentCache cache = layer.make_cache(16, 16, 3);
+  const SeqId seq = cache.add_sequence();
+  const std::vector<float> hidden = testing::random_values(static_cast<size_t>((L + 1) * D), 6);
+  std::vector<float> out(static_cast<size_t>((L + 1) * D));
+  const SequenceChunk prompt{seq, L}, step{seq, 1};
+  layer.forward({&prompt, 1}, hidden.data(), out.data(), cache);
+  layer.forward({&step, 1}, hidden.data() + L * D, out.data() + L * D, cache);
+  cache.fill_unused(kNaN);
+
+  // The decode step by hand: q = W_q x, rope at position L, q̂_h = W_UK^hᵀ qn_h; rows [q̂_h | qr_h].
+  const float* x = hidden.data() + L * D;
+  std::vector<float> q(static_cast<size_t>(H * dqk), 0.f), rows(static_cast<size_t>(H * W), 0.f);
+  for (int64_t r = 0; r < H * dqk; ++r)
+    for (int64_t j = 0; j < D; ++j) q[r] += w.q_proj.row(r)[j] * x[j];
+  for (int64_t h = 0; h < H; ++h) {
+    cpu::rope_pairs(&q[h * dqk + dn], dr, L, k);
+    for (int64_t j = 0; j < dn; ++j)
+      for (int64_t e = 0; e < dc; ++e) rows[h * W + e] += q[h * dqk + j] * w.kv_b_proj.row(h * (dn + dv) + j)[e];
+    std::copy_n(&q[h * dqk + dn], dr, &rows[h * W + dc]);
+  }
+  const auto table = cache.block_table(seq);
+  const int32_t len = static_cast<int32_t>(L + 1);
+  std::vector<float> ohat(static_cast<size_t>(H * dc));
+  DecodeParams p;
+  p.batch = 1, p.s_q = 1, p.h_q = H, p.head_dim = W, p.head_dim_v = dc, p.page_size = 16, p.num_pages = 16;
+  p.max_pages = static_cast<int64_t>(table.size()), p.dtype = DType::F32, p.q = rows.data();
+  p.kv_cache = cache.storage(), p.block_table = table.data(), p.cache_seqlens = &len;
+  p.softmax_scale = k.softmax_scale, p.out = ohat.data();
+  decode_attention("cpu", p);
+
+  // o_h = W_UV^h ô_h, then out = W_o o.
+  std::vector<float> o(static_cast<size_t>(H * dv), 0.f), want(static_cast<size_t>(D), 0.f);
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t j = 0; j < dv; ++j)
+      for (int64_t e = 0; e < dc; ++e) o[h * dv + j] += w.kv_b_proj.row(h * (dn + dv) + dn + j)[e] * ohat[h * dc + e];
+  for (int64_t r = 0; r < D; ++r)
+    for (int64_t j = 0; j < H * dv; ++j) want[r] += w.o_proj.row(r)[j] * o[j];
+  const std::vector<float> got(out.begin() + L * D, out.end());
+  EXPECT_LT(testing::rel_error(got, want), 1e-5);
 }
 
 }  // namespace

@@ -1,0 +1,41 @@
+"""mla: DeepSeek Multi-head Latent Attention, thin Python bindings over the mla C++ core.
+
+* :class:`Config`, :class:`LayerWeights`: a layer's shape and weights (from a Hugging Face checkpoint folder,
+  a preset, or random).
+* :class:`Attention`: one MLA layer; call it on hidden states with a :class:`LatentCache`.
+* :func:`decode_with_kvcache` (FlashMLA's ``flash_mla_with_kvcache``) and :func:`prefill` (varlen expanded
+  attention): the kernels as functions over NumPy arrays or PyTorch tensors.
+
+Errors: bad arguments raise ValueError, wrong dtypes TypeError, a missing folder FileNotFoundError, a full
+cache :class:`OutOfPages` (a RuntimeError), other library errors RuntimeError; messages come from the library.
+When PyTorch is importable the kernels are also registered as ``torch.ops.mla.*`` custom operators (set
+MLA_NO_TORCH=1 to skip importing torch).
+"""
+import os as _os
+
+from . import _mla
+from ._api import Attention, LatentCache, decode_with_kvcache, prefill, run_sequences
+from ._mla import Config, LayerWeights, OutOfPages, available_devices
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Attention",
+    "Config",
+    "LatentCache",
+    "LayerWeights",
+    "OutOfPages",
+    "available_devices",
+    "decode_with_kvcache",
+    "prefill",
+    "run_sequences",
+]
+
+if _os.environ.get("MLA_NO_TORCH", "") != "1":
+    import importlib.util as _util
+
+    if _util.find_spec("torch") is not None:
+        try:
+            from . import _torch_ops  # noqa: F401  (registers torch.ops.mla.*)
+        except ImportError:  # a broken torch install must not break the NumPy API
+            pass

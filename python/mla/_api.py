@@ -1,0 +1,428 @@
+"""The Python face of the mla C++ core: the layer, its cache and the kernel functions.
+
+Nothing here computes. Arrays go to the C++ library through DLPack without copies when they are already
+contiguous and of a supported dtype; outputs are allocated in the caller's framework (NumPy in -> NumPy out,
+PyTorch in -> PyTorch out, on the input's device).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import _mla
+from ._mla import Config, LayerWeights
+
+ArrayLike = Any  # numpy.ndarray or torch.Tensor
+
+_torch = None  # the torch module once something imported it (never imported here)
+
+
+def _torch_module():
+    global _torch
+    if _torch is None:
+        import sys
+
+        _torch = sys.modules.get("torch")
+    return _torch
+
+
+def _is_torch(x: Any) -> bool:
+    torch = _torch_module()
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _as_numpy(x: Any, name: str, op: str) -> np.ndarray:
+    """A C-contiguous NumPy view of x (a copy only when x is not contiguous or not an array yet)."""
+    if _is_torch(x):
+        raise TypeError(f"{op}: {name} is a torch.Tensor but the other arrays are NumPy arrays; pass one framework")
+    return np.ascontiguousarray(x)
+
+
+def _check_torch(op: str, **arrays: Any) -> None:
+    for name, x in arrays.items():
+        if not _is_torch(x):
+            raise TypeError(f"{op}: {name} is a {type(x).__name__} but q is a torch.Tensor; pass one framework")
+
+
+def _default_scale(head_dim: int, softmax_scale: Optional[float]) -> float:
+    return float(head_dim) ** -0.5 if softmax_scale is None else float(softmax_scale)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernel functions
+
+
+def decode_with_kvcache(
+    q: ArrayLike,
+    kv_cache: ArrayLike,
+    block_table: ArrayLike,
+    cache_seqlens: ArrayLike,
+    head_dim_v: int,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+) -> Tuple[ArrayLike, ArrayLike]:
+    """Absorbed-form MLA decode over a paged latent cache: FlashMLA's ``flash_mla_with_kvcache``.
+
+    Args:
+        q: ``[batch, s_q, h_q, head_dim]`` float32, float16 or (torch) bfloat16.
+        kv_cache: ``[num_pages, page_size, 1, head_dim]``, q's dtype; page_size any power of two.
+        block_table: ``[batch, max_pages]`` int32 page indices.
+        cache_seqlens: ``[batch]`` int32 tokens per sequence.
+        head_dim_v: value width; the value is the first ``head_dim_v`` columns of each cache row (512 for MLA).
+        softmax_scale: multiplies the logits; default ``head_dim ** -0.5`` as in FlashMLA. For a DeepSeek layer
+            pass ``config.softmax_scale`` (computed from the 192-wide q·k head dim and YaRN's mscale).
+        causal: with ``s_q > 1``, query i sees keys ``t < seqlen - (s_q - 1 - i)`` (bottom-right aligned).
+
+    Returns:
+        ``(out, lse)``: out ``[batch, s_q, h_q, head_dim_v]`` in q's dtype, lse ``[batch, h_q, s_q]`` float32
+        (natural log of the softmax denominator of the scaled logits). A query that sees no key (a sequence of
+        length 0) gets out = 0 and lse = +inf. Both in q's framework and on q's device.
+
+    Raises:
+        ValueError: wrong shapes, bad block-table entries or lengths (the message names the batch index).
+        TypeError: unsupported or mismatched dtypes, mixed frameworks.
+    """
+    if _is_torch(q):
+        from . import _torch_ops
+
+        _check_torch("decode_with_kvcache", kv_cache=kv_cache, block_table=block_table, cache_seqlens=cache_seqlens)
+        return _torch_ops.decode_with_kvcache(q, kv_cache, block_table, cache_seqlens, int(head_dim_v),
+                                              _default_scale(q.shape[-1], softmax_scale), bool(causal))
+    op = "decode_with_kvcache"
+    q = _as_numpy(q, "q", op)
+    kv_cache, block_table, cache_seqlens = (_as_numpy(a, n, op) for a, n in (
+        (kv_cache, "kv_cache"), (block_table, "block_table"), (cache_seqlens, "cache_seqlens")))
+    if q.ndim != 4:
+        raise ValueError(f"{op}: q must be 4-D [batch, s_q, h_q, head_dim], got shape {list(q.shape)}")
+    b, s_q, h_q, d = q.shape
+    out = np.empty((b, s_q, h_q, max(int(head_dim_v), 0)), dtype=q.dtype)
+    lse = np.empty((b, h_q, s_q), dtype=np.float32)
+    _mla.decode(q, kv_cache, block_table, cache_seqlens, out, lse, int(head_dim_v), _default_scale(d, softmax_scale),
+                bool(causal))
+    return out, lse
+
+
+def prefill(
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike,
+    cu_seqlens_q: ArrayLike,
+    cu_seqlens_k: ArrayLike,
+    softmax_scale: Optional[float] = None,
+    causal: bool = True,
+) -> Tuple[ArrayLike, ArrayLike]:
+    """Expanded-form attention over variable-length sequences packed along the token axis.
+
+    Args:
+        q: ``[total_q, num_heads, head_dim_qk]``; k: ``[total_k, num_heads, head_dim_qk]``;
+            v: ``[total_k, num_heads, head_dim_v]``; one dtype: float32, float16 or (torch) bfloat16.
+        cu_seqlens_q, cu_seqlens_k: ``[batch + 1]`` int32 prefix sums (start at 0, end at total_q / total_k).
+        softmax_scale: default ``head_dim_qk ** -0.5``.
+        causal: query i of a sequence with n_q queries and n_k keys sees keys ``t <= n_k - n_q + i``.
+
+    Returns:
+        ``(out, lse)``: out ``[total_q, num_heads, head_dim_v]`` in q's dtype, lse ``[num_heads, total_q]``
+        float32. Queries that see no key get out = 0, lse = +inf.
+    """
+    if _is_torch(q):
+        from . import _torch_ops
+
+        _check_torch("prefill", k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+        return _torch_ops.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, _default_scale(q.shape[-1], softmax_scale),
+                                  bool(causal))
+    op = "prefill"
+    q, k, v = (_as_numpy(a, n, op) for a, n in ((q, "q"), (k, "k"), (v, "v")))
+    cu_q, cu_k = _as_numpy(cu_seqlens_q, "cu_seqlens_q", op), _as_numpy(cu_seqlens_k, "cu_seqlens_k", op)
+    if q.ndim != 3 or v.ndim != 3:
+        raise ValueError(f"{op}: q and v must be 3-D [tokens, num_heads, head_dim], got shapes {list(q.shape)} "
+                         f"and {list(v.shape)}")
+    out = np.empty((q.shape[0], q.shape[1], v.shape[2]), dtype=q.dtype)
+    lse = np.empty((q.shape[1], q.shape[0]), dtype=np.float32)
+    _mla.prefill(q, k, v, cu_q, cu_k, out, lse, _default_scale(q.shape[-1], softmax_scale), bool(causal))
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The cache
+
+
+class LatentCache:
+    """The paged latent cache: per token one row ``[RMSNorm(c) | RoPE(k_pe)]`` (576 values for DeepSeek models).
+
+    Storage is ``[num_pages, page_size, row_width]`` in ``dtype`` ("bf16" or "f32") on ``device``; each sequence
+    owns a block table of page indices. ``Attention.make_cache`` builds one that matches a layer.
+
+    Args:
+        num_pages: pages in the pool.
+        page_size: tokens per page, a power of two from 1 to 256.
+        row_width: values per row (kv_lora_rank + qk_rope_head_dim).
+        dtype: "bf16" or "f32" (an f32 layer needs an f32 cache, a bf16 layer a bf16 one).
+        device: "cpu", "cpu-reference" or "cuda".
+        page_order_seed: 0 hands pages out in order; otherwise in a random order from this seed.
+    """
+
+    def __init__(self, num_pages: int, page_size: int = 64, row_width: int = 576, dtype: str = "bf16",
+                 device: str = "cpu", page_order_seed: int = 0) -> None:
+        self._impl = _mla.LatentCache(num_pages, page_size, row_width, dtype, device, page_order_seed)
+
+    @classmethod
+    def _wrap(cls, impl: "_mla.LatentCache") -> "LatentCache":
+        obj = cls.__new__(cls)
+        obj._impl = impl
+        return obj
+
+    def add_sequence(self) -> int:
+        """Starts an empty sequence and returns its id."""
+        return self._impl.add_sequence()
+
+    def free_sequence(self, seq: int) -> None:
+        """Drops a sequence and returns its pages to the pool."""
+        self._impl.free_sequence(seq)
+
+    def __contains__(self, seq: int) -> bool:
+        return self._impl.__contains__(seq)
+
+    def sequences(self) -> list:
+        """The ids of the live sequences."""
+        return list(self._impl.sequences())
+
+    def length(self, seq: int) -> int:
+        """Tokens stored for a sequence."""
+        return self._impl.length(seq)
+
+    def capacity(self, seq: int) -> int:
+        """Tokens the sequence's pages can hold."""
+        return self._impl.capacity(seq)
+
+    def truncate(self, seq: int, length: int) -> None:
+        """Forgets tokens past ``length`` (the pages stay with the sequence)."""
+        self._impl.truncate(seq, length)
+
+    def release_unused(self, seq: int) -> None:
+        """Returns the pages past the sequence's stored tokens to the pool."""
+        self._impl.release_unused(seq)
+
+    def fill_unused(self, value: float) -> None:
+        """Writes ``value`` (e.g. NaN) into every slot that holds no token; kernels never read them."""
+        self._impl.fill_unused(value)
+
+    def read(self, seq: int, begin: int = 0, end: Optional[int] = None) -> np.ndarray:
+        """Rows ``[begin, end)`` of a sequence as a float32 NumPy array ``[end - begin, row_width]`` (a copy)."""
+        return self._impl.read(seq, begin, end)
+
+    def block_table(self, seq: int) -> np.ndarray:
+        """The sequence's page indices, int32 (a copy)."""
+        return self._impl.block_table(seq)
+
+    def block_tables(self, sequences: Sequence[int], pad: int = 0) -> np.ndarray:
+        """Block tables of several sequences as one int32 ``[len(sequences), max_pages]`` array, padded with
+        ``pad``: the ``block_table`` argument of :func:`decode_with_kvcache`."""
+        tables = [self._impl.block_table(s) for s in sequences]
+        width = max([len(t) for t in tables] + [1])
+        out = np.full((len(tables), width), pad, dtype=np.int32)
+        for i, t in enumerate(tables):
+            out[i, : len(t)] = t
+        return out
+
+    def lengths(self, sequences: Sequence[int]) -> np.ndarray:
+        """Stored tokens of several sequences, int32: the ``cache_seqlens`` argument of
+        :func:`decode_with_kvcache`."""
+        return np.array([self._impl.length(s) for s in sequences], dtype=np.int32)
+
+    def kv_cache(self, framework: str = "numpy") -> ArrayLike:
+        """The page pool ``[num_pages, page_size, 1, row_width]``, sharing the cache's memory (no copy): the
+        ``kv_cache`` argument of :func:`decode_with_kvcache`.
+
+        ``framework="numpy"`` gives a NumPy array (host caches only); a bf16 cache comes as uint16 (the bf16
+        bit patterns) since NumPy has no bfloat16. ``framework="torch"`` gives a torch tensor (bfloat16 for a
+        bf16 cache, on the cache's device). The view keeps the cache alive.
+        """
+        if framework == "numpy":
+            if not self.device.startswith("cpu"):
+                raise ValueError(f"LatentCache.kv_cache: a '{self.device}' cache cannot be viewed from NumPy; "
+                                 "use framework='torch'")
+            return self._impl._storage_numpy()
+        if framework == "torch":
+            return self._impl._storage_torch()
+        raise ValueError(f"LatentCache.kv_cache: framework must be 'numpy' or 'torch', got {framework!r}")
+
+    @property
+    def num_pages(self) -> int:
+        return self._impl.num_pages
+
+    @property
+    def pages_free(self) -> int:
+        return self._impl.pages_free
+
+    @property
+    def page_size(self) -> int:
+        return self._impl.page_size
+
+    @property
+    def row_width(self) -> int:
+        return self._impl.row_width
+
+    @property
+    def dtype(self) -> str:
+        return self._impl.dtype
+
+    @property
+    def device(self) -> str:
+        return self._impl.device
+
+    def __repr__(self) -> str:
+        return (f"mla.LatentCache(num_pages={self.num_pages}, page_size={self.page_size}, row_width={self.row_width}, "
+                f"dtype='{self.dtype}', device='{self.device}', sequences={len(self.sequences())}, "
+                f"pages_free={self.pages_free})")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The layer
+
+
+class Attention:
+    """One DeepSeek MLA attention layer over a batch of sequences that share a :class:`LatentCache`.
+
+    Args:
+        weights: a :class:`LayerWeights` (``LayerWeights.load(dir, layer)`` or ``LayerWeights.random(config)``).
+        device: "cpu" (fast), "cpu-reference" (scalar loops) or "cuda" (when built with CUDA).
+        dtype: "bf16" (bf16 weights, activations and cache; fp32 accumulation and softmax) or "f32".
+        path: "auto" (per sequence, the cheaper of the two forms), "expanded" or "absorbed".
+    """
+
+    def __init__(self, weights: LayerWeights, device: str = "cpu", dtype: str = "bf16", path: str = "auto") -> None:
+        self._impl = _mla.Attention(weights, device, dtype, path)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_dir: Union[str, os.PathLike], layer: int = 0, device: str = "cpu",
+                        dtype: str = "bf16", path: str = "auto") -> "Attention":
+        """Loads layer ``layer`` of a Hugging Face DeepSeek checkpoint folder (config.json + safetensors, single
+        file or sharded; BF16, F16, F32 or FP8 E4M3 with block scales). Only that layer's tensors are read."""
+        return cls(LayerWeights.load(os.fspath(pretrained_dir), layer), device, dtype, path)
+
+    @classmethod
+    def random(cls, config: Union[Config, str], seed: int = 0, device: str = "cpu", dtype: str = "bf16",
+               path: str = "auto") -> "Attention":
+        """A layer with deterministic random weights of checkpoint-like scale; ``config`` may be a preset name."""
+        if isinstance(config, str):
+            config = Config.preset(config)
+        return cls(LayerWeights.random(config, seed), device, dtype, path)
+
+    @property
+    def config(self) -> Config:
+        return self._impl.config
+
+    @property
+    def device(self) -> str:
+        return self._impl.device
+
+    @property
+    def dtype(self) -> str:
+        return self._impl.dtype
+
+    @property
+    def path(self) -> str:
+        return self._impl.path
+
+    @property
+    def last_paths(self) -> list:
+        """The form ("expanded" or "absorbed") the last call used for each sequence."""
+        return list(self._impl.last_paths)
+
+    def make_cache(self, num_pages: int, page_size: int = 64, page_order_seed: int = 0) -> LatentCache:
+        """A cache whose row width, dtype and device match this layer."""
+        return LatentCache._wrap(self._impl.make_cache(num_pages, page_size, page_order_seed))
+
+    def __call__(self, hidden: ArrayLike, cache: LatentCache, positions: Optional[ArrayLike] = None, *,
+                 sequences: Union[int, Sequence[int]], num_tokens: Optional[Sequence[int]] = None) -> ArrayLike:
+        """Appends the new tokens' latent rows to their sequences and returns the attention output.
+
+        Shapes (D = hidden_size):
+          * ``hidden [T, D]`` with ``sequences=seq`` (one id): T new tokens of one sequence.
+          * ``hidden [B, T, D]`` with ``sequences=[s0, ..., s_{B-1}]``: T new tokens for each.
+          * ``hidden [N, D]`` with ``sequences=[...]`` and ``num_tokens=[n0, ...]`` (sum N): packed, varlen.
+
+        ``positions`` (integers, hidden's shape without D) rotate the keys and queries; default
+        ``cache.length(seq) + i``. Masking is causal by cache index. The output has hidden's shape, framework,
+        device and dtype (computation takes float32 hidden states; other float dtypes are converted).
+        Everything is validated before the cache changes: on any error the cache is as it was.
+        """
+        if not isinstance(cache, LatentCache):
+            raise TypeError(f"Attention: cache must be an mla.LatentCache, got {type(cache).__name__}")
+        torch_in = _is_torch(hidden)
+        if torch_in:
+            import torch
+
+            if not torch.is_floating_point(hidden):
+                raise TypeError(f"Attention: hidden must be a float tensor, got {hidden.dtype}")
+            x = hidden.detach().to(torch.float32).contiguous()
+        else:
+            x = np.asarray(hidden)
+            if x.dtype.kind != "f":
+                raise TypeError(f"Attention: hidden must hold floats, got {x.dtype}")
+            x = np.ascontiguousarray(x, dtype=np.float32)
+        lead = tuple(x.shape[:-1])
+        if isinstance(sequences, (int, np.integer)):
+            if x.ndim != 2:
+                raise ValueError(f"Attention: with one sequence id, hidden must be [tokens, hidden_size], got shape "
+                                 f"{list(x.shape)}")
+            seqs, counts = [int(sequences)], [x.shape[0]]
+        else:
+            seqs = [int(s) for s in sequences]
+            if x.ndim == 3:
+                if len(seqs) != x.shape[0]:
+                    raise ValueError(f"Attention: hidden has {x.shape[0]} rows of sequences but {len(seqs)} ids "
+                                     "were given")
+                if num_tokens is not None:
+                    raise ValueError("Attention: num_tokens is for packed [N, hidden_size] input; [B, T, D] input "
+                                     "gives every sequence T tokens")
+                counts = [x.shape[1]] * len(seqs)
+            elif x.ndim == 2:
+                if num_tokens is None:
+                    raise ValueError("Attention: packed [N, hidden_size] input for a list of sequences needs "
+                                     "num_tokens (one count per sequence)")
+                counts = [int(n) for n in num_tokens]
+            else:
+                raise ValueError(f"Attention: hidden must be [T, D], [B, T, D] or packed [N, D], got shape "
+                                 f"{list(x.shape)}")
+        flat = x.reshape(-1, x.shape[-1]) if x.ndim >= 1 else x
+        pos = None
+        if positions is not None:
+            p = positions.detach().cpu().numpy() if _is_torch(positions) else np.asarray(positions)
+            if p.dtype.kind not in "iu":
+                raise TypeError(f"Attention: positions must be integers, got {p.dtype}")
+            if tuple(p.shape) != lead:
+                raise ValueError(f"Attention: positions must have shape {list(lead)} (hidden's without the last "
+                                 f"dim), got {list(p.shape)}")
+            pos = np.ascontiguousarray(p.reshape(-1), dtype=np.int64)
+        if torch_in:
+            out = torch.empty_like(flat)
+        else:
+            out = np.empty_like(flat)
+        self._impl.forward(flat, out, seqs, counts, pos, cache._impl)
+        out = out.reshape(x.shape)
+        if torch_in and hidden.dtype != out.dtype:
+            out = out.to(hidden.dtype)
+        return out
+
+    forward = __call__
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"mla.Attention(config='{c.name}', hidden_size={c.hidden_size}, num_heads={c.num_heads}, "
+                f"device='{self.device}', dtype='{self.dtype}', path='{self.path}')")
+
+
+def run_sequences(layer: Attention, hidden: np.ndarray, positions: Optional[np.ndarray] = None, *, chunk: int = 0,
+                  decode_after: int = -1, page_size: int = 64, page_order_seed: int = 0,
+                  poison_unused: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    """Runs a layer over ``hidden [B, T, D]`` (float32 NumPy) the way a serving engine feeds it, in a fresh cache:
+    one shot, in chunks of ``chunk`` tokens, or prefilling ``decode_after`` tokens then decoding one per call.
+    Returns ``(output [B, T, D], latent [B, T, row_width])``, the latent being the cache rows as stored."""
+    x = np.ascontiguousarray(hidden, dtype=np.float32)
+    pos = None if positions is None else np.ascontiguousarray(positions, dtype=np.int64)
+    out, latent, _ = _mla.run_sequences(layer._impl, x, pos, chunk, decode_after, page_size, page_order_seed,
+                                        poison_unused)
+    return out, latent

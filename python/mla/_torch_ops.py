@@ -1,0 +1,90 @@
+"""The kernel functions as PyTorch custom operators (torch.ops.mla.decode_with_kvcache, torch.ops.mla.prefill),
+with fake (meta) implementations so that torch.compile can trace through them without running them.
+
+Imported by ``mla`` when torch is importable. The operators allocate their outputs with torch on the inputs'
+device and call the same C++ functions as the NumPy path.
+"""
+import contextlib
+from typing import Tuple
+
+import torch
+
+from . import _mla
+
+Tensor = torch.Tensor
+
+
+@contextlib.contextmanager
+def _launch_context(t: Tensor):
+    """For CUDA tensors: the library launches on the legacy default stream of the current device, so make that
+    the tensors' device, and order the default stream after torch's current stream and back."""
+    if not t.is_cuda:
+        yield
+        return
+    with torch.cuda.device(t.device):
+        current, default = torch.cuda.current_stream(), torch.cuda.default_stream()
+        if current == default:
+            yield
+            return
+        default.wait_stream(current)
+        yield
+        current.wait_stream(default)
+
+
+def _decode_impl(q: Tensor, kv_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor, head_dim_v: int,
+                 softmax_scale: float, causal: bool) -> Tuple[Tensor, Tensor]:
+    if q.dim() != 4:
+        raise ValueError(f"decode_with_kvcache: q must be 4-D [batch, s_q, h_q, head_dim], got shape {list(q.shape)}")
+    b, s_q, h_q, _ = q.shape
+    out = torch.empty((b, s_q, h_q, max(head_dim_v, 0)), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h_q, s_q), dtype=torch.float32, device=q.device)
+    args = [t.detach().contiguous() for t in (q, kv_cache, block_table, cache_seqlens)]
+    with _launch_context(q):
+        _mla.decode(*args, out, lse, head_dim_v, softmax_scale, causal)
+    return out, lse
+
+
+def _prefill_impl(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, softmax_scale: float,
+                  causal: bool) -> Tuple[Tensor, Tensor]:
+    if q.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"prefill: q and v must be 3-D [tokens, num_heads, head_dim], got shapes {list(q.shape)} "
+                         f"and {list(v.shape)}")
+    out = torch.empty((q.shape[0], q.shape[1], v.shape[2]), dtype=q.dtype, device=q.device)
+    lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+    q, k, v = (t.detach().contiguous() for t in (q, k, v))
+    # The sequence boundaries are read on the host (a small copy for CUDA tensors).
+    cu_q, cu_k = (t.detach().cpu().contiguous() for t in (cu_seqlens_q, cu_seqlens_k))
+    with _launch_context(q):
+        _mla.prefill(q, k, v, cu_q, cu_k, out, lse, softmax_scale, causal)
+    return out, lse
+
+
+registered = hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_fake")
+
+if registered:
+
+    @torch.library.custom_op("mla::decode_with_kvcache", mutates_args=())
+    def decode_with_kvcache(q: Tensor, kv_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor,
+                            head_dim_v: int, softmax_scale: float, causal: bool) -> Tuple[Tensor, Tensor]:
+        return _decode_impl(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal)
+
+    @decode_with_kvcache.register_fake
+    def _decode_fake(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal):
+        torch._check(q.dim() == 4, lambda: "decode_with_kvcache: q must be 4-D [batch, s_q, h_q, head_dim]")
+        b, s_q, h_q, _ = q.shape
+        return q.new_empty((b, s_q, h_q, head_dim_v)), q.new_empty((b, h_q, s_q), dtype=torch.float32)
+
+    @torch.library.custom_op("mla::prefill", mutates_args=())
+    def prefill(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, softmax_scale: float,
+                causal: bool) -> Tuple[Tensor, Tensor]:
+        return _prefill_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
+
+    @prefill.register_fake
+    def _prefill_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal):
+        torch._check(q.dim() == 3 and v.dim() == 3, lambda: "prefill: q and v must be 3-D")
+        return (q.new_empty((q.shape[0], q.shape[1], v.shape[2])),
+                q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
+
+else:  # torch older than 2.4: plain functions, eager only
+    decode_with_kvcache = _decode_impl
+    prefill = _prefill_impl
