@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <span>
 #include <string>
@@ -81,7 +82,7 @@ class LatentCache {
   CacheOptions options_;
   std::unique_ptr<detail::Buffer> storage_;
   std::vector<int32_t> free_pages_;   // a stack: back() is handed out next
-  std::vector<std::pair<SeqId, Sequence>> sequences_;
+  std::map<SeqId, Sequence> sequences_;
   SeqId next_id_ = 0;
 };
 

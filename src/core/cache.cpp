@@ -37,13 +37,12 @@ LatentCache& LatentCache::operator=(LatentCache&&) noexcept = default;
 
 SeqId LatentCache::add_sequence() {
   SeqId id = next_id_++;
-  sequences_.emplace_back(id, Sequence{});
+  sequences_.emplace(id, Sequence{});
   return id;
 }
 
 const LatentCache::Sequence& LatentCache::find(SeqId id) const {
-  for (const auto& [k, s] : sequences_)
-    if (k == id) return s;
+  if (auto it = sequences_.find(id); it != sequences_.end()) return it->second;
   throw InvalidArgument("cache: no sequence with id " + std::to_string(id));
 }
 
@@ -52,7 +51,7 @@ LatentCache::Sequence& LatentCache::find(SeqId id) {
 }
 
 void LatentCache::free_sequence(SeqId id) {
-  auto it = std::find_if(sequences_.begin(), sequences_.end(), [&](const auto& e) { return e.first == id; });
+  auto it = sequences_.find(id);
   if (it == sequences_.end()) throw InvalidArgument("cache: no sequence with id " + std::to_string(id));
   // Pages go back so that the first page of the freed sequence is handed out first.
   free_pages_.insert(free_pages_.end(), it->second.pages.rbegin(), it->second.pages.rend());
@@ -60,7 +59,7 @@ void LatentCache::free_sequence(SeqId id) {
 }
 
 bool LatentCache::contains(SeqId id) const {
-  return std::any_of(sequences_.begin(), sequences_.end(), [&](const auto& e) { return e.first == id; });
+  return sequences_.count(id) > 0;
 }
 
 std::vector<SeqId> LatentCache::sequences() const {
