@@ -16,22 +16,12 @@
 namespace mla {
 namespace {
 
+using testing::expect_throw_with;
+
 namespace fs = std::filesystem;
 using nlohmann::json;
 using testing::TempDir;
 
-template <class E>
-void expect_throw_with(const std::function<void()>& fn, std::initializer_list<std::string> words) {
-  try {
-    fn();
-    ADD_FAILURE() << "no exception thrown";
-  } catch (const E& e) {
-    const std::string msg = e.what();
-    for (const std::string& w : words) EXPECT_NE(msg.find(w), std::string::npos) << "'" << w << "' not in: " << msg;
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "wrong exception type: " << e.what();
-  }
-}
 
 // A writable copy of a golden folder.
 fs::path copy_golden(const TempDir& tmp, const std::string& name) {

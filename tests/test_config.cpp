@@ -15,21 +15,10 @@
 namespace mla {
 namespace {
 
+using testing::expect_throw_with;
+
 using testing::golden_dir;
 
-// Expects `fn` to throw E whose message contains every one of `words`.
-template <class E>
-void expect_throw_with(const std::function<void()>& fn, std::initializer_list<std::string> words) {
-  try {
-    fn();
-    ADD_FAILURE() << "no exception thrown";
-  } catch (const E& e) {
-    const std::string msg = e.what();
-    for (const std::string& w : words) EXPECT_NE(msg.find(w), std::string::npos) << "'" << w << "' not in: " << msg;
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "wrong exception type: " << e.what();
-  }
-}
 
 double rel(double a, double b) { return std::fabs(a - b) / std::fabs(b); }
 

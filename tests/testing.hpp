@@ -4,7 +4,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <gtest/gtest.h>
+
 #include <cmath>
+#include <functional>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -12,6 +15,20 @@
 #include "mla/mla.hpp"
 
 namespace mla::testing {
+
+// Expects `fn` to throw E whose message contains every one of `words`.
+template <class E>
+void expect_throw_with(const std::function<void()>& fn, std::initializer_list<std::string> words) {
+  try {
+    fn();
+    ADD_FAILURE() << "no exception thrown";
+  } catch (const E& e) {
+    const std::string msg = e.what();
+    for (const std::string& w : words) EXPECT_NE(msg.find(w), std::string::npos) << "'" << w << "' not in: " << msg;
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << "wrong exception type: " << e.what();
+  }
+}
 
 inline std::filesystem::path data_dir() { return MLA_TEST_DATA_DIR; }
 inline std::filesystem::path golden_dir(const std::string& name) { return data_dir() / "golden" / name; }
