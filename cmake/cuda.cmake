@@ -6,6 +6,13 @@
 # because `-arch=sm_90a` also runs a plain sm_90 pass.
 find_package(CUDAToolkit REQUIRED)
 
+# CMake 3.25 does not know that nvcc 12+ takes -std=c++20; tell it.
+if(NOT CMAKE_CUDA20_STANDARD_COMPILE_OPTION)
+  set(CMAKE_CUDA20_STANDARD_COMPILE_OPTION "-std=c++20")
+  set(CMAKE_CUDA20_EXTENSION_COMPILE_OPTION "-std=c++20")
+endif()
+set_target_properties(mla PROPERTIES CUDA_ARCHITECTURES OFF)
+
 set(MLA_CUDA_GENCODE "80;90a" CACHE STRING "CUDA architectures to build machine code for (e.g. 80;90a)")
 option(MLA_CUDA_VERBOSE_PTXAS "Print ptxas register/spill reports for every CUDA kernel" OFF)
 
@@ -22,6 +29,9 @@ set(_mla_cuda_flags -lineinfo --expt-relaxed-constexpr)
 foreach(_arch IN LISTS MLA_CUDA_GENCODE)
   list(APPEND _mla_cuda_flags "-gencode=arch=compute_${_arch},code=sm_${_arch}")
 endforeach()
+if("90a" IN_LIST MLA_CUDA_GENCODE)
+  target_compile_definitions(mla_cuda PRIVATE MLA_CUDA_HAS_SM90A)  # the wgmma decode kernel exists
+endif()
 if(MLA_CUDA_VERBOSE_PTXAS)
   list(APPEND _mla_cuda_flags "--ptxas-options=-v,--warn-on-spills,--warn-on-local-memory-usage")
 endif()
@@ -31,7 +41,8 @@ target_compile_options(mla_cuda PRIVATE $<$<COMPILE_LANGUAGE:CUDA>:${_mla_cuda_f
 
 target_sources(mla PRIVATE $<TARGET_OBJECTS:mla_cuda>)
 target_compile_definitions(mla PRIVATE MLA_WITH_CUDA)
-target_link_libraries(mla PRIVATE CUDA::cudart CUDA::cublasLt)
+# Plain library paths, not imported targets: the exported `mla` must not need find_package(CUDAToolkit).
+target_link_libraries(mla PRIVATE ${CUDA_cudart_LIBRARY} ${CUDA_cublasLt_LIBRARY})
 
 # `mla bench --device cuda` (tools/bench.cpp) calls mla::tools::bench_cuda, defined in tools/bench_cuda.cu;
 # bench/cuda/main.cpp is a stand-alone entry point for the GPU machine (scripts/gpu.sh).
@@ -52,7 +63,7 @@ function(_mla_cuda_attach_cli)
   if(TARGET mla_cli AND TARGET mla_bench_cuda)
     target_sources(mla_cli PRIVATE $<TARGET_OBJECTS:mla_bench_cuda>)
     target_link_libraries(mla_cli PRIVATE CUDA::cudart)
-    target_compile_definitions(mla_cli PRIVATE MLA_WITH_CUDA)
+    target_compile_definitions(mla_cli PRIVATE MLA_CLI_HAS_CUDA_BENCH)
   endif()
 endfunction()
 cmake_language(DEFER CALL _mla_cuda_attach_cli)

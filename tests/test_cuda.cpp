@@ -9,6 +9,7 @@
 #include <limits>
 #include <numeric>
 #include <random>
+#include <cstdlib>
 
 #include "core/backend.hpp"
 #include "testing.hpp"
@@ -318,6 +319,16 @@ TEST(CudaDecode, SplitKvAndLongSequences) {
   run_decode_case({5, 1, 128, 16, {2500, 0, 64, 65, 1}, DType::BF16}, 5);
 }
 
+// On Hopper the 64-row blocks run the wgmma kernel; this runs the portable mma.sync kernel there too.
+TEST(CudaDecode, PortablePathOnHopper) {
+  SKIP_WITHOUT_GPU();
+  setenv("MLA_CUDA_DISABLE_SM90", "1", 1);
+  run_decode_case({3, 2, 63, 16, {}, DType::BF16}, 21);
+  run_decode_case({2, 1, 128, 64, {3000, 5}, DType::BF16}, 22);
+  run_decode_case({4, 1, 126, 256, {0, 1, 17, 700}, DType::BF16}, 23);
+  unsetenv("MLA_CUDA_DISABLE_SM90");
+}
+
 TEST(CudaDecode, GenericF32AndSmallDims) {
   SKIP_WITHOUT_GPU();
   run_decode_case({3, 2, 5, 16, {}, DType::F32}, 6);
@@ -327,8 +338,11 @@ TEST(CudaDecode, GenericF32AndSmallDims) {
 
 TEST(CudaDecode, RejectsUnsupportedByName) {
   SKIP_WITHOUT_GPU();
+  Device dummy(std::vector<float>(1024, 0.f));
   DecodeParams p;
-  p.batch = 1, p.h_q = 1, p.dtype = DType::F16;
+  p.batch = 1, p.h_q = 1, p.dtype = DType::F16, p.num_pages = 1, p.max_pages = 1, p.softmax_scale = 1.f;
+  p.q = p.kv_cache = p.out = dummy.data();
+  p.block_table = p.cache_seqlens = static_cast<const int32_t*>(dummy.data());
   try {
     decode_attention("cuda", p);
     FAIL() << "no exception";
@@ -408,6 +422,13 @@ TEST(CudaPrefill, ExpandedKernelVarlen) {
   SKIP_WITHOUT_GPU();
   run_prefill_case(3, 192, 128, {100, 0, 257, 1, 64}, {100, 5, 300, 1013, 64}, DType::BF16, 1);
   run_prefill_case(16, 192, 128, {130}, {130}, DType::BF16, 2);
+}
+
+TEST(CudaPrefill, PortablePathOnHopper) {
+  SKIP_WITHOUT_GPU();
+  setenv("MLA_CUDA_DISABLE_SM90", "1", 1);
+  run_prefill_case(3, 192, 128, {100, 0, 257, 1, 64}, {100, 5, 300, 1013, 64}, DType::BF16, 11);
+  unsetenv("MLA_CUDA_DISABLE_SM90");
 }
 
 TEST(CudaPrefill, GenericKernel) {

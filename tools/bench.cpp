@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
@@ -159,10 +160,14 @@ int run_bench(const BenchArgs& a) {
                            {"fraction_of_copy_bandwidth", bytes / td / 1e9 / copy}});
     }
   }
-  if (!a.json.empty()) {
-    std::ofstream f(a.json);
-    f << j.dump(2) << "\n";
-    if (!f) throw Error("bench: cannot write " + a.json);
+  if (!a.json.empty()) {  // written whole or not at all
+    const std::string tmp = a.json + ".tmp";
+    {
+      std::ofstream f(tmp);
+      f << j.dump(2) << "\n";
+      if (!f.flush()) throw Error("bench: cannot write " + tmp);
+    }
+    std::filesystem::rename(tmp, a.json);
   }
   return 0;
 }

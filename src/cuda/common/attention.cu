@@ -8,6 +8,7 @@
 #include "cuda/common/types.cuh"
 #include "cuda/sm80/decode/config.h"
 #include "cuda/sm80/prefill/config.h"
+#include "cuda/sm90/launch.hpp"
 
 namespace mla::cuda {
 namespace {
@@ -110,38 +111,6 @@ size_t generic_smem(int64_t dqk, int64_t dv) {
   return static_cast<size_t>(dqk + dv + kGenericThreads) * sizeof(float) + kGenericThreads * sizeof(int64_t);
 }
 
-// Merges split partials by log-sum-exp: one block per (batch, row).
-template <class T>
-__global__ void combine_kernel(const float* __restrict__ o_partial, const float* __restrict__ lse_partial, int splits,
-                               int batch, int s_q, int h_q, int dv, T* __restrict__ out, float* __restrict__ lse) {
-  extern __shared__ float weights[];  // [splits]
-  __shared__ float scratch[32];
-  const int rows = s_q * h_q;
-  const int64_t row = blockIdx.x;  // b · rows + r
-  const int64_t stride = int64_t{batch} * rows;
-  float mx = -INFINITY;
-  for (int s = threadIdx.x; s < splits; s += blockDim.x) mx = fmaxf(mx, lse_partial[s * stride + row]);
-  mx = block_max(mx, scratch);
-  float sum = 0.f;
-  for (int s = threadIdx.x; s < splits; s += blockDim.x) {
-    const float w = mx == -INFINITY ? 0.f : expf(lse_partial[s * stride + row] - mx);
-    weights[s] = w;
-    sum += w;
-  }
-  sum = block_sum(sum, scratch);  // also orders the weights' stores before the loads below
-  const float inv = sum > 0.f ? 1.f / sum : 0.f;
-  for (int j = threadIdx.x; j < dv; j += blockDim.x) {
-    float a = 0.f;
-    for (int s = 0; s < splits; ++s)
-      if (weights[s] > 0.f) a += weights[s] * o_partial[(s * stride + row) * dv + j];
-    out[row * dv + j] = from_f32<T>(a * inv);
-  }
-  if (lse && threadIdx.x == 0) {
-    const int b = static_cast<int>(row / rows), r = static_cast<int>(row % rows);
-    lse[(int64_t{b} * h_q + r % h_q) * s_q + r / h_q] = sum > 0.f ? mx + logf(sum) : INFINITY;
-  }
-}
-
 bool fast_decode(const DecodeParams& p) {
   return p.dtype == DType::BF16 && p.head_dim == sm80::decode::kHeadDim && p.head_dim_v == sm80::decode::kHeadDimV;
 }
@@ -194,6 +163,23 @@ void validate(const PrefillParams& p) {
   if (p.total_k > 0 && (!p.k || !p.v)) bad("k and v must not be null");
 }
 
+// Workspace of the split kernel: schedule [batch], work list [max_work], partial O [max_work, rows, 512] and
+// LSE [max_work, rows], each section 256-byte aligned.
+struct DecodeWorkspace {
+  int64_t schedule = 0, work = 0, o_partial = 0, lse_partial = 0, bytes = 0;
+  DecodeWorkspace(int64_t batch, int64_t rows, int64_t max_work) {
+    auto take = [&](int64_t n) {
+      const int64_t at = bytes;
+      bytes += (n + 255) / 256 * 256;
+      return at;
+    };
+    schedule = take(batch * static_cast<int64_t>(sizeof(sm80::decode::SequenceSchedule)));
+    work = take(max_work * 4);
+    o_partial = take(max_work * rows * sm80::decode::kHeadDimV * 4);
+    lse_partial = take(max_work * rows * 4);
+  }
+};
+
 DecodePlan plan_decode(const DecodeParams& p, int num_sms) {
   DecodePlan plan;
   if (!fast_decode(p)) {
@@ -201,22 +187,8 @@ DecodePlan plan_decode(const DecodeParams& p, int num_sms) {
     return plan;
   }
   plan.kernel = "sm80-bf16-576";
-  using namespace sm80::decode;
-  const int64_t m_blocks = (p.s_q * p.h_q + kBlockM - 1) / kBlockM;
-  const int64_t base = p.batch * m_blocks;                     // blocks without splitting
-  const int64_t tiles = std::max<int64_t>(1, (p.max_pages * p.page_size + kBlockN - 1) / kBlockN);
-  // Minimise (waves of blocks) × (tiles per block + one tile's worth of fixed cost per block).
-  int best = 1;
-  double best_cost = 1e300;
-  for (int s = 1; s <= std::min<int64_t>(tiles, 128); ++s) {
-    const double waves = std::ceil(static_cast<double>(base * s) / num_sms);
-    const double cost = waves * (std::ceil(static_cast<double>(tiles) / s) + 1.0) + (s > 1 ? 0.5 : 0.0);
-    if (cost < best_cost - 1e-9) best_cost = cost, best = s;
-  }
-  plan.splits = best;
-  plan.keys_per_split = static_cast<int>((tiles + best - 1) / best * kBlockN);
-  if (best > 1)
-    plan.workspace_bytes = static_cast<int64_t>(best) * p.batch * p.s_q * p.h_q * (kHeadDimV + 1) * 4;
+  plan.max_work = static_cast<int>(p.batch + num_sms);
+  plan.workspace_bytes = DecodeWorkspace(p.batch, p.s_q * p.h_q, plan.max_work).bytes;
   return plan;
 }
 
@@ -239,24 +211,25 @@ void run_decode(const DecodeParams& p, const DecodePlan& plan, DeviceArray& work
   k.q = p.q, k.kv = p.kv_cache, k.block_table = p.block_table, k.seqlens = p.cache_seqlens;
   k.scale_log2 = p.softmax_scale * kLog2e;
   k.causal = p.causal;
-  k.splits = plan.splits, k.keys_per_split = plan.keys_per_split;
   k.out = p.out, k.lse = p.lse;
-  if (plan.splits > 1) {
-    workspace.reserve(plan.workspace_bytes);
-    k.o_partial = workspace.get<float>();
-    k.lse_partial = k.o_partial + int64_t{plan.splits} * k.batch * k.rows * sm80::decode::kHeadDimV;
-  }
-  sm80::decode::run_bf16_576(k, stream);
-  if (plan.splits > 1) {
-    const size_t smem = static_cast<size_t>(plan.splits) * sizeof(float);
-    combine_kernel<bf16><<<static_cast<unsigned>(p.batch * k.rows), 128, smem, stream>>>(
-        k.o_partial, k.lse_partial, plan.splits, k.batch, k.s_q, k.h_q, sm80::decode::kHeadDimV,
-        static_cast<bf16*>(p.out), p.lse);
-    MLA_CUDA_LAUNCH_CHECK();
-  }
+  const DecodeWorkspace ws(p.batch, k.rows, plan.max_work);
+  workspace.reserve(ws.bytes);
+  char* base = workspace.get<char>();
+  k.schedule = reinterpret_cast<const sm80::decode::SequenceSchedule*>(base + ws.schedule);
+  k.work = reinterpret_cast<const int32_t*>(base + ws.work);
+  k.max_work = plan.max_work;
+  k.o_partial = reinterpret_cast<float*>(base + ws.o_partial);
+  k.lse_partial = reinterpret_cast<float*>(base + ws.lse_partial);
+  int device = 0, sms = 0;
+  MLA_CUDA_CHECK(cudaGetDevice(&device));
+  MLA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  sm80::decode::run_bf16_576(k, sms, stream);
 }
 
-std::string prefill_kernel_name(const PrefillParams& p) { return fast_prefill(p) ? "sm80-bf16-192-128" : "generic"; }
+std::string prefill_kernel_name(const PrefillParams& p) {
+  if (!fast_prefill(p)) return "generic";
+  return sm90::usable() ? "sm90-bf16-192-128" : "sm80-bf16-192-128";
+}
 
 void run_prefill(const PrefillParams& p, cudaStream_t stream) {
   const bool fast = fast_prefill(p);
@@ -273,7 +246,8 @@ void run_prefill(const PrefillParams& p, cudaStream_t stream) {
       k.q = p.q, k.k = p.k, k.v = p.v, k.out = p.out, k.lse = p.lse;
       k.scale_log2 = p.softmax_scale * kLog2e;
       k.causal = p.causal;
-      sm80::prefill::run_bf16_192_128(k, stream);
+      if (sm90::usable()) sm90::prefill::run_bf16_192_128(k, stream);
+      else sm80::prefill::run_bf16_192_128(k, stream);
       continue;
     }
     const dim3 grid(static_cast<unsigned>(n_q), static_cast<unsigned>(p.num_heads));

@@ -14,11 +14,11 @@
 
 namespace mla::cuda {
 
-// Scheduling of one decode launch, computed once per batch shape (batch, s_q, h_q, max keys, dtype, dims).
+// Host side of one decode launch, computed once per batch shape (batch, s_q, h_q, dims, dtype, SM count). The
+// split counts themselves come from a scheduler kernel that reads the sequence lengths on the device.
 struct DecodePlan {
   std::string kernel;        // "sm80-bf16-576" or "generic"
-  int splits = 1;            // key ranges per sequence (partials merged by the combine kernel when > 1)
-  int keys_per_split = 0;    // multiple of 64
+  int max_work = 0;          // upper bound of Σ splits: batch + SMs
   int64_t workspace_bytes = 0;
 };
 

@@ -9,21 +9,43 @@ namespace mla::cuda::sm80::decode {
 
 constexpr int kHeadDim = 576;    // d_c + d_r of every released checkpoint
 constexpr int kHeadDimV = 512;   // d_c
-constexpr int kBlockM = 64;      // query rows (s_q · h_q flattened) per block
 constexpr int kBlockN = 64;      // keys per tile
-constexpr int kWarps = 8;        // 4 row groups of 16 × 2 halves (keys for S, output columns for O)
+constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kChunksQK = kHeadDim / 8;   // 16-byte chunks per row
-static_assert(kHeadDim % 64 == 0 && kHeadDimV % 32 == 0, "tile shapes");
+constexpr int kMaxSplits = 128;           // key ranges per sequence
+constexpr int kMinTilesPerSplit = 4;      // below this a split costs more (Q load, partial write) than it saves
+static_assert(kHeadDim % 64 == 0 && kHeadDimV % 64 == 0, "tile shapes");
 
-// Dynamic shared memory, in order. kStages K tiles (2 = double-buffered; 1 where the SM has < 225 KB).
-template <int kStages>
+// Two warp layouts. kRowGroups = 4: 64 query rows per block, warps = 4 row groups × 2 key/column halves
+// (h_q·s_q > 16: the compute-bound V3 case). kRowGroups = 1: 16 rows, warps = 1 × 8 key/column eighths,
+// Q held in registers (h_q·s_q <= 16: tensor-parallel shards, memory-bound; 4x less padding work).
+template <int kRowGroups>
+struct Layout {
+  static constexpr int kBlockM = 16 * kRowGroups;
+  static constexpr int kKeyGroups = kWarps / kRowGroups;
+  static constexpr int kKeysPerWarp = kBlockN / kKeyGroups;        // S columns per warp
+  static constexpr int kColsPerWarp = kHeadDimV / kKeyGroups;      // O columns per warp
+  static constexpr int kSTiles = kKeysPerWarp / 8;
+  static constexpr int kOTiles = kColsPerWarp / 8;
+  static_assert(kSTiles == 1 || kSTiles % 2 == 0, "S n-tiles come in pairs (ldmatrix.x4) or alone (x2)");
+};
+
+// Dynamic shared memory, in order. kStages K tiles (2 = double-buffered; 1 where the SM has less memory).
+template <int kStages, int kRowGroups>
 struct SharedMemoryPlan {
-  uint16_t q[kBlockM * kHeadDim];              // [64, 576] bf16, swizzled
+  static constexpr int kBlockM = Layout<kRowGroups>::kBlockM, kKeyGroups = Layout<kRowGroups>::kKeyGroups;
   uint16_t k[kStages][kBlockN * kHeadDim];     // [stages][64, 576] bf16, swizzled; V = first 512 columns
-  uint16_t p[kBlockM * kBlockN];               // [64, 64] bf16 probabilities, swizzled
-  float row_max[2][kBlockM];                   // per key half
-  float row_sum[2][kBlockM];
+  uint16_t q[kBlockM * kHeadDim];              // [BLOCK_M, 576] bf16, swizzled
+  uint16_t p[kBlockM * kBlockN];               // [BLOCK_M, 64] bf16 probabilities, swizzled
+  float row_max[kKeyGroups][kBlockM];
+  float row_sum[kKeyGroups][kBlockM];
+};
+
+// Per-sequence schedule written by the scheduler kernel (device memory): split s of sequence b covers keys
+// [s·keys_per_split, min(len, (s+1)·keys_per_split)); its partial results live at row (offset + s) · rows.
+struct SequenceSchedule {
+  int offset, splits, keys_per_split;
 };
 
 // One launch of the split kernel. Pointers are device memory.
@@ -36,14 +58,19 @@ struct Params {
   const int32_t* seqlens = nullptr;           // [batch]
   float scale_log2 = 0.f;                     // softmax scale · log2(e)
   bool causal = false;
-  int splits = 1, keys_per_split = 0;         // keys_per_split: a multiple of kBlockN
-  void* out = nullptr;                        // [batch, rows, 512] bf16            (splits == 1)
-  float* lse = nullptr;                       // [batch, h_q, s_q], may be null     (splits == 1)
-  float* o_partial = nullptr;                 // [splits, batch, rows, 512] f32     (splits > 1)
-  float* lse_partial = nullptr;               // [splits, batch, rows] (-inf: no key seen)
+  const SequenceSchedule* schedule = nullptr; // [batch]
+  const int32_t* work = nullptr;              // [max_work] b · kMaxSplits + split, -1 past the end
+  int max_work = 0;                           // grid.x: batch + SM count bounds Σ splits
+  void* out = nullptr;                        // [batch, rows, 512] bf16 (sequences with one split)
+  float* lse = nullptr;                       // [batch, h_q, s_q], may be null
+  float* o_partial = nullptr;                 // [max_work, rows, 512] f32
+  float* lse_partial = nullptr;               // [max_work, rows] (-inf: no key seen)
 };
 
-// Launches the kernel; stages chosen from the device's shared-memory limit.
-void run_bf16_576(const Params& p, cudaStream_t stream);
+// Rows of query per block for a batch shape.
+inline int block_rows(int rows) { return rows <= 16 ? 16 : 64; }
+
+// Scheduler (from the device-side sequence lengths), split kernel and combine kernel, on one stream.
+void run_bf16_576(const Params& p, int num_sms, cudaStream_t stream);
 
 }  // namespace mla::cuda::sm80::decode

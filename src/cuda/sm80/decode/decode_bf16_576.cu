@@ -1,24 +1,50 @@
-// The one instantiation of the sm80 decode kernel: bf16, 576/512, both stage counts.
+// The sm80 decode kernels for bf16, 576/512: scheduler, split kernel (two warp layouts, one or two K stages),
+// combine.
+#include <string>
+
 #include "cuda/common/check.hpp"
 #include "cuda/sm80/decode/kernel.cuh"
+#include "cuda/sm90/launch.hpp"
 
 namespace mla::cuda::sm80::decode {
+namespace {
 
-void run_bf16_576(const Params& p, cudaStream_t stream) {
-  int device = 0, smem_limit = 0;
-  MLA_CUDA_CHECK(cudaGetDevice(&device));
-  MLA_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const dim3 grid((p.rows + kBlockM - 1) / kBlockM, p.batch, p.splits);
+template <int kRowGroups>
+void launch_split(const Params& p, int smem_limit, cudaStream_t stream) {
+  const dim3 grid(p.max_work, (p.rows + Layout<kRowGroups>::kBlockM - 1) / Layout<kRowGroups>::kBlockM);
   auto launch = [&](auto kernel, size_t bytes) {
     MLA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
     kernel<<<grid, kThreads, bytes, stream>>>(p);
     MLA_CUDA_LAUNCH_CHECK();
   };
-  if (smem_limit >= static_cast<int>(sizeof(SharedMemoryPlan<2>))) launch(decode_kernel<2>, sizeof(SharedMemoryPlan<2>));
-  else if (smem_limit >= static_cast<int>(sizeof(SharedMemoryPlan<1>))) launch(decode_kernel<1>, sizeof(SharedMemoryPlan<1>));
+  constexpr size_t two = sizeof(SharedMemoryPlan<2, kRowGroups>), one = sizeof(SharedMemoryPlan<1, kRowGroups>);
+  if (smem_limit >= static_cast<int>(two)) launch(decode_kernel<2, kRowGroups>, two);
+  else if (smem_limit >= static_cast<int>(one)) launch(decode_kernel<1, kRowGroups>, one);
   else throw InvalidArgument("decode_attention (cuda): the GPU allows " + std::to_string(smem_limit) +
-                             " bytes of shared memory per block; the 576/512 kernel needs " +
-                             std::to_string(sizeof(SharedMemoryPlan<1>)));
+                             " bytes of shared memory per block; the 576/512 kernel needs " + std::to_string(one));
+}
+
+void launch_split_sm90(const Params& p, int m_blocks, cudaStream_t stream) {
+  sm90::decode::launch_split(p, dim3(p.max_work, m_blocks), stream);
+}
+
+}  // namespace
+
+void run_bf16_576(const Params& p, int num_sms, cudaStream_t stream) {
+  int device = 0, smem_limit = 0;
+  MLA_CUDA_CHECK(cudaGetDevice(&device));
+  MLA_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const int bm = block_rows(p.rows), m_blocks = (p.rows + bm - 1) / bm;
+  schedule_kernel<<<1, 1024, 0, stream>>>(p.seqlens, p.batch, m_blocks, num_sms,
+                                          const_cast<SequenceSchedule*>(p.schedule), const_cast<int32_t*>(p.work),
+                                          p.max_work);
+  MLA_CUDA_LAUNCH_CHECK();
+  if (bm == 16) launch_split<1>(p, smem_limit, stream);
+  else if (sm90::usable()) launch_split_sm90(p, m_blocks, stream);
+  else launch_split<4>(p, smem_limit, stream);
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.rows;
+  combine_kernel<<<static_cast<unsigned>((rows + 3) / 4), 128, 0, stream>>>(p);
+  MLA_CUDA_LAUNCH_CHECK();
 }
 
 }  // namespace mla::cuda::sm80::decode

@@ -1,9 +1,15 @@
-// The sm80 absorbed-decode kernel (mma.sync, bf16): one block = 64 query rows of one sequence × one split of
-// its keys. Per 64-key tile: S = Q·Kᵀ (8 warps: 4 row groups × 2 key halves), online softmax in the log2
-// domain with the row max shared across the halves through shared memory, P rounded to bf16 into shared
-// memory, then O += P·V (each warp: its 16 rows × one 256-column half of the 512-wide value). K tiles arrive
-// by cp.async, double-buffered; keys past the sequence are zero-filled and never read (NaN in unused slots
-// cannot leak).
+// The sm80 absorbed-decode kernels (mma.sync, bf16).
+//
+// Split kernel: one block = BLOCK_M query rows (s_q · h_q flattened) of one sequence × one key range (split)
+// from the device-side schedule. Per 64-key tile: S = Q·Kᵀ, warps split over row groups × key groups; online
+// softmax in the log2 domain with each row's max shared across its key groups through shared memory; P
+// rounded to bf16 into shared memory (the P·V rounding point); O += P·V with each warp owning its rows × one
+// column slice of the 512-wide value. K tiles arrive by cp.async, double-buffered; keys past the sequence are
+// zero-filled and never read, so NaN in unused cache slots cannot leak. Sequences with one split write the
+// final bf16 output; others write fp32 partials + LSE for the combine kernel.
+//
+// Scheduler: one block turns the sequence lengths into per-sequence split counts (about total work / SMs
+// tiles per block) and a work list, so one long sequence among short ones still fills the GPU.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -11,102 +17,121 @@
 #include <cmath>
 
 #include "cuda/sm80/decode/config.h"
+#include "cuda/sm80/decode/loader.cuh"
 #include "cuda/sm80/mma.cuh"
 
 namespace mla::cuda::sm80::decode {
 
-// Issues cp.async for one [64, 576] tile starting at key `t0` (keys >= seqlen are zero-filled).
-__device__ __forceinline__ void load_k_tile(uint16_t* sK, const Params& p, int b, int t0, int seqlen) {
-  const auto* kv = static_cast<const uint16_t*>(p.kv);
-  const int32_t* table = p.block_table + static_cast<int64_t>(b) * p.max_pages;
-  const int page_mask = (1 << p.page_size_log2) - 1;
-#pragma unroll 2
-  for (int idx = threadIdx.x; idx < kBlockN * kChunksQK; idx += kThreads) {
-    const int row = idx / kChunksQK, chunk = idx % kChunksQK, t = t0 + row;
-    const bool valid = t < seqlen;
-    const uint16_t* src = kv;
-    if (valid) {
-      const int64_t slot = (static_cast<int64_t>(table[t >> p.page_size_log2]) << p.page_size_log2) + (t & page_mask);
-      src = kv + slot * kHeadDim + chunk * 8;
-    }
-    cp_async_16(sK + swizzle<kChunksQK>(row, chunk * 8), src, valid);
-  }
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(smem)));
 }
 
-template <int kStages>
+template <int kStages, int kRowGroups>
 __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_constant__ Params p) {
+  using L = Layout<kRowGroups>;
+  constexpr int kBlockM = L::kBlockM;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  auto& sm = *reinterpret_cast<SharedMemoryPlan<kStages>*>(smem_raw);
-  const int m0 = blockIdx.x * kBlockM, b = blockIdx.y, split = blockIdx.z;
+  auto& sm = *reinterpret_cast<SharedMemoryPlan<kStages, kRowGroups>*>(smem_raw);
+
+  const int item = p.work[blockIdx.x];
+  if (item < 0) return;
+  const int b = item / kMaxSplits, split = item % kMaxSplits;
+  const SequenceSchedule sched = p.schedule[b];
+  const int m0 = blockIdx.y * kBlockM;
+  if (m0 >= p.rows) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int mw = warp & 3, nw = warp >> 2;  // row group (16 rows), half (32 keys in S / 256 columns in O)
+  const int mw = warp % kRowGroups, nw = warp / kRowGroups;  // row group, key group (S) / column group (O)
   const int seqlen = p.seqlens[b];
-  const int k_begin = split * p.keys_per_split;
-  const int k_end = min(seqlen, k_begin + p.keys_per_split);
+  const int k_begin = split * sched.keys_per_split;
+  const int k_end = min(seqlen, k_begin + sched.keys_per_split);
   const int tiles = k_end > k_begin ? (k_end - k_begin + kBlockN - 1) / kBlockN : 0;
 
-  // Q [64, 576]: rows past `rows` are zero.
+  // Q [BLOCK_M, 576]: rows past `rows` are zero.
   const auto* gQ = static_cast<const uint16_t*>(p.q) + (static_cast<int64_t>(b) * p.rows + m0) * kHeadDim;
   for (int idx = threadIdx.x; idx < kBlockM * kChunksQK; idx += kThreads) {
     const int row = idx / kChunksQK, chunk = idx % kChunksQK;
     const bool valid = m0 + row < p.rows;
     cp_async_16(sm.q + swizzle<kChunksQK>(row, chunk * 8), valid ? gQ + row * kHeadDim + chunk * 8 : gQ, valid);
   }
-  if (tiles > 0) load_k_tile(sm.k[0], p, b, k_begin, seqlen);
+  const int32_t* table = p.block_table + static_cast<int64_t>(b) * p.max_pages;
+  auto offset = [](int row, int col) { return swizzle<kChunksQK>(row, col); };
+  TileLoader loader;
+  loader.prefetch(p, table, k_begin, seqlen);
+  if (tiles > 0) loader.issue(sm.k[0], p.kv, offset);
   cp_async_commit();
+  loader.prefetch(p, table, k_begin + kBlockN, seqlen);
 
-  // This thread's two rows (C fragment rows lane/4 and lane/4 + 8 of its warp's 16) and their key limits.
+  // This thread's two rows (C-fragment rows lane/4 and lane/4 + 8 of its warp's 16) and their key limits.
   const int r_local[2] = {16 * mw + lane / 4, 16 * mw + lane / 4 + 8};
   int limit[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int r = m0 + r_local[i];
-    const int qi = r / p.h_q;  // query index within s_q
-    limit[i] = r >= p.rows ? 0 : (p.causal ? seqlen - (p.s_q - 1 - qi) : seqlen);
+    limit[i] = r >= p.rows ? 0 : (p.causal ? seqlen - (p.s_q - 1 - r / p.h_q) : seqlen);
   }
 
-  float o[kHeadDimV / 2 / 8][4];  // [32 n-tiles of 8 columns] of this warp's 256-column half
+  float o[L::kOTiles][4];  // this warp's 16 rows × kColsPerWarp columns
 #pragma unroll
-  for (int j = 0; j < kHeadDimV / 16; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  for (int j = 0; j < L::kOTiles; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  // Q as A fragments, kept in registers when the block has one row group (every warp needs all of Q).
+  constexpr bool kQInRegisters = kRowGroups == 1;
+  uint32_t qf[kQInRegisters ? kHeadDim / 16 : 1][4];
 
   for (int tile = 0; tile < tiles; ++tile) {
     const int t0 = k_begin + tile * kBlockN;
+    cp_async_wait<0>();
+    __syncthreads();  // tile `tile` landed for everyone; everyone is done with tile-1's buffers
     if (kStages == 2 && tile + 1 < tiles) {
-      load_k_tile(sm.k[(tile + 1) % kStages], p, b, t0 + kBlockN, seqlen);
+      loader.issue(sm.k[(tile + 1) % 2], p.kv, offset);
       cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
+      loader.prefetch(p, table, t0 + 2 * kBlockN, seqlen);
     }
-    __syncthreads();
     const uint16_t* sK = sm.k[tile % kStages];
-
-    // S [16 rows, 32 keys] per warp = Q[16, 576] · K[32 keys, 576]ᵀ.
-    float s[4][4];
+    if constexpr (kQInRegisters) {
+      if (tile == 0) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll 4
-    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      uint32_t a[4];
-      ldmatrix_x4(a, sm.q + swizzle<kChunksQK>(16 * mw + lane % 16, 16 * kk + (lane / 16) * 8));
-#pragma unroll
-      for (int np = 0; np < 2; ++np) {
-        uint32_t bf[4];
-        const int key = 32 * nw + 16 * np + lane % 8 + (lane / 16) * 8;
-        ldmatrix_x4(bf, sK + swizzle<kChunksQK>(key, 16 * kk + ((lane / 8) % 2) * 8));
-        mma_bf16_16816(s[2 * np], a, bf[0], bf[1]);
-        mma_bf16_16816(s[2 * np + 1], a, bf[2], bf[3]);
+        for (int kk = 0; kk < kHeadDim / 16; ++kk)
+          ldmatrix_x4(qf[kk], sm.q + swizzle<kChunksQK>(lane % 16, 16 * kk + (lane / 16) * 8));
       }
     }
 
-    // Scale into the log2 domain, mask, and take this half's row max.
+    // S [16 rows, kKeysPerWarp keys] per warp = Q[16, 576] · K[keys, 576]ᵀ.
+    float s[L::kSTiles][4];
+#pragma unroll
+    for (int j = 0; j < L::kSTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      uint32_t a[4];
+      if constexpr (kQInRegisters) {
+        a[0] = qf[kk][0], a[1] = qf[kk][1], a[2] = qf[kk][2], a[3] = qf[kk][3];
+      } else {
+        ldmatrix_x4(a, sm.q + swizzle<kChunksQK>(16 * mw + lane % 16, 16 * kk + (lane / 16) * 8));
+      }
+      if constexpr (L::kSTiles == 1) {
+        uint32_t bf[2];
+        ldmatrix_x2(bf, sK + swizzle<kChunksQK>(L::kKeysPerWarp * nw + lane % 8, 16 * kk + ((lane / 8) % 2) * 8));
+        mma_bf16_16816(s[0], a, bf[0], bf[1]);
+      } else {
+#pragma unroll
+        for (int np = 0; np < L::kSTiles / 2; ++np) {
+          uint32_t bf[4];
+          const int key = L::kKeysPerWarp * nw + 16 * np + lane % 8 + (lane / 16) * 8;
+          ldmatrix_x4(bf, sK + swizzle<kChunksQK>(key, 16 * kk + ((lane / 8) % 2) * 8));
+          mma_bf16_16816(s[2 * np], a, bf[0], bf[1]);
+          mma_bf16_16816(s[2 * np + 1], a, bf[2], bf[3]);
+        }
+      }
+    }
+
+    // Scale into the log2 domain, mask, and take this key group's row max.
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+    for (int j = 0; j < L::kSTiles; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int t = t0 + 32 * nw + 8 * j + 2 * (lane % 4) + (e & 1);
+        const int t = t0 + L::kKeysPerWarp * nw + 8 * j + 2 * (lane % 4) + (e & 1);
         const float x = t < limit[e / 2] ? s[j][e] * p.scale_log2 : -INFINITY;
         s[j][e] = x;
         tile_max[e / 2] = fmaxf(tile_max[e / 2], x);
@@ -122,13 +147,15 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
     float alpha[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const float m_new = fmaxf(m_run[i], fmaxf(sm.row_max[0][r_local[i]], sm.row_max[1][r_local[i]]));
+      float m_new = m_run[i];
+#pragma unroll
+      for (int g = 0; g < L::kKeyGroups; ++g) m_new = fmaxf(m_new, sm.row_max[g][r_local[i]]);
       const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no key seen yet: keep everything at 0
       alpha[i] = exp2f(m_run[i] - m_use);
       m_run[i] = m_new;
       float sum = 0.f;
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+      for (int j = 0; j < L::kSTiles; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const float pv = exp2f(s[j][2 * i + e] - m_use);
@@ -137,46 +164,46 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
         }
       l_run[i] = l_run[i] * alpha[i] + sum;  // fp32 sum of the unrounded probabilities (as the CPU does)
     }
-    // P → shared memory as bf16 (the rounding point of the P·V product).
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+    for (int j = 0; j < L::kSTiles; ++j)
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        const int key = 32 * nw + 8 * j + 2 * (lane % 4);
+        const int key = L::kKeysPerWarp * nw + 8 * j + 2 * (lane % 4);
         *reinterpret_cast<uint32_t*>(sm.p + swizzle<kBlockN / 8>(r_local[i], key)) =
             pack_bf16(s[j][2 * i], s[j][2 * i + 1]);
       }
 #pragma unroll
-    for (int j = 0; j < kHeadDimV / 16; ++j) {
+    for (int j = 0; j < L::kOTiles; ++j) {
       o[j][0] *= alpha[0], o[j][1] *= alpha[0];
       o[j][2] *= alpha[1], o[j][3] *= alpha[1];
     }
-    __syncthreads();
+    __syncthreads();  // P complete; row_max free again
 
-    // O[16, 256] += P[16, 64] · V[64, 256 of 512].
+    // O[16, kColsPerWarp] += P[16, 64] · V[64, kColsPerWarp].
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
       uint32_t a[4];
       ldmatrix_x4(a, sm.p + swizzle<kBlockN / 8>(16 * mw + lane % 16, 16 * kk + (lane / 16) * 8));
 #pragma unroll
-      for (int np = 0; np < kHeadDimV / 2 / 16; ++np) {
+      for (int np = 0; np < L::kOTiles / 2; ++np) {
         uint32_t bf[4];
         const int key = 16 * kk + lane % 8 + ((lane / 8) % 2) * 8;
-        const int col = (kHeadDimV / 2) * nw + 16 * np + (lane / 16) * 8;
+        const int col = L::kColsPerWarp * nw + 16 * np + (lane / 16) * 8;
         ldmatrix_x4_trans(bf, sK + swizzle<kChunksQK>(key, col));
         mma_bf16_16816(o[2 * np], a, bf[0], bf[1]);
         mma_bf16_16816(o[2 * np + 1], a, bf[2], bf[3]);
       }
     }
-    __syncthreads();  // the tile's buffer and sP are free for the next tile
     if (kStages == 1 && tile + 1 < tiles) {
-      load_k_tile(sm.k[0], p, b, t0 + kBlockN, seqlen);
+      __syncthreads();
+      loader.issue(sm.k[0], p.kv, offset);
       cp_async_commit();
+      loader.prefetch(p, table, t0 + 2 * kBlockN, seqlen);
     }
   }
   cp_async_wait<0>();
 
-  // Row sums: over the quad, then over the two key halves.
+  // Row sums: over the quad, then over the key groups.
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
@@ -188,28 +215,111 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
   for (int i = 0; i < 2; ++i) {
     const int r = m0 + r_local[i];
     if (r >= p.rows) continue;
-    const float l = sm.row_sum[0][r_local[i]] + sm.row_sum[1][r_local[i]];
+    float l = 0.f;
+#pragma unroll
+    for (int g = 0; g < L::kKeyGroups; ++g) l += sm.row_sum[g][r_local[i]];
     const float inv = l > 0.f ? 1.f / l : 0.f;
     const float lse = l > 0.f ? m_run[i] * 0.69314718055994531f + logf(l) : INFINITY;
-    const int64_t row = static_cast<int64_t>(b) * p.rows + r;
-    if (p.splits == 1) {
-      auto* out = static_cast<__nv_bfloat16*>(p.out) + row * kHeadDimV + (kHeadDimV / 2) * nw + 2 * (lane % 4);
+    const int col0 = L::kColsPerWarp * nw + 2 * (lane % 4);
+    if (sched.splits == 1) {
+      const int64_t row = static_cast<int64_t>(b) * p.rows + r;
+      auto* out = static_cast<__nv_bfloat16*>(p.out) + row * kHeadDimV + col0;
 #pragma unroll
-      for (int j = 0; j < kHeadDimV / 16; ++j)
+      for (int j = 0; j < L::kOTiles; ++j)
         *reinterpret_cast<__nv_bfloat162*>(out + 8 * j) = __floats2bfloat162_rn(o[j][2 * i] * inv, o[j][2 * i + 1] * inv);
-      if (p.lse && nw == 0 && lane % 4 == 0) {
-        const int qi = r / p.h_q, h = r % p.h_q;
-        p.lse[(static_cast<int64_t>(b) * p.h_q + h) * p.s_q + qi] = lse;
-      }
+      if (p.lse && nw == 0 && lane % 4 == 0)
+        p.lse[(static_cast<int64_t>(b) * p.h_q + r % p.h_q) * p.s_q + r / p.h_q] = lse;
     } else {
-      const int64_t prow = static_cast<int64_t>(split) * p.batch * p.rows + row;
-      float* out = p.o_partial + prow * kHeadDimV + (kHeadDimV / 2) * nw + 2 * (lane % 4);
+      const int64_t prow = static_cast<int64_t>(sched.offset + split) * p.rows + r;
+      float* out = p.o_partial + prow * kHeadDimV + col0;
 #pragma unroll
-      for (int j = 0; j < kHeadDimV / 16; ++j)
+      for (int j = 0; j < L::kOTiles; ++j)
         *reinterpret_cast<float2*>(out + 8 * j) = make_float2(o[j][2 * i] * inv, o[j][2 * i + 1] * inv);
       if (nw == 0 && lane % 4 == 0) p.lse_partial[prow] = l > 0.f ? lse : -INFINITY;
     }
   }
+}
+
+// One block of 1024 threads: split counts from the lengths, then an exclusive scan into offsets and the work
+// list. Each split gets about (total tiles · m_blocks) / SMs tiles, at least kMinTilesPerSplit.
+__global__ void __launch_bounds__(1024) schedule_kernel(const int32_t* __restrict__ seqlens, int batch, int m_blocks,
+                                                        int num_sms, SequenceSchedule* __restrict__ schedule,
+                                                        int32_t* __restrict__ work, int max_work) {
+  __shared__ long long scan[1024];
+  const int tid = threadIdx.x;
+  long long tiles_local = 0;
+  for (int b = tid; b < batch; b += 1024) tiles_local += (max(seqlens[b], 0) + kBlockN - 1) / kBlockN;
+  scan[tid] = tiles_local;
+  __syncthreads();
+  for (int s = 512; s > 0; s >>= 1) {
+    if (tid < s) scan[tid] += scan[tid + s];
+    __syncthreads();
+  }
+  const long long total = scan[0] * m_blocks;
+  __syncthreads();
+  const long long target = max(static_cast<long long>(kMinTilesPerSplit), (total + num_sms - 1) / num_sms);
+  auto splits_of = [&](int tiles) {
+    const long long s = (tiles + target / 2) / target;
+    return static_cast<int>(min(static_cast<long long>(kMaxSplits), max(1LL, s)));
+  };
+  const int chunk = (batch + 1023) / 1024, b0 = min(batch, tid * chunk), b1 = min(batch, b0 + chunk);
+  long long mine = 0;
+  for (int b = b0; b < b1; ++b) mine += splits_of((max(seqlens[b], 0) + kBlockN - 1) / kBlockN);
+  scan[tid] = mine;
+  __syncthreads();
+  for (int d = 1; d < 1024; d <<= 1) {  // inclusive Hillis-Steele scan
+    const long long add = tid >= d ? scan[tid - d] : 0;
+    __syncthreads();
+    scan[tid] += add;
+    __syncthreads();
+  }
+  int offset = static_cast<int>(scan[tid] - mine);
+  for (int b = b0; b < b1; ++b) {
+    const int tiles = (max(seqlens[b], 0) + kBlockN - 1) / kBlockN, splits = splits_of(tiles);
+    const int per = max(1, (tiles + splits - 1) / splits) * kBlockN;
+    schedule[b] = {offset, splits, per};
+    for (int s = 0; s < splits && offset + s < max_work; ++s) work[offset + s] = b * kMaxSplits + s;
+    offset += splits;
+  }
+  for (int w = static_cast<int>(scan[1023]) + tid; w < max_work; w += 1024) work[w] = -1;
+}
+
+// Merges split partials by log-sum-exp: one warp per (sequence, row); sequences with one split are done.
+__global__ void combine_kernel(Params p) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + warp;  // b · rows + r
+  if (row >= static_cast<int64_t>(p.batch) * p.rows) return;
+  const int b = static_cast<int>(row / p.rows), r = static_cast<int>(row % p.rows);
+  const SequenceSchedule sched = p.schedule[b];
+  if (sched.splits == 1) return;
+  const float* lse_part = p.lse_partial + static_cast<int64_t>(sched.offset) * p.rows + r;
+  float mx = -INFINITY;
+  for (int s = lane; s < sched.splits; s += 32) mx = fmaxf(mx, lse_part[int64_t{s} * p.rows]);
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  float acc[kHeadDimV / 128][4] = {};
+  float sum = 0.f;
+  for (int s = 0; s < sched.splits; ++s) {
+    const float ls = lse_part[int64_t{s} * p.rows];
+    if (ls == -INFINITY) continue;
+    const float w = exp2f((ls - mx) * 1.4426950408889634f);
+    sum += w;
+    const float* part = p.o_partial + (static_cast<int64_t>(sched.offset + s) * p.rows + r) * kHeadDimV;
+#pragma unroll
+    for (int c = 0; c < kHeadDimV / 128; ++c) {
+      const float4 v = *reinterpret_cast<const float4*>(part + 128 * c + 4 * lane);
+      acc[c][0] += w * v.x, acc[c][1] += w * v.y, acc[c][2] += w * v.z, acc[c][3] += w * v.w;
+    }
+  }
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  auto* out = static_cast<__nv_bfloat16*>(p.out) + row * kHeadDimV;
+#pragma unroll
+  for (int c = 0; c < kHeadDimV / 128; ++c) {
+    __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(out + 128 * c + 4 * lane);
+    dst[0] = __floats2bfloat162_rn(acc[c][0] * inv, acc[c][1] * inv);
+    dst[1] = __floats2bfloat162_rn(acc[c][2] * inv, acc[c][3] * inv);
+  }
+  if (p.lse && lane == 0)
+    p.lse[(static_cast<int64_t>(b) * p.h_q + r % p.h_q) * p.s_q + r / p.h_q] = sum > 0.f ? mx + logf(sum) : INFINITY;
 }
 
 }  // namespace mla::cuda::sm80::decode
