@@ -165,7 +165,11 @@ def test_layer_cache_as_a_torch_bf16_kv_cache():
 # ---- against transformers ----
 
 
-def test_layer_matches_transformers_deepseek_v3_attention(tmp_path):
+CUDA = torch.cuda.is_available() and "cuda" in mla.available_devices()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no GPU"))])
+def test_layer_matches_transformers_deepseek_v3_attention(tmp_path, device):
     transformers = pytest.importorskip("transformers")
     from safetensors.torch import save_file
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
@@ -202,14 +206,15 @@ def test_layer_matches_transformers_deepseek_v3_attention(tmp_path):
         want = attn(hidden, (cos.double(), sin.double()), mask)[0]
 
     for dtype, tol in (("f32", 1e-5), ("bf16", 2e-2)):
-        layer = mla.Attention.from_pretrained(tmp_path, dtype=dtype)
+        layer = mla.Attention.from_pretrained(tmp_path, device=device, dtype=dtype)
         cache = layer.make_cache(num_pages=16, page_size=16)
         seqs = [cache.add_sequence() for _ in range(B)]
+        x = hidden.float().to(device)
         # prefill 50 tokens, then decode the rest one by one (expanded, then absorbed form)
-        outs = [layer(hidden[:, :50].float(), cache, sequences=seqs)]
+        outs = [layer(x[:, :50], cache, sequences=seqs)]
         for t in range(50, T):
-            outs.append(layer(hidden[:, t : t + 1].float(), cache, sequences=seqs))
-        got = torch.cat(outs, dim=1)
+            outs.append(layer(x[:, t : t + 1], cache, sequences=seqs))
+        got = torch.cat(outs, dim=1).cpu()
         err = rel_error(got.numpy(), want.numpy())
-        print(f"transformers {dtype}: relative error {err:.3g}")
+        print(f"transformers {dtype} on {device}: relative error {err:.3g}")
         assert err < tol, f"{dtype}: relative error {err:.3g} against transformers"

@@ -1,0 +1,67 @@
+"""The package on a GPU: decode_with_kvcache and prefill on CUDA tensors against the float64 paged reference and
+the CPU, and the CUDA layer against transformers' DeepseekV3Attention. Skips without torch, a GPU, or a CUDA build
+(scripts/gpu-python.sh runs it on the H200)."""
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import mla  # noqa: E402
+from conftest import rel_error  # noqa: E402
+from test_torch import paged_reference, paged_tensors  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or "cuda" not in mla.available_devices(),
+    reason="needs a GPU and mla built with MLA_WITH_CUDA=ON",
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("h_q, s_q, page_size", [(128, 1, 64), (128, 2, 64), (16, 1, 16), (3, 4, 256), (64, 1, 1)])
+def test_decode_cuda_matches_paged_reference(dtype, h_q, s_q, page_size):
+    lengths = [0, 100, 1025, 5, 300]
+    kv, table, seqlens = paged_tensors(lengths, page_size, 576, dtype, seed=h_q * 7 + s_q)
+    q = (torch.rand(len(lengths), s_q, h_q, 576) * 2 - 1).to(dtype)
+    out, lse = mla.decode_with_kvcache(q.cuda(), kv.cuda(), table.cuda(), seqlens.cuda(), 512, causal=s_q > 1)
+    assert out.is_cuda and lse.is_cuda and out.dtype == dtype and out.shape == (5, s_q, h_q, 512)
+    want, want_lse = paged_reference(q, kv, table, seqlens, 512, 576**-0.5, s_q > 1)
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-6
+    assert rel_error(out.float().cpu().numpy(), want.numpy()) < tol
+    lse = lse.cpu()
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    finite = ~torch.isinf(want_lse)
+    torch.testing.assert_close(lse[finite].double(), want_lse[finite], rtol=1e-4, atol=1e-4)
+
+
+def test_prefill_cuda_matches_cpu():
+    g = torch.Generator().manual_seed(3)
+    n_q, n_k = [300, 1, 64], [300, 700, 64]
+    cu_q = torch.tensor([0, 300, 301, 365], dtype=torch.int32)
+    cu_k = torch.tensor([0, 300, 1000, 1064], dtype=torch.int32)
+    H = 16
+    q = (torch.rand(sum(n_q), H, 192, generator=g) * 2 - 1).bfloat16()
+    k = (torch.rand(sum(n_k), H, 192, generator=g) * 2 - 1).bfloat16()
+    v = (torch.rand(sum(n_k), H, 128, generator=g) * 2 - 1).bfloat16()
+    want, want_lse = mla.prefill(q, k, v, cu_q, cu_k, causal=True)
+    got, got_lse = mla.prefill(q.cuda(), k.cuda(), v.cuda(), cu_q, cu_k, causal=True)
+    assert got.is_cuda
+    assert rel_error(got.float().cpu().numpy(), want.float().numpy()) < 1e-2
+    torch.testing.assert_close(got_lse.cpu(), want_lse, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_cuda_layer_matches_cpu_layer_on_goldens(dtype):
+    from conftest import GOLDEN_CASES, Golden
+
+    for name in GOLDEN_CASES:
+        g = Golden(name)
+        outs = {}
+        for device in ("cpu", "cuda"):
+            layer = mla.Attention.from_pretrained(g.dir, device=device, dtype=dtype)
+            cache = layer.make_cache(num_pages=64, page_size=16)
+            seqs = [cache.add_sequence() for _ in range(g.hidden.shape[0])]
+            hidden = torch.from_numpy(g.hidden)
+            if device == "cuda":
+                hidden = hidden.cuda()
+            outs[device] = layer(hidden, cache, torch.from_numpy(g.positions), sequences=seqs).cpu().numpy()
+        assert rel_error(outs["cuda"], g.output) < (5e-6 if dtype == "f32" else 2e-2), name
+        assert rel_error(outs["cuda"], outs["cpu"]) < (5e-6 if dtype == "f32" else 1e-2), name
