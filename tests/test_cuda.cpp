@@ -2,6 +2,7 @@
 // feed and both attention paths, the decode and prefill ops on adversarial caches (permuted block tables,
 // NaN in every unused slot, zero-length sequences, odd head counts, page sizes 1..256), and the errors.
 // Every test skips when the build has CUDA support but the machine has no GPU.
+#include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -352,6 +353,115 @@ TEST(CudaDecode, RejectsUnsupportedByName) {
   p.dtype = DType::BF16;
   p.page_size = 48;
   EXPECT_THROW(decode_attention("cuda", p), InvalidArgument);
+}
+
+// ---- plan/run decode: a caller-owned workspace, captured in a CUDA graph --------------------------------
+
+#define TEST_CUDA_OK(call) ASSERT_EQ((call), cudaSuccess) << #call
+
+// Captures one planned decode call into a graph, replays it after overwriting q and the sequence lengths in
+// place, and compares with the plain (non-graph) call on the same new inputs: the same kernels, so the same
+// bits. Both the sm90 and the portable kernels, a multi-split batch and the 16-row layout.
+void run_graph_case(int64_t batch, int64_t s_q, int64_t h_q, std::vector<int32_t> lens0, std::vector<int32_t> lens1,
+                    uint64_t seed) {
+  constexpr int64_t D = 576, DV = 512, P = 64;
+  int64_t max_pages = 1;
+  for (int32_t L : lens0) max_pages = std::max<int64_t>(max_pages, (L + P - 1) / P);
+  for (int32_t L : lens1) max_pages = std::max<int64_t>(max_pages, (L + P - 1) / P);
+  const int64_t num_pages = batch * max_pages;
+  std::mt19937 rng(static_cast<uint32_t>(seed));
+  std::vector<int32_t> table(static_cast<size_t>(num_pages));
+  std::iota(table.begin(), table.end(), 0);
+  std::shuffle(table.begin(), table.end(), rng);
+  auto bf = [](std::vector<float> v) { return encode<uint16_t>(v, DType::BF16); };
+  const size_t q_n = static_cast<size_t>(batch * s_q * h_q * D), o_n = static_cast<size_t>(batch * s_q * h_q * DV);
+  Device dkv(bf(testing::random_values(static_cast<size_t>(num_pages * P * D), seed + 1)));
+  Device dq(bf(testing::random_values(q_n, seed + 2)));
+  Device dt(table), ds(lens0);
+  Device dout(std::vector<uint16_t>(o_n, 0x7fc0)), dlse(std::vector<float>(static_cast<size_t>(batch * h_q * s_q), kNaN));
+  Device want_out(std::vector<uint16_t>(o_n, 0x7fc0)), want_lse(std::vector<float>(static_cast<size_t>(batch * h_q * s_q), kNaN));
+  DecodeParams p;
+  p.batch = batch, p.s_q = s_q, p.h_q = h_q, p.page_size = P, p.num_pages = num_pages, p.max_pages = max_pages;
+  p.dtype = DType::BF16, p.softmax_scale = 0.1352f, p.causal = true;
+  p.q = dq.data(), p.kv_cache = dkv.data(), p.block_table = static_cast<const int32_t*>(dt.data());
+  p.cache_seqlens = static_cast<const int32_t*>(ds.data());
+  p.out = dout.data(), p.lse = static_cast<float*>(dlse.data());
+
+  DecodeParams shape = p;  // the plan needs the shape only
+  shape.q = shape.kv_cache = nullptr, shape.out = nullptr, shape.block_table = shape.cache_seqlens = nullptr;
+  const DecodeSchedule sched = plan_decode_attention("cuda", shape);
+  EXPECT_EQ(sched.device, "cuda");
+  EXPECT_GT(sched.workspace_bytes, 0);
+  void* ws = nullptr;
+  TEST_CUDA_OK(cudaMalloc(&ws, static_cast<size_t>(sched.workspace_bytes)));
+  cudaStream_t stream = nullptr;
+  TEST_CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  decode_attention("cuda", p, sched, ws, stream);  // warm (first launches set kernel attributes)
+  TEST_CUDA_OK(cudaStreamSynchronize(stream));
+
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  TEST_CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  decode_attention("cuda", p, sched, ws, stream);
+  TEST_CUDA_OK(cudaStreamEndCapture(stream, &graph));
+  TEST_CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+
+  // New q and lengths at the same addresses, a re-poisoned output, then one replay.
+  const std::vector<uint16_t> q1 = bf(testing::random_values(q_n, seed + 3));
+  dq.buf->copy_from_host(0, static_cast<int64_t>(q_n * 2), q1.data());
+  ds.buf->copy_from_host(0, static_cast<int64_t>(lens1.size() * 4), lens1.data());
+  const std::vector<uint16_t> poison(o_n, 0x7fc0);
+  dout.buf->copy_from_host(0, static_cast<int64_t>(o_n * 2), poison.data());
+  TEST_CUDA_OK(cudaGraphLaunch(exec, stream));
+  TEST_CUDA_OK(cudaStreamSynchronize(stream));
+  const std::vector<uint16_t> got = dout.read<uint16_t>(o_n);
+  const std::vector<float> got_lse = dlse.read<float>(static_cast<size_t>(batch * h_q * s_q));
+
+  DecodeParams plain = p;  // the convenience call, backend-owned workspace, default stream
+  plain.out = want_out.data(), plain.lse = static_cast<float*>(want_lse.data());
+  decode_attention("cuda", plain);
+  const std::vector<uint16_t> want = want_out.read<uint16_t>(o_n);
+  const std::vector<float> wlse = want_lse.read<float>(static_cast<size_t>(batch * h_q * s_q));
+  size_t diff = 0, nan = 0;
+  for (size_t i = 0; i < o_n; ++i) diff += got[i] != want[i], nan += std::isnan(bf16_to_float(got[i]));
+  EXPECT_EQ(diff, 0u) << "graph replay differs from the plain call";
+  EXPECT_EQ(nan, 0u) << "graph replay left NaN in the output";
+  for (size_t i = 0; i < wlse.size(); ++i)
+    ASSERT_TRUE(got_lse[i] == wlse[i] || (std::isinf(got_lse[i]) && std::isinf(wlse[i]))) << "lse " << i;
+
+  // A schedule of another shape is refused by name.
+  DecodeParams other = p;
+  other.h_q = h_q + 1;
+  EXPECT_THROW(decode_attention("cuda", other, sched, ws, stream), InvalidArgument);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+  cudaFree(ws);
+}
+
+TEST(CudaDecode, PlannedRunCapturedInGraph) {
+  SKIP_WITHOUT_GPU();
+  run_graph_case(4, 1, 128, {700, 64, 0, 3000}, {2000, 5, 900, 64}, 31);  // multi-split, zero length
+  run_graph_case(3, 2, 16, {100, 200, 300}, {4000, 1, 64}, 32);           // s_q 2: 32 rows, 64-row blocks
+  run_graph_case(2, 1, 16, {5000, 7}, {9, 6000}, 33);                     // 16-row layout
+  setenv("MLA_CUDA_DISABLE_SM90", "1", 1);
+  run_graph_case(4, 1, 128, {700, 64, 0, 3000}, {2000, 5, 900, 64}, 34);
+  unsetenv("MLA_CUDA_DISABLE_SM90");
+}
+
+TEST(CudaDecode, PlanOnCpuNeedsNoWorkspace) {
+  // Runs without a GPU too: the CPU plan/run pair.
+  DecodeParams p;
+  p.batch = 1, p.h_q = 2, p.head_dim = 8, p.head_dim_v = 4, p.page_size = 4, p.num_pages = 1, p.max_pages = 1;
+  p.dtype = DType::F32, p.softmax_scale = 0.5f;
+  const DecodeSchedule s = plan_decode_attention("cpu", p);
+  EXPECT_EQ(s.workspace_bytes, 0);
+  EXPECT_EQ(s.kernel, "cpu");
+  std::vector<float> q(16, 0.25f), kv(32, 0.5f), out(8, kNaN);
+  const int32_t table[1] = {0}, len[1] = {3};
+  p.q = q.data(), p.kv_cache = kv.data(), p.block_table = table, p.cache_seqlens = len, p.out = out.data();
+  decode_attention("cpu", p, s, nullptr);
+  for (float v : out) EXPECT_FLOAT_EQ(v, 0.5f);
 }
 
 // ---- the prefill op against a scalar reference ------------------------------------------------------------

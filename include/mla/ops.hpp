@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <string_view>
 
 #include "mla/dtype.hpp"
@@ -52,5 +53,23 @@ struct PrefillParams {
 // Throw mla::InvalidArgument naming the parameter for bad shapes, dtypes or unsupported combinations.
 void decode_attention(std::string_view device, const DecodeParams& params);
 void prefill_attention(std::string_view device, const PrefillParams& params);
+
+// Plan/run decode (docs/ops.md, "Planned decode and CUDA graphs"). The plan depends only on the batch shape
+// (batch, s_q, h_q, head dims, dtype; pointers and lengths may be unset); the run takes a workspace of
+// workspace_bytes that the caller owns (device memory of that device; may be null when 0) and allocates
+// nothing, synchronises nothing and reads no device data on the host, so on "cuda" it can be captured in a
+// CUDA graph and replayed with new q / cache_seqlens / block_table contents at the same addresses.
+struct DecodeSchedule {
+  std::string device;           // the device it was planned for
+  std::string kernel;           // which kernel the run launches ("sm90-bf16-576", "generic", "cpu", ...)
+  int64_t workspace_bytes = 0;  // scratch the run needs (split-KV partials, work list); 0 on the CPU
+  int64_t batch = 0, s_q = 0, h_q = 0, head_dim = 0, head_dim_v = 0;  // the shape it was planned for
+  DType dtype = DType::BF16;
+};
+DecodeSchedule plan_decode_attention(std::string_view device, const DecodeParams& params);
+// `stream` is a cudaStream_t on "cuda" (null: the legacy default stream); ignored on the CPU backends.
+// Throws InvalidArgument when params' shape differs from the schedule's or workspace is null but needed.
+void decode_attention(std::string_view device, const DecodeParams& params, const DecodeSchedule& schedule,
+                      void* workspace, void* stream = nullptr);
 
 }  // namespace mla

@@ -61,6 +61,10 @@ class Backend {
   virtual std::unique_ptr<Buffer> allocate(int64_t bytes) const = 0;
   virtual std::unique_ptr<LayerImpl> make_layer(const LayerWeights& weights, const LayerOptions& options) const = 0;
   virtual void decode_attention(const DecodeParams& params) const = 0;
+  // Plan/run decode: the schedule's shape fields are filled in by the caller (src/core/ops.cpp).
+  virtual DecodeSchedule plan_decode_attention(const DecodeParams& params) const = 0;
+  virtual void decode_attention(const DecodeParams& params, const DecodeSchedule& schedule, void* workspace,
+                                void* stream) const = 0;
   virtual void prefill_attention(const PrefillParams& params) const = 0;
 };
 

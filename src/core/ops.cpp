@@ -65,8 +65,8 @@ void check_cu_seqlens(std::string_view op, const char* name, const int32_t* cu, 
     fail(op, std::string(name) + "[batch] must equal " + total_name + " = " + str(total) + ", got " + str(cu[batch]));
 }
 
-void validate(const detail::Backend& backend, const DecodeParams& p) {
-  constexpr std::string_view op = "decode_attention";
+void validate(const detail::Backend& backend, const DecodeParams& p, bool shape_only = false,
+              std::string_view op = "decode_attention") {
   check_dim(op, "batch", p.batch);
   check_dim(op, "s_q", p.s_q);
   check_dim(op, "h_q", p.h_q);
@@ -85,6 +85,7 @@ void validate(const detail::Backend& backend, const DecodeParams& p) {
   check_elements(op, "q", {p.batch, p.s_q, p.h_q, p.head_dim});
   check_elements(op, "kv_cache", {p.num_pages, p.page_size, p.head_dim});
   check_elements(op, "block_table", {p.batch, p.max_pages});
+  if (shape_only) return;
   check_ptr(op, "q", p.q);
   check_ptr(op, "kv_cache", p.kv_cache);
   check_ptr(op, "block_table", p.block_table);
@@ -143,6 +144,41 @@ void decode_attention(std::string_view device, const DecodeParams& p) {
   const detail::Backend& backend = detail::find_backend(device);
   validate(backend, p);
   backend.decode_attention(p);
+}
+
+DecodeSchedule plan_decode_attention(std::string_view device, const DecodeParams& p) {
+  const detail::Backend& backend = detail::find_backend(device);
+  validate(backend, p, true, "plan_decode_attention");
+  DecodeSchedule s = backend.plan_decode_attention(p);
+  s.device = std::string(backend.name());
+  s.batch = p.batch, s.s_q = p.s_q, s.h_q = p.h_q, s.head_dim = p.head_dim, s.head_dim_v = p.head_dim_v;
+  s.dtype = p.dtype;
+  return s;
+}
+
+void decode_attention(std::string_view device, const DecodeParams& p, const DecodeSchedule& schedule, void* workspace,
+                      void* stream) {
+  constexpr std::string_view op = "decode_attention";
+  const detail::Backend& backend = detail::find_backend(device);
+  validate(backend, p);
+  if (schedule.device != backend.name())
+    fail(op, "the schedule was planned for device \"" + schedule.device + "\", not \"" + std::string(backend.name()) + "\"");
+  auto same = [&](const char* name, int64_t planned, int64_t got) {
+    if (planned != got)
+      fail(op, std::string(name) + " = " + str(got) + " differs from the schedule's " + str(planned) +
+                   " (plan again for a new batch shape)");
+  };
+  same("batch", schedule.batch, p.batch);
+  same("s_q", schedule.s_q, p.s_q);
+  same("h_q", schedule.h_q, p.h_q);
+  same("head_dim", schedule.head_dim, p.head_dim);
+  same("head_dim_v", schedule.head_dim_v, p.head_dim_v);
+  if (schedule.dtype != p.dtype)
+    fail(op, "dtype " + std::string(dtype_name(p.dtype)) + " differs from the schedule's " +
+                 std::string(dtype_name(schedule.dtype)));
+  if (schedule.workspace_bytes > 0 && workspace == nullptr)
+    fail(op, "workspace must not be null: the schedule needs " + str(schedule.workspace_bytes) + " bytes");
+  backend.decode_attention(p, schedule, workspace, stream);
 }
 
 void prefill_attention(std::string_view device, const PrefillParams& p) {

@@ -242,6 +242,12 @@ void decode_attention(const DecodeParams& p) {
   else decode<float>(p);
 }
 
+DecodeSchedule plan_decode_attention(const DecodeParams&) {
+  DecodeSchedule s;
+  s.kernel = "cpu";
+  return s;
+}
+
 void prefill_attention(const PrefillParams& p) {
   if (p.dtype == DType::BF16) prefill<uint16_t>(p);
   else prefill<float>(p);

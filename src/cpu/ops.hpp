@@ -6,6 +6,8 @@
 namespace mla::cpu {
 
 void decode_attention(const DecodeParams& params);
+// Plan of the CPU decode: kernel "cpu", no workspace (the run is decode_attention(params)).
+DecodeSchedule plan_decode_attention(const DecodeParams& params);
 void prefill_attention(const PrefillParams& params);
 
 }  // namespace mla::cpu

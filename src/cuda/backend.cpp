@@ -1,6 +1,7 @@
 // The "cuda" backend: device buffers, the CUDA layer and the attention ops. Registered only when a GPU is
 // present, so a CUDA build still runs on machines without one.
 #include <mutex>
+#include <string>
 
 #include "core/backend.hpp"
 #include "cuda/common/attention.hpp"
@@ -30,6 +31,26 @@ class CudaBackend final : public detail::Backend {
     std::lock_guard lock(mutex_);
     const DecodePlan plan = plan_decode(p, num_sms_);
     run_decode(p, plan, workspace_, nullptr);
+  }
+  DecodeSchedule plan_decode_attention(const DecodeParams& p) const override {
+    validate_shape(p);
+    const DecodePlan plan = plan_decode(p, num_sms_);
+    DecodeSchedule s;
+    s.kernel = plan.kernel;
+    s.workspace_bytes = plan.workspace_bytes;
+    return s;
+  }
+  // No lock and no shared state: the caller owns the workspace (one per concurrent stream).
+  void decode_attention(const DecodeParams& p, const DecodeSchedule& schedule, void* workspace,
+                        void* stream) const override {
+    validate(p);
+    const DecodePlan plan = plan_decode(p, num_sms_);
+    if (plan.kernel != schedule.kernel || plan.workspace_bytes > schedule.workspace_bytes)
+      throw InvalidArgument("decode_attention (cuda): the schedule (kernel " + schedule.kernel + ", " +
+                            std::to_string(schedule.workspace_bytes) + " workspace bytes) does not fit this call "
+                            "(kernel " + plan.kernel + ", " + std::to_string(plan.workspace_bytes) +
+                            " bytes): plan again (MLA_CUDA_DISABLE_SM90 changed?)");
+    run_decode(p, plan, workspace, static_cast<cudaStream_t>(stream));
   }
   void prefill_attention(const PrefillParams& p) const override {
     validate(p);

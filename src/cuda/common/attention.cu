@@ -1,6 +1,7 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <limits>
 #include <string>
 
 #include "cuda/common/attention.hpp"
@@ -127,6 +128,12 @@ void check_dtype(DType t, const char* op) {
 }  // namespace
 
 void validate(const DecodeParams& p) {
+  validate_shape(p);
+  if (p.batch > 0 && (!p.q || !p.kv_cache || !p.block_table || !p.cache_seqlens || !p.out))
+    throw InvalidArgument("decode_attention (cuda): q, kv_cache, block_table, cache_seqlens and out must not be null");
+}
+
+void validate_shape(const DecodeParams& p) {
   auto bad = [](const std::string& what) { throw InvalidArgument("decode_attention (cuda): " + what); };
   check_dtype(p.dtype, "decode_attention");
   if (p.batch < 0) bad("batch must not be negative, got " + std::to_string(p.batch));
@@ -140,8 +147,6 @@ void validate(const DecodeParams& p) {
   if (p.max_pages < 0 || p.num_pages < 0) bad("max_pages and num_pages must not be negative");
   if (p.s_q * p.h_q > (int64_t{1} << 30) || p.max_pages * p.page_size > (int64_t{1} << 30))
     bad("s_q·h_q and max_pages·page_size must stay below 2^30");
-  if (p.batch > 0 && (!p.q || !p.kv_cache || !p.block_table || !p.cache_seqlens || !p.out))
-    bad("q, kv_cache, block_table, cache_seqlens and out must not be null");
   if (p.batch > 65535) bad("batch must be <= 65535, got " + std::to_string(p.batch));
   if (p.s_q * p.h_q > 65535 * 64) bad("s_q·h_q too large");
 }
@@ -186,13 +191,23 @@ DecodePlan plan_decode(const DecodeParams& p, int num_sms) {
     plan.kernel = "generic";
     return plan;
   }
-  plan.kernel = "sm80-bf16-576";
+  plan.kernel = sm90::usable() && sm80::decode::block_rows(static_cast<int>(p.s_q * p.h_q)) == 64 ? "sm90-bf16-576"
+                                                                                                 : "sm80-bf16-576";
   plan.max_work = static_cast<int>(p.batch + num_sms);
+  const int64_t rows = p.s_q * p.h_q, bm = sm80::decode::block_rows(static_cast<int>(rows));
+  if (plan.max_work * ((rows + bm - 1) / bm) > std::numeric_limits<int32_t>::max())
+    throw InvalidArgument("decode_attention (cuda): batch · s_q · h_q too large for one launch");
   plan.workspace_bytes = DecodeWorkspace(p.batch, p.s_q * p.h_q, plan.max_work).bytes;
   return plan;
 }
 
 void run_decode(const DecodeParams& p, const DecodePlan& plan, DeviceArray& workspace, cudaStream_t stream) {
+  if (p.batch == 0) return;
+  workspace.reserve(plan.workspace_bytes);
+  run_decode(p, plan, plan.workspace_bytes > 0 ? workspace.get<char>() : nullptr, stream);
+}
+
+void run_decode(const DecodeParams& p, const DecodePlan& plan, void* workspace, cudaStream_t stream) {
   if (p.batch == 0) return;
   if (plan.kernel == "generic") {
     const size_t smem = generic_smem(p.head_dim, p.head_dim_v);
@@ -213,8 +228,7 @@ void run_decode(const DecodeParams& p, const DecodePlan& plan, DeviceArray& work
   k.causal = p.causal;
   k.out = p.out, k.lse = p.lse;
   const DecodeWorkspace ws(p.batch, k.rows, plan.max_work);
-  workspace.reserve(ws.bytes);
-  char* base = workspace.get<char>();
+  char* base = static_cast<char*>(workspace);
   k.schedule = reinterpret_cast<const sm80::decode::SequenceSchedule*>(base + ws.schedule);
   k.work = reinterpret_cast<const int32_t*>(base + ws.work);
   k.max_work = plan.max_work;

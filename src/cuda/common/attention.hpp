@@ -17,7 +17,7 @@ namespace mla::cuda {
 // Host side of one decode launch, computed once per batch shape (batch, s_q, h_q, dims, dtype, SM count). The
 // split counts themselves come from a scheduler kernel that reads the sequence lengths on the device.
 struct DecodePlan {
-  std::string kernel;        // "sm80-bf16-576" or "generic"
+  std::string kernel;        // "sm90-bf16-576", "sm80-bf16-576" or "generic"
   int max_work = 0;          // upper bound of Σ splits: batch + SMs
   int64_t workspace_bytes = 0;
 };
@@ -26,6 +26,9 @@ DecodePlan plan_decode(const DecodeParams& p, int num_sms);
 
 // Runs one decode call; `workspace` grows to the plan's need (a run with a warm workspace allocates nothing).
 void run_decode(const DecodeParams& p, const DecodePlan& plan, DeviceArray& workspace, cudaStream_t stream);
+// The same with a caller-owned workspace of at least plan.workspace_bytes: allocates and synchronises nothing
+// (capturable in a CUDA graph).
+void run_decode(const DecodeParams& p, const DecodePlan& plan, void* workspace, cudaStream_t stream);
 
 // cu_seqlens in host memory: one launch per sequence.
 std::string prefill_kernel_name(const PrefillParams& p);
@@ -33,6 +36,7 @@ void run_prefill(const PrefillParams& p, cudaStream_t stream);
 
 // Throw mla::InvalidArgument naming the parameter.
 void validate(const DecodeParams& p);
+void validate_shape(const DecodeParams& p);  // the same without the pointer checks (plans)
 void validate(const PrefillParams& p);
 
 }  // namespace mla::cuda

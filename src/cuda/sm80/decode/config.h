@@ -60,12 +60,25 @@ struct Params {
   bool causal = false;
   const SequenceSchedule* schedule = nullptr; // [batch]
   const int32_t* work = nullptr;              // [max_work] b · kMaxSplits + split, -1 past the end
-  int max_work = 0;                           // grid.x: batch + SM count bounds Σ splits
+  int max_work = 0;                           // batch + SM count bounds Σ splits
+  int m_blocks = 1;                           // row blocks per sequence; grid.x = max_work · m_blocks, the row
+                                              // blocks of one work item adjacent (they share K tiles in L2)
+  bool rows_adjacent = true;                  // false (MLA_CUDA_DECODE_GRID=0): the old order, work item fastest
   void* out = nullptr;                        // [batch, rows, 512] bf16 (sequences with one split)
   float* lse = nullptr;                       // [batch, h_q, s_q], may be null
   float* o_partial = nullptr;                 // [max_work, rows, 512] f32
   float* lse_partial = nullptr;               // [max_work, rows] (-inf: no key seen)
 };
+
+// Work-list index and row block of this block (grid.x = max_work · m_blocks).
+#ifdef __CUDACC__
+__device__ __forceinline__ int block_work(const Params& p) {
+  return static_cast<int>(p.rows_adjacent ? blockIdx.x / p.m_blocks : blockIdx.x % p.max_work);
+}
+__device__ __forceinline__ int block_row_block(const Params& p) {
+  return static_cast<int>(p.rows_adjacent ? blockIdx.x % p.m_blocks : blockIdx.x / p.max_work);
+}
+#endif
 
 // Rows of query per block for a batch shape.
 inline int block_rows(int rows) { return rows <= 16 ? 16 : 64; }

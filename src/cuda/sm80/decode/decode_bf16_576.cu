@@ -1,5 +1,6 @@
 // The sm80 decode kernels for bf16, 576/512: scheduler, split kernel (two warp layouts, one or two K stages),
 // combine.
+#include <cstdlib>
 #include <string>
 
 #include "cuda/common/check.hpp"
@@ -11,7 +12,7 @@ namespace {
 
 template <int kRowGroups>
 void launch_split(const Params& p, int smem_limit, cudaStream_t stream) {
-  const dim3 grid(p.max_work, (p.rows + Layout<kRowGroups>::kBlockM - 1) / Layout<kRowGroups>::kBlockM);
+  const dim3 grid(static_cast<unsigned>(p.max_work) * static_cast<unsigned>(p.m_blocks));
   auto launch = [&](auto kernel, size_t bytes) {
     MLA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
     kernel<<<grid, kThreads, bytes, stream>>>(p);
@@ -25,16 +26,23 @@ void launch_split(const Params& p, int smem_limit, cudaStream_t stream) {
 }
 
 void launch_split_sm90(const Params& p, int m_blocks, cudaStream_t stream) {
-  sm90::decode::launch_split(p, dim3(p.max_work, m_blocks), stream);
+  sm90::decode::launch_split(p, dim3(static_cast<unsigned>(p.max_work) * static_cast<unsigned>(m_blocks)), stream);
 }
 
 }  // namespace
 
-void run_bf16_576(const Params& p, int num_sms, cudaStream_t stream) {
+void run_bf16_576(const Params& params, int num_sms, cudaStream_t stream) {
+  Params p = params;
   int device = 0, smem_limit = 0;
   MLA_CUDA_CHECK(cudaGetDevice(&device));
   MLA_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   const int bm = block_rows(p.rows), m_blocks = (p.rows + bm - 1) / bm;
+  p.m_blocks = m_blocks;
+  static const bool old_grid = [] {
+    const char* v = std::getenv("MLA_CUDA_DECODE_GRID");
+    return v && *v == '0';
+  }();
+  p.rows_adjacent = !old_grid;
   schedule_kernel<<<1, 1024, 0, stream>>>(p.seqlens, p.batch, m_blocks, num_sms,
                                           const_cast<SequenceSchedule*>(p.schedule), const_cast<int32_t*>(p.work),
                                           p.max_work);

@@ -34,11 +34,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
   extern __shared__ __align__(128) unsigned char smem_raw[];
   auto& sm = *reinterpret_cast<SharedMemoryPlan<kStages, kRowGroups>*>(smem_raw);
 
-  const int item = p.work[blockIdx.x];
+  const int item = p.work[block_work(p)];
   if (item < 0) return;
   const int b = item / kMaxSplits, split = item % kMaxSplits;
   const SequenceSchedule sched = p.schedule[b];
-  const int m0 = blockIdx.y * kBlockM;
+  const int m0 = block_row_block(p) * kBlockM;
   if (m0 >= p.rows) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int mw = warp % kRowGroups, nw = warp / kRowGroups;  // row group, key group (S) / column group (O)

@@ -25,6 +25,8 @@ using sm80::decode::kHeadDimV;
 using sm80::decode::kMaxSplits;
 using sm80::decode::Params;
 using sm80::decode::SequenceSchedule;
+using sm80::decode::block_row_block;
+using sm80::decode::block_work;
 
 constexpr int kBlockM = 64;
 constexpr int kThreads = 256;  // two warpgroups
@@ -56,11 +58,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
   extern __shared__ unsigned char smem_raw[];
   auto& sm = *reinterpret_cast<SharedMemoryPlan*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
 
-  const int item = p.work[blockIdx.x];
+  const int item = p.work[block_work(p)];
   if (item < 0) return;
   const int b = item / kMaxSplits, split = item % kMaxSplits;
   const SequenceSchedule sched = p.schedule[b];
-  const int m0 = blockIdx.y * kBlockM;
+  const int m0 = block_row_block(p) * kBlockM;
   if (m0 >= p.rows) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int mw = warp % 4, wg = warp / 4;  // 16-row group within the warpgroup; warpgroup = key / column half

@@ -2,8 +2,9 @@
 // warpgroups of 64 query rows each; a warpgroup owns whole rows, so its softmax needs nobody else and the two
 // only meet at the per-tile barrier that recycles the shared K/V buffers. Per 64-key tile and warpgroup:
 // S = Q·Kᵀ (m64n64k16 × 12), masked online softmax in the log2 domain (bottom-right causal), P rounded to bf16
-// into the warpgroup's own shared buffer, O += P·V (m64n128k16 × 4, V read transposed). Same outputs and
-// rounding points as the sm80 kernel (../../sm80/prefill/kernel.cuh).
+// in registers (the S accumulator fragment is the A fragment), O += P·V (m64n128k16 × 4, A from registers, V
+// read transposed from shared memory). Same outputs and rounding points as the sm80 kernel
+// (../../sm80/prefill/kernel.cuh).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -31,7 +32,6 @@ struct SharedMemoryPlan {
   uint16_t q[kBlockM * kHeadDimQK];     // [3 blocks][128 rows][64], 128-byte swizzle
   uint16_t k[2][kBlockN * kHeadDimQK];  // [stage][3 blocks][64 keys][64]
   uint16_t v[2][kBlockN * kHeadDimV];   // [stage][2 blocks][64 keys][64]
-  uint16_t p[2][64 * kBlockN];          // [warpgroup][64 rows][64 keys]
 };
 constexpr size_t kSmemBytes = sizeof(SharedMemoryPlan) + 1024;
 
@@ -107,12 +107,10 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const __grid_const
 #pragma unroll
   for (int j = 0; j < kHeadDimV / 2; ++j) o[j] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
-  uint16_t* sP = sm.p[wg];
   // Matrix descriptors of the tiles' first k-steps; a k-step further is a start address 16-byte units further.
   const uint64_t desc_q = make_desc(sm.q + 64 * wg * 64, 16, 1024);
   const uint64_t desc_k[2] = {make_desc(sm.k[0], 16, 1024), make_desc(sm.k[1], 16, 1024)};
   const uint64_t desc_v[2] = {make_desc(sm.v[0], kBlockN * 64 * 2, 1024), make_desc(sm.v[1], kBlockN * 64 * 2, 1024)};
-  const uint64_t desc_p = make_desc(sP, 16, 1024);
 
   for (int tile = 0; tile < tiles; ++tile) {
     const int t0 = tile * kBlockN;
@@ -169,25 +167,27 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const __grid_const
         }
       l_run[i] = l_run[i] * alpha[i] + sum;
     }
+    // P (bf16) stays in registers: the accumulator fragment of S is the A fragment of P·V (keys 16kk..16kk+15 =
+    // S column chunks 2kk and 2kk+1), so P never goes through shared memory.
+    uint32_t pf[kBlockN / 16][4];
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-        *reinterpret_cast<uint32_t*>(sP + blocked<64>(r_local[i], 8 * j + 2 * (lane % 4))) =
-            pack_bf16(s[4 * j + 2 * i], s[4 * j + 2 * i + 1]);
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      pf[kk][0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
+      pf[kk][1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
+      pf[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
+      pf[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
+    }
 #pragma unroll
     for (int j = 0; j < kHeadDimV / 8; ++j) {
       o[4 * j + 0] *= alpha[0], o[4 * j + 1] *= alpha[0];
       o[4 * j + 2] *= alpha[1], o[4 * j + 3] *= alpha[1];
     }
-    fence_proxy_async();
-    warpgroup_barrier(wg);
 
     fence_operands(o);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      wgmma_m64n128k16_ss_tb(o, desc_p + kk * 16 * 2 / 16, dv + kk * 16 * 64 * 2 / 16, 1);
+      wgmma_m64n128k16_rs_tb(o, pf[kk], dv + kk * 16 * 64 * 2 / 16);
     }
     wgmma_commit();
     wgmma_wait<0>();
