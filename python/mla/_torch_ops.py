@@ -39,8 +39,17 @@ def _decode_impl(q: Tensor, kv_cache: Tensor, block_table: Tensor, cache_seqlens
     out = torch.empty((b, s_q, h_q, max(head_dim_v, 0)), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h_q, s_q), dtype=torch.float32, device=q.device)
     args = [t.detach().contiguous() for t in (q, kv_cache, block_table, cache_seqlens)]
-    with _launch_context(q):
+    if not q.is_cuda:
         _mla.decode(*args, out, lse, head_dim_v, softmax_scale, causal)
+        return out, lse
+    # CUDA: the planned run on torch's current stream with a workspace from torch's allocator: nothing is
+    # allocated or synchronised inside, so the call can be captured in a torch.cuda.CUDAGraph.
+    with torch.cuda.device(q.device):
+        nbytes = _mla.decode_workspace_bytes(b, s_q, h_q, q.shape[3], head_dim_v, kv_cache.shape[1],
+                                             str(q.dtype).replace("torch.", ""), "cuda")
+        workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=q.device)
+        _mla.decode(*args, out, lse, head_dim_v, softmax_scale, causal, workspace=workspace,
+                    stream=torch.cuda.current_stream().cuda_stream)
     return out, lse
 
 

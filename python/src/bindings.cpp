@@ -106,8 +106,11 @@ Array ro(const OutArray& a) { return Array(a); }
 
 // ---- ops ----
 
+// workspace (uint8, the planned size or more) and stream (a cudaStream_t as an integer, 0 = default) select the
+// planned run: no allocation, no host synchronisation, launched on the caller's stream (CUDA-graph capturable).
 void decode(Array q, Array kv, Array block_table, Array seqlens, OutArray out_w, std::optional<OutArray> lse_w,
-            int64_t head_dim_v, double softmax_scale, bool causal, std::string device) {
+            int64_t head_dim_v, double softmax_scale, bool causal, std::string device,
+            std::optional<OutArray> workspace_w, uintptr_t stream) {
   constexpr const char* op = "decode_with_kvcache";
   const Array out = ro(out_w);
   expect_ndim(q, 4, op, "q", "[batch, s_q, h_q, head_dim]");
@@ -152,8 +155,41 @@ void decode(Array q, Array kv, Array block_table, Array seqlens, OutArray out_w,
     expect_contiguous(lse, op, "lse");
     p.lse = static_cast<float*>(lse_w->data());
   }
+  if (!workspace_w && stream == 0) {
+    nb::gil_scoped_release release;
+    mla::decode_attention(dev, p);
+    return;
+  }
+  const mla::DecodeSchedule schedule = mla::plan_decode_attention(dev, p);
+  void* workspace = nullptr;
+  if (workspace_w) {
+    const Array ws = ro(*workspace_w);
+    expect_same_device(ws, q, op, "workspace");
+    expect_contiguous(ws, op, "workspace");
+    const int64_t bytes = static_cast<int64_t>(ws.nbytes());
+    if (bytes < schedule.workspace_bytes)
+      throw mla::InvalidArgument(std::string(op) + ": workspace has " + std::to_string(bytes) + " bytes, the plan needs " +
+                                 std::to_string(schedule.workspace_bytes));
+    workspace = workspace_w->data();
+  } else if (schedule.workspace_bytes > 0) {
+    throw mla::InvalidArgument(std::string(op) + ": a run on a given stream needs a workspace of " +
+                               std::to_string(schedule.workspace_bytes) + " bytes (decode_workspace_bytes)");
+  }
   nb::gil_scoped_release release;
-  mla::decode_attention(dev, p);
+  mla::decode_attention(dev, p, schedule, workspace, reinterpret_cast<void*>(stream));
+}
+
+// Bytes of scratch the planned decode needs for this shape on this device (0 on the CPU).
+int64_t decode_workspace_bytes(int64_t batch, int64_t s_q, int64_t h_q, int64_t head_dim, int64_t head_dim_v,
+                               int64_t page_size, const std::string& dtype, const std::string& device) {
+  mla::DecodeParams p;
+  p.batch = batch, p.s_q = s_q, p.h_q = h_q, p.head_dim = head_dim, p.head_dim_v = head_dim_v;
+  p.page_size = page_size, p.num_pages = 1, p.max_pages = 1, p.softmax_scale = 1.f;
+  if (dtype == "bfloat16") p.dtype = mla::DType::BF16;
+  else if (dtype == "float16") p.dtype = mla::DType::F16;
+  else if (dtype == "float32") p.dtype = mla::DType::F32;
+  else throw nb::type_error(("decode_workspace_bytes: unsupported dtype " + dtype).c_str());
+  return mla::plan_decode_attention(device, p).workspace_bytes;
 }
 
 void prefill(Array q, Array k, Array v, Array cu_q, Array cu_k, OutArray out_w, std::optional<OutArray> lse_w,
@@ -461,7 +497,10 @@ NB_MODULE(_mla, m) {
       .def("forward", &forward, "hidden"_a, "out"_a, "sequences"_a, "num_tokens"_a, "positions"_a.none(), "cache"_a);
 
   m.def("decode", &decode, "q"_a, "kv_cache"_a, "block_table"_a, "cache_seqlens"_a, "out"_a, "lse"_a.none(),
-        "head_dim_v"_a, "softmax_scale"_a, "causal"_a, "device"_a = "");
+        "head_dim_v"_a, "softmax_scale"_a, "causal"_a, "device"_a = "", "workspace"_a.none() = nb::none(),
+        "stream"_a = 0);
+  m.def("decode_workspace_bytes", &decode_workspace_bytes, "batch"_a, "s_q"_a, "h_q"_a, "head_dim"_a, "head_dim_v"_a,
+        "page_size"_a, "dtype"_a, "device"_a);
   m.def("prefill", &prefill, "q"_a, "k"_a, "v"_a, "cu_seqlens_q"_a, "cu_seqlens_k"_a, "out"_a, "lse"_a.none(),
         "softmax_scale"_a, "causal"_a, "device"_a = "");
   m.def("available_devices", &mla::available_devices, "The backends compiled in and usable here.");

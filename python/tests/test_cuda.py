@@ -65,3 +65,26 @@ def test_cuda_layer_matches_cpu_layer_on_goldens(dtype):
             outs[device] = layer(hidden, cache, torch.from_numpy(g.positions), sequences=seqs).cpu().numpy()
         assert rel_error(outs["cuda"], g.output) < (5e-6 if dtype == "f32" else 2e-2), name
         assert rel_error(outs["cuda"], outs["cpu"]) < (5e-6 if dtype == "f32" else 1e-2), name
+
+
+def test_decode_is_captured_in_a_cuda_graph():
+    """decode_with_kvcache runs on torch's current stream with a torch-allocated workspace, so a decode step can be
+    captured once and replayed with new queries and lengths written in place."""
+    lengths = [700, 64, 1]
+    kv, table, seqlens = paged_tensors(lengths, 64, 576, torch.bfloat16, seed=11)
+    kv, table, seqlens = kv.cuda(), table.cuda(), seqlens.cuda()
+    q = ((torch.rand(3, 1, 128, 576) * 2 - 1).bfloat16()).cuda()
+    mla.decode_with_kvcache(q, kv, table, seqlens, 512)  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = mla.decode_with_kvcache(q, kv, table, seqlens, 512)
+    for seed, new_lengths in ((1, [3, 64, 50]), (2, [700, 10, 64])):  # within each sequence's pages
+        g = torch.Generator().manual_seed(seed)
+        q.copy_(((torch.rand(3, 1, 128, 576, generator=g) * 2 - 1).bfloat16()).cuda())
+        seqlens.copy_(torch.tensor(new_lengths, dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        want, want_lse = mla.decode_with_kvcache(q, kv, table, seqlens, 512)
+        assert torch.equal(out, want), f"replay {seed} differs from an eager call"
+        assert torch.equal(lse, want_lse)
