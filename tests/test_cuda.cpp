@@ -96,9 +96,7 @@ struct LayerParam {
 
 class CudaLayerVsCpu : public ::testing::TestWithParam<LayerParam> {};
 
-TEST_P(CudaLayerVsCpu, AgreesWithCpu) {
-  SKIP_WITHOUT_GPU();
-  const LayerParam& p = GetParam();
+void layer_vs_cpu(const LayerParam& p) {
   const Config c = production_dims(p.heads);
   const LayerWeights w = LayerWeights::random(c, 11);
   const int64_t B = 3, T = 45;
@@ -124,6 +122,21 @@ TEST_P(CudaLayerVsCpu, AgreesWithCpu) {
   const double tol = p.precision == Precision::F32 ? 2e-5 : 1.5e-2;
   EXPECT_LT(testing::rel_error(out[0].output, out[1].output), tol) << "output";
   EXPECT_LT(testing::rel_error(out[0].latent, out[1].latent), p.precision == Precision::F32 ? 1e-6 : 1e-2) << "latent";
+}
+
+TEST_P(CudaLayerVsCpu, AgreesWithCpu) {
+  SKIP_WITHOUT_GPU();
+  layer_vs_cpu(GetParam());
+}
+
+// The layer's expanded path reads K/V in place from the expansion GEMM's output (strided loads in both fast
+// prefill kernels): on Hopper this runs the portable one through the layer too.
+TEST(CudaLayer, ExpandedPortablePathOnHopper) {
+  SKIP_WITHOUT_GPU();
+  setenv("MLA_CUDA_DISABLE_SM90", "1", 1);
+  layer_vs_cpu({3, 16, 13, -1, Path::Expanded, Precision::BF16});
+  layer_vs_cpu({16, 64, 0, -1, Path::Expanded, Precision::BF16});
+  unsetenv("MLA_CUDA_DISABLE_SM90");
 }
 
 std::vector<LayerParam> layer_params() {

@@ -1,6 +1,7 @@
 #include "cuda/layer.hpp"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -46,6 +47,9 @@ class CudaLayer final : public detail::LayerImpl {
     MLA_CUDA_CHECK(cudaGetDevice(&device));
     MLA_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device));
     flag_.reserve(sizeof(unsigned long long));
+    // A/B timing only: MLA_CUDA_LAYER_COPY=1 restores the fp32 query round trip and the K/V copies.
+    const char* copy = std::getenv("MLA_CUDA_LAYER_COPY");
+    copy_glue_ = copy && std::strcmp(copy, "1") == 0;
   }
 
   void forward(const detail::ForwardArgs& a) override {
@@ -79,8 +83,14 @@ class CudaLayer final : public detail::LayerImpl {
     convert_checked(a.hidden, x_.get(), dt_, N * D, flag, stream);
 
     // Queries [N, H, d_qk] (rope dims rotated); the absorbed query's rope tail goes to qa [N, H, W] too.
-    q32_.reserve(N * H * dqk * 4);
+    // Without a bias to add before rounding, the q GEMM writes q in dtype directly (the same rounding point)
+    // and only the rope dims are touched afterwards: no fp32 [N, H·d_qk] round trip.
+    const bool q_bias = !c_.has_q_lora() && has_q_bias_;
+    const bool q_f32 = q_bias || copy_glue_;
+    if (q_f32) q32_.reserve(N * H * dqk * 4);
     q_.reserve(N * H * dqk * es);
+    void* q_out = q_f32 ? q32_.get() : q_.get();
+    const DType q_type = q_f32 ? DType::F32 : dt_;
     if (any_absorbed) qa_.reserve(N * H * W * es);
     if (c_.has_q_lora()) {
       const int64_t dq = c_.q_lora_rank;
@@ -89,13 +99,13 @@ class CudaLayer final : public detail::LayerImpl {
       linear(x_.get(), N, D, q_a_.get(), dq, qa32_.get(), DType::F32, stream);
       rms_norm_rows(qa32_.get<float>(), dq, has_q_bias_ ? q_bias_.get<float>() : nullptr, q_a_norm_.get<float>(),
                     kLatentNormEps, N, dq, qat_.get(), dt_, stream);
-      linear(qat_.get(), N, dq, q_b_.get(), H * dqk, q32_.get(), DType::F32, stream);
+      linear(qat_.get(), N, dq, q_b_.get(), H * dqk, q_out, q_type, stream);
     } else {
-      linear(x_.get(), N, D, q_proj_.get(), H * dqk, q32_.get(), DType::F32, stream);
+      linear(x_.get(), N, D, q_proj_.get(), H * dqk, q_out, q_type, stream);
     }
     QueryFinish qf;
-    qf.q_f32 = q32_.get<float>();
-    qf.bias = !c_.has_q_lora() && has_q_bias_ ? q_bias_.get<float>() : nullptr;
+    qf.q_f32 = q_f32 ? q32_.get<float>() : nullptr;
+    qf.bias = q_bias ? q_bias_.get<float>() : nullptr;
     qf.positions = positions;
     qf.tokens = N, qf.heads = H, qf.d_nope = dn, qf.d_rope = dr;
     qf.q = q_.get();
@@ -233,9 +243,6 @@ class CudaLayer final : public detail::LayerImpl {
     g.c = kvx_.get(), g.ldc = H * dkv;
     g.ab_type = dt_, g.c_type = dt_;
     gemm_.run(g, stream);
-    kx_.reserve(L * H * dqk * es);
-    vx_.reserve(L * H * dv * es);
-    split_expanded(kvx_.get(), lat_.get(), W, dc, L, H, dn, dr, dv, kx_.get(), vx_.get(), dt_, stream);
 
     const int32_t cu_q[2] = {0, static_cast<int32_t>(n)}, cu_k[2] = {0, static_cast<int32_t>(L)};
     PrefillParams p;
@@ -243,10 +250,23 @@ class CudaLayer final : public detail::LayerImpl {
     p.total_q = n, p.total_k = L, p.dtype = dt_;
     p.cu_seqlens_q = cu_q, p.cu_seqlens_k = cu_k;
     p.q = q_.get<char>() + ch.first_row * H * dqk * es;
-    p.k = kx_.get(), p.v = vx_.get();
     p.softmax_scale = k_.softmax_scale;
     p.causal = true;
     p.out = o_.get<char>() + ch.first_row * H * dv * es;
+    if (!copy_glue_ && prefill_is_fast(p) && dn == 128 && dc % 8 == 0 && W % 8 == 0) {  // d_nope: kStridedSplit
+      // The fast kernels read K_nope and V in place from kvx [L, H, d_n + d_v] and the shared rope key from
+      // the latent rows lat [L, W] at column d_c: no [L, H, 192] / [L, H, 128] copies.
+      PrefillLayout lay;
+      lay.k = kvx_.get(), lay.k_row = H * dkv, lay.k_head = dkv, lay.k_split = static_cast<int>(dn);
+      lay.k_tail = lat_.get<char>() + dc * es, lay.k_tail_row = W, lay.k_tail_head = 0;
+      lay.v = kvx_.get<char>() + dn * es, lay.v_row = H * dkv, lay.v_head = dkv;
+      run_prefill(p, stream, &lay);
+      return;
+    }
+    kx_.reserve(L * H * dqk * es);
+    vx_.reserve(L * H * dv * es);
+    split_expanded(kvx_.get(), lat_.get(), W, dc, L, H, dn, dr, dv, kx_.get(), vx_.get(), dt_, stream);
+    p.k = kx_.get(), p.v = vx_.get();
     run_prefill(p, stream);
   }
 
@@ -258,6 +278,7 @@ class CudaLayer final : public detail::LayerImpl {
   DeviceArray q_proj_, q_a_, q_b_, kv_a_, kv_b_, o_weight_;
   DeviceArray q_a_norm_, kv_a_norm_, inv_freq_, q_bias_, kv_a_bias_, o_bias_;
   bool has_q_bias_ = false, has_kv_bias_ = false, has_o_bias_ = false;
+  bool copy_glue_ = false;
   // Workspaces, grown on demand.
   DeviceArray meta_, flag_, x_, qa32_, qat_, q32_, q_, qa_, kv32_, o_, ohat_, tables_, lat_, kvx_, kx_, vx_, decode_ws_;
 };

@@ -245,8 +245,12 @@ std::string prefill_kernel_name(const PrefillParams& p) {
   return sm90::usable() ? "sm90-bf16-192-128" : "sm80-bf16-192-128";
 }
 
-void run_prefill(const PrefillParams& p, cudaStream_t stream) {
+bool prefill_is_fast(const PrefillParams& p) { return fast_prefill(p); }
+
+void run_prefill(const PrefillParams& p, cudaStream_t stream, const PrefillLayout* layout) {
   const bool fast = fast_prefill(p);
+  if (layout && (!fast || layout->k_split != sm80::prefill::kStridedSplit))
+    throw InvalidArgument("prefill_attention (cuda): a strided K/V layout needs the fast kernels and k_split 128");
   const size_t smem = generic_smem(p.head_dim_qk, p.head_dim_v);
   if (!fast && smem > 48 * 1024) throw InvalidArgument("prefill_attention (cuda): head dims too large for the generic kernel");
   for (int64_t b = 0; b < p.batch; ++b) {
@@ -257,7 +261,18 @@ void run_prefill(const PrefillParams& p, cudaStream_t stream) {
       sm80::prefill::Params k;
       k.heads = static_cast<int>(p.num_heads), k.n_q = n_q, k.n_k = n_k;
       k.q_offset = q0, k.k_offset = k0, k.total_q = p.total_q;
-      k.q = p.q, k.k = p.k, k.v = p.v, k.out = p.out, k.lse = p.lse;
+      k.q = p.q, k.out = p.out, k.lse = p.lse;
+      if (layout) {
+        k.k = layout->k, k.k_row = layout->k_row, k.k_head = layout->k_head;
+        k.k_tail = layout->k_tail, k.k_tail_row = layout->k_tail_row, k.k_tail_head = layout->k_tail_head;
+        k.k_split = layout->k_split;
+        k.v = layout->v, k.v_row = layout->v_row, k.v_head = layout->v_head;
+      } else {  // dense [total_k, H, 192] and [total_k, H, 128]
+        constexpr int dqk = sm80::prefill::kHeadDimQK, dv = sm80::prefill::kHeadDimV;
+        k.k = k.k_tail = p.k, k.k_row = k.k_tail_row = k.heads * int64_t{dqk}, k.k_head = k.k_tail_head = dqk;
+        k.k_split = dqk;
+        k.v = p.v, k.v_row = k.heads * int64_t{dv}, k.v_head = dv;
+      }
       k.scale_log2 = p.softmax_scale * kLog2e;
       k.causal = p.causal;
       if (sm90::usable()) sm90::prefill::run_bf16_192_128(k, stream);

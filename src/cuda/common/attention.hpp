@@ -30,9 +30,25 @@ void run_decode(const DecodeParams& p, const DecodePlan& plan, DeviceArray& work
 // (capturable in a CUDA graph).
 void run_decode(const DecodeParams& p, const DecodePlan& plan, void* workspace, cudaStream_t stream);
 
-// cu_seqlens in host memory: one launch per sequence.
+// Strided keys and values for the fast prefill kernels (one sequence's token t at row k_offset + t; see
+// sm80::prefill::Params): the layer reads K_nope and V straight from the expansion GEMM's output and the
+// shared rope key from the latent rows, with no copy. Row starts must be multiples of 8 elements; k_split
+// must be 128 (sm80::prefill::kStridedSplit, d_nope of every released MLA model).
+struct PrefillLayout {
+  const void* k = nullptr;
+  int64_t k_row = 0, k_head = 0;
+  const void* k_tail = nullptr;
+  int64_t k_tail_row = 0, k_tail_head = 0;
+  int k_split = 0;
+  const void* v = nullptr;
+  int64_t v_row = 0, v_head = 0;
+};
+
+// cu_seqlens in host memory: one launch per sequence. `layout` (fast kernels only, see prefill_is_fast)
+// replaces p.k / p.v and their dense layout.
 std::string prefill_kernel_name(const PrefillParams& p);
-void run_prefill(const PrefillParams& p, cudaStream_t stream);
+bool prefill_is_fast(const PrefillParams& p);
+void run_prefill(const PrefillParams& p, cudaStream_t stream, const PrefillLayout* layout = nullptr);
 
 // Throw mla::InvalidArgument naming the parameter.
 void validate(const DecodeParams& p);

@@ -60,6 +60,26 @@ __global__ void finish_queries_kernel(QueryFinish p) {
   }
 }
 
+// The same when the GEMM already wrote q rounded to T: only the rope dims change, one thread per pair (in place).
+template <class T>
+__global__ void rope_queries_kernel(QueryFinish p) {
+  const int64_t n = blockIdx.x, dqk = p.d_nope + p.d_rope, half = p.d_rope / 2;
+  T* q = static_cast<T*>(p.q) + n * p.heads * dqk;
+  const int64_t position = p.positions[n];
+  for (int64_t e = threadIdx.x; e < p.heads * half; e += blockDim.x) {
+    const int64_t h = e / half, r = 2 * (e % half);
+    T* x = q + h * dqk + p.d_nope + r;
+    const float a = to_f32<T>(x[0]), b = to_f32<T>(x[1]);
+    const T y0 = from_f32<T>(rope_element(a, b, r, position, p.rope));
+    const T y1 = from_f32<T>(rope_element(a, b, r + 1, position, p.rope));
+    x[0] = y0, x[1] = y1;
+    if (p.qa) {
+      T* tail = static_cast<T*>(p.qa) + (n * p.heads + h) * p.row_width + p.d_c + r;
+      tail[0] = y0, tail[1] = y1;
+    }
+  }
+}
+
 template <class T>
 __global__ void store_latents_kernel(LatentStore p) {
   __shared__ float scratch[32];
@@ -146,7 +166,12 @@ void rms_norm_rows(const float* in, int64_t ld_in, const float* bias, const floa
 
 void finish_queries(const QueryFinish& p, cudaStream_t stream) {
   if (p.tokens == 0) return;
-  MLA_DISPATCH_TYPE(p.dtype, T, finish_queries_kernel<T><<<static_cast<unsigned>(p.tokens), 256, 0, stream>>>(p));
+  if (!p.q_f32) {
+    if (p.bias || p.d_rope % 2) throw InvalidArgument("finish_queries (cuda): in place needs no bias and an even d_rope");
+    MLA_DISPATCH_TYPE(p.dtype, T, rope_queries_kernel<T><<<static_cast<unsigned>(p.tokens), 256, 0, stream>>>(p));
+  } else {
+    MLA_DISPATCH_TYPE(p.dtype, T, finish_queries_kernel<T><<<static_cast<unsigned>(p.tokens), 256, 0, stream>>>(p));
+  }
   MLA_CUDA_LAUNCH_CHECK();
 }
 

@@ -25,7 +25,8 @@ struct RopeTable {
 
 // Queries: q_f32 [N, H·d_qk] (+ bias [H·d_qk], may be null) → rounded to dtype, rope dims rotated at the
 // token's position → q [N, H, d_qk]. When qa is not null, the rotated rope dims also go to
-// qa [N, H, row_width] at column d_c (the absorbed query's tail).
+// qa [N, H, row_width] at column d_c (the absorbed query's tail). With q_f32 null, q already holds the
+// rounded queries (the GEMM wrote them in dtype; no bias): only the rope dims are rotated, in place.
 struct QueryFinish {
   const float* q_f32 = nullptr;
   const float* bias = nullptr;

@@ -14,23 +14,36 @@
 
 namespace mla::cuda::sm80::prefill {
 
+template <bool kStrided>
 __device__ __forceinline__ void load_kv_tile(uint16_t* sK, uint16_t* sV, const Params& p, int h, int t0) {
   const auto* gK = static_cast<const uint16_t*>(p.k);
+  const auto* gKt = static_cast<const uint16_t*>(p.k_tail);
   const auto* gV = static_cast<const uint16_t*>(p.v);
   for (int idx = threadIdx.x; idx < kBlockN * kChunksQK; idx += kThreads) {
     const int row = idx / kChunksQK, chunk = idx % kChunksQK, t = t0 + row;
     const bool valid = t < p.n_k;
-    const uint16_t* src = valid ? gK + ((p.k_offset + t) * p.heads + h) * kHeadDimQK + chunk * 8 : gK;
+    const uint16_t* src = gK;
+    if (valid) {
+      const int col = chunk * 8;
+      if constexpr (kStrided)
+        src = col < kStridedSplit ? gK + (p.k_offset + t) * p.k_row + h * p.k_head + col
+                                  : gKt + (p.k_offset + t) * p.k_tail_row + h * p.k_tail_head + (col - kStridedSplit);
+      else
+        src = gK + ((p.k_offset + t) * p.heads + h) * kHeadDimQK + col;
+    }
     cp_async_16(sK + swizzle<kChunksQK>(row, chunk * 8), src, valid);
   }
   for (int idx = threadIdx.x; idx < kBlockN * kChunksV; idx += kThreads) {
     const int row = idx / kChunksV, chunk = idx % kChunksV, t = t0 + row;
     const bool valid = t < p.n_k;
-    const uint16_t* src = valid ? gV + ((p.k_offset + t) * p.heads + h) * kHeadDimV + chunk * 8 : gV;
+    const uint16_t* src = !valid   ? gV
+                          : kStrided ? gV + (p.k_offset + t) * p.v_row + h * p.v_head + chunk * 8
+                                     : gV + ((p.k_offset + t) * p.heads + h) * kHeadDimV + chunk * 8;
     cp_async_16(sV + swizzle<kChunksV>(row, chunk * 8), src, valid);
   }
 }
 
+template <bool kStrided>
 __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const __grid_constant__ Params p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   auto& sm = *reinterpret_cast<SharedMemoryPlan*>(smem_raw);
@@ -50,7 +63,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const __grid_const
     const uint16_t* src = valid ? gQ + ((p.q_offset + m0 + row) * p.heads + h) * kHeadDimQK + chunk * 8 : gQ;
     cp_async_16(sm.q + swizzle<kChunksQK>(row, chunk * 8), src, valid);
   }
-  if (tiles > 0) load_kv_tile(sm.k[0], sm.v[0], p, h, 0);
+  if (tiles > 0) load_kv_tile<kStrided>(sm.k[0], sm.v[0], p, h, 0);
   cp_async_commit();
 
   const int r_local[2] = {16 * warp + lane / 4, 16 * warp + lane / 4 + 8};
@@ -67,7 +80,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const __grid_const
   for (int tile = 0; tile < tiles; ++tile) {
     const int t0 = tile * kBlockN;
     if (tile + 1 < tiles) {
-      load_kv_tile(sm.k[(tile + 1) % 2], sm.v[(tile + 1) % 2], p, h, t0 + kBlockN);
+      load_kv_tile<kStrided>(sm.k[(tile + 1) % 2], sm.v[(tile + 1) % 2], p, h, t0 + kBlockN);
       cp_async_commit();
       cp_async_wait<1>();
     } else {

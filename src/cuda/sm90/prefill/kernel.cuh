@@ -22,6 +22,7 @@ using sm80::prefill::kChunksQK;
 using sm80::prefill::kChunksV;
 using sm80::prefill::kHeadDimQK;
 using sm80::prefill::kHeadDimV;
+using sm80::prefill::kStridedSplit;
 using sm80::prefill::Params;
 
 constexpr int kBlockM = 128;
@@ -52,19 +53,33 @@ __device__ __forceinline__ void warpgroup_barrier(int wg) {
   asm volatile("bar.sync %0, 128;\n" ::"r"(wg + 1) : "memory");
 }
 
-// K and V tiles by cp.async: 4 threads per key row (interleaved 16-byte chunks), so each thread computes one
-// row address per tile; rows past n_k are zero-filled and never read.
+// K and V tiles by cp.async: 4 threads per key row (interleaved 16-byte chunks), so each thread computes its
+// row addresses once per tile (strided layout: K columns past kStridedSplit from the tail rows); rows past n_k
+// are zero-filled and never read.
+template <bool kStrided>
 __device__ __forceinline__ void load_kv_tile(uint16_t* sK, uint16_t* sV, const Params& p, int h, int t0) {
   static_assert(kThreads == 4 * kBlockN && kChunksQK % 4 == 0 && kChunksV % 4 == 0, "4 threads per key row");
+  static_assert(kStridedSplit % 32 == 0, "a chunk column's source depends on j alone");
   const int row = threadIdx.x / 4, c0 = threadIdx.x % 4, t = t0 + row;
   const bool valid = t < p.n_k;
-  const int64_t token = valid ? (p.k_offset + t) * p.heads + h : 0;
-  const auto* gK = static_cast<const uint16_t*>(p.k) + token * kHeadDimQK;
-  const auto* gV = static_cast<const uint16_t*>(p.v) + token * kHeadDimV;
+  const uint16_t *gK, *gKt, *gV;
+  if constexpr (kStrided) {
+    const int64_t token = valid ? p.k_offset + t : 0;
+    gK = static_cast<const uint16_t*>(p.k) + (valid ? token * p.k_row + h * p.k_head : 0);
+    gKt = static_cast<const uint16_t*>(p.k_tail) + (valid ? token * p.k_tail_row + h * p.k_tail_head : 0) -
+          kStridedSplit;
+    gV = static_cast<const uint16_t*>(p.v) + (valid ? token * p.v_row + h * p.v_head : 0);
+  } else {
+    const int64_t token = valid ? (p.k_offset + t) * p.heads + h : 0;
+    gK = gKt = static_cast<const uint16_t*>(p.k) + token * kHeadDimQK;
+    gV = static_cast<const uint16_t*>(p.v) + token * kHeadDimV;
+  }
 #pragma unroll
   for (int j = 0; j < kChunksQK / 4; ++j) {
-    const int chunk = c0 + 4 * j;
-    sm80::cp_async_16(sK + blocked<kBlockN>(row, chunk * 8), gK + chunk * 8, valid);
+    // Columns 32j + 8c0 (c0 < 4): below the split exactly when 32j < kStridedSplit, known at compile time.
+    const int col = (c0 + 4 * j) * 8;
+    const bool tail = kStrided && 32 * j >= kStridedSplit;
+    sm80::cp_async_16(sK + blocked<kBlockN>(row, col), (tail ? gKt : gK) + col, valid);
   }
 #pragma unroll
   for (int j = 0; j < kChunksV / 4; ++j) {
@@ -73,6 +88,7 @@ __device__ __forceinline__ void load_kv_tile(uint16_t* sK, uint16_t* sV, const P
   }
 }
 
+template <bool kStrided>
 __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const __grid_constant__ Params p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using namespace sm80;
@@ -94,7 +110,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const __grid_const
     cp_async_16(sm.q + blocked<kBlockM>(row, chunk * 8),
                 valid ? gQ + ((p.q_offset + m0 + row) * p.heads + h) * kHeadDimQK + chunk * 8 : gQ, valid);
   }
-  if (tiles > 0) load_kv_tile(sm.k[0], sm.v[0], p, h, 0);
+  if (tiles > 0) load_kv_tile<kStrided>(sm.k[0], sm.v[0], p, h, 0);
   cp_async_commit();
 
   // This thread's rows within its warpgroup's 64, and their key limits.
@@ -118,7 +134,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const __grid_const
     fence_proxy_async();
     __syncthreads();  // tile landed; both warpgroups are done with the other buffers
     if (tile + 1 < tiles) {
-      load_kv_tile(sm.k[(tile + 1) % 2], sm.v[(tile + 1) % 2], p, h, t0 + kBlockN);
+      load_kv_tile<kStrided>(sm.k[(tile + 1) % 2], sm.v[(tile + 1) % 2], p, h, t0 + kBlockN);
       cp_async_commit();
     }
     const uint64_t dk = tile % 2 ? desc_k[1] : desc_k[0], dv = tile % 2 ? desc_v[1] : desc_v[0];  // no local memory
