@@ -340,6 +340,46 @@ TEST(BadForward, NonFiniteHidden) {
       }
 }
 
+TEST(BadForward, FailedCallKeepsPagesReservedBeforehand) {
+  const SmallLayer s;
+  for (const char* dev : {"cpu", "cpu-reference"}) {
+    SCOPED_TRACE(dev);
+    Fixture f(s.w, dev, Precision::F32);
+    const SeqId ids[] = {f.b};
+    const int64_t extra[] = {4};
+    f.cache.reserve(ids, extra);  // one page held by the caller for b
+    const int64_t free_pages = f.cache.pages_free();
+    auto h = testing::random_values(static_cast<size_t>(6 * s.D), 6);
+    h[3] = std::numeric_limits<float>::quiet_NaN();
+    std::vector<float> out(h.size());
+    const SequenceChunk c[] = {{f.b, 6, nullptr}};  // needs a second page, then fails on the NaN
+    EXPECT_THROW(f.layer.forward(c, h.data(), out.data(), f.cache), InvalidArgument);
+    EXPECT_EQ(f.cache.length(f.b), 0);
+    EXPECT_EQ(f.cache.capacity(f.b), 4);
+    EXPECT_EQ(f.cache.pages_free(), free_pages);
+  }
+}
+
+TEST(BadForward, RunSequencesEdges) {
+  const SmallLayer s;
+  Attention layer(s.w, {.device = "cpu", .precision = Precision::F32});
+  const auto h = testing::random_values(static_cast<size_t>(2 * 3 * s.D), 7);
+  // No tokens: one call of empty chunks, empty results, nothing read from `hidden`.
+  const RunResult empty = run_sequences(layer, nullptr, nullptr, 2, 0);
+  EXPECT_TRUE(empty.output.empty());
+  EXPECT_TRUE(empty.latent.empty());
+  EXPECT_EQ(empty.calls, 1);
+  RunOptions o;
+  o.page_size = 0;
+  expect_throw_with<InvalidArgument>([&] { run_sequences(layer, h.data(), nullptr, 2, 3, o); }, {"page_size", "0"});
+  o = {};
+  o.decode_after = -2;
+  expect_throw_with<InvalidArgument>([&] { run_sequences(layer, h.data(), nullptr, 2, 3, o); }, {"decode_after", "-2"});
+  o = {};
+  o.decode_after = 0;  // decode every token
+  EXPECT_EQ(run_sequences(layer, h.data(), nullptr, 2, 3, o).calls, 3);
+}
+
 TEST(BadForward, BadChunks) {
   const SmallLayer s;
   for (const char* dev : {"cpu", "cpu-reference"}) {

@@ -62,7 +62,7 @@ class Attention {
   // The same with hidden and out in host memory whatever the device (staged through device buffers).
   void forward_host(std::span<const SequenceChunk> batch, const float* hidden, float* out, LatentCache& cache);
 
-  // The paths the last forward() used, one per chunk.
+  // The paths the last successful forward() used, one per chunk.
   const std::vector<Path>& last_paths() const { return last_paths_; }
 
  private:

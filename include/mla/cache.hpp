@@ -56,8 +56,8 @@ class LatentCache {
   void commit(SeqId id, int64_t new_length);
   // Drops stored tokens past new_length (keeps the pages).
   void truncate(SeqId id, int64_t new_length);
-  // Returns the pages past the sequence's stored tokens to the pool.
-  void release_unused(SeqId id);
+  // Returns the pages past max(stored tokens, keep_tokens) to the pool.
+  void release_unused(SeqId id, int64_t keep_tokens = 0);
 
   // Rows [begin, end) of a sequence as f32 [end-begin, row_width] (copied from the device for device caches).
   std::vector<float> read_rows(SeqId id, int64_t begin, int64_t end) const;

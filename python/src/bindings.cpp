@@ -441,7 +441,7 @@ NB_MODULE(_mla, m) {
       .def("length", &mla::LatentCache::length, "seq"_a)
       .def("capacity", &mla::LatentCache::capacity, "seq"_a)
       .def("truncate", &mla::LatentCache::truncate, "seq"_a, "length"_a)
-      .def("release_unused", &mla::LatentCache::release_unused, "seq"_a)
+      .def("release_unused", &mla::LatentCache::release_unused, "seq"_a, "keep_tokens"_a = 0)
       .def("fill_unused", &mla::LatentCache::fill_unused, "value"_a)
       .def("block_table",
            [](const mla::LatentCache& c, int64_t seq) {
@@ -521,6 +521,8 @@ NB_MODULE(_mla, m) {
             expect_ndim(*positions, 2, op, "positions", "[batch, tokens]");
             expect_dim(*positions, 0, B, op, "positions", "batch"), expect_dim(*positions, 1, T, op, "positions", "tokens");
             expect_contiguous(*positions, op, "positions");
+            if (positions->device_type() != nb::device::cpu::value)
+              throw mla::InvalidArgument("run_sequences: positions must be in host memory");
             pos = static_cast<const int64_t*>(positions->data());
           }
           mla::RunOptions o;

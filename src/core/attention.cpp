@@ -88,13 +88,16 @@ void Attention::forward(std::span<const SequenceChunk> batch, const float* hidde
 
   std::vector<std::vector<int64_t>> default_positions(batch.size());
   std::vector<detail::ChunkPlan> plans(batch.size());
-  std::vector<int64_t> before(batch.size());
-  for (size_t i = 0; i < batch.size(); ++i) before[i] = cache.length(batch[i].seq);
+  std::vector<int64_t> before(batch.size()), capacity_before(batch.size());
+  for (size_t i = 0; i < batch.size(); ++i) {
+    before[i] = cache.length(batch[i].seq);
+    capacity_before[i] = cache.capacity(batch[i].seq);
+  }
+  std::vector<Path> paths(batch.size());
 
   cache.reserve(ids, counts);  // throws OutOfPages with nothing changed
   try {
     int64_t row = 0;
-    last_paths_.assign(batch.size(), Path::Expanded);
     for (size_t i = 0; i < batch.size(); ++i) {
       const SequenceChunk& c = batch[i];
       detail::ChunkPlan& p = plans[i];
@@ -109,7 +112,7 @@ void Attention::forward(std::span<const SequenceChunk> batch, const float* hidde
       }
       p.block_table = cache.block_table(c.seq).data();
       p.path = options_.path == Path::Auto ? choose_path(config_, c.num_tokens, before[i] + c.num_tokens) : options_.path;
-      last_paths_[i] = p.path;
+      paths[i] = p.path;
       row += c.num_tokens;
     }
     detail::ForwardArgs args;
@@ -122,10 +125,12 @@ void Attention::forward(std::span<const SequenceChunk> batch, const float* hidde
     args.cache_dtype = co.dtype;
     impl_->forward(args);
   } catch (...) {
-    for (SeqId id : ids) cache.release_unused(id);
+    // Only the pages this call reserved go back: pages the caller reserved beforehand stay with the sequence.
+    for (size_t i = 0; i < ids.size(); ++i) cache.release_unused(ids[i], capacity_before[i]);
     throw;
   }
   for (size_t i = 0; i < batch.size(); ++i) cache.commit(batch[i].seq, before[i] + batch[i].num_tokens);
+  last_paths_ = std::move(paths);
 }
 
 void Attention::forward_host(std::span<const SequenceChunk> batch, const float* hidden, float* out,

@@ -124,9 +124,10 @@ void LatentCache::truncate(SeqId id, int64_t new_length) {
   s.length = new_length;
 }
 
-void LatentCache::release_unused(SeqId id) {
+void LatentCache::release_unused(SeqId id, int64_t keep_tokens) {
   Sequence& s = find(id);
-  const auto keep = static_cast<size_t>((s.length + options_.page_size - 1) / options_.page_size);
+  const int64_t tokens = std::max(s.length, keep_tokens);
+  const auto keep = static_cast<size_t>((tokens + options_.page_size - 1) / options_.page_size);
   while (s.pages.size() > keep) {
     free_pages_.push_back(s.pages.back());
     s.pages.pop_back();

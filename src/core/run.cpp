@@ -14,6 +14,10 @@ RunResult run_sequences(Attention& layer, const float* hidden, const int64_t* po
   const int64_t D = c.hidden_size, W = c.latent_dim();
   if (batch < 0 || tokens < 0) throw InvalidArgument("run: batch and tokens must not be negative");
   if (opt.chunk < 0) throw InvalidArgument("run: chunk must not be negative");
+  if (opt.page_size < 1) throw InvalidArgument("run: page_size must be positive, got " + std::to_string(opt.page_size));
+  if (opt.decode_after < -1)
+    throw InvalidArgument("run: decode_after must be -1 (no decode) or a token count, got " +
+                          std::to_string(opt.decode_after));
   if (opt.decode_after > tokens)
     throw InvalidArgument("run: decode_after " + std::to_string(opt.decode_after) + " exceeds the " +
                           std::to_string(tokens) + " tokens");
@@ -36,9 +40,9 @@ RunResult run_sequences(Attention& layer, const float* hidden, const int64_t* po
   int64_t done = 0;
   std::vector<float> in, out;
   while (done < tokens || (tokens == 0 && r.calls == 0)) {
-    int64_t step = tokens - done;
-    if (done < prefill) step = std::min(prefill - done, opt.chunk > 0 ? opt.chunk : prefill);
-    else step = 1;
+    // With tokens == 0 one call of empty chunks still runs (step 0): it exercises the empty-batch path.
+    const int64_t step = done < prefill ? std::min(prefill - done, opt.chunk > 0 ? opt.chunk : prefill)
+                                        : std::min<int64_t>(1, tokens - done);
     // One call carries the same piece of every sequence, packed [b][i].
     in.resize(static_cast<size_t>(batch * step * D));
     for (int64_t b = 0; b < batch; ++b)

@@ -1,5 +1,5 @@
-// Pieces both CPU backends share: the latent-row math that must be identical on every path, and the
-// page addressing of the cache.
+// Pieces both CPU backends share: the latent-row math that must be identical on every path, the page
+// addressing of the cache, and the backend plumbing.
 #pragma once
 
 #include <cmath>
@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/backend.hpp"
+#include "cpu/ops.hpp"
 #include "mla/config.hpp"
 #include "mla/dtype.hpp"
 #include "mla/error.hpp"
@@ -71,5 +72,18 @@ inline void check_finite(const float* hidden, int64_t rows, int64_t width) {
         throw InvalidArgument("forward: hidden_states[" + std::to_string(r) + ", " + std::to_string(j) +
                               "] is " + std::to_string(hidden[r * width + j]) + " (not finite); nothing was stored");
 }
+
+// What both CPU backends share: host memory and the kernel ops of cpu/ops.cpp. Each adds its name and layer.
+class HostBackend : public detail::Backend {
+ public:
+  bool host_memory() const override { return true; }
+  std::unique_ptr<detail::Buffer> allocate(int64_t bytes) const override { return detail::allocate_host(bytes); }
+  void decode_attention(const DecodeParams& p) const override { cpu::decode_attention(p); }
+  DecodeSchedule plan_decode_attention(const DecodeParams& p) const override { return cpu::plan_decode_attention(p); }
+  void decode_attention(const DecodeParams& p, const DecodeSchedule&, void*, void*) const override {
+    cpu::decode_attention(p);
+  }
+  void prefill_attention(const PrefillParams& p) const override { cpu::prefill_attention(p); }
+};
 
 }  // namespace mla::cpu

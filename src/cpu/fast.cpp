@@ -12,7 +12,6 @@
 #include "cpu/common.hpp"
 #include "cpu/gemm.hpp"
 #include "cpu/kernels.hpp"
-#include "cpu/ops.hpp"
 
 namespace mla::cpu {
 namespace {
@@ -260,17 +259,9 @@ class FastLayer final : public detail::LayerImpl {
   std::vector<float> q_a_norm_, kv_a_norm_, q_bias_, kv_a_bias_, o_bias_;
 };
 
-class FastBackend final : public detail::Backend {
+class FastBackend final : public HostBackend {
  public:
   std::string_view name() const override { return "cpu"; }
-  bool host_memory() const override { return true; }
-  std::unique_ptr<detail::Buffer> allocate(int64_t bytes) const override { return detail::allocate_host(bytes); }
-  void decode_attention(const DecodeParams& p) const override { cpu::decode_attention(p); }
-  DecodeSchedule plan_decode_attention(const DecodeParams& p) const override { return cpu::plan_decode_attention(p); }
-  void decode_attention(const DecodeParams& p, const DecodeSchedule&, void*, void*) const override {
-    cpu::decode_attention(p);
-  }
-  void prefill_attention(const PrefillParams& p) const override { cpu::prefill_attention(p); }
   std::unique_ptr<detail::LayerImpl> make_layer(const LayerWeights& w, const LayerOptions& o) const override {
     if (o.precision == Precision::F32) return std::make_unique<FastLayer<float>>(w, o);
     return std::make_unique<FastLayer<uint16_t>>(w, o);

@@ -12,9 +12,10 @@
 #include <memory>
 #include <mutex>
 #include <shared_mutex>
-#include <stdexcept>
 #include <unordered_map>
 #include <vector>
+
+#include "mla/error.hpp"
 
 namespace mla::cpu {
 namespace {
@@ -34,7 +35,7 @@ std::string shape_str(const char* op, DType dt, int64_t M, int64_t N, int64_t K,
 }
 
 [[noreturn]] void fail(const std::string& what, const std::string& shape) {
-    throw std::runtime_error("mla::cpu::gemm: " + what + " (" + shape + ")");
+    throw Error("mla::cpu::gemm: " + what + " (" + shape + ")");
 }
 
 dnnl::engine& engine() {
@@ -67,7 +68,10 @@ struct Matmul {
 
 // Building a matmul primitive costs ~0.3 ms (and ~10-40 us even on a hit in oneDNN's own
 // primitive cache, which still re-creates the primitive descriptor), far more than a small GEMM,
-// so primitives are kept per shape for the life of the process. Shapes in this library are few.
+// so primitives are kept per shape. The layer's shapes follow the request (tokens per call, the last key
+// block's length, the last query tile), so a long-running server would otherwise collect them without
+// bound: past kMaxEntries the map is emptied and refilled by the shapes in use (callers holding a
+// shared_ptr keep theirs alive).
 class MatmulCache {
 public:
     std::shared_ptr<const Matmul> get(const Key& k) {
@@ -77,6 +81,7 @@ public:
         }
         auto m = create(k);  // outside the lock: creation is slow and oneDNN is thread-safe here
         std::unique_lock lock(mu_);
+        if (map_.size() >= kMaxEntries) map_.clear();
         return map_.try_emplace(k, std::move(m)).first->second;
     }
 
@@ -104,6 +109,7 @@ private:
             Matmul{dnnl::matmul(pd), pd.src_desc(), pd.weights_desc(), pd.dst_desc(), pd.scratchpad_desc()});
     }
 
+    static constexpr size_t kMaxEntries = 4096;
     std::shared_mutex mu_;
     std::unordered_map<Key, std::shared_ptr<const Matmul>, KeyHash> map_;
 };

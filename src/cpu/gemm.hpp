@@ -6,7 +6,7 @@
 // thread: oneDNN is built on the OpenMP runtime and drops to one thread when omp_in_parallel().
 // All functions may be called concurrently from several threads.
 //
-// Errors from the library are thrown as std::runtime_error naming the status and the shape.
+// Errors from the library are thrown as mla::Error naming the status and the shape.
 #pragma once
 
 #include <cstdint>

@@ -6,7 +6,6 @@
 
 #include "core/backend.hpp"
 #include "cpu/common.hpp"
-#include "cpu/ops.hpp"
 
 namespace mla::cpu {
 namespace {
@@ -194,17 +193,9 @@ class ReferenceLayer final : public detail::LayerImpl {
   bool bf16_;
 };
 
-class ReferenceBackend final : public detail::Backend {
+class ReferenceBackend final : public HostBackend {
  public:
   std::string_view name() const override { return "cpu-reference"; }
-  bool host_memory() const override { return true; }
-  std::unique_ptr<detail::Buffer> allocate(int64_t bytes) const override { return detail::allocate_host(bytes); }
-  void decode_attention(const DecodeParams& p) const override { cpu::decode_attention(p); }
-  DecodeSchedule plan_decode_attention(const DecodeParams& p) const override { return cpu::plan_decode_attention(p); }
-  void decode_attention(const DecodeParams& p, const DecodeSchedule&, void*, void*) const override {
-    cpu::decode_attention(p);
-  }
-  void prefill_attention(const PrefillParams& p) const override { cpu::prefill_attention(p); }
   std::unique_ptr<detail::LayerImpl> make_layer(const LayerWeights& w, const LayerOptions& o) const override {
     return std::make_unique<ReferenceLayer>(w, o);
   }
