@@ -368,6 +368,9 @@ class Attention:
             if x.ndim != 2:
                 raise ValueError(f"Attention: with one sequence id, hidden must be [tokens, hidden_size], got shape "
                                  f"{list(x.shape)}")
+            if num_tokens is not None and [int(n) for n in num_tokens] != [x.shape[0]]:
+                raise ValueError(f"Attention: with one sequence id every row of hidden is one of its tokens; "
+                                 f"num_tokens={list(num_tokens)} disagrees with {x.shape[0]} rows")
             seqs, counts = [int(sequences)], [x.shape[0]]
         else:
             seqs = [int(s) for s in sequences]

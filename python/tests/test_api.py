@@ -108,6 +108,7 @@ def test_layer_errors(layer):
         (lambda: layer(x, cache, sequences=[s, s], num_tokens=[1, 2]), ValueError, "appears twice"),
         (lambda: layer(x, cache, sequences=[s], num_tokens=[2]), ValueError, "add up to 2 but hidden has 3 rows"),
         (lambda: layer(x, cache, sequences=[s]), ValueError, "needs num_tokens"),
+        (lambda: layer(x, cache, sequences=s, num_tokens=[2]), ValueError, "disagrees with 3 rows"),
         (lambda: layer(x[None], cache, sequences=[s, s]), ValueError, "2 ids"),
         (lambda: layer(x, cache, np.arange(4), sequences=s), ValueError, "positions must have shape [3]"),
         (lambda: layer(x, cache, np.zeros(3), sequences=s), TypeError, "positions must be integers"),
