@@ -4,14 +4,7 @@
 # Build dependencies come from .deps/debs as in scripts/gpu.sh. Log in $OUT/python.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
-root=$PWD/.deps/root
-if [[ -d .deps/debs ]]; then
-  mkdir -p "$root"
-  for f in .deps/debs/*.deb; do dpkg -x "$f" "$root"; done
-  export LD_LIBRARY_PATH=$root/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
-fi
+source scripts/gpu-env.sh
 t0=$(date +%s)
 MLA_WITH_CUDA=ON python3 -m pip install -q --no-build-isolation --no-deps --target /tmp/mla-site \
   -C cmake.define.CMAKE_PREFIX_PATH="$root/usr" -C cmake.define.MLA_CUDA_GENCODE=90a -C build-dir=build-gpu-py . \

@@ -15,14 +15,7 @@ cd "$(dirname "$0")/.."
 what=${1:-all}
 quick=""
 [[ "${2:-}" == "--quick" ]] && quick="--quick"
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
-root=$PWD/.deps/root
-if [[ -d .deps/debs ]]; then
-  mkdir -p "$root"
-  for f in .deps/debs/*.deb; do dpkg -x "$f" "$root"; done
-  export LD_LIBRARY_PATH=$root/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
-fi
+source scripts/gpu-env.sh
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 commit=$(git rev-parse --verify -q HEAD 2>/dev/null) || commit=${MLA_COMMIT:-unknown}
 echo "commit $commit (+ working tree)" | tee -a "$OUT/gpu.txt"
