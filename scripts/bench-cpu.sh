@@ -12,6 +12,7 @@ tmp=$(mktemp -d)
 OMP_NUM_THREADS=2 ./build/mla bench --json "$tmp/mla.json" "$@" | tee "$tmp/mla.txt"
 /usr/bin/python3 bench/torch_anchor.py 1024 4096 7 > "$tmp/torch.json"
 out="bench/results/$(date -u +%F)-cpu-v2lite.md"
-/usr/bin/python3 bench/cpu_report.py "$tmp/mla.json" "$tmp/torch.json" "$tmp/mla.txt" "$*" > "$out"
+/usr/bin/python3 bench/cpu_report.py "$tmp/mla.json" "$tmp/torch.json" "$tmp/mla.txt" "$*" > "$tmp/report.md"
+mv "$tmp/report.md" "$out"  # after the report read `git status`, so the old file does not mark the tree dirty
 echo "wrote $out"
 cat "$out" | sed -n '/^| work/,/^$/p'
