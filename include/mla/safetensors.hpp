@@ -54,6 +54,9 @@ class SafetensorsFile {
   std::unique_ptr<Impl> impl_;
 };
 
+// "[2, 37, 256]": how every error message prints a shape.
+std::string shape_string(std::span<const int64_t> shape);
+
 // Converts any supported float dtype to f32 (numel elements).
 void convert_to_f32(const TensorRef& t, float* out);
 

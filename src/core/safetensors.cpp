@@ -36,15 +36,6 @@ constexpr std::string_view kSingleName = "model.safetensors";
 
 std::string errno_text(int err) { return std::system_category().message(err); }
 
-std::string shape_str(std::span<const int64_t> shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(shape[i]);
-  }
-  return s + "]";
-}
-
 std::optional<DType> known_dtype(std::string_view name) {
   for (DType t : {DType::F32, DType::F64, DType::BF16, DType::F16, DType::F8_E4M3, DType::I64, DType::I32}) {
     if (dtype_name(t) == name) return t;
@@ -229,11 +220,11 @@ void SafetensorsFile::Impl::parse_entry(const std::string& name, const json& j) 
     uint64_t expected = 0;
     const uint64_t actual = e.end - e.begin;
     if (!numel || __builtin_mul_overflow(*numel, *elem, &expected)) {
-      fail_tensor(name, "shape " + shape_str(e.shape) + " is too large (" + offsets + " hold " +
+      fail_tensor(name, "shape " + shape_string(e.shape) + " is too large (" + offsets + " hold " +
                             std::to_string(actual) + " bytes)");
     }
     if (expected != actual) {
-      fail_tensor(name, "dtype " + e.dtype_name + " and shape " + shape_str(e.shape) + " need " +
+      fail_tensor(name, "dtype " + e.dtype_name + " and shape " + shape_string(e.shape) + " need " +
                             std::to_string(expected) + " bytes, but " + offsets + " hold " + std::to_string(actual) +
                             " bytes");
     }
@@ -264,7 +255,7 @@ TensorRef SafetensorsFile::Impl::ref(const std::string& name) const {
 void SafetensorsFile::Impl::check_shape(const TensorRef& t, std::span<const int64_t> expected) const {
   if (expected.empty()) return;
   if (std::equal(expected.begin(), expected.end(), t.info.shape.begin(), t.info.shape.end())) return;
-  fail("tensor '" + t.info.name + "' has shape " + shape_str(t.info.shape) + ", expected " + shape_str(expected));
+  fail("tensor '" + t.info.name + "' has shape " + shape_string(t.info.shape) + ", expected " + shape_string(expected));
 }
 
 SafetensorsFile::SafetensorsFile(const fs::path& path) : impl_(std::make_unique<Impl>()) {
@@ -343,6 +334,15 @@ void convert_each(const std::byte* src, size_t n, float* out, Decode decode) {
 }
 
 }  // namespace
+
+std::string shape_string(std::span<const int64_t> shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(shape[i]);
+  }
+  return s + "]";
+}
 
 void convert_to_f32(const TensorRef& t, float* out) {
   const auto n = static_cast<size_t>(t.info.numel());
@@ -450,12 +450,12 @@ std::string make_header(const std::string& where, std::span<const TensorToWrite>
     if (t.name.empty() || t.name == kMetadataKey) throw Error(what + "invalid tensor name");
     if (header.contains(t.name)) throw Error(what + "written twice");
     for (int64_t d : t.shape) {
-      if (d < 0) throw Error(what + "negative dimension in shape " + shape_str(t.shape));
+      if (d < 0) throw Error(what + "negative dimension in shape " + shape_string(t.shape));
     }
     uint64_t bytes = 0;
     const auto numel = checked_numel(t.shape);
     if (!numel || __builtin_mul_overflow(*numel, static_cast<uint64_t>(dtype_size(t.dtype)), &bytes)) {
-      throw Error(what + "shape " + shape_str(t.shape) + " is too large");
+      throw Error(what + "shape " + shape_string(t.shape) + " is too large");
     }
     if (bytes > 0 && t.data == nullptr) throw Error(what + "no data");
     header[t.name] = {{"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + bytes}}};

@@ -1,7 +1,6 @@
 #include "mla/weights.hpp"
 
 #include <cmath>
-#include <sstream>
 
 #include "mla/error.hpp"
 #include "mla/safetensors.hpp"
@@ -9,27 +8,10 @@
 namespace mla {
 namespace {
 
-std::string shape_str(std::initializer_list<int64_t> dims) {
-  std::ostringstream s;
-  s << '[';
-  const char* sep = "";
-  for (int64_t d : dims) s << sep << d, sep = ", ";
-  s << ']';
-  return s.str();
-}
-
-std::string shape_str(const std::vector<int64_t>& dims) {
-  std::ostringstream s;
-  s << '[';
-  for (size_t i = 0; i < dims.size(); ++i) s << (i ? ", " : "") << dims[i];
-  s << ']';
-  return s.str();
-}
-
 void expect_shape(const TensorRef& t, const std::vector<int64_t>& want, const std::string& dir) {
   if (t.info.shape != want)
-    throw Error("checkpoint '" + dir + "': tensor '" + t.info.name + "' has shape " + shape_str(t.info.shape) +
-                " but the config implies " + shape_str(want) + " (" + t.file + ")");
+    throw Error("checkpoint '" + dir + "': tensor '" + t.info.name + "' has shape " + shape_string(t.info.shape) +
+                " but the config implies " + shape_string(want) + " (" + t.file + ")");
 }
 
 // FP8 weights: W[r,c] = fp8(W8[r,c]) · S[r/128, c/128]; "scale_inv" multiplies despite its name.
@@ -169,8 +151,8 @@ void LayerWeights::validate() const {
   const int64_t H = c.num_heads, D = c.hidden_size, dqk = c.qk_head_dim();
   auto check = [&](const Matrix& m, const char* name, int64_t rows, int64_t cols) {
     if (m.rows != rows || m.cols != cols || static_cast<int64_t>(m.data.size()) != rows * cols)
-      throw Error(std::string("weights: ") + name + " is " + shape_str({m.rows, m.cols}) + ", expected " +
-                  shape_str({rows, cols}));
+      throw Error(std::string("weights: ") + name + " is " + shape_string(std::vector<int64_t>{m.rows, m.cols}) +
+                  ", expected " + shape_string(std::vector<int64_t>{rows, cols}));
   };
   auto check_vec = [&](const std::vector<float>& v, const char* name, int64_t n) {
     if (static_cast<int64_t>(v.size()) != n)
