@@ -16,18 +16,18 @@ namespace mla::cpu {
 
 // C[M,N] = A[M,K] · B[N,K]ᵀ + beta·C. Row-major, leading dimensions in elements.
 // As in BLAS, beta == 0 means C is not read (NaNs in C do not propagate). K == 0 gives C = beta·C.
-void gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-             int64_t ldb, float* C, int64_t ldc, float beta = 0.f);
+void gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+             int64_t ldc, float beta = 0.f);
 // bf16 bits in, fp32 accumulation and output.
-void gemm_nt(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B,
-             int64_t ldb, float* C, int64_t ldc, float beta = 0.f);
+void gemm_nt(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, float* C,
+             int64_t ldc, float beta = 0.f);
 
 // C[M,N] = A[M,K] · B[K,N] + beta·C. Row-major, leading dimensions in elements.
-void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
-             int64_t ldb, float* C, int64_t ldc, float beta = 0.f);
+void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+             int64_t ldc, float beta = 0.f);
 // bf16 bits in, fp32 accumulation and output.
-void gemm_nn(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B,
-             int64_t ldb, float* C, int64_t ldc, float beta = 0.f);
+void gemm_nn(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, float* C,
+             int64_t ldc, float beta = 0.f);
 
 // The library and kernel serving these calls, e.g. "oneDNN 2.6.3 (brg:avx512_core_bf16)".
 std::string gemm_library_name();
