@@ -24,17 +24,31 @@ inline void rms_norm(const float* x, int64_t n, const float* gamma, float eps, f
   for (int64_t i = 0; i < n; ++i) y[i] = gamma[i] * (x[i] * inv);
 }
 
-// Adjacent-pair RoPE in place: pair i = (x[2i], x[2i+1]) turns by fp32(p)·ω_i, cos and sin scaled by A.
-// The angle is rounded to fp32 and cos/sin are the accurate libm ones (never fast-math).
-inline void rope_pairs(float* x, int64_t dim, int64_t position, const DerivedConstants& k) {
+// cos and sin of fp32(p)·ω_i for the d_r/2 pairs, scaled by A. The angle is rounded to fp32 and cos/sin are the
+// accurate libm ones (never fast-math: at p ≈ 1.5e5 the fast ones are badly off).
+inline void rope_angles(int64_t position, const DerivedConstants& k, float* cos_a, float* sin_a) {
   const auto p = static_cast<float>(position);
-  for (int64_t i = 0; i < dim / 2; ++i) {
+  for (size_t i = 0; i < k.inv_freq.size(); ++i) {
     const float angle = p * k.inv_freq[i];
-    const float c = std::cos(angle) * k.rope_magnitude, s = std::sin(angle) * k.rope_magnitude;
-    const float a = x[2 * i], b = x[2 * i + 1];
-    x[2 * i] = a * c - b * s;
-    x[2 * i + 1] = a * s + b * c;
+    cos_a[i] = std::cos(angle) * k.rope_magnitude;
+    sin_a[i] = std::sin(angle) * k.rope_magnitude;
   }
+}
+
+// Adjacent-pair RoPE in place with precomputed angles: pair i = (x[2i], x[2i+1]).
+inline void rope_apply(float* x, int64_t dim, const float* cos_a, const float* sin_a) {
+  for (int64_t i = 0; i < dim / 2; ++i) {
+    const float a = x[2 * i], b = x[2 * i + 1];
+    x[2 * i] = a * cos_a[i] - b * sin_a[i];
+    x[2 * i + 1] = a * sin_a[i] + b * cos_a[i];
+  }
+}
+
+// Both in one, for one vector at one position.
+inline void rope_pairs(float* x, int64_t dim, int64_t position, const DerivedConstants& k) {
+  std::vector<float> cos_a(k.inv_freq.size()), sin_a(k.inv_freq.size());
+  rope_angles(position, k, cos_a.data(), sin_a.data());
+  rope_apply(x, dim, cos_a.data(), sin_a.data());
 }
 
 inline void round_to_bf16(float* x, int64_t n) {

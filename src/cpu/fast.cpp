@@ -89,10 +89,14 @@ class FastLayer final : public detail::LayerImpl {
       add_bias(qf.data(), N, q_bias_);
     }
     if constexpr (!std::is_same_v<T, float>) round_to_bf16(qf.data(), N * H * dqk);  // q enters rope as bf16
+    // One angle table per token serves all heads.
+    std::vector<float> cos_a(k_.inv_freq.size()), sin_a(k_.inv_freq.size());
     for (const detail::ChunkPlan& chunk : a.chunks)
-      for (int64_t i = 0; i < chunk.num_tokens; ++i)
+      for (int64_t i = 0; i < chunk.num_tokens; ++i) {
+        rope_angles(chunk.positions[i], k_, cos_a.data(), sin_a.data());
         for (int64_t h = 0; h < H; ++h)
-          rope_pairs(&qf[((chunk.first_row + i) * H + h) * dqk + dn], c_.qk_rope_head_dim, chunk.positions[i], k_);
+          rope_apply(&qf[((chunk.first_row + i) * H + h) * dqk + dn], c_.qk_rope_head_dim, cos_a.data(), sin_a.data());
+      }
     convert_into(qf.data(), q, N * H * dqk);
   }
 
@@ -101,11 +105,13 @@ class FastLayer final : public detail::LayerImpl {
     std::vector<float> kv(static_cast<size_t>(N * W));
     gemm_nt(N, W, D, x, D, kv_a_.data(), D, kv.data(), W);
     add_bias(kv.data(), N, kv_a_bias_);
+    std::vector<float> cos_a(k_.inv_freq.size()), sin_a(k_.inv_freq.size());
     for (const detail::ChunkPlan& chunk : a.chunks)
       for (int64_t i = 0; i < chunk.num_tokens; ++i) {
         float* row = &kv[(chunk.first_row + i) * W];
         rms_norm(row, dc, kv_a_norm_.data(), kLatentNormEps, row);
-        rope_pairs(row + dc, c_.qk_rope_head_dim, chunk.positions[i], k_);
+        rope_angles(chunk.positions[i], k_, cos_a.data(), sin_a.data());
+        rope_apply(row + dc, c_.qk_rope_head_dim, cos_a.data(), sin_a.data());
         const int64_t slot = row_index(chunk.block_table, a.page_size, chunk.cached + i);
         convert_into(row, static_cast<T*>(a.cache) + slot * W, W);
       }
