@@ -141,21 +141,24 @@ std::vector<float> LatentCache::read_rows(SeqId id, int64_t begin, int64_t end) 
                           ") of sequence " + std::to_string(id) + " of length " + std::to_string(s.length));
   const int64_t w = options_.row_width;
   std::vector<float> out(static_cast<size_t>((end - begin) * w));
-  std::vector<std::byte> row(static_cast<size_t>(row_bytes()));
-  for (int64_t t = begin; t < end; ++t) {
+  // One copy per run of rows inside a page (one device transfer each for device caches).
+  std::vector<std::byte> run_bytes(static_cast<size_t>(page_bytes()));
+  for (int64_t t = begin; t < end;) {
     const int64_t page = s.pages[static_cast<size_t>(t / options_.page_size)];
-    const int64_t offset = (page * options_.page_size + t % options_.page_size) * row_bytes();
-    storage_->copy_to_host(offset, row_bytes(), row.data());
+    const int64_t run = std::min(end - t, options_.page_size - t % options_.page_size);
+    storage_->copy_to_host((page * options_.page_size + t % options_.page_size) * row_bytes(), run * row_bytes(),
+                           run_bytes.data());
     float* dst = out.data() + (t - begin) * w;
     if (options_.dtype == DType::F32) {
-      std::memcpy(dst, row.data(), static_cast<size_t>(row_bytes()));
+      std::memcpy(dst, run_bytes.data(), static_cast<size_t>(run * row_bytes()));
     } else {
-      for (int64_t j = 0; j < w; ++j) {
+      for (int64_t j = 0; j < run * w; ++j) {
         uint16_t b;
-        std::memcpy(&b, row.data() + 2 * j, 2);
+        std::memcpy(&b, run_bytes.data() + 2 * j, 2);
         dst[j] = bf16_to_float(b);
       }
     }
+    t += run;
   }
   return out;
 }
