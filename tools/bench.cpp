@@ -69,11 +69,10 @@ double copy_gbps(int reps) {
   return 2.0 * static_cast<double>(bytes) / median_seconds(reps, run) / 1e9;
 }
 
-double weight_bytes(const Config& c, int elt) {
-  const int64_t H = c.num_heads, D = c.hidden_size, dqk = c.qk_head_dim();
-  double n = c.has_q_lora() ? static_cast<double>(c.q_lora_rank * D + H * dqk * c.q_lora_rank) : static_cast<double>(H * dqk * D);
-  n += static_cast<double>(c.latent_dim() * D + H * (c.qk_nope_head_dim + c.v_head_dim) * c.kv_lora_rank + D * H * c.v_head_dim);
-  return n * elt;
+// Every projection weight is read once per decode step: q (or q_a, q_b), kv_a, kv_b and o. Each weight does
+// one multiply-add per token, so the parameter count is half the per-token FLOPs of projections plus absorb.
+double weight_bytes(const CostModel& m, int elt) {
+  return (m.projection_flops_per_token + m.absorb_flops_per_token) / 2 * elt;
 }
 
 }  // namespace
@@ -129,8 +128,7 @@ int run_bench(const BenchArgs& a) {
     };
     prefill();
     const double tp = median_seconds(reps, prefill);
-    const double pf = (m.projection_flops_per_token + m.expand_flops_per_key) * T +
-                      m.expanded_attention_flops_per_pair * T * (T + 1) / 2.0;
+    const double pf = m.prefill_flops(T);
     std::printf("%-34s %10.2f %8.0f GF/s %9.0f%%\n", ("prefill " + std::to_string(T) + " tokens, " + pn).c_str(), tp * 1e3,
                 pf / tp / 1e9, 100 * pf / tp / 1e9 / peak);
     j["rows"].push_back({{"work", "prefill"}, {"dtype", pn}, {"tokens", T}, {"ms", tp * 1e3}, {"gflops", pf / tp / 1e9},
@@ -151,7 +149,7 @@ int run_bench(const BenchArgs& a) {
       };
       decode();
       const double td = median_seconds(reps * (path == Path::Absorbed ? 5 : 1), decode);
-      const double bytes = weight_bytes(c, elt) + static_cast<double>(L * c.latent_dim() * elt);
+      const double bytes = weight_bytes(m, elt) + static_cast<double>(L * c.latent_dim() * elt);
       const std::string label = std::string("decode ctx ") + std::to_string(L) + ", " +
                                 (path == Path::Absorbed ? "latent" : "re-expand") + ", " + pn;
       std::printf("%-34s %10.3f %8.1f GB/s %9.0f%%\n", label.c_str(), td * 1e3, bytes / td / 1e9, 100 * bytes / td / 1e9 / copy);

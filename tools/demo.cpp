@@ -109,9 +109,7 @@ int run_demo(const DemoArgs& a) {
   auto t0 = Clock::now();
   layer.forward_host({&all, 1}, prompt.data(), out1.data(), one);
   const double prefill_s = seconds_since(t0);
-  const double prefill_flops =
-      CostModel::of(config).projection_flops_per_token * a.prompt + CostModel::of(config).expand_flops_per_key * a.prompt +
-      CostModel::of(config).expanded_attention_flops_per_pair * a.prompt * (a.prompt + 1) / 2.0;
+  const double prefill_flops = CostModel::of(config).prefill_flops(a.prompt);
   std::printf("      %.1f ms, %.0f tokens/s, %.1f GFLOP/s (path: %s)\n", prefill_s * 1e3, a.prompt / prefill_s,
               prefill_flops / prefill_s / 1e9, std::string(path_name(layer.last_paths().at(0))).c_str());
 

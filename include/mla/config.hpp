@@ -81,6 +81,13 @@ struct CostModel {
   int64_t mha_cache_values_per_token;     // 2·H·d_n: plain MHA with H heads of size d_n (DeepSeek-V2 paper)
 
   static CostModel of(const Config& config);
+
+  // One causal prefill of `tokens` new tokens on an empty cache, expanded form: projections, expansion of every
+  // key, and attention over the T(T+1)/2 causal pairs.
+  double prefill_flops(int64_t tokens) const {
+    const auto T = static_cast<double>(tokens);
+    return (projection_flops_per_token + expand_flops_per_key) * T + expanded_attention_flops_per_pair * T * (T + 1) / 2;
+  }
 };
 
 }  // namespace mla
