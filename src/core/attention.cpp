@@ -122,6 +122,7 @@ void Attention::forward(std::span<const SequenceChunk> batch, const float* hidde
     args.out = out;
     args.cache = cache.storage();
     args.page_size = co.page_size;
+    args.num_pages = co.num_pages;
     args.cache_dtype = co.dtype;
     impl_->forward(args);
   } catch (...) {

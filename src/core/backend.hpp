@@ -41,6 +41,7 @@ struct ForwardArgs {
   float* out = nullptr;             // [total_tokens, D]
   void* cache = nullptr;            // page pool storage
   int64_t page_size = 0;
+  int64_t num_pages = 0;            // pages in the pool
   DType cache_dtype = DType::BF16;
 };
 

@@ -201,7 +201,7 @@ class CudaLayer final : public detail::LayerImpl {
       ohat_.reserve(a.total_tokens * H * dc * es);
       DecodeParams d;
       d.batch = count, d.s_q = n, d.h_q = H, d.head_dim = W, d.head_dim_v = dc;
-      d.page_size = a.page_size, d.max_pages = max_pages, d.dtype = dt_;
+      d.page_size = a.page_size, d.num_pages = a.num_pages, d.max_pages = max_pages, d.dtype = dt_;
       d.q = g.c;
       d.kv_cache = a.cache;
       d.block_table = tables_.get<int32_t>();

@@ -191,11 +191,14 @@ DecodePlan plan_decode(const DecodeParams& p, int num_sms) {
     plan.kernel = "generic";
     return plan;
   }
-  plan.kernel = sm90::usable() && sm80::decode::block_rows(static_cast<int>(p.s_q * p.h_q)) == 64 ? "sm90-bf16-576"
-                                                                                                 : "sm80-bf16-576";
+  // The sm90 kernel reads 64-key tiles through a tensor map in boxes of min(page size, 64) rows.
+  const bool use_sm90 =
+      sm90::usable() && sm80::decode::block_rows(static_cast<int>(p.s_q * p.h_q)) == 64 && p.page_size >= 16;
+  plan.kernel = use_sm90 ? "sm90-bf16-576" : "sm80-bf16-576";
   plan.max_work = static_cast<int>(p.batch + num_sms);
   const int64_t rows = p.s_q * p.h_q, bm = sm80::decode::block_rows(static_cast<int>(rows));
-  if (plan.max_work * ((rows + bm - 1) / bm) > std::numeric_limits<int32_t>::max())
+  if (plan.max_work * ((rows + bm - 1) / bm) > std::numeric_limits<int32_t>::max() ||
+      p.batch * rows > std::numeric_limits<int32_t>::max())  // grid sizes of the split and combine kernels
     throw InvalidArgument("decode_attention (cuda): batch · s_q · h_q too large for one launch");
   plan.workspace_bytes = DecodeWorkspace(p.batch, p.s_q * p.h_q, plan.max_work).bytes;
   return plan;
@@ -223,6 +226,7 @@ void run_decode(const DecodeParams& p, const DecodePlan& plan, void* workspace, 
   k.rows = static_cast<int>(p.s_q * p.h_q);
   k.page_size_log2 = std::countr_zero(static_cast<uint64_t>(p.page_size));
   k.max_pages = static_cast<int>(p.max_pages);
+  k.num_pages = p.num_pages;
   k.q = p.q, k.kv = p.kv_cache, k.block_table = p.block_table, k.seqlens = p.cache_seqlens;
   k.scale_log2 = p.softmax_scale * kLog2e;
   k.causal = p.causal;

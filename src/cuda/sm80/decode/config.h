@@ -52,6 +52,7 @@ struct SequenceSchedule {
 struct Params {
   int batch = 0, s_q = 1, h_q = 0, rows = 0;  // rows = s_q · h_q
   int page_size_log2 = 6, max_pages = 0;
+  int64_t num_pages = 0;                      // pages in kv (the sm90 kernel's tensor map spans them all)
   const void* q = nullptr;                    // [batch, rows, 576] bf16
   const void* kv = nullptr;                   // [num_pages, page_size, 576] bf16
   const int32_t* block_table = nullptr;       // [batch, max_pages]

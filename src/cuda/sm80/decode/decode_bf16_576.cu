@@ -1,5 +1,6 @@
 // The sm80 decode kernels for bf16, 576/512: scheduler, split kernel (two warp layouts, one or two K stages),
 // combine.
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
@@ -43,15 +44,15 @@ void run_bf16_576(const Params& params, int num_sms, cudaStream_t stream) {
     return v && *v == '0';
   }();
   p.rows_adjacent = !old_grid;
-  schedule_kernel<<<1, 1024, 0, stream>>>(p.seqlens, p.batch, m_blocks, num_sms,
+  schedule_kernel<<<1, kScheduleThreads, 0, stream>>>(p.seqlens, p.batch, m_blocks, num_sms,
                                           const_cast<SequenceSchedule*>(p.schedule), const_cast<int32_t*>(p.work),
                                           p.max_work);
   MLA_CUDA_LAUNCH_CHECK();
   if (bm == 16) launch_split<1>(p, smem_limit, stream);
-  else if (sm90::usable()) launch_split_sm90(p, m_blocks, stream);
+  else if (sm90::usable() && p.page_size_log2 >= 4) launch_split_sm90(p, m_blocks, stream);
   else launch_split<4>(p, smem_limit, stream);
   const int64_t rows = static_cast<int64_t>(p.batch) * p.rows;
-  combine_kernel<<<static_cast<unsigned>((rows + 3) / 4), 128, 0, stream>>>(p);
+  combine_kernel<<<static_cast<unsigned>(std::min<int64_t>(rows, 8LL * num_sms)), kCombineThreads, 0, stream>>>(p);
   MLA_CUDA_LAUNCH_CHECK();
 }
 

@@ -1,19 +1,33 @@
-// The sm90 absorbed-decode split kernel (wgmma, bf16, 576/512, 64 query rows per block). Same schedule, work
-// list, masking, rounding points and outputs as the sm80 kernel (../../sm80/decode/kernel.cuh), with the two
-// products on warpgroup MMAs reading shared memory directly: warpgroup g computes S_g = Q·K[32g, 32g+32)ᵀ
-// (m64n32k16 × 36), the row max is shared through shared memory, P (bf16) goes to shared memory, then
-// warpgroup g computes O[:, 256g, 256g+256) += P·V (m64n256k16 × 4, V read transposed from the K tile).
-// Q and K tiles are stored as nine 64-column blocks of [rows][64] with the 128-byte swizzle wgmma expects.
+// The sm90 absorbed-decode split kernel (bf16, 576/512, 64 query rows per block), "seesaw" schedule: the two
+// warpgroups alternate between softmax and tensor-core work so that the tensor pipe is fed while either one
+// computes exponentials. Same work list, masking, outputs and LSE as the sm80 kernel (../../sm80/decode).
+//
+// Warpgroup 0 owns O[:, 0:256) and takes the even key tiles of a pair, warpgroup 1 owns O[:, 256:512) and the
+// odd ones. Each computes the full S = Q·Kᵀ of its tile (m64n64k16 × 36, Q and K read from shared memory).
+// Per pair of tiles (K0, K1), with the running row max m in shared memory:
+//   wg0: softmax(S0) → m', scale0; O_L += P0·V0_L (P0 from registers)            | wg1: waits for scale0
+//   wg1: softmax(S1) → m'', scale1; O_R = O_R·scale0·scale1 + P1·V1_R; P1 → smem | wg0: waits for scale1
+//   wg0: P0·scale1 → smem; O_L = O_L·scale1 + P1·V1_L; S0 of the next pair        | wg1: O_R += P0·V0_R
+//   wg1: S1 of the next pair
+// K tiles arrive by TMA, one 64-column block per mbarrier, so a warpgroup starts on the blocks that landed and
+// each block is refilled as soon as its last reader is done (V halves by their owner, the rope block 8 after S;
+// block 8 then holds the pair's P for the other warpgroup). Rows past the sequence are zeroed before P·V reads
+// them (P is 0 there, but 0·NaN is NaN); masked scores never reach the max.
+//
+// The wgmma waits sit where ptxas can see that no in-flight accumulator is touched on any path (each pair ends
+// with wait_group 0; the variants of the last pairs are separate instantiations): otherwise ptxas serialises
+// every wgmma (warning C7514).
 #pragma once
 
+#include <cuda.h>
 #include <cuda_bf16.h>
 
 #include <cmath>
 #include <cstdint>
 
 #include "cuda/sm80/decode/config.h"
-#include "cuda/sm80/decode/loader.cuh"
 #include "cuda/sm80/mma.cuh"
+#include "cuda/sm90/tma.cuh"
 #include "cuda/sm90/wgmma.cuh"
 
 namespace mla::cuda::sm90::decode {
@@ -25,21 +39,25 @@ using sm80::decode::kHeadDimV;
 using sm80::decode::kMaxSplits;
 using sm80::decode::Params;
 using sm80::decode::SequenceSchedule;
-using sm80::decode::block_row_block;
-using sm80::decode::block_work;
 
 constexpr int kBlockM = 64;
-constexpr int kThreads = 256;  // two warpgroups
-constexpr int kBlockElems = 64 * 64;  // one [64 rows][64 columns] swizzle block
+constexpr int kThreads = 256;
+constexpr int kBlockElems = 64 * 64;           // one [64 rows][64 columns] 128-byte-swizzle block
+constexpr int kBlocks = kHeadDim / 64;         // 9: V_L = blocks 0-3, V_R = 4-7, rope = 8
+constexpr uint32_t kBlockBytes = kBlockElems * 2;
+constexpr float kMaxInit = -1e30f;             // finite, so that exp2(m_old - m_new) is never inf - inf
 
 struct SharedMemoryPlan {
-  uint16_t k[2][kBlockN * kHeadDim];  // [stage][9 blocks][64 keys][64]; V = blocks 0..7
   uint16_t q[kBlockM * kHeadDim];     // [9 blocks][64 rows][64]
-  uint16_t p[kBlockM * kBlockN];      // [64 rows][64 keys]
-  float row_max[2][kBlockM];
-  float row_sum[2][kBlockM];
+  uint16_t k[2][kBlockN * kHeadDim];  // K0, K1: [9 blocks][64 keys][64]; block 8 holds P once S is done
+  float m[kBlockM];                   // running row max (log2 domain, scaled)
+  float scale0[kBlockM], scale1[kBlockM];
+  float l[2][kBlockM];
+  uint64_t bar[2][kBlocks];           // one per K block
 };
 constexpr size_t kSmemBytes = sizeof(SharedMemoryPlan) + 1024;  // + room to align the base to 1024 bytes
+
+enum NamedBarrier : int { kScale0Ready = 1, kScale1Ready = 2, kP0Ready = 3, kO1Issued = 4, kWarpgroupOwn = 5 };
 
 // Element offset of (row, col) in a tile of 64-column swizzle blocks.
 __device__ __forceinline__ int blocked(int row, int col) {
@@ -51,163 +69,427 @@ __device__ __forceinline__ void fence_operands(float (&r)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
+__device__ __forceinline__ void fence_operands(uint32_t (&r)[4][4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
+}
 
-__global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_constant__ Params p) {
+// What both warpgroups' pair steps need; one per thread.
+struct Context {
+  SharedMemoryPlan* sm;
+  const CUtensorMap* map;
+  const int32_t* table;
+  int page_log2, seqlen, k_begin, tiles;
+  int wg, idx, lane;  // warpgroup, thread within it, lane
+  int r[2];           // this thread's two C-fragment rows within the block
+  int limit[2];       // keys visible to each row (causal and split end)
+  float scale_log2;
+};
+
+// Cache rows of the 64 / kBoxRows boxes of tile `tile` (row 0 past the sequence: loaded, zeroed before use).
+template <int kBoxRows>
+__device__ __forceinline__ void tile_rows(const Context& c, int tile, int (&rows)[kBlockN / kBoxRows]) {
+  const int t0 = c.k_begin + tile * kBlockN;
+#pragma unroll
+  for (int j = 0; j < kBlockN / kBoxRows; ++j) {
+    const int t = t0 + j * kBoxRows;
+    rows[j] = t < c.seqlen ? (c.table[t >> c.page_log2] << c.page_log2) + (t & ((1 << c.page_log2) - 1)) : 0;
+  }
+}
+
+// One thread: tensor copies of K block `block` of a tile into buffer `buf`.
+template <int kBoxRows>
+__device__ __forceinline__ void load_block(const Context& c, int buf, int block, const int (&rows)[kBlockN / kBoxRows]) {
+  uint64_t* bar = &c.sm->bar[buf][block];
+  mbarrier_arrive_expect_tx(bar, kBlockBytes);
+  uint16_t* dst = c.sm->k[buf] + block * kBlockElems;
+#pragma unroll
+  for (int j = 0; j < kBlockN / kBoxRows; ++j) tma_load_2d(dst + j * kBoxRows * 64, c.map, bar, block * 64, rows[j]);
+}
+
+// Issues S = Q·K[buf]ᵀ over blocks [kFirst, kLast), each once its copy has landed; one commit group per block.
+template <int kFirst, int kLast>
+__device__ __forceinline__ void issue_s(float (&s)[32], const Context& c, int buf, int parity) {
+  const uint64_t dq = make_desc(c.sm->q, 16, 1024), dk = make_desc(c.sm->k[buf], 16, 1024);
+#pragma unroll
+  for (int block = kFirst; block < kLast; ++block) {
+    mbarrier_wait(&c.sm->bar[buf][block], parity);
+    wgmma_fence();  // after the wait's branch: ptxas would otherwise insert one and serialise
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const int step = (block * kBlockElems + kk * 16) * 2 / 16;  // descriptors count 16-byte units
+      wgmma_m64n64k16_ss(s, dq + step, dk + step, block > 0 || kk > 0 ? 1 : 0);
+    }
+    wgmma_commit();
+  }
+}
+
+// Descriptor of V[buf] columns [256·half, 256·half + 256) (read transposed) and of the P held in block 8.
+__device__ __forceinline__ uint64_t desc_v(const Context& c, int buf, int half) {
+  return make_desc(c.sm->k[buf] + 4 * half * kBlockElems, kBlockElems * 2, 1024);
+}
+__device__ __forceinline__ uint64_t desc_p(const Context& c, int buf) {
+  return make_desc(c.sm->k[buf] + 8 * kBlockElems, 16, 1024);
+}
+
+// O += P·V with P from registers (the S accumulator fragment is the A fragment: keys 16kk.. = chunks 2kk, 2kk+1).
+__device__ __forceinline__ void issue_pv_rs(float (&o)[128], const uint32_t (&pa)[4][4], uint64_t dv) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) wgmma_m64n256k16_rs_tb(o, pa[kk], dv + kk * 16 * 64 * 2 / 16);
+  wgmma_commit();
+}
+// O += P·V with P from shared memory.
+__device__ __forceinline__ void issue_pv_ss(float (&o)[128], uint64_t dp, uint64_t dv) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) wgmma_m64n256k16_ss_tb(o, dp + kk * 16 * 2 / 16, dv + kk * 16 * 64 * 2 / 16, 1);
+  wgmma_commit();
+}
+
+// Scores of keys [t0, t0 + 64) → scaled log2 domain, masked to -inf; returns each row's max over the tile.
+__device__ __forceinline__ void mask_and_max(float (&s)[32], const Context& c, int t0, float (&mx)[2]) {
+  const bool unmasked = t0 + kBlockN <= min(c.limit[0], c.limit[1]);
+  mx[0] = mx[1] = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int t = t0 + 8 * j + 2 * (c.lane % 4) + (e & 1);
+      const float x = unmasked || t < c.limit[e / 2] ? s[4 * j + e] * c.scale_log2 : -INFINITY;
+      s[4 * j + e] = x;
+      mx[e / 2] = fmaxf(mx[e / 2], x);
+    }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+  }
+}
+
+// s ← exp2(s - m) per row; returns the row sums of this thread's entries.
+__device__ __forceinline__ void exponentiate(float (&s)[32], const float (&m)[2], float (&sum)[2]) {
+  sum[0] = sum[1] = 0.f;
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float pv = exp2f(s[4 * j + e] - m[e / 2]);
+      s[4 * j + e] = pv;
+      sum[e / 2] += pv;
+    }
+}
+
+__device__ __forceinline__ void scale_rows(float (&o)[128], const float (&f)[2]) {
+#pragma unroll
+  for (int j = 0; j < 32; ++j) {
+    o[4 * j + 0] *= f[0], o[4 * j + 1] *= f[0];
+    o[4 * j + 2] *= f[1], o[4 * j + 3] *= f[1];
+  }
+}
+
+__device__ __forceinline__ void pack_p(const float (&s)[32], uint32_t (&pa)[4][4]) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) pa[kk][i] = sm80::pack_bf16(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
+}
+
+// P fragment → block 8 of K[buf] as the [64 rows][64 keys] A operand of the other warpgroup.
+__device__ __forceinline__ void store_p(const Context& c, int buf, const uint32_t (&pa)[4][4]) {
+  uint16_t* dst = c.sm->k[buf] + 8 * kBlockElems;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int key = 16 * kk + 8 * (i / 2) + 2 * (c.lane % 4);
+      *reinterpret_cast<uint32_t*>(dst + blocked(c.r[i % 2], key)) = pa[kk][i];
+    }
+}
+
+// Zeroes V rows past the sequence in the four blocks of V[buf]'s `half` (tile starting at key t0), and makes
+// the zeros visible to this warpgroup's tensor-core reads.
+__device__ __forceinline__ void zero_tail(const Context& c, int buf, int half, int t0) {
+  const int first = max(0, c.seqlen - t0);
+  uint16_t* base = c.sm->k[buf] + 4 * half * kBlockElems;
+  for (int i = c.idx; i < 4 * kBlockN * 8; i += 128) {
+    const int block = i / (kBlockN * 8), row = i / 8 % kBlockN, chunk = i % 8;
+    if (row >= first) *reinterpret_cast<uint4*>(base + block * kBlockElems + row * 64 + chunk * 8) = make_uint4(0, 0, 0, 0);
+  }
+  fence_proxy_async();
+  named_sync(kWarpgroupOwn + c.wg, 128);
+}
+
+// Warpgroup 0's part of the pair (tile t, t + 1). On entry s = S of tile t; on exit s = S of tile t + 2.
+template <bool kHas1, bool kNext0, int kBoxRows>
+__device__ __forceinline__ void pair_wg0(const Context& c, int t, float (&s)[32], float (&o)[128], float (&l)[2],
+                                         int& parity0) {
+  const int t0 = c.k_begin + t * kBlockN;
+  int rows0[kBlockN / kBoxRows], rows1[kBlockN / kBoxRows];
+  if (kNext0) tile_rows<kBoxRows>(c, t + 2, rows0), tile_rows<kBoxRows>(c, t + 3, rows1);
+
+  float mx[2], m_new[2], scale0[2], sum[2];
+  mask_and_max(s, c, t0, mx);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const float m_old = c.sm->m[c.r[i]];
+    m_new[i] = fmaxf(m_old, mx[i]);
+    scale0[i] = exp2f(m_old - m_new[i]);
+  }
+  __syncwarp();  // the quad's reads of m before its write
+  if (c.lane % 4 == 0)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) c.sm->scale0[c.r[i]] = scale0[i], c.sm->m[c.r[i]] = m_new[i];
+  exponentiate(s, m_new, sum);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) l[i] = l[i] * scale0[i] + sum[i];
+  scale_rows(o, scale0);
+  uint32_t pa[4][4];
+  pack_p(s, pa);
+  named_arrive(kScale0Ready, 256);
+
+  if (t0 + kBlockN > c.seqlen) zero_tail(c, 0, 0, t0);
+  fence_operands(o);
+  issue_pv_rs(o, pa, desc_v(c, 0, 0));
+  wgmma_wait<0>();
+  fence_operands(o);
+  fence_operands(pa);
+
+  named_sync(kScale1Ready, 256);
+  if (kNext0 && c.idx == 0)
+#pragma unroll
+    for (int block = 0; block < 4; ++block) load_block<kBoxRows>(c, 0, block, rows0);
+  float scale1[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) scale1[i] = c.sm->scale1[c.r[i]];
+  // P0 relative to the pair's final max, for warpgroup 1's half of O.
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[4 * j + e] *= scale1[e / 2];
+  pack_p(s, pa);
+  store_p(c, 0, pa);
+  fence_proxy_async();
+  named_arrive(kP0Ready, 256);
+
+  if (kHas1) {
+    if (t0 + 2 * kBlockN > c.seqlen) zero_tail(c, 1, 0, t0 + kBlockN);
+    named_sync(kO1Issued, 256);
+    scale_rows(o, scale1);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) l[i] *= scale1[i];
+    fence_operands(o);
+    issue_pv_ss(o, desc_p(c, 1), desc_v(c, 1, 0));
+  }
+  if (kNext0) {
+    fence_operands(s);
+    issue_s<0, 4>(s, c, 0, parity0);
+    wgmma_wait<4>();  // O_L += P1·V1_L done: K1's blocks 0-3 and 8 are free
+    if (c.idx == 0 && t + 3 < c.tiles) {
+#pragma unroll
+      for (int block = 0; block < 4; ++block) load_block<kBoxRows>(c, 1, block, rows1);
+      load_block<kBoxRows>(c, 1, 8, rows1);
+    }
+    issue_s<4, kBlocks>(s, c, 0, parity0);
+    parity0 ^= 1;
+  }
+  wgmma_wait<0>();
+  fence_operands(o);
+  fence_operands(s);
+}
+
+// Warpgroup 1's part of the pair (tile t, t + 1). On entry s = S of tile t + 1; on exit s = S of tile t + 3.
+template <bool kHas1, bool kNext0, bool kNext1, int kBoxRows>
+__device__ __forceinline__ void pair_wg1(const Context& c, int t, float (&s)[32], float (&o)[128], float (&l)[2],
+                                         int& parity1) {
+  const int t0 = c.k_begin + t * kBlockN, t1 = t0 + kBlockN;
+  int rows0[kBlockN / kBoxRows], rows1[kBlockN / kBoxRows];
+  if (kNext0) tile_rows<kBoxRows>(c, t + 2, rows0);
+  if (kNext1) tile_rows<kBoxRows>(c, t + 3, rows1);
+  uint32_t pa[4][4];
+
+  named_sync(kScale0Ready, 256);
+  float scale[2];
+  if (kHas1) {
+    float mx[2], m_new[2], scale1[2], sum[2];
+    mask_and_max(s, c, t1, mx);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const float m_old = c.sm->m[c.r[i]];
+      m_new[i] = fmaxf(m_old, mx[i]);
+      scale1[i] = exp2f(m_old - m_new[i]);
+      scale[i] = c.sm->scale0[c.r[i]] * scale1[i];
+    }
+    __syncwarp();
+    if (c.lane % 4 == 0)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) c.sm->m[c.r[i]] = m_new[i], c.sm->scale1[c.r[i]] = scale1[i];
+    exponentiate(s, m_new, sum);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) l[i] = l[i] * scale[i] + sum[i];
+    pack_p(s, pa);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) scale[i] = c.sm->scale0[c.r[i]], l[i] *= scale[i];
+    if (c.lane % 4 == 0)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) c.sm->scale1[c.r[i]] = 1.f;
+  }
+  scale_rows(o, scale);
+  named_arrive(kScale1Ready, 256);
+
+  if (kHas1) {
+    store_p(c, 1, pa);
+    if (t1 + kBlockN > c.seqlen) zero_tail(c, 1, 1, t1);
+    fence_proxy_async();
+    fence_operands(o);
+    issue_pv_rs(o, pa, desc_v(c, 1, 1));
+  } else {
+    fence_operands(o);
+  }
+  named_sync(kP0Ready, 256);
+  if (t0 + kBlockN > c.seqlen) zero_tail(c, 0, 1, t0);
+  issue_pv_ss(o, desc_p(c, 0), desc_v(c, 0, 1));
+  if (kHas1) named_arrive(kO1Issued, 256);
+  if (kNext1) {
+    wgmma_wait<1>();  // O_R += P1·V1_R done: K1's blocks 4-7 are free
+    if (c.idx == 0)
+#pragma unroll
+      for (int block = 4; block < 8; ++block) load_block<kBoxRows>(c, 1, block, rows1);
+  }
+  if (kNext0) {
+    wgmma_wait<0>();  // O_R += P0·V0_R done: K0's blocks 4-8 are free
+    if (c.idx == 0)
+#pragma unroll
+      for (int block = 4; block < kBlocks; ++block) load_block<kBoxRows>(c, 0, block, rows0);
+  }
+  if (kNext1) {
+    fence_operands(s);
+    issue_s<0, kBlocks>(s, c, 1, parity1);
+    parity1 ^= 1;
+  }
+  wgmma_wait<0>();
+  fence_operands(o);
+  fence_operands(s);
+  fence_operands(pa);
+}
+
+template <int kBoxRows>
+__global__ void __launch_bounds__(kThreads, 1)
+    seesaw_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap kv_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using namespace sm80;
   extern __shared__ unsigned char smem_raw[];
   auto& sm = *reinterpret_cast<SharedMemoryPlan*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
 
-  const int item = p.work[block_work(p)];
+  const int item = p.work[sm80::decode::block_work(p)];
   if (item < 0) return;
   const int b = item / kMaxSplits, split = item % kMaxSplits;
   const SequenceSchedule sched = p.schedule[b];
-  const int m0 = block_row_block(p) * kBlockM;
+  const int m0 = sm80::decode::block_row_block(p) * kBlockM;
   if (m0 >= p.rows) return;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int mw = warp % 4, wg = warp / 4;  // 16-row group within the warpgroup; warpgroup = key / column half
-  const int seqlen = p.seqlens[b];
-  const int k_begin = split * sched.keys_per_split;
-  const int k_end = min(seqlen, k_begin + sched.keys_per_split);
-  const int tiles = k_end > k_begin ? (k_end - k_begin + kBlockN - 1) / kBlockN : 0;
 
-  const auto* gQ = static_cast<const uint16_t*>(p.q) + (static_cast<int64_t>(b) * p.rows + m0) * kHeadDim;
-  for (int idx = threadIdx.x; idx < kBlockM * kChunksQK; idx += kThreads) {
-    const int row = idx / kChunksQK, chunk = idx % kChunksQK;
-    const bool valid = m0 + row < p.rows;
-    cp_async_16(sm.q + blocked(row, chunk * 8), valid ? gQ + row * kHeadDim + chunk * 8 : gQ, valid);
-  }
-  const int32_t* table = p.block_table + static_cast<int64_t>(b) * p.max_pages;
-  auto offset = [](int row, int col) { return blocked(row, col); };
-  sm80::decode::TileLoader loader;
-  loader.prefetch(p, table, k_begin, seqlen);
-  if (tiles > 0) loader.issue(sm.k[0], p.kv, offset);
-  cp_async_commit();
-  loader.prefetch(p, table, k_begin + kBlockN, seqlen);
-
-  const int r_local[2] = {16 * mw + lane / 4, 16 * mw + lane / 4 + 8};
-  int limit[2];
+  Context c;
+  c.sm = &sm, c.map = &kv_map;
+  c.table = p.block_table + static_cast<int64_t>(b) * p.max_pages;
+  c.page_log2 = p.page_size_log2;
+  c.seqlen = p.seqlens[b];
+  c.k_begin = split * sched.keys_per_split;
+  const int k_end = min(c.seqlen, c.k_begin + sched.keys_per_split);
+  c.tiles = k_end > c.k_begin ? (k_end - c.k_begin + kBlockN - 1) / kBlockN : 0;
+  c.wg = threadIdx.x / 128, c.idx = threadIdx.x % 128, c.lane = threadIdx.x % 32;
+  const int warp = c.idx / 32;
+  c.r[0] = 16 * warp + c.lane / 4, c.r[1] = c.r[0] + 8;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int r = m0 + r_local[i];
-    limit[i] = r >= p.rows ? 0 : (p.causal ? seqlen - (p.s_q - 1 - r / p.h_q) : seqlen);
+    const int r = m0 + c.r[i];
+    c.limit[i] = r >= p.rows ? 0 : min(k_end, p.causal ? c.seqlen - (p.s_q - 1 - r / p.h_q) : c.seqlen);
   }
+  c.scale_log2 = p.scale_log2;
 
-  float o[128];  // O[64 rows, 256 columns of this warpgroup's half]: o[4j + e] = chunk j, fragment element e
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int block = 0; block < kBlocks; ++block) mbarrier_init(&sm.bar[i][block], 1);
+    fence_barrier_init();
+  }
+  const auto* gQ = static_cast<const uint16_t*>(p.q) + (static_cast<int64_t>(b) * p.rows + m0) * kHeadDim;
+  for (int i = threadIdx.x; i < kBlockM * kChunksQK; i += kThreads) {
+    const int row = i / kChunksQK, chunk = i % kChunksQK;
+    const bool valid = m0 + row < p.rows;
+    sm80::cp_async_16(sm.q + blocked(row, chunk * 8), valid ? gQ + row * kHeadDim + chunk * 8 : gQ, valid);
+  }
+  sm80::cp_async_commit();
+  if (threadIdx.x < kBlockM) sm.m[threadIdx.x] = kMaxInit;
+  __syncthreads();  // barriers initialised
+  if (threadIdx.x == 0) {
+    int rows[kBlockN / kBoxRows];
+    for (int tile = 0; tile < min(c.tiles, 2); ++tile) {
+      tile_rows<kBoxRows>(c, tile, rows);
+#pragma unroll
+      for (int block = 0; block < kBlocks; ++block) load_block<kBoxRows>(c, tile, block, rows);
+    }
+  }
+  sm80::cp_async_wait<0>();
+  fence_proxy_async();  // Q written through the generic proxy, read by wgmma
+  __syncthreads();
+
+  float o[128];  // O[64 rows, this warpgroup's 256 columns]: o[4j + e] = column chunk j, fragment element e
 #pragma unroll
   for (int j = 0; j < 128; ++j) o[j] = 0.f;
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
-  // Matrix descriptors of the tiles' first k-steps; a k-step further is a start address 16-byte units further.
-  const uint64_t desc_q = make_desc(sm.q, 16, 1024), desc_p = make_desc(sm.p, 16, 1024);
-  const uint64_t desc_k[2] = {make_desc(sm.k[0] + 32 * wg * 64, 16, 1024), make_desc(sm.k[1] + 32 * wg * 64, 16, 1024)};
-  const uint64_t desc_v[2] = {make_desc(sm.k[0] + 4 * wg * kBlockElems, kBlockElems * 2, 1024),
-                              make_desc(sm.k[1] + 4 * wg * kBlockElems, kBlockElems * 2, 1024)};
-
-  for (int tile = 0; tile < tiles; ++tile) {
-    const int t0 = k_begin + tile * kBlockN;
-    cp_async_wait<0>();
-    fence_proxy_async();  // cp.async wrote through the generic proxy; wgmma reads through the async proxy
-    __syncthreads();
-    if (tile + 1 < tiles) {
-      loader.issue(sm.k[(tile + 1) % 2], p.kv, offset);
-      cp_async_commit();
-      loader.prefetch(p, table, t0 + 2 * kBlockN, seqlen);
+  float l[2] = {0.f, 0.f};
+  float s[32];
+  if (c.wg == 0) {
+    int parity0 = 0;
+    if (c.tiles > 0) {
+      fence_operands(s);
+      issue_s<0, kBlocks>(s, c, 0, parity0);
+      wgmma_wait<0>();
+      fence_operands(s);
+      parity0 = 1;
     }
-    const uint64_t dk = tile % 2 ? desc_k[1] : desc_k[0], dv = tile % 2 ? desc_v[1] : desc_v[0];  // no local memory
-
-    // S[64, 32] of this warpgroup's keys.
-    float s[16];
-    fence_operands(s);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      const int step = (kk / 4 * kBlockElems + (kk % 4) * 16) * 2 / 16;  // 16-byte units
-      wgmma_m64n32k16_ss(s, desc_q + step, dk + step, kk > 0 ? 1 : 0);
+    int t = 0;
+    for (; t + 2 < c.tiles; t += 2) pair_wg0<true, true, kBoxRows>(c, t, s, o, l, parity0);
+    if (t + 1 < c.tiles) pair_wg0<true, false, kBoxRows>(c, t, s, o, l, parity0);
+    else if (t < c.tiles) pair_wg0<false, false, kBoxRows>(c, t, s, o, l, parity0);
+  } else {
+    int parity1 = 0;
+    if (c.tiles > 1) {
+      fence_operands(s);
+      issue_s<0, kBlocks>(s, c, 1, parity1);
+      wgmma_wait<0>();
+      fence_operands(s);
+      parity1 = 1;
     }
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_operands(s);
-
-    float tile_max[2] = {-INFINITY, -INFINITY};
-    const bool unmasked = t0 + kBlockN <= min(limit[0], limit[1]);
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int t = t0 + 32 * wg + 8 * j + 2 * (lane % 4) + (e & 1);
-        const float x = unmasked || t < limit[e / 2] ? s[4 * j + e] * p.scale_log2 : -INFINITY;
-        s[4 * j + e] = x;
-        tile_max[e / 2] = fmaxf(tile_max[e / 2], x);
-      }
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 1));
-      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 2));
-      if (lane % 4 == 0) sm.row_max[wg][r_local[i]] = tile_max[i];
+    int t = 0;
+    for (; t + 3 < c.tiles; t += 2) pair_wg1<true, true, true, kBoxRows>(c, t, s, o, l, parity1);
+    if (t + 2 < c.tiles) {
+      pair_wg1<true, true, false, kBoxRows>(c, t, s, o, l, parity1);
+      pair_wg1<false, false, false, kBoxRows>(c, t + 2, s, o, l, parity1);
+    } else if (t + 1 < c.tiles) {
+      pair_wg1<true, false, false, kBoxRows>(c, t, s, o, l, parity1);
+    } else if (t < c.tiles) {
+      pair_wg1<false, false, false, kBoxRows>(c, t, s, o, l, parity1);
     }
-    __syncthreads();
-
-    float alpha[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const float m_new = fmaxf(m_run[i], fmaxf(sm.row_max[0][r_local[i]], sm.row_max[1][r_local[i]]));
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      alpha[i] = exp2f(m_run[i] - m_use);
-      m_run[i] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pv = exp2f(s[4 * j + 2 * i + e] - m_use);
-          s[4 * j + 2 * i + e] = pv;
-          sum += pv;
-        }
-      l_run[i] = l_run[i] * alpha[i] + sum;
-    }
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int key = 32 * wg + 8 * j + 2 * (lane % 4);
-        *reinterpret_cast<uint32_t*>(sm.p + blocked(r_local[i], key)) = pack_bf16(s[4 * j + 2 * i], s[4 * j + 2 * i + 1]);
-      }
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      o[4 * j + 0] *= alpha[0], o[4 * j + 1] *= alpha[0];
-      o[4 * j + 2] *= alpha[1], o[4 * j + 3] *= alpha[1];
-    }
-    fence_proxy_async();  // P written by ordinary stores, read by wgmma
-    __syncthreads();
-
-    // O[64, 256] += P[64, 64] · V[64 keys, 256 columns].
-    fence_operands(o);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      wgmma_m64n256k16_ss_tb(o, desc_p + kk * 16 * 2 / 16, dv + kk * 16 * 64 * 2 / 16, 1);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_operands(o);
   }
-  cp_async_wait<0>();
 
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
-    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 2);
-    if (lane % 4 == 0) sm.row_sum[wg][r_local[i]] = l_run[i];
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+    if (c.lane % 4 == 0) sm.l[c.wg][c.r[i]] = l[i];
   }
   __syncthreads();
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int r = m0 + r_local[i];
+    const int r = m0 + c.r[i];
     if (r >= p.rows) continue;
-    const float l = sm.row_sum[0][r_local[i]] + sm.row_sum[1][r_local[i]];
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    const float lse = l > 0.f ? m_run[i] * 0.69314718055994531f + logf(l) : INFINITY;
-    const int col0 = 256 * wg + 2 * (lane % 4);
+    const float lt = sm.l[0][c.r[i]] + sm.l[1][c.r[i]];
+    const float inv = lt > 0.f ? 1.f / lt : 0.f;
+    const float lse = lt > 0.f ? sm.m[c.r[i]] * 0.69314718055994531f + logf(lt) : INFINITY;
+    const int col0 = 256 * c.wg + 2 * (c.lane % 4);
     if (sched.splits == 1) {
       const int64_t row = static_cast<int64_t>(b) * p.rows + r;
       auto* out = static_cast<__nv_bfloat16*>(p.out) + row * kHeadDimV + col0;
@@ -215,7 +497,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
       for (int j = 0; j < 32; ++j)
         *reinterpret_cast<__nv_bfloat162*>(out + 8 * j) =
             __floats2bfloat162_rn(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
-      if (p.lse && wg == 0 && lane % 4 == 0)
+      if (p.lse && c.wg == 0 && c.lane % 4 == 0)
         p.lse[(static_cast<int64_t>(b) * p.h_q + r % p.h_q) * p.s_q + r / p.h_q] = lse;
     } else {
       const int64_t prow = static_cast<int64_t>(sched.offset + split) * p.rows + r;
@@ -223,7 +505,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
 #pragma unroll
       for (int j = 0; j < 32; ++j)
         *reinterpret_cast<float2*>(out + 8 * j) = make_float2(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
-      if (wg == 0 && lane % 4 == 0) p.lse_partial[prow] = l > 0.f ? lse : -INFINITY;
+      if (c.wg == 0 && c.lane % 4 == 0) p.lse_partial[prow] = lt > 0.f ? lse : -INFINITY;
     }
   }
 #else
