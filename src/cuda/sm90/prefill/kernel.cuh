@@ -1,12 +1,22 @@
-// The sm90 expanded-prefill kernel (wgmma, bf16, q·k 192, v 128). One block = 128 queries of one head, two
-// warpgroups of 64 query rows each; a warpgroup owns whole rows, so its softmax needs nobody else and the two
-// only meet at the per-tile barrier that recycles the shared K/V buffers. Per 64-key tile and warpgroup:
-// S = Q·Kᵀ (m64n64k16 × 12), masked online softmax in the log2 domain (bottom-right causal), P rounded to bf16
-// in registers (the S accumulator fragment is the A fragment), O += P·V (m64n128k16 × 4, A from registers, V
-// read transposed from shared memory). Same outputs and rounding points as the sm80 kernel
-// (../../sm80/prefill/kernel.cuh).
+// The sm90 expanded-prefill kernel (wgmma + TMA, bf16, q·k 192, v 128, causal bottom-right). One block = 128
+// queries of one head. Per warpgroup and key tile j (mainloop.cuh): issue S = Q·K_{j+1}ᵀ, then O += P_j·V_j, run
+// the softmax of S while P·V is in flight (FlashAttention-3's intra-warpgroup overlap), and in addition:
+//
+//  - a producer warpgroup (24 registers after setmaxnreg; one thread works) loads Q once and the K and V tiles
+//    of 128 keys by TMA into a two-stage ring; each stage has a "full" mbarrier (transaction bytes) and an
+//    "empty" one that the 256 consumer threads arrive on once they have read it, so a warpgroup only ever
+//    waits for data, never for the other warpgroup;
+//  - the two consumer warpgroups (240 registers; 64 query rows each) take turns at the tensor pipe: a
+//    warpgroup issues its S and P·V, then hands the turn to the other (two named barriers), so that one
+//    warpgroup's exponentials run while the other's GEMMs do, on top of the overlap inside each warpgroup.
+//
+// Reading through tensor maps built per sequence, rows past n_q / n_k arrive as zeros (no NaN from beyond the
+// sequence can reach the GEMMs) and masked. P is rounded to bf16 before P·V, the row sums are fp32 sums of the
+// unrounded probabilities, O is written in bf16 (the sm80 kernel's rounding points; not bitwise equal to it: the
+// exponent is one FFMA and 2^x is MUFU.EX2 without exp2f's subnormal fixup).
 #pragma once
 
+#include <cuda.h>
 #include <cuda_bf16.h>
 
 #include <cmath>
@@ -14,106 +24,92 @@
 
 #include "cuda/sm80/mma.cuh"
 #include "cuda/sm80/prefill/config.h"
+#include "cuda/sm90/prefill/mainloop.cuh"
+#include "cuda/sm90/tma.cuh"
 #include "cuda/sm90/wgmma.cuh"
 
 namespace mla::cuda::sm90::prefill {
 
-using sm80::prefill::kChunksQK;
-using sm80::prefill::kChunksV;
-using sm80::prefill::kHeadDimQK;
-using sm80::prefill::kHeadDimV;
-using sm80::prefill::kStridedSplit;
-using sm80::prefill::Params;
+constexpr int kN = 128;                 // keys per tile
+constexpr int kConsumerThreads = 256;   // two warpgroups of 64 query rows
+constexpr int kThreads = 128 + kConsumerThreads;
+constexpr uint32_t kQBytes = kBlockM * kHeadDimQK * 2, kKBytes = kN * kHeadDimQK * 2, kVBytes = kN * kHeadDimV * 2;
 
-constexpr int kBlockM = 128;
-constexpr int kBlockN = 64;
-constexpr int kThreads = 256;
+// The tensors of one sequence, [tokens][heads][columns] with columns contiguous. k_tail is used by the strided
+// layout only (K columns 128..191 from the latent rows).
+struct Maps {
+  CUtensorMap q, k, k_tail, v;
+};
 
 struct SharedMemoryPlan {
-  uint16_t q[kBlockM * kHeadDimQK];     // [3 blocks][128 rows][64], 128-byte swizzle
-  uint16_t k[2][kBlockN * kHeadDimQK];  // [stage][3 blocks][64 keys][64]
-  uint16_t v[2][kBlockN * kHeadDimV];   // [stage][2 blocks][64 keys][64]
+  uint16_t q[kBlockM * kHeadDimQK];  // [3 blocks][128 rows][64]
+  uint16_t k[2][kN * kHeadDimQK];    // [stage][3 blocks][128 keys][64]
+  uint16_t v[2][kN * kHeadDimV];     // [stage][2 blocks][128 keys][64]
+  float sink[2 * kConsumerThreads];  // see pin_wait_behind
+  uint64_t q_full, k_full[2], v_full[2], k_empty[2], v_empty[2];
 };
 constexpr size_t kSmemBytes = sizeof(SharedMemoryPlan) + 1024;
+static_assert(kSmemBytes <= 227 * 1024, "one block per SM");
 
-// Element offset of (row, col) in a tile of 64-column swizzle blocks of `kRows` rows.
-template <int kRows>
-__device__ __forceinline__ int blocked(int row, int col) {
-  return (col >> 6) * (kRows * 64) + row * 64 + ((((col >> 3) & 7) ^ (row & 7)) << 3) + (col & 7);
-}
+enum NamedBarrier : int { kTurn0 = 1, kTurn1 = 2 };  // "warpgroup g may issue its GEMMs"
 
-template <int N>
-__device__ __forceinline__ void fence_operands(float (&r)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-
-// Barrier of one warpgroup (ids 1, 2; 0 is __syncthreads).
-__device__ __forceinline__ void warpgroup_barrier(int wg) {
-  asm volatile("bar.sync %0, 128;\n" ::"r"(wg + 1) : "memory");
-}
-
-// K and V tiles by cp.async: 4 threads per key row (interleaved 16-byte chunks), so each thread computes its
-// row addresses once per tile (strided layout: K columns past kStridedSplit from the tail rows); rows past n_k
-// are zero-filled and never read.
+// The producer's loop (one thread): Q, then per tile K then V, each into its stage once both consumer
+// warpgroups have released the stage's previous tile.
 template <bool kStrided>
-__device__ __forceinline__ void load_kv_tile(uint16_t* sK, uint16_t* sV, const Params& p, int h, int t0) {
-  static_assert(kThreads == 4 * kBlockN && kChunksQK % 4 == 0 && kChunksV % 4 == 0, "4 threads per key row");
-  static_assert(kStridedSplit % 32 == 0, "a chunk column's source depends on j alone");
-  const int row = threadIdx.x / 4, c0 = threadIdx.x % 4, t = t0 + row;
-  const bool valid = t < p.n_k;
-  const uint16_t *gK, *gKt, *gV;
-  if constexpr (kStrided) {
-    const int64_t token = valid ? p.k_offset + t : 0;
-    gK = static_cast<const uint16_t*>(p.k) + (valid ? token * p.k_row + h * p.k_head : 0);
-    gKt = static_cast<const uint16_t*>(p.k_tail) + (valid ? token * p.k_tail_row + h * p.k_tail_head : 0) -
-          kStridedSplit;
-    gV = static_cast<const uint16_t*>(p.v) + (valid ? token * p.v_row + h * p.v_head : 0);
-  } else {
-    const int64_t token = valid ? (p.k_offset + t) * p.heads + h : 0;
-    gK = gKt = static_cast<const uint16_t*>(p.k) + token * kHeadDimQK;
-    gV = static_cast<const uint16_t*>(p.v) + token * kHeadDimV;
-  }
+__device__ __forceinline__ void produce(SharedMemoryPlan& sm, const Maps& maps, int h, int h_tail, int m0, int tiles) {
+  mbarrier_arrive_expect_tx(&sm.q_full, kQBytes);
 #pragma unroll
-  for (int j = 0; j < kChunksQK / 4; ++j) {
-    // Columns 32j + 8c0 (c0 < 4): below the split exactly when 32j < kStridedSplit, known at compile time.
-    const int col = (c0 + 4 * j) * 8;
-    const bool tail = kStrided && 32 * j >= kStridedSplit;
-    sm80::cp_async_16(sK + blocked<kBlockN>(row, col), (tail ? gKt : gK) + col, valid);
-  }
+  for (int c = 0; c < 3; ++c) tma_load_3d(sm.q + c * kBlockM * 64, &maps.q, &sm.q_full, 64 * c, h, m0);
+  for (int j = 0; j < tiles; ++j) {
+    const int st = j & 1, round = j >> 1;
+    if (round > 0) mbarrier_wait(&sm.k_empty[st], (round - 1) & 1);
+    mbarrier_arrive_expect_tx(&sm.k_full[st], kKBytes);
 #pragma unroll
-  for (int j = 0; j < kChunksV / 4; ++j) {
-    const int chunk = c0 + 4 * j;
-    sm80::cp_async_16(sV + blocked<kBlockN>(row, chunk * 8), gV + chunk * 8, valid);
+    for (int c = 0; c < 3; ++c) {
+      if (kStrided && c == 2) tma_load_3d(sm.k[st] + c * kN * 64, &maps.k_tail, &sm.k_full[st], 0, h_tail, j * kN);
+      else tma_load_3d(sm.k[st] + c * kN * 64, &maps.k, &sm.k_full[st], 64 * c, h, j * kN);
+    }
+    if (round > 0) mbarrier_wait(&sm.v_empty[st], (round - 1) & 1);
+    mbarrier_arrive_expect_tx(&sm.v_full[st], kVBytes);
+#pragma unroll
+    for (int c = 0; c < 2; ++c) tma_load_3d(sm.v[st] + c * kN * 64, &maps.v, &sm.v_full[st], 64 * c, h, j * kN);
   }
 }
 
 template <bool kStrided>
-__global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const __grid_constant__ Params p) {
+__global__ void __launch_bounds__(kThreads, 1)
+    prefill_kernel(const __grid_constant__ Params p, const __grid_constant__ Maps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using namespace sm80;
   extern __shared__ unsigned char smem_raw[];
   auto& sm = *reinterpret_cast<SharedMemoryPlan*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   const int m_block = gridDim.x - 1 - blockIdx.x;  // longest causal rows first
   const int m0 = m_block * kBlockM, h = blockIdx.y;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4, mw = warp % 4;
   const int diag = p.n_k - p.n_q;
-
   const int last_row = min(m0 + kBlockM, p.n_q) - 1;
   const int key_end = p.causal ? min(p.n_k, last_row + diag + 1) : p.n_k;
-  const int tiles = key_end > 0 ? (key_end + kBlockN - 1) / kBlockN : 0;
+  const int tiles = key_end > 0 ? (key_end + kN - 1) / kN : 0;
 
-  const auto* gQ = static_cast<const uint16_t*>(p.q);
-  for (int idx = threadIdx.x; idx < kBlockM * kChunksQK; idx += kThreads) {
-    const int row = idx / kChunksQK, chunk = idx % kChunksQK;
-    const bool valid = m0 + row < p.n_q;
-    cp_async_16(sm.q + blocked<kBlockM>(row, chunk * 8),
-                valid ? gQ + ((p.q_offset + m0 + row) * p.heads + h) * kHeadDimQK + chunk * 8 : gQ, valid);
+  if (threadIdx.x == 0) {
+    mbarrier_init(&sm.q_full, 1);
+#pragma unroll
+    for (int st = 0; st < 2; ++st) {
+      mbarrier_init(&sm.k_full[st], 1), mbarrier_init(&sm.v_full[st], 1);
+      mbarrier_init(&sm.k_empty[st], kConsumerThreads), mbarrier_init(&sm.v_empty[st], kConsumerThreads);
+    }
+    fence_barrier_init();
   }
-  if (tiles > 0) load_kv_tile<kStrided>(sm.k[0], sm.v[0], p, h, 0);
-  cp_async_commit();
+  __syncthreads();
 
-  // This thread's rows within its warpgroup's 64, and their key limits.
+  if (threadIdx.x < 128) {  // producer warpgroup
+    set_max_registers_dec<24>();
+    if (threadIdx.x == 0) produce<kStrided>(sm, maps, h, p.k_tail_head != 0 ? h : 0, m0, tiles);
+    return;
+  }
+  set_max_registers_inc<240>();
+  const int t = threadIdx.x - 128, wg = t / 128, lane = t % 32, mw = (t / 32) % 4;
+  // Tiles [0, first_masked) end at or before the smallest key limit of the block's rows: no mask needed.
+  const int limit_min = p.causal ? min(p.n_k, m0 + diag + 1) : p.n_k;
+  const int first_masked = limit_min > 0 ? limit_min / kN : 0;
   const int r_local[2] = {16 * mw + lane / 4, 16 * mw + lane / 4 + 8};
   int limit[2];
 #pragma unroll
@@ -122,94 +118,75 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const __grid_const
   float o[kHeadDimV / 2];  // O[64, 128]: o[4j + e] = column chunk j, fragment element e
 #pragma unroll
   for (int j = 0; j < kHeadDimV / 2; ++j) o[j] = 0.f;
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
-  // Matrix descriptors of the tiles' first k-steps; a k-step further is a start address 16-byte units further.
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, alpha[2] = {0.f, 0.f};
   const uint64_t desc_q = make_desc(sm.q + 64 * wg * 64, 16, 1024);
   const uint64_t desc_k[2] = {make_desc(sm.k[0], 16, 1024), make_desc(sm.k[1], 16, 1024)};
-  const uint64_t desc_v[2] = {make_desc(sm.v[0], kBlockN * 64 * 2, 1024), make_desc(sm.v[1], kBlockN * 64 * 2, 1024)};
+  const uint64_t desc_v[2] = {make_desc(sm.v[0], kN * 64 * 2, 1024), make_desc(sm.v[1], kN * 64 * 2, 1024)};
+  const int my_turn = wg == 0 ? kTurn0 : kTurn1, other_turn = wg == 0 ? kTurn1 : kTurn0;
 
-  for (int tile = 0; tile < tiles; ++tile) {
-    const int t0 = tile * kBlockN;
-    cp_async_wait<0>();
-    fence_proxy_async();
-    __syncthreads();  // tile landed; both warpgroups are done with the other buffers
-    if (tile + 1 < tiles) {
-      load_kv_tile<kStrided>(sm.k[(tile + 1) % 2], sm.v[(tile + 1) % 2], p, h, t0 + kBlockN);
-      cp_async_commit();
-    }
-    const uint64_t dk = tile % 2 ? desc_k[1] : desc_k[0], dv = tile % 2 ? desc_v[1] : desc_v[0];  // no local memory
-
-    float s[32];
+  if (tiles > 0) {
+    float s[kN / 2];
+    uint32_t pf[kN / 16][4];
+    mbarrier_wait(&sm.q_full, 0);
+    mbarrier_wait(&sm.k_full[0], 0);
     fence_operands(s);
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kHeadDimQK / 16; ++kk) {
-      const int block = kk / 4, within = (kk % 4) * 16;  // elements; descriptors count 16-byte units
-      wgmma_m64n64k16_ss(s, desc_q + (block * kBlockM * 64 + within) * 2 / 16, dk + (block * kBlockN * 64 + within) * 2 / 16,
-                         kk > 0 ? 1 : 0);
-    }
+    issue_s<kN>(s, desc_q, desc_k[0]);
     wgmma_commit();
     wgmma_wait<0>();
     fence_operands(s);
+    mbarrier_arrive(&sm.k_empty[0]);
+    softmax_tile<kN>(s, first_masked == 0, 0, limit, lane, p.scale_log2, m_run, l_run, alpha);
+    pack_p<kN>(pf, s);
 
-    float alpha[2];
-    const bool unmasked = t0 + kBlockN <= min(limit[0], limit[1]);  // every key of the tile visible to both rows
+    // Steps j = 0 .. tiles-2, in turns: warpgroup 0 first; warpgroup 1's last hand-over is skipped so that
+    // every arrival on a turn barrier is matched by a wait.
+    const int steps = tiles - 1;
+    if (wg == 1 && steps > 0) named_arrive(kTurn0, kConsumerThreads);
+    int j = 0;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int t = t0 + 8 * j + 2 * (lane % 4) + e;
-          const float x = unmasked || t < limit[i] ? s[4 * j + 2 * i + e] * p.scale_log2 : -INFINITY;
-          s[4 * j + 2 * i + e] = x;
-          mx = fmaxf(mx, x);
-        }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m_run[i], mx);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      alpha[i] = exp2f(m_run[i] - m_use);
-      m_run[i] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pv = exp2f(s[4 * j + 2 * i + e] - m_use);
-          s[4 * j + 2 * i + e] = pv;
-          sum += pv;
-        }
-      l_run[i] = l_run[i] * alpha[i] + sum;
-    }
-    // P (bf16) stays in registers: the accumulator fragment of S is the A fragment of P·V (keys 16kk..16kk+15 =
-    // S column chunks 2kk and 2kk+1), so P never goes through shared memory.
-    uint32_t pf[kBlockN / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      pf[kk][0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
-      pf[kk][1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
-      pf[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
-      pf[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
-    }
-#pragma unroll
-    for (int j = 0; j < kHeadDimV / 8; ++j) {
-      o[4 * j + 0] *= alpha[0], o[4 * j + 1] *= alpha[0];
-      o[4 * j + 2] *= alpha[1], o[4 * j + 3] *= alpha[1];
+    for (int pass = 0; pass < 2; ++pass) {
+      const bool masked = pass == 1;
+      const int j_end = masked ? steps : min(steps, first_masked - 1);
+#pragma unroll 1
+      for (; j < j_end; ++j) {
+        const int next = (j + 1) & 1, cur = j & 1;
+        mbarrier_wait(sm.k_full + next, ((j + 1) >> 1) & 1);
+        named_sync(my_turn, kConsumerThreads);
+        wgmma_fence();
+        issue_s<kN>(s, desc_q, next ? desc_k[1] : desc_k[0]);  // selects: no local memory
+        wgmma_commit();
+        fence_operands(o);
+        rescale_o(o, alpha);
+        mbarrier_wait(&sm.v_full[cur], (j >> 1) & 1);
+        wgmma_fence();
+        issue_pv<kN>(o, pf, cur ? desc_v[1] : desc_v[0]);
+        wgmma_commit();
+        if (wg == 0 || j + 1 < steps) named_arrive(other_turn, kConsumerThreads);
+        wgmma_wait<1>();  // S done, P·V in flight
+        fence_operands(s);
+        mbarrier_arrive(&sm.k_empty[next]);
+        softmax_tile<kN>(s, masked, (j + 1) * kN, limit, lane, p.scale_log2, m_run, l_run, alpha);
+        pin_wait_behind(sm.sink + 2 * t, l_run);
+        wgmma_wait<0>();  // P·V done: pf, o and V_j free
+        fence_operands(s);
+        fence_operands(o);
+        mbarrier_arrive(&sm.v_empty[cur]);
+        pack_p<kN>(pf, s);
+      }
     }
 
+    // P·V of the last tile.
+    const int last = tiles - 1;
+    mbarrier_wait(&sm.v_full[last & 1], (last >> 1) & 1);
+    rescale_o(o, alpha);
     fence_operands(o);
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      wgmma_m64n128k16_rs_tb(o, pf[kk], dv + kk * 16 * 64 * 2 / 16);
-    }
+    issue_pv<kN>(o, pf, last & 1 ? desc_v[1] : desc_v[0]);
     wgmma_commit();
     wgmma_wait<0>();
     fence_operands(o);
   }
-  cp_async_wait<0>();
 
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -222,7 +199,8 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const __grid_const
     auto* out = static_cast<__nv_bfloat16*>(p.out) + ((p.q_offset + r) * p.heads + h) * kHeadDimV + 2 * (lane % 4);
 #pragma unroll
     for (int j = 0; j < kHeadDimV / 8; ++j)
-      *reinterpret_cast<__nv_bfloat162*>(out + 8 * j) = __floats2bfloat162_rn(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
+      *reinterpret_cast<__nv_bfloat162*>(out + 8 * j) =
+          __floats2bfloat162_rn(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
     if (p.lse && lane % 4 == 0)
       p.lse[static_cast<int64_t>(h) * p.total_q + p.q_offset + r] =
           l > 0.f ? m_run[i] * 0.69314718055994531f + logf(l) : INFINITY;
