@@ -27,6 +27,24 @@ bool have_cuda() {
 #define SKIP_WITHOUT_GPU() \
   if (!have_cuda()) GTEST_SKIP() << "no usable GPU"
 
+// Device copies of host vectors through the backend's buffers (the test needs no CUDA headers).
+struct Device {
+  std::unique_ptr<detail::Buffer> buf;
+  template <class T>
+  explicit Device(const std::vector<T>& v) {
+    const auto bytes = static_cast<int64_t>(std::max<size_t>(1, v.size()) * sizeof(T));
+    buf = detail::find_backend("cuda").allocate(bytes);
+    if (!v.empty()) buf->copy_from_host(0, static_cast<int64_t>(v.size() * sizeof(T)), v.data());
+  }
+  template <class T>
+  std::vector<T> read(size_t n) const {
+    std::vector<T> v(n);
+    buf->copy_to_host(0, static_cast<int64_t>(n * sizeof(T)), v.data());
+    return v;
+  }
+  void* data() const { return buf->data(); }
+};
+
 // ---- golden cases on "cuda" -------------------------------------------------------------------------------
 
 enum class Feed { OneShot, Chunked, Decode };
@@ -96,8 +114,7 @@ struct LayerParam {
 
 class CudaLayerVsCpu : public ::testing::TestWithParam<LayerParam> {};
 
-void layer_vs_cpu(const LayerParam& p) {
-  const Config c = production_dims(p.heads);
+void layer_vs_cpu(const LayerParam& p, const Config& c) {
   const LayerWeights w = LayerWeights::random(c, 11);
   const int64_t B = 3, T = 45;
   const std::vector<float> hidden = testing::random_values(static_cast<size_t>(B * T * c.hidden_size), 5);
@@ -124,9 +141,27 @@ void layer_vs_cpu(const LayerParam& p) {
   EXPECT_LT(testing::rel_error(out[0].latent, out[1].latent), p.precision == Precision::F32 ? 1e-6 : 1e-2) << "latent";
 }
 
+void layer_vs_cpu(const LayerParam& p) { layer_vs_cpu(p, production_dims(p.heads)); }
+
 TEST_P(CudaLayerVsCpu, AgreesWithCpu) {
   SKIP_WITHOUT_GPU();
   layer_vs_cpu(GetParam());
+}
+
+// q / kv_a / o biases (the o bias is added by the kernel that commits the output), with and without q LoRA
+// (without it the q bias goes through the fp32 query path).
+TEST(CudaLayer, AttentionBiasAgreesWithCpu) {
+  SKIP_WITHOUT_GPU();
+  for (int64_t q_lora : {96, 0}) {
+    SCOPED_TRACE("q_lora_rank " + std::to_string(q_lora));
+    Config c = production_dims(3);
+    c.q_lora_rank = q_lora;
+    c.attention_bias = true;
+    for (Precision pr : {Precision::BF16, Precision::F32}) {
+      layer_vs_cpu({3, 16, 13, 20, Path::Auto, pr}, c);
+      layer_vs_cpu({3, 64, 0, -1, Path::Expanded, pr}, c);
+    }
+  }
 }
 
 // The layer's expanded path reads K/V in place from the expansion GEMM's output (strided loads in both fast
@@ -183,6 +218,95 @@ TEST(CudaLayer, NonFiniteHiddenThrowsAndStoresNothing) {
   EXPECT_EQ(cache.pages_free(), 4);
 }
 
+// A rejected batch (NaN in hidden_states) leaves the caller's output and every byte of the page pool as they
+// were, on both paths, with several attention launches in one forward (their block tables share one staged
+// upload); the same layer then runs the batch without the NaN and agrees with the CPU, so nothing of the
+// rejected call (the error flag, the staging) leaks into the next one.
+void rejected_batch_case(Path path, Precision precision, bool bias) {
+  SCOPED_TRACE(std::string(path_name(path)) + " " + std::string(precision_name(precision)) +
+               (bias ? " bias" : " no bias"));
+  Config c = production_dims(2);
+  c.attention_bias = bias;
+  const LayerWeights w = LayerWeights::random(c, 3);
+  const int64_t D = c.hidden_size, P = 16, pages = 12;
+  LayerOptions gpu_options;
+  gpu_options.device = "cuda", gpu_options.precision = precision, gpu_options.path = path;
+  LayerOptions cpu_options = gpu_options;
+  cpu_options.device = "cpu";
+  Attention gpu(w, gpu_options), cpu(w, cpu_options);
+  LatentCache gpu_cache = gpu.make_cache(pages, P, 5), cpu_cache = cpu.make_cache(pages, P, 5);
+
+  // History: a holds 20 tokens, b 3, c none. Then the batch {a: 2, b: 5, c: 5}: absorbed, it is two decode
+  // launches (token counts 2 and 5 + 5); expanded, three prefill launches.
+  const std::vector<int64_t> history{20, 3, 0}, fresh{2, 5, 5};
+  std::vector<SeqId> ids;
+  for (int i = 0; i < 3; ++i) {
+    const SeqId g = gpu_cache.add_sequence(), h = cpu_cache.add_sequence();
+    ASSERT_EQ(g, h);
+    ids.push_back(g);
+  }
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (history[i] == 0) continue;
+    const std::vector<float> x = testing::random_values(static_cast<size_t>(history[i] * D), 40 + i);
+    std::vector<float> y(x.size());
+    const SequenceChunk chunk{ids[i], history[i], nullptr};
+    gpu.forward_host({&chunk, 1}, x.data(), y.data(), gpu_cache);
+    cpu.forward_host({&chunk, 1}, x.data(), y.data(), cpu_cache);
+  }
+  gpu_cache.fill_unused(kNaN);  // the rows a wrong write would land in are NaN: any change shows
+
+  const std::vector<SequenceChunk> batch{
+      {ids[0], fresh[0], nullptr}, {ids[1], fresh[1], nullptr}, {ids[2], fresh[2], nullptr}};
+  const int64_t N = fresh[0] + fresh[1] + fresh[2];
+  std::vector<float> hidden = testing::random_values(static_cast<size_t>(N * D), 50);
+  const float good = hidden[5 * D + 7];
+  hidden[5 * D + 7] = kNaN;  // b's token 3
+  const float sentinel = -12345.5f;
+  Device din(hidden), dout(std::vector<float>(hidden.size(), sentinel));
+  const size_t pool_bytes = static_cast<size_t>(pages * gpu_cache.page_bytes());
+  auto pool = [&] {
+    std::vector<unsigned char> bytes(pool_bytes);
+    EXPECT_EQ(cudaMemcpy(bytes.data(), gpu_cache.storage(), pool_bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+    return bytes;
+  };
+  const std::vector<unsigned char> pool_before = pool();
+  const int64_t free_before = gpu_cache.pages_free();
+
+  testing::expect_throw_with<InvalidArgument>(
+      [&] { gpu.forward(batch, static_cast<const float*>(din.data()), static_cast<float*>(dout.data()), gpu_cache); },
+      {"hidden_states[5, 7]", "not finite"});
+  const std::vector<float> out_after = dout.read<float>(hidden.size());
+  size_t touched = 0;
+  for (float v : out_after) touched += v != sentinel;  // NaN != sentinel too
+  EXPECT_EQ(touched, 0u) << "the rejected forward wrote the output";
+  EXPECT_TRUE(pool() == pool_before) << "the rejected forward wrote the cache";
+  for (size_t i = 0; i < ids.size(); ++i) EXPECT_EQ(gpu_cache.length(ids[i]), history[i]);
+  EXPECT_EQ(gpu_cache.pages_free(), free_before);
+
+  // The same batch without the NaN, on the same layer and cache.
+  hidden[5 * D + 7] = good;
+  din.buf->copy_from_host(0, static_cast<int64_t>(hidden.size() * 4), hidden.data());
+  gpu.forward(batch, static_cast<const float*>(din.data()), static_cast<float*>(dout.data()), gpu_cache);
+  std::vector<float> want(hidden.size());
+  cpu.forward_host(batch, hidden.data(), want.data(), cpu_cache);
+  const bool f32 = precision == Precision::F32;
+  EXPECT_LT(testing::rel_error(dout.read<float>(hidden.size()), want), f32 ? 2e-5 : 1.5e-2) << "output";
+  for (size_t i = 0; i < ids.size(); ++i) {
+    const int64_t L = history[i] + fresh[i];
+    ASSERT_EQ(gpu_cache.length(ids[i]), L);
+    EXPECT_LT(testing::rel_error(gpu_cache.read_rows(ids[i], 0, L), cpu_cache.read_rows(ids[i], 0, L)),
+              f32 ? 1e-6 : 1e-2)
+        << "latent rows of sequence " << i;
+  }
+}
+
+TEST(CudaLayer, RejectedBatchLeavesOutputAndCacheUntouched) {
+  SKIP_WITHOUT_GPU();
+  for (Path path : {Path::Absorbed, Path::Expanded, Path::Auto})
+    for (Precision pr : {Precision::BF16, Precision::F32})
+      for (bool bias : {false, true}) rejected_batch_case(path, pr, bias);
+}
+
 // ---- the decode op against a scalar reference ------------------------------------------------------------
 
 struct DecodeCase {
@@ -190,24 +314,6 @@ struct DecodeCase {
   std::vector<int32_t> seqlens;  // empty: random in [0, 300)
   DType dtype;
   int64_t head_dim = 576, head_dim_v = 512;
-};
-
-// Device copies of host vectors through the backend's buffers (the test needs no CUDA headers).
-struct Device {
-  std::unique_ptr<detail::Buffer> buf;
-  template <class T>
-  explicit Device(const std::vector<T>& v) {
-    const auto bytes = static_cast<int64_t>(std::max<size_t>(1, v.size()) * sizeof(T));
-    buf = detail::find_backend("cuda").allocate(bytes);
-    if (!v.empty()) buf->copy_from_host(0, static_cast<int64_t>(v.size() * sizeof(T)), v.data());
-  }
-  template <class T>
-  std::vector<T> read(size_t n) const {
-    std::vector<T> v(n);
-    buf->copy_to_host(0, static_cast<int64_t>(n * sizeof(T)), v.data());
-    return v;
-  }
-  void* data() const { return buf->data(); }
 };
 
 template <class T>
@@ -460,6 +566,27 @@ TEST(CudaDecode, PlannedRunCapturedInGraph) {
   setenv("MLA_CUDA_DISABLE_SM90", "1", 1);
   run_graph_case(4, 1, 128, {700, 64, 0, 3000}, {2000, 5, 900, 64}, 34);
   unsetenv("MLA_CUDA_DISABLE_SM90");
+}
+
+// The convenience call keeps its split-KV workspace per device: a call on device 1 after one of the same
+// shape on device 0 (so nothing grows) must not be handed device 0's workspace.
+TEST(CudaDecode, ConvenienceWorkspacePerDevice) {
+  SKIP_WITHOUT_GPU();
+  int count = 0, original = 0;
+  TEST_CUDA_OK(cudaGetDeviceCount(&count));
+  if (count < 2) GTEST_SKIP() << "needs two GPUs";
+  TEST_CUDA_OK(cudaGetDevice(&original));
+  struct Restore {
+    int device;
+    ~Restore() { cudaSetDevice(device); }
+  } restore{original};
+  for (int device : {0, 1, 0, 1}) {
+    SCOPED_TRACE("device " + std::to_string(device));
+    TEST_CUDA_OK(cudaSetDevice(device));
+    run_decode_case({1, 1, 128, 64, {4000}, DType::BF16}, 3);  // many splits: the workspace is used
+    run_decode_case({2, 1, 16, 64, {5000, 7}, DType::BF16}, 4);
+    TEST_CUDA_OK(cudaDeviceSynchronize());
+  }
 }
 
 TEST(CudaDecode, PlanOnCpuNeedsNoWorkspace) {

@@ -1,5 +1,6 @@
 // The "cuda" backend: device buffers, the CUDA layer and the attention ops. Registered only when a GPU is
 // present, so a CUDA build still runs on machines without one.
+#include <map>
 #include <mutex>
 #include <string>
 
@@ -25,12 +26,16 @@ class CudaBackend final : public detail::Backend {
   std::unique_ptr<detail::LayerImpl> make_layer(const LayerWeights& w, const LayerOptions& o) const override {
     return make_cuda_layer(w, o);
   }
-  // Asynchronous on the default stream, like any CUDA op; the split-KV workspace is kept between calls.
+  // Asynchronous on the default stream, like any CUDA op; the split-KV workspace is kept between calls, one per
+  // device: the calling thread's current device is where the kernels run, so the workspace must live there,
+  // and the legacy default stream orders calls on one device but not across devices.
   void decode_attention(const DecodeParams& p) const override {
     validate(p);
-    std::lock_guard lock(mutex_);
+    int device = 0;
+    MLA_CUDA_CHECK(cudaGetDevice(&device));
     const DecodePlan plan = plan_decode(p, num_sms_);
-    run_decode(p, plan, workspace_, nullptr);
+    std::lock_guard lock(mutex_);  // guards the map and the workspace's growth, not the (asynchronous) kernels
+    run_decode(p, plan, workspaces_[device], nullptr);
   }
   DecodeSchedule plan_decode_attention(const DecodeParams& p) const override {
     validate_shape(p);
@@ -60,7 +65,7 @@ class CudaBackend final : public detail::Backend {
  private:
   int num_sms_ = 0;
   mutable std::mutex mutex_;
-  mutable DeviceArray workspace_;
+  mutable std::map<int, DeviceArray> workspaces_;  // by device ordinal; map nodes stay put as devices are added
 };
 
 }  // namespace

@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <span>
 #include <vector>
 
 #include "cuda/common/attention.hpp"
@@ -46,7 +47,7 @@ class CudaLayer final : public detail::LayerImpl {
     int device = 0;
     MLA_CUDA_CHECK(cudaGetDevice(&device));
     MLA_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device));
-    flag_.reserve(sizeof(unsigned long long));
+    flag_host_.reserve(sizeof(unsigned long long));
     // A/B timing only: MLA_CUDA_LAYER_COPY=1 restores the fp32 query round trip and the K/V copies.
     const char* copy = std::getenv("MLA_CUDA_LAYER_COPY");
     copy_glue_ = copy && std::strcmp(copy, "1") == 0;
@@ -60,23 +61,17 @@ class CudaLayer final : public detail::LayerImpl {
     if (N == 0) return;
     cudaStream_t stream = nullptr;  // the legacy default stream: ordered with the Buffer copies
 
-    // Per-token positions and cache slots, one upload.
-    std::vector<int64_t> meta(static_cast<size_t>(2 * N));
-    bool any_absorbed = false;
-    for (const detail::ChunkPlan& ch : a.chunks) {
-      for (int64_t i = 0; i < ch.num_tokens; ++i) {
-        const int64_t t = ch.cached + i;
-        meta[ch.first_row + i] = ch.positions[i];
-        meta[N + ch.first_row + i] = int64_t{ch.block_table[t / a.page_size]} * a.page_size + t % a.page_size;
-      }
-      any_absorbed |= ch.path == Path::Absorbed && ch.num_tokens > 0;
+    // A forward that threw after its upload was issued (a kernel or GEMM refused a shape) did not reach the
+    // synchronisation below: wait for that copy before the staging buffer is rewritten.
+    if (upload_pending_) {
+      MLA_CUDA_CHECK(cudaStreamSynchronize(stream));
+      upload_pending_ = false;
     }
-    meta_.reserve(2 * N * 8);
-    MLA_CUDA_CHECK(cudaMemcpyAsync(meta_.get(), meta.data(), meta.size() * 8, cudaMemcpyHostToDevice, stream));
-    const int64_t* positions = meta_.get<int64_t>();
+    const bool any_absorbed = stage(a, stream);
+    char* staged = staged_.get<char>();
+    auto* flag = reinterpret_cast<unsigned long long*>(staged);
+    const auto* positions = reinterpret_cast<const int64_t*>(staged + kFlagBytes);
     const int64_t* slots = positions + N;
-    MLA_CUDA_CHECK(cudaMemsetAsync(flag_.get(), 0xff, sizeof(unsigned long long), stream));
-    auto* flag = flag_.get<unsigned long long>();
 
     // x = dtype(hidden), with the non-finite check.
     x_.reserve(N * D * es);
@@ -131,13 +126,18 @@ class CudaLayer final : public detail::LayerImpl {
     o_.reserve(N * H * dv * es);
     attend(a, stream);
 
-    // out = o · o_projᵀ (+ bias).
-    linear(o_.get(), N, H * dv, o_weight_.get(), D, a.out, DType::F32, stream);
-    if (has_o_bias_) add_bias_rows(a.out, o_bias_.get<float>(), N, D, stream);
+    // y = o · o_projᵀ into a workspace, then out = y (+ bias) only when the flag is clear: a rejected batch
+    // leaves the caller's out as it was. The bias rides on that pass, so it costs no pass of its own.
+    y_.reserve(N * D * 4);
+    linear(o_.get(), N, H * dv, o_weight_.get(), D, y_.get(), DType::F32, stream);
+    commit_rows(y_.get<float>(), has_o_bias_ ? o_bias_.get<float>() : nullptr, flag, N, D, a.out, stream);
 
-    unsigned long long bad = 0;
-    MLA_CUDA_CHECK(cudaMemcpyAsync(&bad, flag, sizeof(bad), cudaMemcpyDeviceToHost, stream));
+    // The one synchronisation of a forward (the error check needs it). It also retires the upload, so the next
+    // forward may rewrite the staging buffer.
+    MLA_CUDA_CHECK(cudaMemcpyAsync(flag_host_.get(), flag, sizeof(unsigned long long), cudaMemcpyDeviceToHost, stream));
     MLA_CUDA_CHECK(cudaStreamSynchronize(stream));
+    upload_pending_ = false;
+    const unsigned long long bad = *flag_host_.get<unsigned long long>();
     if (bad != ~0ull) {
       float value = 0.f;
       MLA_CUDA_CHECK(cudaMemcpy(&value, a.hidden + bad, sizeof(float), cudaMemcpyDeviceToHost));
@@ -148,6 +148,90 @@ class CudaLayer final : public detail::LayerImpl {
   }
 
  private:
+  // One attention launch: a run of consecutive absorbed chunks with the same token count (one decode call), or
+  // one expanded chunk.
+  struct Launch {
+    size_t begin = 0, end = 0;  // chunks [begin, end)
+    int64_t max_pages = 0;      // block-table row length (expanded: the chunk's pages)
+    int64_t table = 0;          // byte offset of its block tables in the staged block
+  };
+  static constexpr int64_t kFlagBytes = sizeof(unsigned long long);
+
+  // Packs everything the kernels read from the host into staging_ and uploads it with one copy:
+  //   [error flag = ~0 | positions i64 [N] | cache slots i64 [N] | per launch, 16-byte aligned: block tables]
+  // where an absorbed launch has [count, max_pages] tables (zero past each sequence's pages) then its [count]
+  // sequence lengths. The flag's initial value rides on the copy instead of a cudaMemsetAsync. Fills
+  // launches_; returns whether any chunk takes the absorbed path.
+  //
+  // Rewriting staging_ here is safe although the copy from it is asynchronous (pinned memory): the previous
+  // forward's copy has completed, because that forward either reached its closing cudaStreamSynchronize or
+  // threw with upload_pending_ set, and forward() then synchronises before calling this.
+  bool stage(const detail::ForwardArgs& a, cudaStream_t stream) {
+    const int64_t N = a.total_tokens, P = a.page_size;
+    const std::span<const detail::ChunkPlan> chunks = a.chunks;
+    auto pages = [&](const detail::ChunkPlan& ch) { return (ch.cached + ch.num_tokens + P - 1) / P; };
+    launches_.clear();
+    int64_t bytes = kFlagBytes + 2 * N * 8;
+    for (size_t i = 0; i < chunks.size();) {
+      const detail::ChunkPlan& first = chunks[i];
+      if (first.num_tokens == 0) {
+        ++i;
+        continue;
+      }
+      Launch l;
+      l.begin = i, l.end = i + 1;
+      int64_t entries = 0;
+      if (first.path == Path::Expanded) {
+        l.max_pages = pages(first);
+        entries = l.max_pages;
+      } else {
+        while (l.end < chunks.size() && chunks[l.end].path == Path::Absorbed &&
+               chunks[l.end].num_tokens == first.num_tokens)
+          ++l.end;
+        for (size_t c = l.begin; c < l.end; ++c) l.max_pages = std::max(l.max_pages, pages(chunks[c]));
+        const auto count = static_cast<int64_t>(l.end - l.begin);
+        entries = count * l.max_pages + count;
+      }
+      l.table = (bytes + 15) / 16 * 16;
+      bytes = l.table + entries * 4;
+      launches_.push_back(l);
+      i = l.end;
+    }
+    staging_.reserve(bytes);
+    staged_.reserve(staging_.bytes());  // the pinned block's geometric growth: a decode loop reallocates neither
+
+    char* host = staging_.get<char>();
+    *reinterpret_cast<unsigned long long*>(host) = ~0ull;
+    auto* positions = reinterpret_cast<int64_t*>(host + kFlagBytes);
+    int64_t* slots = positions + N;
+    bool any_absorbed = false;
+    for (const detail::ChunkPlan& ch : chunks) {
+      for (int64_t i = 0; i < ch.num_tokens; ++i) {
+        const int64_t t = ch.cached + i;
+        positions[ch.first_row + i] = ch.positions[i];
+        slots[ch.first_row + i] = int64_t{ch.block_table[t / P]} * P + t % P;
+      }
+      any_absorbed |= ch.path == Path::Absorbed && ch.num_tokens > 0;
+    }
+    for (const Launch& l : launches_) {
+      auto* table = reinterpret_cast<int32_t*>(host + l.table);
+      if (chunks[l.begin].path == Path::Expanded) {
+        std::copy_n(chunks[l.begin].block_table, l.max_pages, table);
+        continue;
+      }
+      const auto count = static_cast<int64_t>(l.end - l.begin);
+      std::fill_n(table, count * l.max_pages, 0);
+      for (size_t c = l.begin; c < l.end; ++c) {
+        const auto b = static_cast<int64_t>(c - l.begin);
+        std::copy_n(chunks[c].block_table, pages(chunks[c]), table + b * l.max_pages);
+        table[count * l.max_pages + b] = static_cast<int32_t>(chunks[c].cached + chunks[c].num_tokens);
+      }
+    }
+    MLA_CUDA_CHECK(cudaMemcpyAsync(staged_.get(), host, static_cast<size_t>(bytes), cudaMemcpyHostToDevice, stream));
+    upload_pending_ = true;
+    return any_absorbed;
+  }
+
   // y [rows, out] = x [rows, in] · Wᵀ with W [out, in] in the layer's dtype.
   void linear(const void* x, int64_t rows, int64_t in, const void* w, int64_t out, void* y, DType y_type,
               cudaStream_t stream) {
@@ -163,31 +247,17 @@ class CudaLayer final : public detail::LayerImpl {
   void attend(const detail::ForwardArgs& a, cudaStream_t stream) {
     const int64_t H = c_.num_heads, W = c_.latent_dim(), dn = c_.qk_nope_head_dim, dr = c_.qk_rope_head_dim;
     const int64_t dv = c_.v_head_dim, dc = c_.kv_lora_rank, dqk = dn + dr, dkv = dn + dv, es = dtype_size(dt_);
-    const auto& chunks = a.chunks;
     const char* kv_b = kv_b_.get<char>();
-    for (size_t i = 0; i < chunks.size();) {
-      const detail::ChunkPlan& first = chunks[i];
-      if (first.num_tokens == 0) { ++i; continue; }
+    for (const Launch& l : launches_) {
+      const detail::ChunkPlan& first = a.chunks[l.begin];
+      const auto* tables = reinterpret_cast<const int32_t*>(staged_.get<char>() + l.table);
       if (first.path == Path::Expanded) {
-        expanded(a, first, stream);
-        ++i;
+        expanded(a, first, tables, stream);
         continue;
       }
       // A run of consecutive absorbed chunks with the same token count: one decode launch.
-      size_t j = i + 1;
-      while (j < chunks.size() && chunks[j].path == Path::Absorbed && chunks[j].num_tokens == first.num_tokens) ++j;
-      const int64_t count = static_cast<int64_t>(j - i), n = first.num_tokens, rows = count * n, row0 = first.first_row;
-      int64_t max_pages = 0;
-      for (size_t c = i; c < j; ++c)
-        max_pages = std::max(max_pages, (chunks[c].cached + n + a.page_size - 1) / a.page_size);
-      std::vector<int32_t> tables(static_cast<size_t>(count * max_pages + count), 0);
-      for (size_t c = i; c < j; ++c) {
-        const int64_t b = static_cast<int64_t>(c - i), L = chunks[c].cached + n;
-        std::copy_n(chunks[c].block_table, (L + a.page_size - 1) / a.page_size, tables.begin() + b * max_pages);
-        tables[count * max_pages + b] = static_cast<int32_t>(L);
-      }
-      tables_.reserve(static_cast<int64_t>(tables.size() * 4));
-      MLA_CUDA_CHECK(cudaMemcpyAsync(tables_.get(), tables.data(), tables.size() * 4, cudaMemcpyHostToDevice, stream));
+      const int64_t count = static_cast<int64_t>(l.end - l.begin), n = first.num_tokens, rows = count * n;
+      const int64_t row0 = first.first_row, max_pages = l.max_pages;
 
       // q̂_h [rows, d_c] = qn_h [rows, d_n] · W_UK^h (W_UK^h is [d_n, d_c] row-major): into qa[:, h, :d_c].
       GemmArgs g;
@@ -204,8 +274,8 @@ class CudaLayer final : public detail::LayerImpl {
       d.page_size = a.page_size, d.num_pages = a.num_pages, d.max_pages = max_pages, d.dtype = dt_;
       d.q = g.c;
       d.kv_cache = a.cache;
-      d.block_table = tables_.get<int32_t>();
-      d.cache_seqlens = tables_.get<int32_t>() + count * max_pages;
+      d.block_table = tables;
+      d.cache_seqlens = tables + count * max_pages;
       d.softmax_scale = k_.softmax_scale;
       d.causal = true;
       d.out = ohat_.get<char>() + row0 * H * dc * es;
@@ -220,20 +290,18 @@ class CudaLayer final : public detail::LayerImpl {
       u.c = o_.get<char>() + row0 * H * dv * es, u.ldc = H * dv, u.stride_c = dv;
       u.ab_type = dt_, u.c_type = dt_;
       gemm_.run(u, stream);
-      i = j;
     }
   }
 
   // Expanded form for one chunk: K, V of every head expanded from the sequence's latent rows, then causal
   // attention of the chunk's queries over all of them.
-  void expanded(const detail::ForwardArgs& a, const detail::ChunkPlan& ch, cudaStream_t stream) {
+  void expanded(const detail::ForwardArgs& a, const detail::ChunkPlan& ch, const int32_t* block_table,
+                cudaStream_t stream) {
     const int64_t H = c_.num_heads, W = c_.latent_dim(), dn = c_.qk_nope_head_dim, dr = c_.qk_rope_head_dim;
     const int64_t dv = c_.v_head_dim, dc = c_.kv_lora_rank, dqk = dn + dr, dkv = dn + dv, es = dtype_size(dt_);
-    const int64_t n = ch.num_tokens, L = ch.cached + n, pages = (L + a.page_size - 1) / a.page_size;
-    tables_.reserve(pages * 4);
-    MLA_CUDA_CHECK(cudaMemcpyAsync(tables_.get(), ch.block_table, static_cast<size_t>(pages) * 4, cudaMemcpyHostToDevice, stream));
+    const int64_t n = ch.num_tokens, L = ch.cached + n;
     lat_.reserve(L * W * es);
-    gather_rows(a.cache, tables_.get<int32_t>(), a.page_size, L, W, lat_.get(), dt_, stream);
+    gather_rows(a.cache, block_table, a.page_size, L, W, lat_.get(), dt_, stream);
     // [L, H·(d_n + d_v)] = lat[:, :d_c] · kv_bᵀ, rounded to the element type (the CPU's rounding point).
     kvx_.reserve(L * H * dkv * es);
     GemmArgs g;
@@ -280,7 +348,12 @@ class CudaLayer final : public detail::LayerImpl {
   bool has_q_bias_ = false, has_kv_bias_ = false, has_o_bias_ = false;
   bool copy_glue_ = false;
   // Workspaces, grown on demand.
-  DeviceArray meta_, flag_, x_, qa32_, qat_, q32_, q_, qa_, kv32_, o_, ohat_, tables_, lat_, kvx_, kx_, vx_, decode_ws_;
+  DeviceArray x_, qa32_, qat_, q32_, q_, qa_, kv32_, o_, ohat_, lat_, kvx_, kx_, vx_, y_, decode_ws_;
+  // The per-forward upload (see stage()): host side, device side, and the flag's way back.
+  PinnedArray staging_, flag_host_;
+  DeviceArray staged_;
+  std::vector<Launch> launches_;
+  bool upload_pending_ = false;  // a copy from staging_ may still be in flight
 };
 
 }  // namespace

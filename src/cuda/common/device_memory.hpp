@@ -1,6 +1,7 @@
-// Owning device allocations (cudaMalloc) and the backend's Buffer over them.
+// Owning device allocations (cudaMalloc), pinned host staging (cudaMallocHost) and the backend's Buffer over them.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <utility>
 
@@ -41,6 +42,39 @@ class DeviceArray {
  private:
   void release() {
     if (ptr_) cudaFree(ptr_);
+    ptr_ = nullptr;
+    bytes_ = 0;
+  }
+  void* ptr_ = nullptr;
+  int64_t bytes_ = 0;
+};
+
+// Page-locked host memory (cudaMallocHost) that only grows: copies from it are truly asynchronous, where a
+// copy from pageable memory is staged through a driver buffer and returns only once the source was consumed.
+// That also means the owner must not rewrite it while a copy from it may still be in flight. Growth is
+// geometric because cudaMallocHost costs far more than a cudaMalloc.
+class PinnedArray {
+ public:
+  PinnedArray() = default;
+  ~PinnedArray() { release(); }
+  PinnedArray(const PinnedArray&) = delete;
+  PinnedArray& operator=(const PinnedArray&) = delete;
+
+  // Grows to at least `bytes` (contents are lost when it grows).
+  void reserve(int64_t bytes) {
+    if (bytes <= bytes_) return;
+    const int64_t grown = std::max({bytes, 2 * bytes_, int64_t{4096}});
+    release();
+    MLA_CUDA_CHECK(cudaMallocHost(&ptr_, static_cast<size_t>(grown)));
+    bytes_ = grown;
+  }
+  template <class T = void>
+  T* get() const { return static_cast<T*>(ptr_); }
+  int64_t bytes() const { return bytes_; }
+
+ private:
+  void release() {
+    if (ptr_) cudaFreeHost(ptr_);
     ptr_ = nullptr;
     bytes_ = 0;
   }

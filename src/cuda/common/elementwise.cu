@@ -126,9 +126,16 @@ __global__ void split_expanded_kernel(const T* __restrict__ kv, const T* __restr
   }
 }
 
-__global__ void add_bias_kernel(float* y, const float* bias, int64_t rows, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < rows * n; i += int64_t{gridDim.x} * blockDim.x)
-    y[i] += bias[i % n];
+// Columns across blockIdx.x, rows across blockIdx.y (strided past 65535): no 64-bit division per element, and a
+// decode step's single row still spreads over n / 256 blocks.
+__global__ void commit_rows_kernel(const float* __restrict__ y, const float* __restrict__ bias,
+                                   const unsigned long long* __restrict__ error_flag, int64_t rows, int64_t n,
+                                   float* __restrict__ out) {
+  if (*error_flag != ~0ull) return;  // a non-finite input: the caller's output must stay as it was
+  const int64_t j = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (j >= n) return;
+  const float b = bias ? bias[j] : 0.f;
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) out[r * n + j] = bias ? y[r * n + j] + b : y[r * n + j];
 }
 
 unsigned grid_for(int64_t n, int threads) {
@@ -195,9 +202,11 @@ void split_expanded(const void* kv, const void* lat, int64_t width, int64_t d_c,
   MLA_CUDA_LAUNCH_CHECK();
 }
 
-void add_bias_rows(float* y, const float* bias, int64_t rows, int64_t n, cudaStream_t stream) {
-  if (rows == 0 || !bias) return;
-  add_bias_kernel<<<grid_for(rows * n, 256), 256, 0, stream>>>(y, bias, rows, n);
+void commit_rows(const float* y, const float* bias, const unsigned long long* error_flag, int64_t rows, int64_t n,
+                 float* out, cudaStream_t stream) {
+  if (rows == 0 || n == 0) return;
+  const dim3 grid(static_cast<unsigned>((n + 255) / 256), static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
+  commit_rows_kernel<<<grid, 256, 0, stream>>>(y, bias, error_flag, rows, n, out);
   MLA_CUDA_LAUNCH_CHECK();
 }
 

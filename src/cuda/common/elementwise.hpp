@@ -1,5 +1,5 @@
 // The layer's small kernels around the GEMMs: input conversion with the non-finite check, RMSNorm, RoPE and
-// the paged-cache write, gathers. Elements are `dtype` (F32 or BF16) where a pointer is void.
+// the paged-cache write, gathers, the output commit. Elements are `dtype` (F32 or BF16) where a pointer is void.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -66,7 +66,9 @@ void gather_rows(const void* cache, const int32_t* block_table, int64_t page_siz
 void split_expanded(const void* kv, const void* lat, int64_t width, int64_t d_c, int64_t rows, int64_t heads,
                     int64_t d_nope, int64_t d_rope, int64_t d_v, void* k, void* v, DType dtype, cudaStream_t stream);
 
-// y [rows, n] += bias [n].
-void add_bias_rows(float* y, const float* bias, int64_t rows, int64_t n, cudaStream_t stream);
+// out [rows, n] = y [rows, n] + bias [n] (bias may be null), only when *error_flag == ~0: the layer's last step,
+// so that a rejected batch leaves the caller's output as it was.
+void commit_rows(const float* y, const float* bias, const unsigned long long* error_flag, int64_t rows, int64_t n,
+                 float* out, cudaStream_t stream);
 
 }  // namespace mla::cuda
