@@ -90,6 +90,12 @@ double median_ms(int warm, int reps, F&& fn) {
   return ms[ms.size() / 2];
 }
 
+// MLA_BENCH_ONLY (a profiling aid): only the rows of every table whose name contains it.
+bool selected(const std::string& name) {
+  const char* only = std::getenv("MLA_BENCH_ONLY");
+  return !only || name.find(only) != std::string::npos;
+}
+
 struct DecodeRow {
   std::string name;
   int64_t s_q, h_q;
@@ -132,6 +138,7 @@ nlohmann::json bench_decode(bool quick) {
   std::printf("%-28s %9s %9s %9s %9s %11s %9s\n", "case", "ms", "TFLOP/s", "GB/s", "sm80 ms", "FlashMLA ms", "ratio");
   constexpr int64_t kPage = 64, kD = 576, kDV = 512;
   for (const DecodeRow& r : decode_rows(quick)) {
+    if (!selected(r.name)) continue;
     const auto b = static_cast<int64_t>(r.lengths.size());
     int64_t max_pages = 0, total_keys = 0;
     for (int32_t L : r.lengths) max_pages = std::max<int64_t>(max_pages, (L + kPage - 1) / kPage), total_keys += L;
@@ -203,6 +210,8 @@ nlohmann::json bench_prefill_kernel(bool quick) {
   std::vector<Row> rows{{1, 128, 4096, 1.227}, {1, 128, 16384, 19.03}, {4, 16, 8192, 2.315}, {1, 16, 32768, 9.49}};
   if (quick) rows.resize(1);
   for (const Row& r : rows) {
+    const std::string name = "b" + std::to_string(r.b) + " H" + std::to_string(r.H) + " T" + std::to_string(r.T);
+    if (!selected(name)) continue;
     const int64_t tq = r.b * r.T;
     Dev q(static_cast<size_t>(tq * r.H * 192 * 2)), k(static_cast<size_t>(tq * r.H * 192 * 2)),
         v(static_cast<size_t>(tq * r.H * 128 * 2)), o(static_cast<size_t>(tq * r.H * 128 * 2));
@@ -226,8 +235,8 @@ nlohmann::json bench_prefill_kernel(bool quick) {
       unsetenv("MLA_CUDA_DISABLE_SM90");
     }
     const double flops = 2.0 * r.b * r.H * (static_cast<double>(r.T) * r.T / 2) * (192 + 128);
-    const std::string name = "b" + std::to_string(r.b) + " H" + std::to_string(r.H) + " T" + std::to_string(r.T);
-    std::printf("%-24s %9.3f %9.1f %9.3f %14.3f %9.2f%s\n", name.c_str(), ms, flops / ms / 1e9, ms_sm80, r.cudnn_ms, r.cudnn_ms / ms,
+    std::printf("%-24s %9.3f %9.1f %9.3f %14.3f %9.2f%s\n", name.c_str(), ms, flops / ms / 1e9, ms_sm80, r.cudnn_ms,
+                r.cudnn_ms / ms,
                 unwritten ? "  UNWRITTEN OUTPUT" : "");
     out.push_back({{"case", name}, {"ms", ms}, {"tflops", flops / ms / 1e9}, {"sm80_ms", ms_sm80}, {"cudnn_ms_reference", r.cudnn_ms},
                    {"unwritten_outputs", unwritten}});
@@ -248,6 +257,7 @@ nlohmann::json bench_layer(bool quick) {
   const int64_t D = c.hidden_size;
 
   auto prefill = [&](int64_t T, double ref) {
+    if (!selected("prefill b=1 T=" + std::to_string(T))) return;
     LatentCache cache = layer.make_cache((T + 63) / 64 + 1, 64, 7);
     const SeqId id = cache.add_sequence();
     Dev hidden(static_cast<size_t>(T * D * 4)), outd(static_cast<size_t>(T * D * 4));
@@ -267,6 +277,7 @@ nlohmann::json bench_layer(bool quick) {
                    {"path", std::string(path_name(layer.last_paths().at(0)))}});
   };
   auto decode = [&](int64_t B, int64_t context, double ref) {
+    if (!selected("decode step b=" + std::to_string(B) + " ctx=" + std::to_string(context))) return;
     const int64_t pages_per = (context + 63) / 64 + 1;
     LatentCache cache = layer.make_cache(B * pages_per, 64, 9);
     std::vector<SeqId> ids;
