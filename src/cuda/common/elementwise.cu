@@ -61,20 +61,32 @@ __global__ void finish_queries_kernel(QueryFinish p) {
 }
 
 // The same when the GEMM already wrote q rounded to T: only the rope dims change, one thread per pair (in place).
+// The rotation angles depend on the position and the pair alone, so each block computes the token's cos/sin
+// table once (accurate cosf/sinf, as rope_element) and rotates its share of every head's pairs with it:
+// per-pair trigonometry and 64-bit index division made this one block per token take 14 us at decode.
+constexpr int kRopeThreads = 256, kRopePairsPerBlock = 4 * kRopeThreads;
 template <class T>
-__global__ void rope_queries_kernel(QueryFinish p) {
-  const int64_t n = blockIdx.x, dqk = p.d_nope + p.d_rope, half = p.d_rope / 2;
+__global__ void __launch_bounds__(kRopeThreads) rope_queries_kernel(QueryFinish p) {
+  extern __shared__ float table[];  // [half] cos · magnitude, then [half] sin · magnitude
+  const int64_t n = blockIdx.x;
+  const int dqk = static_cast<int>(p.d_nope + p.d_rope), half = static_cast<int>(p.d_rope / 2);
+  const float position = static_cast<float>(p.positions[n]);
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    const float angle = position * p.rope.inv_freq[i];
+    table[i] = cosf(angle) * p.rope.magnitude;
+    table[half + i] = sinf(angle) * p.rope.magnitude;
+  }
+  __syncthreads();
   T* q = static_cast<T*>(p.q) + n * p.heads * dqk;
-  const int64_t position = p.positions[n];
-  for (int64_t e = threadIdx.x; e < p.heads * half; e += blockDim.x) {
-    const int64_t h = e / half, r = 2 * (e % half);
-    T* x = q + h * dqk + p.d_nope + r;
-    const float a = to_f32<T>(x[0]), b = to_f32<T>(x[1]);
-    const T y0 = from_f32<T>(rope_element(a, b, r, position, p.rope));
-    const T y1 = from_f32<T>(rope_element(a, b, r + 1, position, p.rope));
+  const int pairs = static_cast<int>(p.heads) * half, first = blockIdx.y * kRopePairsPerBlock;
+  for (int e = first + threadIdx.x; e < min(pairs, first + kRopePairsPerBlock); e += blockDim.x) {
+    const int h = e / half, i = e % half;
+    T* x = q + h * dqk + p.d_nope + 2 * i;
+    const float a = to_f32<T>(x[0]), b = to_f32<T>(x[1]), c = table[i], sn = table[half + i];
+    const T y0 = from_f32<T>(a * c - b * sn), y1 = from_f32<T>(a * sn + b * c);
     x[0] = y0, x[1] = y1;
     if (p.qa) {
-      T* tail = static_cast<T*>(p.qa) + (n * p.heads + h) * p.row_width + p.d_c + r;
+      T* tail = static_cast<T*>(p.qa) + (n * p.heads + h) * p.row_width + p.d_c + 2 * i;
       tail[0] = y0, tail[1] = y1;
     }
   }
@@ -85,7 +97,7 @@ __global__ void store_latents_kernel(LatentStore p) {
   __shared__ float scratch[32];
   if (*p.error_flag != ~0ull) return;  // a non-finite input: the cache must stay as it was
   const int64_t n = blockIdx.x, W = p.d_c + p.d_rope;
-  const float* kv = p.kv + n * W;
+  const float* kv = p.kv + n * (p.kv_row ? p.kv_row : W);
   auto value = [&](int64_t j) { return kv[j] + (p.bias ? p.bias[j] : 0.f); };
   float ss = 0.f;
   for (int64_t j = threadIdx.x; j < p.d_c; j += blockDim.x) ss += value(j) * value(j);
@@ -175,7 +187,11 @@ void finish_queries(const QueryFinish& p, cudaStream_t stream) {
   if (p.tokens == 0) return;
   if (!p.q_f32) {
     if (p.bias || p.d_rope % 2) throw InvalidArgument("finish_queries (cuda): in place needs no bias and an even d_rope");
-    MLA_DISPATCH_TYPE(p.dtype, T, rope_queries_kernel<T><<<static_cast<unsigned>(p.tokens), 256, 0, stream>>>(p));
+    const int64_t pairs = p.heads * (p.d_rope / 2);
+    const dim3 grid(static_cast<unsigned>(p.tokens), static_cast<unsigned>((pairs + kRopePairsPerBlock - 1) / kRopePairsPerBlock));
+    const size_t table = static_cast<size_t>(p.d_rope) * sizeof(float);
+    if (grid.y > 65535 || table > 48 * 1024) throw InvalidArgument("finish_queries (cuda): too many heads or rope dims");
+    MLA_DISPATCH_TYPE(p.dtype, T, rope_queries_kernel<T><<<grid, kRopeThreads, table, stream>>>(p));
   } else {
     MLA_DISPATCH_TYPE(p.dtype, T, finish_queries_kernel<T><<<static_cast<unsigned>(p.tokens), 256, 0, stream>>>(p));
   }

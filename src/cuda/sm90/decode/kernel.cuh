@@ -149,7 +149,8 @@ __device__ __forceinline__ void issue_pv_ss(float (&o)[128], uint64_t dp, uint64
   wgmma_commit();
 }
 
-// Scores of keys [t0, t0 + 64) → scaled log2 domain, masked to -inf; returns each row's max over the tile.
+// Masks the raw scores of keys [t0, t0 + 64) to -inf by the row limits; returns each row's max of the scaled
+// scores (max(x)·c = max(x·c) for c > 0, so the scale moves into the exponent's FMA).
 __device__ __forceinline__ void mask_and_max(float (&s)[32], const Context& c, int t0, float (&mx)[2]) {
   const bool unmasked = t0 + kBlockN <= min(c.limit[0], c.limit[1]);
   mx[0] = mx[1] = -INFINITY;
@@ -158,25 +159,33 @@ __device__ __forceinline__ void mask_and_max(float (&s)[32], const Context& c, i
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int t = t0 + 8 * j + 2 * (c.lane % 4) + (e & 1);
-      const float x = unmasked || t < c.limit[e / 2] ? s[4 * j + e] * c.scale_log2 : -INFINITY;
-      s[4 * j + e] = x;
-      mx[e / 2] = fmaxf(mx[e / 2], x);
+      if (!unmasked && t >= c.limit[e / 2]) s[4 * j + e] = -INFINITY;
+      mx[e / 2] = fmaxf(mx[e / 2], s[4 * j + e]);
     }
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
     mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+    mx[i] *= c.scale_log2;
   }
 }
 
-// s ← exp2(s - m) per row; returns the row sums of this thread's entries.
-__device__ __forceinline__ void exponentiate(float (&s)[32], const float (&m)[2], float (&sum)[2]) {
+// 2^x by one MUFU.EX2 (exp2f wraps it in a subnormal-result fixup; results below 2^-126 become 0 here, far
+// below a bf16 probability next to the row maximum's 1).
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// s ← exp2(s·scale - m) per row (masked scores are -inf: 0); returns the row sums of this thread's entries.
+__device__ __forceinline__ void exponentiate(float (&s)[32], float scale, const float (&m)[2], float (&sum)[2]) {
   sum[0] = sum[1] = 0.f;
 #pragma unroll
   for (int j = 0; j < 8; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const float pv = exp2f(s[4 * j + e] - m[e / 2]);
+      const float pv = ex2(fmaf(s[4 * j + e], scale, -m[e / 2]));
       s[4 * j + e] = pv;
       sum[e / 2] += pv;
     }
@@ -236,13 +245,13 @@ __device__ __forceinline__ void pair_wg0(const Context& c, int t, float (&s)[32]
   for (int i = 0; i < 2; ++i) {
     const float m_old = c.sm->m[c.r[i]];
     m_new[i] = fmaxf(m_old, mx[i]);
-    scale0[i] = exp2f(m_old - m_new[i]);
+    scale0[i] = ex2(m_old - m_new[i]);
   }
   __syncwarp();  // the quad's reads of m before its write
   if (c.lane % 4 == 0)
 #pragma unroll
     for (int i = 0; i < 2; ++i) c.sm->scale0[c.r[i]] = scale0[i], c.sm->m[c.r[i]] = m_new[i];
-  exponentiate(s, m_new, sum);
+  exponentiate(s, c.scale_log2, m_new, sum);
 #pragma unroll
   for (int i = 0; i < 2; ++i) l[i] = l[i] * scale0[i] + sum[i];
   scale_rows(o, scale0);
@@ -319,14 +328,14 @@ __device__ __forceinline__ void pair_wg1(const Context& c, int t, float (&s)[32]
     for (int i = 0; i < 2; ++i) {
       const float m_old = c.sm->m[c.r[i]];
       m_new[i] = fmaxf(m_old, mx[i]);
-      scale1[i] = exp2f(m_old - m_new[i]);
+      scale1[i] = ex2(m_old - m_new[i]);
       scale[i] = c.sm->scale0[c.r[i]] * scale1[i];
     }
     __syncwarp();
     if (c.lane % 4 == 0)
 #pragma unroll
       for (int i = 0; i < 2; ++i) c.sm->m[c.r[i]] = m_new[i], c.sm->scale1[c.r[i]] = scale1[i];
-    exponentiate(s, m_new, sum);
+    exponentiate(s, c.scale_log2, m_new, sum);
 #pragma unroll
     for (int i = 0; i < 2; ++i) l[i] = l[i] * scale[i] + sum[i];
     pack_p(s, pa);
