@@ -9,8 +9,10 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <cstdlib>
+#include <string>
 
 #include "core/backend.hpp"
 #include "testing.hpp"
@@ -305,6 +307,198 @@ TEST(CudaLayer, RejectedBatchLeavesOutputAndCacheUntouched) {
   for (Path path : {Path::Absorbed, Path::Expanded, Path::Auto})
     for (Precision pr : {Precision::BF16, Precision::F32})
       for (bool bias : {false, true}) rejected_batch_case(path, pr, bias);
+}
+
+// ---- repeated decode steps: the layer's CUDA graph (capture on a key's second step, replay after) -------
+
+// Sets an environment variable for one scope and puts back what was there.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) old_ = old;
+    setenv(name, value, 1);
+  }
+  ~ScopedEnv() {
+    if (old_) {
+      setenv(name_, old_->c_str(), 1);
+    } else {
+      unsetenv(name_);
+    }
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
+  std::optional<std::string> old_;
+};
+
+LayerOptions decode_loop_options(const char* device) {
+  LayerOptions o;
+  o.device = device, o.precision = Precision::BF16, o.path = Path::Absorbed;  // every step graphable
+  return o;
+}
+
+// Sequences prefilled with `history` tokens on the GPU and the CPU, then decoded one token each per step with
+// hidden and out at fixed device addresses, as a serving loop does: the GPU layer runs a step's first
+// occurrence eagerly, captures the second, replays the rest until the key changes (here when the longest
+// sequence crosses a page boundary and max_pages grows).
+struct DecodeLoop {
+  DecodeLoop(int64_t heads, int64_t page_size, const std::vector<int64_t>& lengths, int64_t pages)
+      : w(LayerWeights::random(production_dims(heads), 17)),
+        D(w.config.hidden_size),
+        gpu(w, decode_loop_options("cuda")),
+        cpu(w, decode_loop_options("cpu")),
+        gpu_cache(gpu.make_cache(pages, page_size, 3)),
+        cpu_cache(cpu.make_cache(pages, page_size, 3)),
+        history(lengths),
+        din(std::vector<float>(lengths.size() * D, 0.f)) {
+    for (size_t i = 0; i < history.size(); ++i) {
+      const SeqId g = gpu_cache.add_sequence(), h = cpu_cache.add_sequence();
+      EXPECT_EQ(g, h);
+      ids.push_back(g);
+      const std::vector<float> x = testing::random_values(static_cast<size_t>(history[i] * D), 60 + i);
+      std::vector<float> y(x.size());
+      const SequenceChunk chunk{g, history[i], nullptr};
+      gpu.forward_host({&chunk, 1}, x.data(), y.data(), gpu_cache);
+      cpu.forward_host({&chunk, 1}, x.data(), y.data(), cpu_cache);
+    }
+  }
+  size_t size() const { return ids.size() * static_cast<size_t>(D); }
+  std::vector<SequenceChunk> batch() const {
+    std::vector<SequenceChunk> b;
+    for (SeqId id : ids) b.push_back({id, 1, nullptr});
+    return b;
+  }
+  std::vector<float> hidden(int step) const { return testing::random_values(size(), 1000 + step); }
+  // One step on the GPU into `out` (device memory) with `x` as hidden_states.
+  void gpu_step(const std::vector<float>& x, const Device& out) {
+    din.buf->copy_from_host(0, static_cast<int64_t>(x.size() * 4), x.data());
+    gpu.forward(batch(), static_cast<const float*>(din.data()), static_cast<float*>(out.data()), gpu_cache);
+  }
+  std::vector<float> cpu_step(const std::vector<float>& x) {
+    std::vector<float> y(x.size());
+    cpu.forward_host(batch(), x.data(), y.data(), cpu_cache);
+    return y;
+  }
+  void expect_caches_agree() const {
+    for (SeqId id : ids) {
+      const int64_t L = gpu_cache.length(id);
+      ASSERT_EQ(L, cpu_cache.length(id));
+      EXPECT_LT(testing::rel_error(gpu_cache.read_rows(id, 0, L), cpu_cache.read_rows(id, 0, L)), 1e-2)
+          << "latent rows of sequence " << id;
+    }
+  }
+
+  LayerWeights w;
+  int64_t D;
+  Attention gpu, cpu;
+  LatentCache gpu_cache, cpu_cache;
+  std::vector<int64_t> history;
+  std::vector<SeqId> ids;
+  Device din;
+};
+
+// 40 steps of three sequences (5, 20, 37 tokens of history, page size 16): the longest crosses 48 and 64
+// tokens, so the key changes twice and the steps run eager, captured and replayed in turn. Every step agrees
+// with the CPU; then the same steps again on the same layer with MLA_CUDA_GRAPHS=0 give the same bits (the
+// same kernels with the same plans), which a replay reading anything of its capture step (positions, slots,
+// block tables, lengths) would not, even where the difference hides inside the bf16 tolerance. 16 heads take
+// the 16-row decode kernel, 128 the 64-row one (sm90 with its tensor map on Hopper).
+TEST(CudaLayer, GraphReplayedDecodeStepsAgreeWithCpu) {
+  SKIP_WITHOUT_GPU();
+  for (int64_t heads : {16, 128}) {
+    SCOPED_TRACE("heads " + std::to_string(heads));
+    const ScopedEnv graphs("MLA_CUDA_GRAPHS", "1");
+    DecodeLoop loop(heads, 16, {5, 20, 37}, 16);
+    Device dout(std::vector<float>(loop.size(), 0.f));
+    constexpr int kSteps = 40;
+    std::vector<std::vector<float>> got;
+    for (int step = 0; step < kSteps; ++step) {
+      const std::vector<float> x = loop.hidden(step);
+      loop.gpu_step(x, dout);
+      got.push_back(dout.read<float>(loop.size()));
+      EXPECT_LT(testing::rel_error(got.back(), loop.cpu_step(x)), 1.5e-2) << "step " << step;
+    }
+    loop.expect_caches_agree();
+
+    for (size_t i = 0; i < loop.ids.size(); ++i) loop.gpu_cache.truncate(loop.ids[i], loop.history[i]);
+    const ScopedEnv eager("MLA_CUDA_GRAPHS", "0");
+    for (int step = 0; step < kSteps; ++step) {
+      loop.gpu_step(loop.hidden(step), dout);
+      EXPECT_EQ(testing::max_abs_diff(dout.read<float>(loop.size()), got[step]), 0.0) << "step " << step;
+    }
+  }
+}
+
+// A step whose out differs from the previous step's has another key: it runs eagerly into its own buffer and
+// never replays a graph that writes the other one. Steps 0-19 alternate the buffers every step (never
+// captured), steps 20-39 every third step (eager, captured, replayed per run); the buffer not in use must keep
+// its contents throughout.
+TEST(CudaLayer, GraphNeverReplaysIntoAnotherOutput) {
+  SKIP_WITHOUT_GPU();
+  const ScopedEnv graphs("MLA_CUDA_GRAPHS", "1");
+  DecodeLoop loop(16, 16, {5, 20, 37}, 16);
+  const float sentinel = -12345.5f;
+  const std::vector<float> untouched(loop.size(), sentinel);
+  const Device out[2] = {Device(untouched), Device(untouched)};
+  for (int step = 0; step < 40; ++step) {
+    const int which = step < 20 ? step % 2 : (step / 3) % 2;
+    const Device& idle = out[1 - which];
+    idle.buf->copy_from_host(0, static_cast<int64_t>(untouched.size() * 4), untouched.data());
+    const std::vector<float> x = loop.hidden(step);
+    loop.gpu_step(x, out[which]);
+    EXPECT_LT(testing::rel_error(out[which].read<float>(loop.size()), loop.cpu_step(x)), 1.5e-2) << "step " << step;
+    EXPECT_TRUE(idle.read<float>(loop.size()) == untouched) << "step " << step << " wrote the other output";
+  }
+  loop.expect_caches_agree();
+}
+
+// NaN in hidden_states on a step that replays the graph (the flag's reset rides on the graph's upload): it
+// throws naming the element, and out, the page pool and the lengths stay as they were; the same step without
+// the NaN then replays and agrees with the CPU, and so do the steps after it.
+TEST(CudaLayer, NonFiniteHiddenOnReplayedStepThrowsAndStoresNothing) {
+  SKIP_WITHOUT_GPU();
+  for (int64_t heads : {16, 128}) {
+    SCOPED_TRACE("heads " + std::to_string(heads));
+    const ScopedEnv graphs("MLA_CUDA_GRAPHS", "1");
+    const int64_t pages = 12;
+    DecodeLoop loop(heads, 16, {3, 20, 33}, pages);  // 6 steps stay within 3 pages: one key throughout
+    Device dout(std::vector<float>(loop.size(), 0.f));
+    for (int step = 0; step < 3; ++step) {  // eager, captured, replayed
+      const std::vector<float> x = loop.hidden(step);
+      loop.gpu_step(x, dout);
+      EXPECT_LT(testing::rel_error(dout.read<float>(loop.size()), loop.cpu_step(x)), 1.5e-2) << "step " << step;
+    }
+
+    loop.gpu_cache.fill_unused(kNaN);  // the rows a wrong write would land in are NaN: any change shows
+    const float sentinel = -12345.5f;
+    const std::vector<float> untouched(loop.size(), sentinel);
+    dout.buf->copy_from_host(0, static_cast<int64_t>(untouched.size() * 4), untouched.data());
+    const size_t pool_bytes = static_cast<size_t>(pages * loop.gpu_cache.page_bytes());
+    auto pool = [&] {
+      std::vector<unsigned char> bytes(pool_bytes);
+      EXPECT_EQ(cudaMemcpy(bytes.data(), loop.gpu_cache.storage(), pool_bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+      return bytes;
+    };
+    const std::vector<unsigned char> pool_before = pool();
+    const int64_t free_before = loop.gpu_cache.pages_free();
+    std::vector<float> bad = loop.hidden(3);
+    bad[1 * loop.D + 7] = kNaN;
+    testing::expect_throw_with<InvalidArgument>([&] { loop.gpu_step(bad, dout); },
+                                                {"hidden_states[1, 7]", "not finite"});
+    EXPECT_TRUE(dout.read<float>(loop.size()) == untouched) << "the rejected step wrote the output";
+    EXPECT_TRUE(pool() == pool_before) << "the rejected step wrote the cache";
+    for (size_t i = 0; i < loop.ids.size(); ++i) EXPECT_EQ(loop.gpu_cache.length(loop.ids[i]), loop.history[i] + 3);
+    EXPECT_EQ(loop.gpu_cache.pages_free(), free_before);
+
+    for (int step = 3; step < 6; ++step) {
+      const std::vector<float> x = loop.hidden(step);
+      loop.gpu_step(x, dout);
+      EXPECT_LT(testing::rel_error(dout.read<float>(loop.size()), loop.cpu_step(x)), 1.5e-2) << "step " << step;
+    }
+    loop.expect_caches_agree();
+  }
 }
 
 // ---- the decode op against a scalar reference ------------------------------------------------------------

@@ -28,12 +28,14 @@ class DeviceArray {
     return *this;
   }
 
-  // Grows to at least `bytes` (contents are lost when it grows).
-  void reserve(int64_t bytes) {
-    if (bytes <= bytes_) return;
+  // Grows to at least `bytes` (contents are lost when it grows). Returns whether it reallocated: whoever baked
+  // the address into something (a CUDA graph) must know it moved.
+  bool reserve(int64_t bytes) {
+    if (bytes <= bytes_) return false;
     release();
     MLA_CUDA_CHECK(cudaMalloc(&ptr_, static_cast<size_t>(bytes)));
     bytes_ = bytes;
+    return true;
   }
   template <class T = void>
   T* get() const { return static_cast<T*>(ptr_); }
@@ -60,13 +62,14 @@ class PinnedArray {
   PinnedArray(const PinnedArray&) = delete;
   PinnedArray& operator=(const PinnedArray&) = delete;
 
-  // Grows to at least `bytes` (contents are lost when it grows).
-  void reserve(int64_t bytes) {
-    if (bytes <= bytes_) return;
+  // Grows to at least `bytes` (contents are lost when it grows). Returns whether it reallocated.
+  bool reserve(int64_t bytes) {
+    if (bytes <= bytes_) return false;
     const int64_t grown = std::max({bytes, 2 * bytes_, int64_t{4096}});
     release();
     MLA_CUDA_CHECK(cudaMallocHost(&ptr_, static_cast<size_t>(grown)));
     bytes_ = grown;
+    return true;
   }
   template <class T = void>
   T* get() const { return static_cast<T*>(ptr_); }
