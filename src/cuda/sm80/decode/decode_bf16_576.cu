@@ -48,12 +48,24 @@ void run_bf16_576(const Params& params, int num_sms, cudaStream_t stream) {
                                           const_cast<SequenceSchedule*>(p.schedule), const_cast<int32_t*>(p.work),
                                           p.max_work);
   MLA_CUDA_LAUNCH_CHECK();
+  const bool sm90 = bm == 64 && sm90::usable() && p.page_size_log2 >= 4;
   if (bm == 16) launch_split<1>(p, smem_limit, stream);
-  else if (sm90::usable() && p.page_size_log2 >= 4) launch_split_sm90(p, m_blocks, stream);
+  else if (sm90) launch_split_sm90(p, m_blocks, stream);
   else launch_split<4>(p, smem_limit, stream);
   const int64_t rows = static_cast<int64_t>(p.batch) * p.rows;
-  combine_kernel<<<static_cast<unsigned>(std::min<int64_t>(rows, 8LL * num_sms)), kCombineThreads, 0, stream>>>(p);
-  MLA_CUDA_LAUNCH_CHECK();
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(rows, 8LL * num_sms)));
+  if (sm90) {  // Hopper: a programmatic dependent of the split kernel (see sm80::grid_dependency_wait)
+    cudaLaunchAttribute pdl{};
+    pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    pdl.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config{};
+    config.gridDim = grid, config.blockDim = dim3(kCombineThreads), config.stream = stream;
+    config.attrs = &pdl, config.numAttrs = 1;
+    MLA_CUDA_CHECK(cudaLaunchKernelEx(&config, combine_kernel, p));
+  } else {
+    combine_kernel<<<grid, kCombineThreads, 0, stream>>>(p);
+    MLA_CUDA_LAUNCH_CHECK();
+  }
 }
 
 }  // namespace mla::cuda::sm80::decode

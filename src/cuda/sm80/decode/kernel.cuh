@@ -260,6 +260,7 @@ __global__ void __launch_bounds__(kScheduleThreads) schedule_kernel(const int32_
                                                                     SequenceSchedule* __restrict__ schedule,
                                                                     int32_t* __restrict__ work, int max_work) {
   __shared__ long long warp_totals[kScheduleThreads / 32];
+  allow_dependent_launch();  // the split kernel may start its blocks now; it waits for this grid's writes
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   auto tiles_of = [&](int b) { return (max(seqlens[b], 0) + kBlockN - 1) / kBlockN; };
   long long tiles_local = 0;
@@ -350,6 +351,7 @@ __device__ __forceinline__ void combine_row(const Params& p, int64_t row, float*
 }
 
 __global__ void __launch_bounds__(kCombineThreads) combine_kernel(Params p) {
+  grid_dependency_wait();  // the split kernel's partials (a no-op unless launched as its dependent)
   __shared__ float weight[kMaxSplits];
   __shared__ float reduce[kCombineThreads / 32];
   const int64_t rows_total = static_cast<int64_t>(p.batch) * p.rows;

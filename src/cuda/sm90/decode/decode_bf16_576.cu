@@ -44,8 +44,14 @@ void launch_seesaw(const Params& p, dim3 grid, cudaStream_t stream) {
   const CUtensorMap map = kv_tensor_map(p, kBoxRows);
   auto kernel = seesaw_kernel<kBoxRows>;
   MLA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)));
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(p, map);
-  MLA_CUDA_LAUNCH_CHECK();
+  // A programmatic dependent of the scheduler: blocks start (barrier set-up) while it finishes, then wait for it.
+  cudaLaunchAttribute pdl{};
+  pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  pdl.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid, config.blockDim = dim3(kThreads), config.dynamicSmemBytes = kSmemBytes;
+  config.stream = stream, config.attrs = &pdl, config.numAttrs = 1;
+  MLA_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p, map));
 }
 
 }  // namespace
