@@ -742,6 +742,19 @@ void run_graph_case(int64_t batch, int64_t s_q, int64_t h_q, std::vector<int32_t
   for (size_t i = 0; i < wlse.size(); ++i)
     ASSERT_TRUE(got_lse[i] == wlse[i] || (std::isinf(got_lse[i]) && std::isinf(wlse[i]))) << "lse " << i;
 
+  // The work list computed once (split_decode_attention), then two runs that reuse it: same bits.
+  for (int run = 0; run < 3; ++run) {
+    dout.buf->copy_from_host(0, static_cast<int64_t>(o_n * 2), poison.data());
+    if (run == 0) split_decode_attention("cuda", p, sched, ws, stream);
+    else decode_attention("cuda", p, sched, ws, stream, /*splits_ready=*/true);
+    TEST_CUDA_OK(cudaStreamSynchronize(stream));
+    if (run == 0) continue;
+    const std::vector<uint16_t> reused = dout.read<uint16_t>(o_n);
+    size_t differ = 0;
+    for (size_t i = 0; i < o_n; ++i) differ += reused[i] != want[i];
+    EXPECT_EQ(differ, 0u) << "run " << run << " with the work list reused differs from the plain call";
+  }
+
   // A schedule of another shape is refused by name.
   DecodeParams other = p;
   other.h_q = h_q + 1;
@@ -795,6 +808,10 @@ TEST(CudaDecode, PlanOnCpuNeedsNoWorkspace) {
   const int32_t table[1] = {0}, len[1] = {3};
   p.q = q.data(), p.kv_cache = kv.data(), p.block_table = table, p.cache_seqlens = len, p.out = out.data();
   decode_attention("cpu", p, s, nullptr);
+  for (float v : out) EXPECT_FLOAT_EQ(v, 0.5f);
+  std::fill(out.begin(), out.end(), kNaN);
+  split_decode_attention("cpu", p, s, nullptr);  // nothing to precompute on the CPU
+  decode_attention("cpu", p, s, nullptr, nullptr, /*splits_ready=*/true);
   for (float v : out) EXPECT_FLOAT_EQ(v, 0.5f);
 }
 

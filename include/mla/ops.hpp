@@ -69,7 +69,16 @@ struct DecodeSchedule {
 DecodeSchedule plan_decode_attention(std::string_view device, const DecodeParams& params);
 // `stream` is a cudaStream_t on "cuda" (null: the legacy default stream); ignored on the CPU backends.
 // Throws InvalidArgument when params' shape differs from the schedule's or workspace is null but needed.
+// `splits_ready`: the workspace already holds the split-KV work list of this batch's cache_seqlens (written by
+// split_decode_attention or by an earlier run with the same lengths, schedule and workspace), so the run skips
+// computing it.
 void decode_attention(std::string_view device, const DecodeParams& params, const DecodeSchedule& schedule,
-                      void* workspace, void* stream = nullptr);
+                      void* workspace, void* stream = nullptr, bool splits_ready = false);
+// Writes that work list into the workspace: the part of a run that depends only on the batch shape and
+// cache_seqlens (FlashMLA's get_mla_metadata). An engine whose layers decode the same sequences in a step runs
+// it once per step and passes splits_ready = true to every layer's call (in stream order, one workspace): one
+// scheduler launch per step instead of one per layer. No-op where the schedule needs no workspace.
+void split_decode_attention(std::string_view device, const DecodeParams& params, const DecodeSchedule& schedule,
+                            void* workspace, void* stream = nullptr);
 
 }  // namespace mla

@@ -65,7 +65,9 @@ class Backend {
   // Plan/run decode: the schedule's shape fields are filled in by the caller (src/core/ops.cpp).
   virtual DecodeSchedule plan_decode_attention(const DecodeParams& params) const = 0;
   virtual void decode_attention(const DecodeParams& params, const DecodeSchedule& schedule, void* workspace,
-                                void* stream) const = 0;
+                                void* stream, bool splits_ready) const = 0;
+  virtual void split_decode_attention(const DecodeParams& params, const DecodeSchedule& schedule, void* workspace,
+                                      void* stream) const = 0;
   virtual void prefill_attention(const PrefillParams& params) const = 0;
 };
 

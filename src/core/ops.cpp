@@ -156,8 +156,12 @@ DecodeSchedule plan_decode_attention(std::string_view device, const DecodeParams
   return s;
 }
 
-void decode_attention(std::string_view device, const DecodeParams& p, const DecodeSchedule& schedule, void* workspace,
-                      void* stream) {
+namespace {
+
+// The checks shared by the planned run and split_decode_attention: params against the schedule it was planned
+// for, and a workspace where one is needed.
+const detail::Backend& check_planned(std::string_view device, const DecodeParams& p, const DecodeSchedule& schedule,
+                                     void* workspace) {
   constexpr std::string_view op = "decode_attention";
   const detail::Backend& backend = detail::find_backend(device);
   validate(backend, p);
@@ -178,7 +182,19 @@ void decode_attention(std::string_view device, const DecodeParams& p, const Deco
                  std::string(dtype_name(schedule.dtype)));
   if (schedule.workspace_bytes > 0 && workspace == nullptr)
     fail(op, "workspace must not be null: the schedule needs " + str(schedule.workspace_bytes) + " bytes");
-  backend.decode_attention(p, schedule, workspace, stream);
+  return backend;
+}
+
+}  // namespace
+
+void decode_attention(std::string_view device, const DecodeParams& p, const DecodeSchedule& schedule, void* workspace,
+                      void* stream, bool splits_ready) {
+  check_planned(device, p, schedule, workspace).decode_attention(p, schedule, workspace, stream, splits_ready);
+}
+
+void split_decode_attention(std::string_view device, const DecodeParams& p, const DecodeSchedule& schedule,
+                            void* workspace, void* stream) {
+  check_planned(device, p, schedule, workspace).split_decode_attention(p, schedule, workspace, stream);
 }
 
 void prefill_attention(std::string_view device, const PrefillParams& p) {

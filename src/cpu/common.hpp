@@ -94,9 +94,10 @@ class HostBackend : public detail::Backend {
   std::unique_ptr<detail::Buffer> allocate(int64_t bytes) const override { return detail::allocate_host(bytes); }
   void decode_attention(const DecodeParams& p) const override { cpu::decode_attention(p); }
   DecodeSchedule plan_decode_attention(const DecodeParams& p) const override { return cpu::plan_decode_attention(p); }
-  void decode_attention(const DecodeParams& p, const DecodeSchedule&, void*, void*) const override {
+  void decode_attention(const DecodeParams& p, const DecodeSchedule&, void*, void*, bool) const override {
     cpu::decode_attention(p);
   }
+  void split_decode_attention(const DecodeParams&, const DecodeSchedule&, void*, void*) const override {}
   void prefill_attention(const PrefillParams& p) const override { cpu::prefill_attention(p); }
 };
 

@@ -46,16 +46,16 @@ class CudaBackend final : public detail::Backend {
     return s;
   }
   // No lock and no shared state: the caller owns the workspace (one per concurrent stream).
-  void decode_attention(const DecodeParams& p, const DecodeSchedule& schedule, void* workspace,
-                        void* stream) const override {
+  void decode_attention(const DecodeParams& p, const DecodeSchedule& schedule, void* workspace, void* stream,
+                        bool splits_ready) const override {
     validate(p);
-    const DecodePlan plan = plan_decode(p, num_sms_);
-    if (plan.kernel != schedule.kernel || plan.workspace_bytes > schedule.workspace_bytes)
-      throw InvalidArgument("decode_attention (cuda): the schedule (kernel " + schedule.kernel + ", " +
-                            std::to_string(schedule.workspace_bytes) + " workspace bytes) does not fit this call "
-                            "(kernel " + plan.kernel + ", " + std::to_string(plan.workspace_bytes) +
-                            " bytes): plan again (MLA_CUDA_DISABLE_SM90 changed?)");
-    run_decode(p, plan, workspace, static_cast<cudaStream_t>(stream));
+    run_decode(p, checked_plan(p, schedule), workspace, static_cast<cudaStream_t>(stream),
+               splits_ready ? DecodeStage::kAttend : DecodeStage::kAll);
+  }
+  void split_decode_attention(const DecodeParams& p, const DecodeSchedule& schedule, void* workspace,
+                              void* stream) const override {
+    validate(p);
+    run_decode(p, checked_plan(p, schedule), workspace, static_cast<cudaStream_t>(stream), DecodeStage::kSplit);
   }
   void prefill_attention(const PrefillParams& p) const override {
     validate(p);
@@ -63,6 +63,17 @@ class CudaBackend final : public detail::Backend {
   }
 
  private:
+  // The plan of this call, which must be the one the caller's schedule was made from.
+  DecodePlan checked_plan(const DecodeParams& p, const DecodeSchedule& schedule) const {
+    const DecodePlan plan = plan_decode(p, num_sms_);
+    if (plan.kernel != schedule.kernel || plan.workspace_bytes > schedule.workspace_bytes)
+      throw InvalidArgument("decode_attention (cuda): the schedule (kernel " + schedule.kernel + ", " +
+                            std::to_string(schedule.workspace_bytes) + " workspace bytes) does not fit this call "
+                            "(kernel " + plan.kernel + ", " + std::to_string(plan.workspace_bytes) +
+                            " bytes): plan again (MLA_CUDA_DISABLE_SM90 changed?)");
+    return plan;
+  }
+
   int num_sms_ = 0;
   mutable std::mutex mutex_;
   mutable std::map<int, DeviceArray> workspaces_;  // by device ordinal; map nodes stay put as devices are added

@@ -210,9 +210,11 @@ void run_decode(const DecodeParams& p, const DecodePlan& plan, DeviceArray& work
   run_decode(p, plan, plan.workspace_bytes > 0 ? workspace.get<char>() : nullptr, stream);
 }
 
-void run_decode(const DecodeParams& p, const DecodePlan& plan, void* workspace, cudaStream_t stream) {
+void run_decode(const DecodeParams& p, const DecodePlan& plan, void* workspace, cudaStream_t stream,
+                DecodeStage stage) {
   if (p.batch == 0) return;
   if (plan.kernel == "generic") {
+    if (stage == DecodeStage::kSplit) return;
     const size_t smem = generic_smem(p.head_dim, p.head_dim_v);
     if (smem > 48 * 1024) throw InvalidArgument("decode_attention (cuda): head dims too large for the generic kernel");
     const dim3 grid(static_cast<unsigned>(p.s_q * p.h_q), static_cast<unsigned>(p.batch));
@@ -241,7 +243,7 @@ void run_decode(const DecodeParams& p, const DecodePlan& plan, void* workspace, 
   int device = 0, sms = 0;
   MLA_CUDA_CHECK(cudaGetDevice(&device));
   MLA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  sm80::decode::run_bf16_576(k, sms, stream);
+  sm80::decode::run_bf16_576(k, sms, stream, stage != DecodeStage::kAttend, stage != DecodeStage::kSplit);
 }
 
 std::string prefill_kernel_name(const PrefillParams& p) {

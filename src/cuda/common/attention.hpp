@@ -26,9 +26,15 @@ DecodePlan plan_decode(const DecodeParams& p, int num_sms);
 
 // Runs one decode call; `workspace` grows to the plan's need (a run with a warm workspace allocates nothing).
 void run_decode(const DecodeParams& p, const DecodePlan& plan, DeviceArray& workspace, cudaStream_t stream);
+// Which part of a split-KV decode to run: the work list from cache_seqlens (kSplit), the attention from a work list
+// already in the workspace (kAttend), or both (kAll).
+enum class DecodeStage { kAll, kSplit, kAttend };
+
 // The same with a caller-owned workspace of at least plan.workspace_bytes: allocates and synchronises nothing
-// (capturable in a CUDA graph).
-void run_decode(const DecodeParams& p, const DecodePlan& plan, void* workspace, cudaStream_t stream);
+// (capturable in a CUDA graph). Stages other than kAll concern the split-KV kernels only (the generic kernel has
+// no work list: kSplit does nothing, kAttend runs it).
+void run_decode(const DecodeParams& p, const DecodePlan& plan, void* workspace, cudaStream_t stream,
+                DecodeStage stage = DecodeStage::kAll);
 
 // Strided keys and values for the fast prefill kernels (one sequence's token t at row k_offset + t; see
 // sm80::prefill::Params): the layer reads K_nope and V straight from the expansion GEMM's output and the

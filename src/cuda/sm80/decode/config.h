@@ -84,7 +84,8 @@ __device__ __forceinline__ int block_row_block(const Params& p) {
 // Rows of query per block for a batch shape.
 inline int block_rows(int rows) { return rows <= 16 ? 16 : 64; }
 
-// Scheduler (from the device-side sequence lengths), split kernel and combine kernel, on one stream.
-void run_bf16_576(const Params& p, int num_sms, cudaStream_t stream);
+// Scheduler (from the device-side sequence lengths; writes p.schedule and p.work), then split kernel and
+// combine kernel, on one stream; `schedule` / `attend` select the two parts.
+void run_bf16_576(const Params& p, int num_sms, cudaStream_t stream, bool schedule = true, bool attend = true);
 
 }  // namespace mla::cuda::sm80::decode

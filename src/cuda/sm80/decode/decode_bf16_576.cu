@@ -32,7 +32,7 @@ void launch_split_sm90(const Params& p, int m_blocks, cudaStream_t stream) {
 
 }  // namespace
 
-void run_bf16_576(const Params& params, int num_sms, cudaStream_t stream) {
+void run_bf16_576(const Params& params, int num_sms, cudaStream_t stream, bool schedule, bool attend) {
   Params p = params;
   int device = 0, smem_limit = 0;
   MLA_CUDA_CHECK(cudaGetDevice(&device));
@@ -44,10 +44,13 @@ void run_bf16_576(const Params& params, int num_sms, cudaStream_t stream) {
     return v && *v == '0';
   }();
   p.rows_adjacent = !old_grid;
-  schedule_kernel<<<1, kScheduleThreads, 0, stream>>>(p.seqlens, p.batch, m_blocks, num_sms,
-                                          const_cast<SequenceSchedule*>(p.schedule), const_cast<int32_t*>(p.work),
-                                          p.max_work);
-  MLA_CUDA_LAUNCH_CHECK();
+  if (schedule) {
+    schedule_kernel<<<1, kScheduleThreads, 0, stream>>>(p.seqlens, p.batch, m_blocks, num_sms,
+                                                        const_cast<SequenceSchedule*>(p.schedule),
+                                                        const_cast<int32_t*>(p.work), p.max_work);
+    MLA_CUDA_LAUNCH_CHECK();
+  }
+  if (!attend) return;
   const bool sm90 = bm == 64 && sm90::usable() && p.page_size_log2 >= 4;
   if (bm == 16) launch_split<1>(p, smem_limit, stream);
   else if (sm90) launch_split_sm90(p, m_blocks, stream);
