@@ -17,7 +17,8 @@ quick=""
 [[ "${2:-}" == "--quick" ]] && quick="--quick"
 source scripts/gpu-env.sh
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-commit=$(git rev-parse --verify -q HEAD 2>/dev/null) || commit=${MLA_COMMIT:-unknown}
+# MLA_COMMIT first: the device copy of the tree may carry a stale .git
+commit=${MLA_COMMIT:-$(git rev-parse --verify -q HEAD 2>/dev/null || echo unknown)}
 echo "commit $commit (+ working tree)" | tee -a "$OUT/gpu.txt"
 
 gen=""; command -v ninja >/dev/null && gen="-G Ninja"
