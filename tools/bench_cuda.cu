@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <utility>
 #include <cstdlib>
 #include <cmath>
 #include <cstdio>
@@ -96,6 +97,34 @@ bool selected(const std::string& name) {
   return !only || name.find(only) != std::string::npos;
 }
 
+// The same for two variants timed in alternation (A, B, A, B, ...), so that drifting clocks bias neither.
+template <class A, class B>
+std::pair<double, double> median_ms_interleaved(int warm, int reps, A&& a, B&& b) {
+  for (int i = 0; i < warm; ++i) a(i), b(i);
+  std::vector<cudaEvent_t> ev(static_cast<size_t>(4 * reps));
+  for (auto& e : ev) BENCH_CHECK(cudaEventCreate(&e));
+  for (int i = 0; i < reps; ++i) {
+    BENCH_CHECK(cudaEventRecord(ev[4 * i]));
+    a(warm + i);
+    BENCH_CHECK(cudaEventRecord(ev[4 * i + 1]));
+    b(warm + i);
+    BENCH_CHECK(cudaEventRecord(ev[4 * i + 2]));
+  }
+  BENCH_CHECK(cudaEventSynchronize(ev[4 * (reps - 1) + 2]));
+  std::vector<double> ta, tb;
+  for (int i = 0; i < reps; ++i) {
+    float t = 0;
+    BENCH_CHECK(cudaEventElapsedTime(&t, ev[4 * i], ev[4 * i + 1]));
+    ta.push_back(t);
+    BENCH_CHECK(cudaEventElapsedTime(&t, ev[4 * i + 1], ev[4 * i + 2]));
+    tb.push_back(t);
+  }
+  for (auto& e : ev) cudaEventDestroy(e);
+  std::sort(ta.begin(), ta.end());
+  std::sort(tb.begin(), tb.end());
+  return {ta[ta.size() / 2], tb[tb.size() / 2]};
+}
+
 struct DecodeRow {
   std::string name;
   int64_t s_q, h_q;
@@ -184,16 +213,17 @@ nlohmann::json bench_decode(bool quick) {
       BENCH_CHECK(cudaDeviceSynchronize());
       unwritten += nan_count(o[s]->p, o_n);
     }
-    const double call_ms = median_ms(3, quick ? 10 : 30, call);
-    // The planned run with its work list computed once for these lengths (what an engine does once per step).
+    // The planned run with its work list computed once for these lengths (what an engine does once per step),
+    // timed in alternation with the whole convenience call.
     const DecodeSchedule plan = plan_decode_attention("cuda", p);
     Dev workspace(static_cast<size_t>(plan.workspace_bytes));
     split_decode_attention("cuda", p, plan, workspace.p);
-    const double ms = median_ms(3, quick ? 10 : 30, [&](int i) {
+    auto reused = [&](int i) {
       const int s = i % sets;
       p.q = q[s]->p, p.kv_cache = kv[s]->p, p.out = o[s]->p, p.lse = lse[s]->as<float>();
       decode_attention("cuda", p, plan, workspace.p, nullptr, true);
-    });
+    };
+    const auto [ms, call_ms] = median_ms_interleaved(3, quick ? 10 : 30, reused, call);
     double ms_sm80 = call_ms;
     if (sm90) {
       setenv("MLA_CUDA_DISABLE_SM90", "1", 1);
