@@ -10,16 +10,25 @@
 
 namespace mla::cuda {
 
-// An untyped device allocation that only grows (workspaces, staging).
-class DeviceArray {
+namespace memory {
+inline cudaError_t device_alloc(void** p, size_t bytes) { return cudaMalloc(p, bytes); }
+inline cudaError_t device_free(void* p) { return cudaFree(p); }
+inline cudaError_t pinned_alloc(void** p, size_t bytes) { return cudaMallocHost(p, bytes); }
+inline cudaError_t pinned_free(void* p) { return cudaFreeHost(p); }
+}  // namespace memory
+
+// An untyped allocation that only grows, through Alloc / Free. kGeometric: grow to at least twice the old size
+// (for memory whose allocation is expensive).
+template <cudaError_t (*Alloc)(void**, size_t), cudaError_t (*Free)(void*), bool kGeometric>
+class GrowingArray {
  public:
-  DeviceArray() = default;
-  explicit DeviceArray(int64_t bytes) { reserve(bytes); }
-  ~DeviceArray() { release(); }
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-  DeviceArray(DeviceArray&& o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
-  DeviceArray& operator=(DeviceArray&& o) noexcept {
+  GrowingArray() = default;
+  explicit GrowingArray(int64_t bytes) { reserve(bytes); }
+  ~GrowingArray() { release(); }
+  GrowingArray(const GrowingArray&) = delete;
+  GrowingArray& operator=(const GrowingArray&) = delete;
+  GrowingArray(GrowingArray&& o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
+  GrowingArray& operator=(GrowingArray&& o) noexcept {
     if (this != &o) {
       release();
       ptr_ = std::exchange(o.ptr_, nullptr);
@@ -32,42 +41,9 @@ class DeviceArray {
   // the address into something (a CUDA graph) must know it moved.
   bool reserve(int64_t bytes) {
     if (bytes <= bytes_) return false;
+    const int64_t grown = kGeometric ? std::max({bytes, 2 * bytes_, int64_t{4096}}) : bytes;
     release();
-    MLA_CUDA_CHECK(cudaMalloc(&ptr_, static_cast<size_t>(bytes)));
-    bytes_ = bytes;
-    return true;
-  }
-  template <class T = void>
-  T* get() const { return static_cast<T*>(ptr_); }
-  int64_t bytes() const { return bytes_; }
-
- private:
-  void release() {
-    if (ptr_) cudaFree(ptr_);
-    ptr_ = nullptr;
-    bytes_ = 0;
-  }
-  void* ptr_ = nullptr;
-  int64_t bytes_ = 0;
-};
-
-// Page-locked host memory (cudaMallocHost) that only grows: copies from it are truly asynchronous, where a
-// copy from pageable memory is staged through a driver buffer and returns only once the source was consumed.
-// That also means the owner must not rewrite it while a copy from it may still be in flight. Growth is
-// geometric because cudaMallocHost costs far more than a cudaMalloc.
-class PinnedArray {
- public:
-  PinnedArray() = default;
-  ~PinnedArray() { release(); }
-  PinnedArray(const PinnedArray&) = delete;
-  PinnedArray& operator=(const PinnedArray&) = delete;
-
-  // Grows to at least `bytes` (contents are lost when it grows). Returns whether it reallocated.
-  bool reserve(int64_t bytes) {
-    if (bytes <= bytes_) return false;
-    const int64_t grown = std::max({bytes, 2 * bytes_, int64_t{4096}});
-    release();
-    MLA_CUDA_CHECK(cudaMallocHost(&ptr_, static_cast<size_t>(grown)));
+    MLA_CUDA_CHECK(Alloc(&ptr_, static_cast<size_t>(grown)));
     bytes_ = grown;
     return true;
   }
@@ -77,13 +53,22 @@ class PinnedArray {
 
  private:
   void release() {
-    if (ptr_) cudaFreeHost(ptr_);
+    if (ptr_) Free(ptr_);
     ptr_ = nullptr;
     bytes_ = 0;
   }
   void* ptr_ = nullptr;
   int64_t bytes_ = 0;
 };
+
+// Device memory (workspaces, staging).
+using DeviceArray = GrowingArray<memory::device_alloc, memory::device_free, false>;
+
+// Page-locked host memory: copies from it are truly asynchronous, where a copy from pageable memory is staged
+// through a driver buffer and returns only once the source was consumed. That also means the owner must not
+// rewrite it while a copy from it may still be in flight. Geometric growth: cudaMallocHost costs far more than
+// a cudaMalloc.
+using PinnedArray = GrowingArray<memory::pinned_alloc, memory::pinned_free, true>;
 
 // The page pool and run_sequences' staging buffers: zero-initialised device memory.
 class DeviceBuffer final : public detail::Buffer {
