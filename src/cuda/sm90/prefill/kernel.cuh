@@ -10,8 +10,8 @@
 //    warpgroup issues its S and P·V, then hands the turn to the other (two named barriers), so that one
 //    warpgroup's exponentials run while the other's GEMMs do, on top of the overlap inside each warpgroup.
 //
-// Reading through tensor maps built per sequence, rows past n_q / n_k arrive as zeros (no NaN from beyond the
-// sequence can reach the GEMMs) and masked. P is rounded to bf16 before P·V, the row sums are fp32 sums of the
+// The tensor maps are built per sequence, so rows past n_q / n_k arrive as zeros (no NaN from beyond the
+// sequence can reach the GEMMs) and are masked. P is rounded to bf16 before P·V, the row sums are fp32 sums of the
 // unrounded probabilities, O is written in bf16 (the sm80 kernel's rounding points; not bitwise equal to it: the
 // exponent is one FFMA and 2^x is MUFU.EX2 without exp2f's subnormal fixup).
 #pragma once
