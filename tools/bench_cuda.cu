@@ -6,14 +6,15 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <utility>
-#include <cstdlib>
+#include <array>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <numeric>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -68,61 +69,47 @@ int64_t nan_count(const void* p, int64_t n) {
   return static_cast<int64_t>(h);
 }
 
-// Median milliseconds of `reps` timed calls of fn(i) after `warm` untimed ones.
-template <class F>
-double median_ms(int warm, int reps, F&& fn) {
-  for (int i = 0; i < warm; ++i) fn(i);
-  std::vector<cudaEvent_t> ev(static_cast<size_t>(2 * reps));
+// Median milliseconds of `reps` timed calls of each variant fn(i) after `warm` untimed ones. Variants are timed
+// in alternation (a, b, a, b, ...): timed one block after the other, the second came out 3-25% slower on long
+// decode rows although it did less work (clock drift under sustained load).
+template <class... F>
+std::array<double, sizeof...(F)> medians_ms(int warm, int reps, F&&... fns) {
+  constexpr size_t n = sizeof...(F);
+  for (int i = 0; i < warm; ++i) (fns(i), ...);
+  std::vector<cudaEvent_t> ev(static_cast<size_t>(reps) * (n + 1));
   for (auto& e : ev) BENCH_CHECK(cudaEventCreate(&e));
+  auto record = [](cudaEvent_t e) { BENCH_CHECK(cudaEventRecord(e)); };
   for (int i = 0; i < reps; ++i) {
-    BENCH_CHECK(cudaEventRecord(ev[2 * i]));
-    fn(warm + i);
-    BENCH_CHECK(cudaEventRecord(ev[2 * i + 1]));
+    size_t k = static_cast<size_t>(i) * (n + 1);
+    record(ev[k]);
+    ((fns(warm + i), record(ev[++k])), ...);
   }
   BENCH_CHECK(cudaEventSynchronize(ev.back()));
-  std::vector<double> ms;
-  for (int i = 0; i < reps; ++i) {
-    float t = 0;
-    BENCH_CHECK(cudaEventElapsedTime(&t, ev[2 * i], ev[2 * i + 1]));
-    ms.push_back(t);
+  std::array<double, n> medians{};
+  for (size_t v = 0; v < n; ++v) {
+    std::vector<double> ms;
+    for (int i = 0; i < reps; ++i) {
+      const size_t k = static_cast<size_t>(i) * (n + 1) + v;
+      float t = 0;
+      BENCH_CHECK(cudaEventElapsedTime(&t, ev[k], ev[k + 1]));
+      ms.push_back(t);
+    }
+    std::sort(ms.begin(), ms.end());
+    medians[v] = ms[ms.size() / 2];
   }
   for (auto& e : ev) cudaEventDestroy(e);
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
+  return medians;
+}
+
+template <class F>
+double median_ms(int warm, int reps, F&& fn) {
+  return medians_ms(warm, reps, std::forward<F>(fn))[0];
 }
 
 // MLA_BENCH_ONLY (a profiling aid): only the rows of every table whose name contains it.
 bool selected(const std::string& name) {
   const char* only = std::getenv("MLA_BENCH_ONLY");
   return !only || name.find(only) != std::string::npos;
-}
-
-// The same for two variants timed in alternation (A, B, A, B, ...), so that drifting clocks bias neither.
-template <class A, class B>
-std::pair<double, double> median_ms_interleaved(int warm, int reps, A&& a, B&& b) {
-  for (int i = 0; i < warm; ++i) a(i), b(i);
-  std::vector<cudaEvent_t> ev(static_cast<size_t>(4 * reps));
-  for (auto& e : ev) BENCH_CHECK(cudaEventCreate(&e));
-  for (int i = 0; i < reps; ++i) {
-    BENCH_CHECK(cudaEventRecord(ev[4 * i]));
-    a(warm + i);
-    BENCH_CHECK(cudaEventRecord(ev[4 * i + 1]));
-    b(warm + i);
-    BENCH_CHECK(cudaEventRecord(ev[4 * i + 2]));
-  }
-  BENCH_CHECK(cudaEventSynchronize(ev[4 * (reps - 1) + 2]));
-  std::vector<double> ta, tb;
-  for (int i = 0; i < reps; ++i) {
-    float t = 0;
-    BENCH_CHECK(cudaEventElapsedTime(&t, ev[4 * i], ev[4 * i + 1]));
-    ta.push_back(t);
-    BENCH_CHECK(cudaEventElapsedTime(&t, ev[4 * i + 1], ev[4 * i + 2]));
-    tb.push_back(t);
-  }
-  for (auto& e : ev) cudaEventDestroy(e);
-  std::sort(ta.begin(), ta.end());
-  std::sort(tb.begin(), tb.end());
-  return {ta[ta.size() / 2], tb[tb.size() / 2]};
 }
 
 struct DecodeRow {
@@ -223,7 +210,7 @@ nlohmann::json bench_decode(bool quick) {
       p.q = q[s]->p, p.kv_cache = kv[s]->p, p.out = o[s]->p, p.lse = lse[s]->as<float>();
       decode_attention("cuda", p, plan, workspace.p, nullptr, true);
     };
-    const auto [ms, call_ms] = median_ms_interleaved(3, quick ? 10 : 30, reused, call);
+    const auto [ms, call_ms] = medians_ms(3, quick ? 10 : 30, reused, call);
     double ms_sm80 = call_ms;
     if (sm90) {
       setenv("MLA_CUDA_DISABLE_SM90", "1", 1);

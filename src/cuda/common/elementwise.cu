@@ -97,7 +97,7 @@ __global__ void store_latents_kernel(LatentStore p) {
   __shared__ float scratch[32];
   if (*p.error_flag != ~0ull) return;  // a non-finite input: the cache must stay as it was
   const int64_t n = blockIdx.x, W = p.d_c + p.d_rope;
-  const float* kv = p.kv + n * (p.kv_row ? p.kv_row : W);
+  const float* kv = p.kv + n * W;
   auto value = [&](int64_t j) { return kv[j] + (p.bias ? p.bias[j] : 0.f); };
   float ss = 0.f;
   for (int64_t j = threadIdx.x; j < p.d_c; j += blockDim.x) ss += value(j) * value(j);

@@ -44,7 +44,6 @@ void finish_queries(const QueryFinish& p, cudaStream_t stream);
 // cache row slots[i]. Writes nothing at all when *error_flag != ~0 (a non-finite input was found).
 struct LatentStore {
   const float* kv = nullptr;
-  int64_t kv_row = 0;                  // elements between kv rows; 0: d_c + d_rope (dense)
   const float* bias = nullptr;
   const float* gamma = nullptr;        // [d_c]
   const int64_t* positions = nullptr;  // [N], device

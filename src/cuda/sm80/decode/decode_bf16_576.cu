@@ -57,14 +57,8 @@ void run_bf16_576(const Params& params, int num_sms, cudaStream_t stream, bool s
   else launch_split<4>(p, smem_limit, stream);
   const int64_t rows = static_cast<int64_t>(p.batch) * p.rows;
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(rows, 8LL * num_sms)));
-  if (sm90) {  // Hopper: a programmatic dependent of the split kernel (see sm80::grid_dependency_wait)
-    cudaLaunchAttribute pdl{};
-    pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    pdl.val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t config{};
-    config.gridDim = grid, config.blockDim = dim3(kCombineThreads), config.stream = stream;
-    config.attrs = &pdl, config.numAttrs = 1;
-    MLA_CUDA_CHECK(cudaLaunchKernelEx(&config, combine_kernel, p));
+  if (sm90) {  // Hopper: a programmatic dependent of the split kernel
+    launch_dependent(combine_kernel, grid, dim3(kCombineThreads), 0, stream, p);
   } else {
     combine_kernel<<<grid, kCombineThreads, 0, stream>>>(p);
     MLA_CUDA_LAUNCH_CHECK();

@@ -16,6 +16,7 @@
 
 #include <cmath>
 
+#include "cuda/common/dependent_launch.cuh"
 #include "cuda/sm80/decode/config.h"
 #include "cuda/sm80/decode/loader.cuh"
 #include "cuda/sm80/mma.cuh"

@@ -44,14 +44,8 @@ void launch_seesaw(const Params& p, dim3 grid, cudaStream_t stream) {
   const CUtensorMap map = kv_tensor_map(p, kBoxRows);
   auto kernel = seesaw_kernel<kBoxRows>;
   MLA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)));
-  // A programmatic dependent of the scheduler: blocks start (barrier set-up) while it finishes, then wait for it.
-  cudaLaunchAttribute pdl{};
-  pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  pdl.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid, config.blockDim = dim3(kThreads), config.dynamicSmemBytes = kSmemBytes;
-  config.stream = stream, config.attrs = &pdl, config.numAttrs = 1;
-  MLA_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p, map));
+  // A programmatic dependent of the scheduler: blocks start while it finishes, then wait for its work list.
+  launch_dependent(kernel, grid, dim3(kThreads), kSmemBytes, stream, p, map);
 }
 
 }  // namespace

@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cuda/common/dependent_launch.cuh"
 #include "cuda/sm80/decode/config.h"
 #include "cuda/sm80/mma.cuh"
 #include "cuda/sm90/tma.cuh"
@@ -392,8 +393,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ unsigned char smem_raw[];
   auto& sm = *reinterpret_cast<SharedMemoryPlan*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
 
-  sm80::grid_dependency_wait();  // the scheduler's work list (a no-op unless launched as its dependent)
-  sm80::allow_dependent_launch();
+  grid_dependency_wait();  // the scheduler's work list (a no-op unless launched as its dependent)
+  allow_dependent_launch();
   const int item = p.work[sm80::decode::block_work(p)];
   if (item < 0) return;
   const int b = item / kMaxSplits, split = item % kMaxSplits;
