@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian 12 machine lacks to build and test mla (run as root, or with sudo available).
 set -euo pipefail
-packages=(cmake g++ make libdnnl-dev nlohmann-json3-dev libcli11-dev libgtest-dev)
+packages=(cmake g++ make libdnnl-dev ocl-icd-opencl-dev nlohmann-json3-dev libcli11-dev libgtest-dev)
 [ "${MLA_SETUP_PYTHON:-0}" = 1 ] && packages+=(python3 python3-venv python3-dev)
 missing=()
 for p in "${packages[@]}"; do
