@@ -116,31 +116,29 @@ struct DecodeRow {
   std::string name;
   int64_t s_q, h_q;
   std::vector<int32_t> lengths;
-  double flashmla_ms;  // PERFORMANCE.md, same H200 type, other run
 };
 
 std::vector<DecodeRow> decode_rows(bool quick) {
-  auto fixed = [](int64_t b, int64_t s_q, int64_t s_k, int64_t h, double ref) {
+  auto fixed = [](int64_t b, int64_t s_q, int64_t s_k, int64_t h) {
     return DecodeRow{"b" + std::to_string(b) + " s_q" + std::to_string(s_q) + " s_k" + std::to_string(s_k) + " h" +
                          std::to_string(h),
-                     s_q, h, std::vector<int32_t>(static_cast<size_t>(b), static_cast<int32_t>(s_k)), ref};
+                     s_q, h, std::vector<int32_t>(static_cast<size_t>(b), static_cast<int32_t>(s_k))};
   };
-  std::vector<DecodeRow> rows{fixed(128, 1, 4096, 128, 0.249), fixed(128, 1, 8192, 128, 0.484),
-                              fixed(128, 1, 16384, 128, 0.921), fixed(128, 1, 32768, 128, 1.980),
-                              fixed(128, 2, 8192, 128, 0.896), fixed(128, 1, 8192, 16, 0.322),
-                              fixed(128, 1, 32768, 16, 1.142), fixed(64, 1, 8192, 64, 0.186),
-                              fixed(1, 1, 65536, 128, 0.074), fixed(8, 1, 4096, 16, 0.042)};
+  std::vector<DecodeRow> rows{fixed(128, 1, 4096, 128),  fixed(128, 1, 8192, 128), fixed(128, 1, 16384, 128),
+                              fixed(128, 1, 32768, 128), fixed(128, 2, 8192, 128), fixed(128, 1, 8192, 16),
+                              fixed(128, 1, 32768, 16),  fixed(64, 1, 8192, 64),   fixed(1, 1, 65536, 128),
+                              fixed(8, 1, 4096, 16)};
   if (quick) rows = {rows[0], rows[5], rows[8], rows[9]};
   std::vector<int32_t> imb{65536};
   imb.insert(imb.end(), 63, 1024);
-  rows.push_back({"imbalanced 65536+63x1024", 1, 128, imb, 0.101});
+  rows.push_back({"imbalanced 65536+63x1024", 1, 128, imb});
   if (!quick) {
     std::vector<int32_t> pairs;
     for (int i = 0; i < 32; ++i) pairs.push_back(256), pairs.push_back(16384);
-    rows.push_back({"imbalanced 32x(256,16384)", 1, 16, pairs, 0.171});
-    rows.push_back({"long 2x131072", 1, 128, std::vector<int32_t>(2, 131072), 0.146});
-    rows.push_back({"moderate 32x4096", 1, 128, std::vector<int32_t>(32, 4096), 0.088});
-    rows.push_back({"long 4x32768", 1, 16, std::vector<int32_t>(4, 32768), 0.068});
+    rows.push_back({"imbalanced 32x(256,16384)", 1, 16, pairs});
+    rows.push_back({"long 2x131072", 1, 128, std::vector<int32_t>(2, 131072)});
+    rows.push_back({"moderate 32x4096", 1, 128, std::vector<int32_t>(32, 4096)});
+    rows.push_back({"long 4x32768", 1, 16, std::vector<int32_t>(4, 32768)});
   }
   return rows;
 }
@@ -153,8 +151,7 @@ nlohmann::json bench_decode(bool quick) {
               sm90 ? "sm90 wgmma" : "sm80 mma.sync");
   std::printf("ms: split + combine kernels with the work list computed once (split_decode_attention), as FlashMLA's\n"
               "benchmark times flash_mla_with_kvcache after one get_mla_metadata; call ms: the whole convenience call\n");
-  std::printf("%-28s %9s %9s %9s %9s %9s %11s %9s\n", "case", "ms", "TFLOP/s", "GB/s", "call ms", "sm80 ms", "FlashMLA ms",
-              "ratio");
+  std::printf("%-28s %9s %9s %9s %9s %9s\n", "case", "ms", "TFLOP/s", "GB/s", "call ms", "sm80 ms");
   constexpr int64_t kPage = 64, kD = 576, kDV = 512;
   for (const DecodeRow& r : decode_rows(quick)) {
     if (!selected(r.name)) continue;
@@ -220,11 +217,11 @@ nlohmann::json bench_decode(bool quick) {
     const double flops = 2.0 * r.h_q * r.s_q * static_cast<double>(total_keys) * (kD + kDV);
     const double bytes = 2.0 * (static_cast<double>(total_keys) * kD + static_cast<double>(b * r.s_q * r.h_q) * (kD + kDV));
     const double tflops = flops / ms / 1e9, gbs = bytes / ms / 1e6;
-    std::printf("%-28s %9.3f %9.1f %9.0f %9.3f %9.3f %11.3f %9.2f%s\n", r.name.c_str(), ms, tflops, gbs, call_ms, ms_sm80,
-                r.flashmla_ms, r.flashmla_ms / ms, unwritten ? "  UNWRITTEN OUTPUT" : "");
+    std::printf("%-28s %9.3f %9.1f %9.0f %9.3f %9.3f%s\n", r.name.c_str(), ms, tflops, gbs, call_ms, ms_sm80,
+                unwritten ? "  UNWRITTEN OUTPUT" : "");
     out.push_back({{"case", r.name}, {"batch", b}, {"s_q", r.s_q}, {"h_q", r.h_q}, {"total_keys", total_keys},
-                   {"ms", ms}, {"call_ms", call_ms}, {"tflops", tflops}, {"gbps", gbs}, {"sm80_ms", ms_sm80}, {"flashmla_ms_reference", r.flashmla_ms},
-                   {"speed_vs_flashmla", r.flashmla_ms / ms}, {"input_sets", sets}, {"unwritten_outputs", unwritten}});
+                   {"ms", ms}, {"call_ms", call_ms}, {"tflops", tflops}, {"gbps", gbs}, {"sm80_ms", ms_sm80},
+                   {"input_sets", sets}, {"unwritten_outputs", unwritten}});
   }
   return out;
 }
@@ -234,9 +231,9 @@ nlohmann::json bench_prefill_kernel(bool quick) {
   std::printf("\n(c) expanded prefill kernel alone: bf16, q.k 192, v 128, causal (%s kernel; 'sm80 ms' = portable)\n",
               cuda::sm90::usable() ? "sm90 wgmma" : "sm80 mma.sync");
   const bool sm90 = cuda::sm90::usable();
-  std::printf("%-24s %9s %9s %9s %14s %9s\n", "case", "ms", "TFLOP/s", "sm80 ms", "cuDNN SDPA ms", "ratio");
-  struct Row { int64_t b, H, T; double cudnn_ms; };
-  std::vector<Row> rows{{1, 128, 4096, 1.227}, {1, 128, 16384, 19.03}, {4, 16, 8192, 2.315}, {1, 16, 32768, 9.49}};
+  std::printf("%-24s %9s %9s %9s\n", "case", "ms", "TFLOP/s", "sm80 ms");
+  struct Row { int64_t b, H, T; };
+  std::vector<Row> rows{{1, 128, 4096}, {1, 128, 16384}, {4, 16, 8192}, {1, 16, 32768}, {8, 128, 1024}};
   if (quick) rows.resize(1);
   for (const Row& r : rows) {
     const std::string name = "b" + std::to_string(r.b) + " H" + std::to_string(r.H) + " T" + std::to_string(r.T);
@@ -264,10 +261,9 @@ nlohmann::json bench_prefill_kernel(bool quick) {
       unsetenv("MLA_CUDA_DISABLE_SM90");
     }
     const double flops = 2.0 * r.b * r.H * (static_cast<double>(r.T) * r.T / 2) * (192 + 128);
-    std::printf("%-24s %9.3f %9.1f %9.3f %14.3f %9.2f%s\n", name.c_str(), ms, flops / ms / 1e9, ms_sm80, r.cudnn_ms,
-                r.cudnn_ms / ms,
+    std::printf("%-24s %9.3f %9.1f %9.3f%s\n", name.c_str(), ms, flops / ms / 1e9, ms_sm80,
                 unwritten ? "  UNWRITTEN OUTPUT" : "");
-    out.push_back({{"case", name}, {"ms", ms}, {"tflops", flops / ms / 1e9}, {"sm80_ms", ms_sm80}, {"cudnn_ms_reference", r.cudnn_ms},
+    out.push_back({{"case", name}, {"ms", ms}, {"tflops", flops / ms / 1e9}, {"sm80_ms", ms_sm80},
                    {"unwritten_outputs", unwritten}});
   }
   return out;
@@ -276,7 +272,7 @@ nlohmann::json bench_prefill_kernel(bool quick) {
 nlohmann::json bench_layer(bool quick) {
   nlohmann::json out = nlohmann::json::array();
   std::printf("\n(b) one V3 attention layer (D 7168, H 128, d_q 1536), bf16, page 64, random weights\n");
-  std::printf("%-34s %9s %12s %16s %9s\n", "work", "ms", "tokens/s", "transformers ms", "eager ms");
+  std::printf("%-34s %9s %12s %9s\n", "work", "ms", "tokens/s", "eager ms");
   const Config c = Config::preset("v3");
   const LayerWeights w = LayerWeights::random(c, 1);
   LayerOptions opt;
@@ -285,7 +281,7 @@ nlohmann::json bench_layer(bool quick) {
   Attention layer(w, opt);
   const int64_t D = c.hidden_size;
 
-  auto prefill = [&](int64_t T, double ref) {
+  auto prefill = [&](int64_t T) {
     if (!selected("prefill b=1 T=" + std::to_string(T))) return;
     LatentCache cache = layer.make_cache((T + 63) / 64 + 1, 64, 7);
     const SeqId id = cache.add_sequence();
@@ -301,11 +297,11 @@ nlohmann::json bench_layer(bool quick) {
       layer.forward({&chunk, 1}, hidden.as<float>(), outd.as<float>(), cache);
     });
     const std::string name = "prefill b=1 T=" + std::to_string(T);
-    std::printf("%-34s %9.3f %12.0f %16.2f\n", name.c_str(), ms, T / ms * 1e3, ref);
-    out.push_back({{"work", name}, {"ms", ms}, {"tokens_per_s", T / ms * 1e3}, {"transformers_ms_reference", ref},
+    std::printf("%-34s %9.3f %12.0f\n", name.c_str(), ms, T / ms * 1e3);
+    out.push_back({{"work", name}, {"ms", ms}, {"tokens_per_s", T / ms * 1e3},
                    {"path", std::string(path_name(layer.last_paths().at(0)))}});
   };
-  auto decode = [&](int64_t B, int64_t context, double ref) {
+  auto decode = [&](int64_t B, int64_t context) {
     if (!selected("decode step b=" + std::to_string(B) + " ctx=" + std::to_string(context))) return;
     const int64_t pages_per = (context + 63) / 64 + 1;
     LatentCache cache = layer.make_cache(B * pages_per, 64, 9);
@@ -332,15 +328,14 @@ nlohmann::json bench_layer(bool quick) {
     const double eager_ms = median_ms(2, quick ? 5 : 20, step);
     unsetenv("MLA_CUDA_GRAPHS");
     const std::string name = "decode step b=" + std::to_string(B) + " ctx=" + std::to_string(context);
-    std::printf("%-34s %9.3f %12.0f %16.2f %9.3f\n", name.c_str(), ms, B / ms * 1e3, ref, eager_ms);
+    std::printf("%-34s %9.3f %12.0f %9.3f\n", name.c_str(), ms, B / ms * 1e3, eager_ms);
     out.push_back({{"work", name}, {"ms", ms}, {"eager_ms", eager_ms}, {"tokens_per_s", B / ms * 1e3},
-                   {"transformers_ms_reference", ref},
                    {"path", std::string(path_name(layer.last_paths().at(0)))}});
   };
-  prefill(4096, 4.55);
-  if (!quick) prefill(16384, 32.5);
-  decode(1, 4096, 1.27);
-  decode(32, 4096, 18.7);
+  prefill(4096);
+  if (!quick) prefill(16384);
+  decode(1, 4096);
+  decode(32, 4096);
   return out;
 }
 
@@ -356,7 +351,7 @@ int bench_cuda(const std::string& json_path, bool quick) {
   BENCH_CHECK(cudaGetDeviceProperties(&prop, device));
   std::printf("mla bench --device cuda: %s, %d SMs, %.0f MB L2%s\n", prop.name, prop.multiProcessorCount,
               prop.l2CacheSize / 1e6, quick ? " (quick)" : "");
-  std::printf("FlashMLA / cuDNN / transformers columns: PERFORMANCE.md (same GPU type, another run).\n");
+  std::printf("mla alone; the same-run comparison with FlashMLA, FA3 and cuDNN is bench/cuda/vs_anchors.py.\n");
   nlohmann::json j;
   j["device"] = prop.name;
   j["sms"] = prop.multiProcessorCount;

@@ -14,7 +14,7 @@ MLA_NO_TORCH=1 to skip importing torch).
 import os as _os
 
 from . import _mla
-from ._api import Attention, LatentCache, decode_with_kvcache, prefill, run_sequences
+from ._api import Attention, DecodeSchedule, LatentCache, decode_with_kvcache, prefill, run_sequences
 from ._mla import Config, LayerWeights, OutOfPages, available_devices
 
 __version__ = "0.1.0"
@@ -26,6 +26,7 @@ __all__ = [
     "LayerWeights",
     "OutOfPages",
     "available_devices",
+    "DecodeSchedule",
     "decode_with_kvcache",
     "prefill",
     "run_sequences",

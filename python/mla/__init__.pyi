@@ -122,9 +122,14 @@ class Attention:
 def available_devices() -> List[str]:
     """The backends compiled in and usable here."""
 
+class DecodeSchedule:
+    """The split-KV work list of one decode batch, computed on first use and reused (FlashMLA's get_mla_metadata)."""
+    def __init__(self) -> None: ...
+    def reset(self) -> None: ...
+
 def decode_with_kvcache(q: ArrayLike, kv_cache: ArrayLike, block_table: ArrayLike, cache_seqlens: ArrayLike,
-                        head_dim_v: int, softmax_scale: Optional[float] = None,
-                        causal: bool = False) -> Tuple[ArrayLike, ArrayLike]:
+                        head_dim_v: int, softmax_scale: Optional[float] = None, causal: bool = False,
+                        schedule: Optional[DecodeSchedule] = None) -> Tuple[ArrayLike, ArrayLike]:
     """FlashMLA's flash_mla_with_kvcache: (out [b, s_q, h_q, dv], lse [b, h_q, s_q])."""
 
 def prefill(q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike, cu_seqlens_k: ArrayLike,

@@ -54,6 +54,29 @@ def _default_scale(head_dim: int, softmax_scale: Optional[float]) -> float:
 # Kernel functions
 
 
+class DecodeSchedule:
+    """The split-KV work list of one decode batch, kept between calls: FlashMLA's ``get_mla_metadata``.
+
+    Pass one to :func:`decode_with_kvcache` as ``schedule=``. The first call that uses it computes the work list (from
+    the batch's shapes and ``cache_seqlens``) into a workspace it keeps; later calls with the same shapes reuse it and
+    launch only the attention and combine kernels. An engine makes one per decode step and passes it to every layer.
+    Reuse it only while ``cache_seqlens`` holds the same values (a new step needs a new schedule, or :meth:`reset`);
+    a call with different shapes recomputes the work list by itself. Calls that use one schedule must be ordered
+    (one stream). On the CPU it has no effect.
+    """
+
+    def __init__(self) -> None:
+        self._workspace = None
+        self._key: Optional[tuple] = None
+
+    def reset(self) -> None:
+        """Forget the work list: the next call computes it again (for a step with new cache_seqlens)."""
+        self._key = None
+
+    def __repr__(self) -> str:
+        return f"DecodeSchedule({'ready' if self._key is not None else 'empty'})"
+
+
 def decode_with_kvcache(
     q: ArrayLike,
     kv_cache: ArrayLike,
@@ -62,6 +85,7 @@ def decode_with_kvcache(
     head_dim_v: int,
     softmax_scale: Optional[float] = None,
     causal: bool = False,
+    schedule: Optional[DecodeSchedule] = None,
 ) -> Tuple[ArrayLike, ArrayLike]:
     """Absorbed-form MLA decode over a paged latent cache: FlashMLA's ``flash_mla_with_kvcache``.
 
@@ -74,6 +98,8 @@ def decode_with_kvcache(
         softmax_scale: multiplies the logits; default ``head_dim ** -0.5`` as in FlashMLA. For a DeepSeek layer
             pass ``config.softmax_scale`` (computed from the 192-wide q·k head dim and YaRN's mscale).
         causal: with ``s_q > 1``, query i sees keys ``t < seqlen - (s_q - 1 - i)`` (bottom-right aligned).
+        schedule: a :class:`DecodeSchedule` to keep the split-KV work list between calls of one step (CUDA tensors;
+            FlashMLA's ``tile_scheduler_metadata``). Without one, every call computes it (one more small kernel).
 
     Returns:
         ``(out, lse)``: out ``[batch, s_q, h_q, head_dim_v]`` in q's dtype, lse ``[batch, h_q, s_q]`` float32
@@ -88,8 +114,12 @@ def decode_with_kvcache(
         from . import _torch_ops
 
         _check_torch("decode_with_kvcache", kv_cache=kv_cache, block_table=block_table, cache_seqlens=cache_seqlens)
-        return _torch_ops.decode_with_kvcache(q, kv_cache, block_table, cache_seqlens, int(head_dim_v),
-                                              _default_scale(q.shape[-1], softmax_scale), bool(causal))
+        scale = _default_scale(q.shape[-1], softmax_scale)
+        if schedule is not None and q.is_cuda:
+            return _torch_ops.scheduled_decode(q, kv_cache, block_table, cache_seqlens, int(head_dim_v), scale,
+                                               bool(causal), schedule)
+        return _torch_ops.decode_with_kvcache(q, kv_cache, block_table, cache_seqlens, int(head_dim_v), scale,
+                                              bool(causal))
     op = "decode_with_kvcache"
     q = _as_numpy(q, "q", op)
     kv_cache, block_table, cache_seqlens = (_as_numpy(a, n, op) for a, n in (

@@ -53,6 +53,42 @@ def _decode_impl(q: Tensor, kv_cache: Tensor, block_table: Tensor, cache_seqlens
     return out, lse
 
 
+def _decode_scheduled_impl(q: Tensor, kv_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor, workspace: Tensor,
+                           head_dim_v: int, softmax_scale: float, causal: bool, splits_ready: bool
+                           ) -> Tuple[Tensor, Tensor]:
+    b, s_q, h_q, _ = q.shape
+    out = torch.empty((b, s_q, h_q, max(head_dim_v, 0)), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h_q, s_q), dtype=torch.float32, device=q.device)
+    args = [t.detach().contiguous() for t in (q, kv_cache, block_table, cache_seqlens)]
+    with torch.cuda.device(q.device):
+        _mla.decode(*args, out, lse, head_dim_v, softmax_scale, causal, workspace=workspace,
+                    stream=torch.cuda.current_stream().cuda_stream, splits_ready=splits_ready)
+    return out, lse
+
+
+def scheduled_decode(q: Tensor, kv_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor, head_dim_v: int,
+                     softmax_scale: float, causal: bool, schedule) -> Tuple[Tensor, Tensor]:
+    """decode_with_kvcache with a DecodeSchedule: the first call for a shape writes the work list into the
+    schedule's workspace, later ones reuse it (splits_ready)."""
+    if q.dim() != 4:
+        raise ValueError(f"decode_with_kvcache: q must be 4-D [batch, s_q, h_q, head_dim], got shape {list(q.shape)}")
+    b, s_q, h_q, d = q.shape
+    key = (b, s_q, h_q, d, head_dim_v, kv_cache.shape[1], block_table.shape[1], q.dtype, q.device, bool(causal))
+    ready = schedule._key == key
+    if not ready:
+        with torch.cuda.device(q.device):
+            nbytes = _mla.decode_workspace_bytes(b, s_q, h_q, d, head_dim_v, kv_cache.shape[1],
+                                                 str(q.dtype).replace("torch.", ""), "cuda")
+        ws = schedule._workspace
+        if ws is None or ws.device != q.device or ws.numel() < nbytes:
+            schedule._workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=q.device)
+        schedule._key = None  # set again only once the work list is written
+    out = decode_with_kvcache_scheduled(q, kv_cache, block_table, cache_seqlens, schedule._workspace, head_dim_v,
+                                        softmax_scale, causal, ready)
+    schedule._key = key
+    return out
+
+
 def _prefill_impl(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, softmax_scale: float,
                   causal: bool) -> Tuple[Tensor, Tensor]:
     if q.dim() != 3 or v.dim() != 3:
@@ -83,6 +119,19 @@ if registered:
         b, s_q, h_q, _ = q.shape
         return q.new_empty((b, s_q, h_q, head_dim_v)), q.new_empty((b, h_q, s_q), dtype=torch.float32)
 
+    @torch.library.custom_op("mla::decode_with_kvcache_scheduled", mutates_args=("workspace",))
+    def decode_with_kvcache_scheduled(q: Tensor, kv_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor,
+                                      workspace: Tensor, head_dim_v: int, softmax_scale: float, causal: bool,
+                                      splits_ready: bool) -> Tuple[Tensor, Tensor]:
+        return _decode_scheduled_impl(q, kv_cache, block_table, cache_seqlens, workspace, head_dim_v, softmax_scale,
+                                      causal, splits_ready)
+
+    @decode_with_kvcache_scheduled.register_fake
+    def _decode_scheduled_fake(q, kv_cache, block_table, cache_seqlens, workspace, head_dim_v, softmax_scale, causal,
+                               splits_ready):
+        b, s_q, h_q, _ = q.shape
+        return q.new_empty((b, s_q, h_q, head_dim_v)), q.new_empty((b, h_q, s_q), dtype=torch.float32)
+
     @torch.library.custom_op("mla::prefill", mutates_args=())
     def prefill(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, softmax_scale: float,
                 causal: bool) -> Tuple[Tensor, Tensor]:
@@ -96,4 +145,5 @@ if registered:
 
 else:  # torch older than 2.4: plain functions, eager only
     decode_with_kvcache = _decode_impl
+    decode_with_kvcache_scheduled = _decode_scheduled_impl
     prefill = _prefill_impl

@@ -108,9 +108,11 @@ Array ro(const OutArray& a) { return Array(a); }
 
 // workspace (uint8, the planned size or more) and stream (a cudaStream_t as an integer, 0 = default) select the
 // planned run: no allocation, no host synchronisation, launched on the caller's stream (CUDA-graph capturable).
+// splits_ready: the workspace already holds the split-KV work list of an earlier planned run with the same shapes and
+// cache_seqlens (FlashMLA's reused metadata); only the attention and combine kernels run.
 void decode(Array q, Array kv, Array block_table, Array seqlens, OutArray out_w, std::optional<OutArray> lse_w,
             int64_t head_dim_v, double softmax_scale, bool causal, std::string device,
-            std::optional<OutArray> workspace_w, uintptr_t stream) {
+            std::optional<OutArray> workspace_w, uintptr_t stream, bool splits_ready) {
   constexpr const char* op = "decode_with_kvcache";
   const Array out = ro(out_w);
   expect_ndim(q, 4, op, "q", "[batch, s_q, h_q, head_dim]");
@@ -155,6 +157,8 @@ void decode(Array q, Array kv, Array block_table, Array seqlens, OutArray out_w,
     expect_contiguous(lse, op, "lse");
     p.lse = static_cast<float*>(lse_w->data());
   }
+  if (splits_ready && !workspace_w)
+    throw mla::InvalidArgument(std::string(op) + ": splits_ready needs the workspace that holds the work list");
   if (!workspace_w && stream == 0) {
     nb::gil_scoped_release release;
     mla::decode_attention(dev, p);
@@ -176,7 +180,7 @@ void decode(Array q, Array kv, Array block_table, Array seqlens, OutArray out_w,
                                std::to_string(schedule.workspace_bytes) + " bytes (decode_workspace_bytes)");
   }
   nb::gil_scoped_release release;
-  mla::decode_attention(dev, p, schedule, workspace, reinterpret_cast<void*>(stream));
+  mla::decode_attention(dev, p, schedule, workspace, reinterpret_cast<void*>(stream), splits_ready);
 }
 
 // Bytes of scratch the planned decode needs for this shape on this device (0 on the CPU).
@@ -498,7 +502,7 @@ NB_MODULE(_mla, m) {
 
   m.def("decode", &decode, "q"_a, "kv_cache"_a, "block_table"_a, "cache_seqlens"_a, "out"_a, "lse"_a.none(),
         "head_dim_v"_a, "softmax_scale"_a, "causal"_a, "device"_a = "", "workspace"_a.none() = nb::none(),
-        "stream"_a = 0);
+        "stream"_a = 0, "splits_ready"_a = false);
   m.def("decode_workspace_bytes", &decode_workspace_bytes, "batch"_a, "s_q"_a, "h_q"_a, "head_dim"_a, "head_dim_v"_a,
         "page_size"_a, "dtype"_a, "device"_a);
   m.def("prefill", &prefill, "q"_a, "k"_a, "v"_a, "cu_seqlens_q"_a, "cu_seqlens_k"_a, "out"_a, "lse"_a.none(),

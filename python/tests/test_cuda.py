@@ -88,3 +88,35 @@ def test_decode_is_captured_in_a_cuda_graph():
         want, want_lse = mla.decode_with_kvcache(q, kv, table, seqlens, 512)
         assert torch.equal(out, want), f"replay {seed} differs from an eager call"
         assert torch.equal(lse, want_lse)
+
+
+def test_decode_schedule_is_reused_across_calls_and_graph_replays():
+    """A DecodeSchedule keeps the split-KV work list: calls after the first give the same bits as plain calls,
+    inside a CUDA graph too; a call with another shape recomputes it, and reset() forgets it."""
+    lengths = [4096, 17, 1000, 64]  # long and short: several splits for the first sequence
+    kv, table, seqlens = paged_tensors(lengths, 64, 576, torch.bfloat16, seed=5)
+    kv, table, seqlens = kv.cuda(), table.cuda(), seqlens.cuda()
+    g = torch.Generator().manual_seed(9)
+    q = ((torch.rand(4, 1, 128, 576, generator=g) * 2 - 1).bfloat16()).cuda()
+    want, want_lse = mla.decode_with_kvcache(q, kv, table, seqlens, 512)
+    sched = mla.DecodeSchedule()
+    assert "empty" in repr(sched)
+    for _ in range(3):  # the first call writes the work list, the next two reuse it
+        out, lse = mla.decode_with_kvcache(q, kv, table, seqlens, 512, schedule=sched)
+        assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    assert "ready" in repr(sched)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gout, glse = mla.decode_with_kvcache(q, kv, table, seqlens, 512, schedule=sched)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(gout, want) and torch.equal(glse, want_lse)
+    # another shape (h_q 16) through the same schedule: recomputed, still exact
+    q16 = q[:, :, :16].contiguous()
+    out16, _ = mla.decode_with_kvcache(q16, kv, table, seqlens, 512, schedule=sched)
+    assert torch.equal(out16, mla.decode_with_kvcache(q16, kv, table, seqlens, 512)[0])
+    # new lengths for a new step: reset() makes the next call plan them
+    seqlens2 = torch.tensor([100, 17, 900, 1], dtype=torch.int32, device="cuda")
+    sched.reset()
+    out2, _ = mla.decode_with_kvcache(q, kv, table, seqlens2, 512, schedule=sched)
+    assert torch.equal(out2, mla.decode_with_kvcache(q, kv, table, seqlens2, 512)[0])
