@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -817,8 +818,11 @@ TEST(CudaDecode, PlanOnCpuNeedsNoWorkspace) {
 
 // ---- the prefill op against a scalar reference ------------------------------------------------------------
 
+// cu_seqlens in host memory and in device memory (cu_seqlens_on_device) must give the same bits. poison_last: the
+// last sequence (which must have no queries) has NaN keys and values, right behind the others' keys: none of it
+// may reach their rows (the sm90 kernel's tiles read past a sequence's end into the next one).
 void run_prefill_case(int64_t heads, int64_t dqk, int64_t dv, std::vector<int32_t> nq, std::vector<int32_t> nk,
-                      DType dtype, uint64_t seed) {
+                      DType dtype, uint64_t seed, bool poison_last = false) {
   const bool bf16 = dtype == DType::BF16;
   std::vector<int32_t> cq{0}, ck{0};
   for (size_t b = 0; b < nq.size(); ++b) cq.push_back(cq.back() + nq[b]), ck.push_back(ck.back() + nk[b]);
@@ -829,8 +833,13 @@ void run_prefill_case(int64_t heads, int64_t dqk, int64_t dv, std::vector<int32_
       for (float& x : v) x = round_bf16(x);
     return v;
   };
-  const std::vector<float> q = rnd(static_cast<size_t>(TQ * heads * dqk), seed), k = rnd(static_cast<size_t>(TK * heads * dqk), seed + 1),
-                           v = rnd(static_cast<size_t>(TK * heads * dv), seed + 2);
+  const std::vector<float> q = rnd(static_cast<size_t>(TQ * heads * dqk), seed);
+  std::vector<float> k = rnd(static_cast<size_t>(TK * heads * dqk), seed + 1), v = rnd(static_cast<size_t>(TK * heads * dv), seed + 2);
+  if (poison_last) {
+    ASSERT_EQ(nq.back(), 0) << "the poisoned sequence must have no queries";
+    std::fill(k.begin() + ck[nq.size() - 1] * heads * dqk, k.end(), kNaN);
+    std::fill(v.begin() + ck[nq.size() - 1] * heads * dv, v.end(), kNaN);
+  }
   const float scale = 0.0721687836f * 2;
   std::vector<float> want(static_cast<size_t>(TQ * heads * dv), 0.f);
   for (size_t b = 0; b < nq.size(); ++b)
@@ -861,28 +870,63 @@ void run_prefill_case(int64_t heads, int64_t dqk, int64_t dv, std::vector<int32_
   p.cu_seqlens_q = cq.data(), p.cu_seqlens_k = ck.data();
   p.softmax_scale = scale;
   p.causal = true;
-  std::vector<float> got(want.size());
-  auto run = [&](auto element) {
+  std::vector<float> got(want.size()), got_device_cu(want.size());
+  auto run = [&](auto element, bool device_cu, std::vector<float>& result) {
     using T = decltype(element);
     Device dq(encode<T>(q, dtype)), dk(encode<T>(k, dtype)), dvv(encode<T>(v, dtype));
     Device dout(std::vector<T>(want.size(), bf16 ? T(0x7fc0) : T(kNaN)));
+    Device dcq(cq), dck(ck);
     p.q = dq.data(), p.k = dk.data(), p.v = dvv.data(), p.out = dout.data();
+    p.cu_seqlens_on_device = device_cu;
+    p.cu_seqlens_q = device_cu ? static_cast<const int32_t*>(dcq.data()) : cq.data();
+    p.cu_seqlens_k = device_cu ? static_cast<const int32_t*>(dck.data()) : ck.data();
     prefill_attention("cuda", p);
     const std::vector<T> o = dout.read<T>(want.size());
     for (size_t i = 0; i < want.size(); ++i) {
-      if constexpr (sizeof(T) == 2) got[i] = bf16_to_float(o[i]);
-      else got[i] = o[i];
+      if constexpr (sizeof(T) == 2) result[i] = bf16_to_float(o[i]);
+      else result[i] = o[i];
     }
   };
-  if (bf16) run(uint16_t{});
-  else run(float{});
+  for (bool device_cu : {false, true}) {
+    if (bf16) run(uint16_t{}, device_cu, device_cu ? got_device_cu : got);
+    else run(float{}, device_cu, device_cu ? got_device_cu : got);
+  }
   EXPECT_LT(testing::rel_error(got, want), bf16 ? 1e-2 : 1e-5);
+  EXPECT_EQ(std::memcmp(got.data(), got_device_cu.data(), got.size() * sizeof(float)), 0)
+      << "cu_seqlens in device memory gave other bits than in host memory";
 }
 
 TEST(CudaPrefill, ExpandedKernelVarlen) {
   SKIP_WITHOUT_GPU();
   run_prefill_case(3, 192, 128, {100, 0, 257, 1, 64}, {100, 5, 300, 1013, 64}, DType::BF16, 1);
   run_prefill_case(16, 192, 128, {130}, {130}, DType::BF16, 2);
+  // key counts that end inside a 128-key tile, followed by NaN rows of a sequence without queries
+  run_prefill_case(4, 192, 128, {200, 77, 129, 0}, {200, 300, 129, 260}, DType::BF16, 6, /*poison_last=*/true);
+  run_prefill_case(2, 192, 128, {1, 128, 0}, {1, 255, 3}, DType::BF16, 7, /*poison_last=*/true);
+}
+
+TEST(CudaPrefill, DeviceSeqlensOfGarbageStayInBounds) {
+  SKIP_WITHOUT_GPU();
+  // Device-side lengths are not checked (PrefillParams): decreasing and out-of-range ones must still touch
+  // nothing outside the tensors (compute-sanitizer runs this test) and leave no error behind.
+  const int64_t heads = 2, TQ = 200, TK = 300;
+  std::vector<uint16_t> q(TQ * heads * 192, 0x3c00), k(TK * heads * 192, 0x3c00), v(TK * heads * 128, 0x3c00);
+  Device dq(q), dk(k), dv(v), dout(std::vector<uint16_t>(TQ * heads * 128, 0));
+  Device dcq(std::vector<int32_t>{0, 150, 90, 1 << 30}), dck(std::vector<int32_t>{-5, 400, 10, 20});
+  PrefillParams p;
+  p.batch = 3, p.num_heads = heads, p.total_q = TQ, p.total_k = TK, p.dtype = DType::BF16;
+  p.cu_seqlens_on_device = true;
+  p.cu_seqlens_q = static_cast<const int32_t*>(dcq.data()), p.cu_seqlens_k = static_cast<const int32_t*>(dck.data());
+  p.q = dq.data(), p.k = dk.data(), p.v = dv.data(), p.out = dout.data();
+  p.softmax_scale = 0.1f;
+  int major = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
+  if (major != 9) {  // elsewhere they are copied to the host and checked there
+    EXPECT_THROW(prefill_attention("cuda", p), InvalidArgument);
+    return;
+  }
+  EXPECT_NO_THROW(prefill_attention("cuda", p));
+  EXPECT_NO_THROW(dout.read<uint16_t>(1));  // synchronises: no launch or kernel error
 }
 
 TEST(CudaPrefill, PortablePathOnHopper) {

@@ -39,8 +39,14 @@ struct PrefillParams {
   int64_t head_dim_qk = 192, head_dim_v = 128;
   int64_t total_q = 0, total_k = 0;
   DType dtype = DType::BF16;      // of q, k, v and out: BF16, F16 or F32
-  const int32_t* cu_seqlens_q = nullptr;   // [batch + 1], host memory
-  const int32_t* cu_seqlens_k = nullptr;   // [batch + 1], host memory
+  const int32_t* cu_seqlens_q = nullptr;   // [batch + 1], host memory (device memory: cu_seqlens_on_device)
+  const int32_t* cu_seqlens_k = nullptr;   // [batch + 1], host memory (device memory: cu_seqlens_on_device)
+  // "cuda" only: cu_seqlens_q/k are in the device's memory. The host then never reads them (nothing synchronises;
+  // the call can be captured in a CUDA graph) and cannot check them: the kernel clamps every bound into
+  // [0, total] so that nothing outside q, k, v, out and lse is touched, but lengths that are not non-decreasing
+  // prefix sums starting at 0 and ending at total give meaningless rows. Hopper's kernel runs the whole batch in
+  // one launch; other GPUs and dtypes copy the two arrays to the host first (one synchronising copy).
+  bool cu_seqlens_on_device = false;
   const void* q = nullptr;        // [total_q, num_heads, head_dim_qk]
   const void* k = nullptr;        // [total_k, num_heads, head_dim_qk]
   const void* v = nullptr;        // [total_k, num_heads, head_dim_v]
@@ -53,6 +59,8 @@ struct PrefillParams {
 // Throw mla::InvalidArgument naming the parameter for bad shapes, dtypes or unsupported combinations.
 void decode_attention(std::string_view device, const DecodeParams& params);
 void prefill_attention(std::string_view device, const PrefillParams& params);
+// The same on a given stream: a cudaStream_t on "cuda" (null: the legacy default stream); ignored on the CPU.
+void prefill_attention(std::string_view device, const PrefillParams& params, void* stream);
 
 // Plan/run decode (docs/ops.md, "Planned decode and CUDA graphs"). The plan depends only on the batch shape
 // (batch, s_q, h_q, head dims, dtype; pointers and lengths may be unset); the run takes a workspace of

@@ -4,7 +4,6 @@ with fake (meta) implementations so that torch.compile can trace through them wi
 Imported by ``mla`` when torch is importable. The operators allocate their outputs with torch on the inputs'
 device and call the same C++ functions as the NumPy path.
 """
-import contextlib
 from typing import Tuple
 
 import torch
@@ -12,23 +11,6 @@ import torch
 from . import _mla
 
 Tensor = torch.Tensor
-
-
-@contextlib.contextmanager
-def _launch_context(t: Tensor):
-    """For CUDA tensors: the library launches on the legacy default stream of the current device, so make that
-    the tensors' device, and order the default stream after torch's current stream and back."""
-    if not t.is_cuda:
-        yield
-        return
-    with torch.cuda.device(t.device):
-        current, default = torch.cuda.current_stream(), torch.cuda.default_stream()
-        if current == default:
-            yield
-            return
-        default.wait_stream(current)
-        yield
-        current.wait_stream(default)
 
 
 def _decode_impl(q: Tensor, kv_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor, head_dim_v: int,
@@ -97,10 +79,15 @@ def _prefill_impl(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seql
     out = torch.empty((q.shape[0], q.shape[1], v.shape[2]), dtype=q.dtype, device=q.device)
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
     q, k, v = (t.detach().contiguous() for t in (q, k, v))
-    # The sequence boundaries are read on the host (a small copy for CUDA tensors).
-    cu_q, cu_k = (t.detach().cpu().contiguous() for t in (cu_seqlens_q, cu_seqlens_k))
-    with _launch_context(q):
-        _mla.prefill(q, k, v, cu_q, cu_k, out, lse, softmax_scale, causal)
+    cu_q, cu_k = (t.detach().contiguous() for t in (cu_seqlens_q, cu_seqlens_k))
+    if not q.is_cuda:
+        _mla.prefill(q, k, v, cu_q.cpu(), cu_k.cpu(), out, lse, softmax_scale, causal)
+        return out, lse
+    # CUDA: on torch's current stream. cu_seqlens on the GPU stay there (read by the kernel: no host copy, no
+    # synchronisation, graph-capturable on Hopper); in host memory they are checked on the host first.
+    with torch.cuda.device(q.device):
+        _mla.prefill(q, k, v, cu_q, cu_k, out, lse, softmax_scale, causal,
+                     stream=torch.cuda.current_stream().cuda_stream)
     return out, lse
 
 

@@ -196,8 +196,10 @@ int64_t decode_workspace_bytes(int64_t batch, int64_t s_q, int64_t h_q, int64_t 
   return mla::plan_decode_attention(device, p).workspace_bytes;
 }
 
+// cu_seqlens in host memory, or on q's CUDA device (read there by the kernel, see mla::PrefillParams); stream: a
+// cudaStream_t as an integer (0 = the legacy default stream).
 void prefill(Array q, Array k, Array v, Array cu_q, Array cu_k, OutArray out_w, std::optional<OutArray> lse_w,
-             double softmax_scale, bool causal, std::string device) {
+             double softmax_scale, bool causal, std::string device, uintptr_t stream) {
   constexpr const char* op = "prefill";
   const Array out = ro(out_w);
   expect_ndim(q, 3, op, "q", "[total_q, num_heads, head_dim_qk]");
@@ -219,8 +221,16 @@ void prefill(Array q, Array k, Array v, Array cu_q, Array cu_k, OutArray out_w, 
   if (cu_q.shape(0) < 2 || cu_k.shape(0) != cu_q.shape(0))
     throw mla::InvalidArgument(std::string(op) + ": cu_seqlens_q and cu_seqlens_k must both have batch + 1 >= 2 "
                                "entries, got " + shape_str(cu_q) + " and " + shape_str(cu_k));
-  if (cu_q.device_type() != nb::device::cpu::value || cu_k.device_type() != nb::device::cpu::value)
-    throw mla::InvalidArgument(std::string(op) + ": cu_seqlens_q and cu_seqlens_k must be in host memory");
+  const bool cu_host = cu_q.device_type() == nb::device::cpu::value;
+  if ((cu_k.device_type() == nb::device::cpu::value) != cu_host)
+    throw mla::InvalidArgument(std::string(op) + ": cu_seqlens_q and cu_seqlens_k must both be in host memory or both "
+                               "on q's device");
+  if (!cu_host) {
+    if (q.device_type() == nb::device::cpu::value)
+      throw mla::InvalidArgument(std::string(op) + ": cu_seqlens on a GPU but q in host memory");
+    expect_same_device(cu_q, q, op, "cu_seqlens_q");
+    expect_same_device(cu_k, q, op, "cu_seqlens_k");
+  }
   expect_contiguous(cu_q, op, "cu_seqlens_q");
   expect_contiguous(cu_k, op, "cu_seqlens_k");
   expect_ndim(out, 3, op, "out", "[total_q, num_heads, head_dim_v]");
@@ -239,6 +249,7 @@ void prefill(Array q, Array k, Array v, Array cu_q, Array cu_k, OutArray out_w, 
   p.cu_seqlens_q = static_cast<const int32_t*>(cu_q.data()), p.cu_seqlens_k = static_cast<const int32_t*>(cu_k.data());
   p.q = q.data(), p.k = k.data(), p.v = v.data(), p.softmax_scale = static_cast<float>(softmax_scale);
   p.causal = causal, p.out = out_w.data();
+  p.cu_seqlens_on_device = !cu_host;
   if (lse_w) {
     const Array lse = ro(*lse_w);
     expect_dtype(lse, nb::dtype<float>(), op, "lse", "float32");
@@ -249,7 +260,7 @@ void prefill(Array q, Array k, Array v, Array cu_q, Array cu_k, OutArray out_w, 
     p.lse = static_cast<float*>(lse_w->data());
   }
   nb::gil_scoped_release release;
-  mla::prefill_attention(dev, p);
+  mla::prefill_attention(dev, p, reinterpret_cast<void*>(stream));
 }
 
 // ---- helpers for objects ----
@@ -506,7 +517,7 @@ NB_MODULE(_mla, m) {
   m.def("decode_workspace_bytes", &decode_workspace_bytes, "batch"_a, "s_q"_a, "h_q"_a, "head_dim"_a, "head_dim_v"_a,
         "page_size"_a, "dtype"_a, "device"_a);
   m.def("prefill", &prefill, "q"_a, "k"_a, "v"_a, "cu_seqlens_q"_a, "cu_seqlens_k"_a, "out"_a, "lse"_a.none(),
-        "softmax_scale"_a, "causal"_a, "device"_a = "");
+        "softmax_scale"_a, "causal"_a, "device"_a = "", "stream"_a = 0);
   m.def("available_devices", &mla::available_devices, "The backends compiled in and usable here.");
   m.def("run_sequences",
         [](mla::Attention& layer, Array hidden, std::optional<Array> positions, int64_t chunk, int64_t decode_after,

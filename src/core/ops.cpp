@@ -111,7 +111,7 @@ void validate(const detail::Backend& backend, const DecodeParams& p, bool shape_
   }
 }
 
-void validate(const PrefillParams& p) {
+void validate(const detail::Backend& backend, const PrefillParams& p) {
   constexpr std::string_view op = "prefill_attention";
   check_dim(op, "batch", p.batch);
   check_dim(op, "num_heads", p.num_heads);
@@ -133,6 +133,11 @@ void validate(const PrefillParams& p) {
   if (p.total_k > 0) {
     check_ptr(op, "k", p.k);
     check_ptr(op, "v", p.v);
+  }
+  if (p.cu_seqlens_on_device) {
+    if (backend.host_memory())
+      fail(op, "cu_seqlens_on_device is for the \"cuda\" backend; on the CPU they are host memory already");
+    return;  // read by the kernel only (see PrefillParams)
   }
   check_cu_seqlens(op, "cu_seqlens_q", p.cu_seqlens_q, p.batch, p.total_q, "total_q");
   check_cu_seqlens(op, "cu_seqlens_k", p.cu_seqlens_k, p.batch, p.total_k, "total_k");
@@ -197,10 +202,12 @@ void split_decode_attention(std::string_view device, const DecodeParams& p, cons
   check_planned(device, p, schedule, workspace).split_decode_attention(p, schedule, workspace, stream);
 }
 
-void prefill_attention(std::string_view device, const PrefillParams& p) {
+void prefill_attention(std::string_view device, const PrefillParams& p) { prefill_attention(device, p, nullptr); }
+
+void prefill_attention(std::string_view device, const PrefillParams& p, void* stream) {
   const detail::Backend& backend = detail::find_backend(device);
-  validate(p);
-  backend.prefill_attention(p);
+  validate(backend, p);
+  backend.prefill_attention(p, stream);
 }
 
 }  // namespace mla

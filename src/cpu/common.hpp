@@ -98,7 +98,7 @@ class HostBackend : public detail::Backend {
     cpu::decode_attention(p);
   }
   void split_decode_attention(const DecodeParams&, const DecodeSchedule&, void*, void*) const override {}
-  void prefill_attention(const PrefillParams& p) const override { cpu::prefill_attention(p); }
+  void prefill_attention(const PrefillParams& p, void* /*stream*/) const override { cpu::prefill_attention(p); }
 };
 
 }  // namespace mla::cpu

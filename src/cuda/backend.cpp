@@ -57,9 +57,9 @@ class CudaBackend final : public detail::Backend {
     validate(p);
     run_decode(p, checked_plan(p, schedule), workspace, static_cast<cudaStream_t>(stream), DecodeStage::kSplit);
   }
-  void prefill_attention(const PrefillParams& p) const override {
+  void prefill_attention(const PrefillParams& p, void* stream) const override {
     validate(p);
-    run_prefill(p, nullptr);
+    run_prefill(p, static_cast<cudaStream_t>(stream));
   }
 
  private:

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "cuda/common/attention.hpp"
 #include "cuda/common/check.hpp"
@@ -158,6 +159,7 @@ void validate(const PrefillParams& p) {
   if (p.head_dim_qk < 1 || p.head_dim_v < 1) bad("head dims must be positive");
   if (p.batch > 0 && (!p.cu_seqlens_q || !p.cu_seqlens_k)) bad("cu_seqlens_q and cu_seqlens_k must not be null");
   if (p.num_heads > 65535) bad("num_heads must be <= 65535");
+  if (p.cu_seqlens_on_device) return;  // read by the kernel only (PrefillParams)
   for (int64_t b = 0; b < p.batch; ++b) {
     const int64_t nq = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b], nk = p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b];
     if (nq < 0 || nk < 0) bad("cu_seqlens must not decrease (sequence " + std::to_string(b) + ")");
@@ -192,11 +194,11 @@ DecodePlan plan_decode(const DecodeParams& p, int num_sms) {
     return plan;
   }
   // The sm90 kernel reads 64-key tiles through a tensor map in boxes of min(page size, 64) rows.
-  const bool use_sm90 =
-      sm90::usable() && sm80::decode::block_rows(static_cast<int>(p.s_q * p.h_q)) == 64 && p.page_size >= 16;
+  const bool sm90_capable = sm90::usable() && p.page_size >= 16;
+  const int64_t rows = p.s_q * p.h_q, bm = sm80::decode::block_rows(static_cast<int>(rows), sm90_capable);
+  const bool use_sm90 = sm90_capable && bm == 64;
   plan.kernel = use_sm90 ? "sm90-bf16-576" : "sm80-bf16-576";
   plan.max_work = static_cast<int>(p.batch + num_sms);
-  const int64_t rows = p.s_q * p.h_q, bm = sm80::decode::block_rows(static_cast<int>(rows));
   if (plan.max_work * ((rows + bm - 1) / bm) > std::numeric_limits<int32_t>::max() ||
       p.batch * rows > std::numeric_limits<int32_t>::max())  // grid sizes of the split and combine kernels
     throw InvalidArgument("decode_attention (cuda): batch · s_q · h_q too large for one launch");
@@ -253,10 +255,54 @@ std::string prefill_kernel_name(const PrefillParams& p) {
 
 bool prefill_is_fast(const PrefillParams& p) { return fast_prefill(p); }
 
+namespace {
+
+// The fast kernels' parameters for the whole call (dense or strided K/V); the sequence fields are set per launch.
+sm80::prefill::Params fast_params(const PrefillParams& p, const PrefillLayout* layout) {
+  sm80::prefill::Params k;
+  k.heads = static_cast<int>(p.num_heads), k.total_q = p.total_q, k.total_k = p.total_k;
+  k.q = p.q, k.out = p.out, k.lse = p.lse;
+  if (layout) {
+    k.k = layout->k, k.k_row = layout->k_row, k.k_head = layout->k_head;
+    k.k_tail = layout->k_tail, k.k_tail_row = layout->k_tail_row, k.k_tail_head = layout->k_tail_head;
+    k.k_split = layout->k_split;
+    k.v = layout->v, k.v_row = layout->v_row, k.v_head = layout->v_head;
+  } else {  // dense [total_k, H, 192] and [total_k, H, 128]
+    constexpr int dqk = sm80::prefill::kHeadDimQK, dv = sm80::prefill::kHeadDimV;
+    k.k = k.k_tail = p.k, k.k_row = k.k_tail_row = k.heads * int64_t{dqk}, k.k_head = k.k_tail_head = dqk;
+    k.k_split = dqk;
+    k.v = p.v, k.v_row = k.heads * int64_t{dv}, k.v_head = dv;
+  }
+  k.scale_log2 = p.softmax_scale * kLog2e;
+  k.causal = p.causal;
+  return k;
+}
+
+}  // namespace
+
 void run_prefill(const PrefillParams& p, cudaStream_t stream, const PrefillLayout* layout) {
   const bool fast = fast_prefill(p);
   if (layout && (!fast || layout->k_split != sm80::prefill::kStridedSplit))
     throw InvalidArgument("prefill_attention (cuda): a strided K/V layout needs the fast kernels and k_split 128");
+  if (p.cu_seqlens_on_device) {
+    if (fast && sm90::usable()) {  // the whole batch in one launch; nothing read on the host
+      sm80::prefill::Params k = fast_params(p, layout);
+      k.cu_q = p.cu_seqlens_q, k.cu_k = p.cu_seqlens_k, k.batch = static_cast<int>(p.batch);
+      sm90::prefill::run_bf16_192_128(k, stream);
+      return;
+    }
+    // The other kernels launch per sequence from host lengths: copy them (one synchronising copy), check them.
+    std::vector<int32_t> cu(static_cast<size_t>(2 * (p.batch + 1)));
+    const size_t bytes = static_cast<size_t>(p.batch + 1) * sizeof(int32_t);
+    MLA_CUDA_CHECK(cudaMemcpyAsync(cu.data(), p.cu_seqlens_q, bytes, cudaMemcpyDeviceToHost, stream));
+    MLA_CUDA_CHECK(cudaMemcpyAsync(cu.data() + p.batch + 1, p.cu_seqlens_k, bytes, cudaMemcpyDeviceToHost, stream));
+    MLA_CUDA_CHECK(cudaStreamSynchronize(stream));
+    PrefillParams host = p;
+    host.cu_seqlens_on_device = false;
+    host.cu_seqlens_q = cu.data(), host.cu_seqlens_k = cu.data() + p.batch + 1;
+    mla::prefill_attention("cuda", host, stream);  // the host checks, then this function again
+    return;
+  }
   const size_t smem = generic_smem(p.head_dim_qk, p.head_dim_v);
   if (!fast && smem > 48 * 1024) throw InvalidArgument("prefill_attention (cuda): head dims too large for the generic kernel");
   for (int64_t b = 0; b < p.batch; ++b) {
@@ -264,23 +310,8 @@ void run_prefill(const PrefillParams& p, cudaStream_t stream, const PrefillLayou
     const int n_q = static_cast<int>(p.cu_seqlens_q[b + 1] - q0), n_k = static_cast<int>(p.cu_seqlens_k[b + 1] - k0);
     if (n_q == 0) continue;
     if (fast) {
-      sm80::prefill::Params k;
-      k.heads = static_cast<int>(p.num_heads), k.n_q = n_q, k.n_k = n_k;
-      k.q_offset = q0, k.k_offset = k0, k.total_q = p.total_q;
-      k.q = p.q, k.out = p.out, k.lse = p.lse;
-      if (layout) {
-        k.k = layout->k, k.k_row = layout->k_row, k.k_head = layout->k_head;
-        k.k_tail = layout->k_tail, k.k_tail_row = layout->k_tail_row, k.k_tail_head = layout->k_tail_head;
-        k.k_split = layout->k_split;
-        k.v = layout->v, k.v_row = layout->v_row, k.v_head = layout->v_head;
-      } else {  // dense [total_k, H, 192] and [total_k, H, 128]
-        constexpr int dqk = sm80::prefill::kHeadDimQK, dv = sm80::prefill::kHeadDimV;
-        k.k = k.k_tail = p.k, k.k_row = k.k_tail_row = k.heads * int64_t{dqk}, k.k_head = k.k_tail_head = dqk;
-        k.k_split = dqk;
-        k.v = p.v, k.v_row = k.heads * int64_t{dv}, k.v_head = dv;
-      }
-      k.scale_log2 = p.softmax_scale * kLog2e;
-      k.causal = p.causal;
+      sm80::prefill::Params k = fast_params(p, layout);
+      k.n_q = n_q, k.n_k = n_k, k.q_offset = q0, k.k_offset = k0;
       if (sm90::usable()) sm90::prefill::run_bf16_192_128(k, stream);
       else sm80::prefill::run_bf16_192_128(k, stream);
       continue;

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 namespace mla::cuda::sm80::decode {
 
@@ -81,8 +82,14 @@ __device__ __forceinline__ int block_row_block(const Params& p) {
 }
 #endif
 
-// Rows of query per block for a batch shape.
-inline int block_rows(int rows) { return rows <= 16 ? 16 : 64; }
+// Rows of query per block for a batch shape: 16 for h_q·s_q <= 16 (tensor-parallel shards), else 64.
+// MLA_CUDA_DECODE_SM90_SMALL=1 (an A/B knob of the benchmark, read on every call) pads the small shapes to 64-row
+// blocks where the sm90 kernel can take them (sm90_capable: Hopper, pages of 16 and up).
+inline int block_rows(int rows, bool sm90_capable = false) {
+  if (rows > 16) return 64;
+  const char* pad = sm90_capable ? std::getenv("MLA_CUDA_DECODE_SM90_SMALL") : nullptr;
+  return pad && *pad == '1' ? 64 : 16;
+}
 
 // Scheduler (from the device-side sequence lengths; writes p.schedule and p.work), then split kernel and
 // combine kernel, on one stream; `schedule` / `attend` select the two parts.
