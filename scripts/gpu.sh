@@ -65,32 +65,34 @@ rm -rf "$site" && mkdir -p "$site" && cp -r python/mla "$site/" && cp build-gpu/
 status=0
 if [[ "$what" == all || "$what" == test ]]; then
   t0=$(date +%s)
-  ./build-gpu/tests/test_cuda --gtest_brief=1 >"$LOGS/test.log" 2>&1; rc=$?
-  grep -E "FAILED|Failure|error|PASSED|SKIPPED \]" "$LOGS/test.log" | head -40
+  # A hung kernel must not eat the whole call: each step has a time limit (rc 124).
+  timeout "${MLA_TEST_TIMEOUT:-270}" stdbuf -oL ./build-gpu/tests/test_cuda >"$LOGS/test.log" 2>&1; rc=$?
+  grep -E "FAILED|Failure|error|PASSED|SKIPPED \]|tests from .* ran" "$LOGS/test.log" | head -40
+  (( rc == 124 )) && { echo "test_cuda timed out; last lines:"; tail -3 "$LOGS/test.log"; }
   echo "test_cuda: rc $rc, $(( $(date +%s) - t0 )) s"
   (( rc != 0 )) && status=1
   t0=$(date +%s)
-  compute-sanitizer --tool memcheck --error-exitcode 9 ./build-gpu/tests/test_cuda --gtest_brief=1 \
+  timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 ./build-gpu/tests/test_cuda --gtest_brief=1 \
     --gtest_filter='CudaDecode.SplitKvAndLongSequences:CudaDecode.GenericF32AndSmallDims:CudaPrefill.*:AllCases/CudaGolden.*v3_tiny_bf16_decode:Shapes/CudaLayerVsCpu.*h3_page16*bf16' \
     >"$LOGS/sanitizer.log" 2>&1; rc=$?
   grep -E "ERROR SUMMARY|FAILED|Invalid" "$LOGS/sanitizer.log" | head -10
   echo "memcheck: rc $rc, $(( $(date +%s) - t0 )) s"
   (( rc != 0 )) && status=1
   t0=$(date +%s)
-  PYTHONPATH=$site python3 -m pytest python/tests/test_cuda.py python/tests/test_torch.py -q -p no:cacheprovider \
+  PYTHONPATH=$site timeout 60 python3 -m pytest python/tests/test_cuda.py python/tests/test_torch.py -q -p no:cacheprovider \
     >"$LOGS/python.log" 2>&1; rc=$?
   tail -3 "$LOGS/python.log"
   echo "python GPU tests: rc $rc, $(( $(date +%s) - t0 )) s"
   (( rc != 0 )) && status=1
 fi
 if [[ "$what" == all || "$what" == bench ]]; then
-  ./build-gpu/mla-bench-cuda $quick --json "$OUT/bench.json" >"$OUT/bench.txt" 2>&1 || status=1
+  timeout 120 ./build-gpu/mla-bench-cuda $quick --json "$OUT/bench.json" >"$OUT/bench.txt" 2>&1 || status=1
   for pid in "${anchor_pids[@]}"; do wait "$pid"; done
   for a in FlashMLA FA3; do [[ -f "$LOGS/anchor-$a.log" ]] && tail -1 "$LOGS/anchor-$a.log"; done
   export PYTHONPATH=$site:$PWD/.anchors/FlashMLA:$PWD/.anchors/FlashMLA/tests:$PWD/.anchors/FA3/hopper
   sections="grid decode prefill"
   [[ -n "$quick" ]] && sections="decode"
-  python3 bench/cuda/vs_anchors.py --json "$OUT/anchors.json" $sections >"$OUT/anchors.txt" 2>"$LOGS/anchors.err" || status=1
+  timeout 160 python3 bench/cuda/vs_anchors.py --json "$OUT/anchors.json" $sections >"$OUT/anchors.txt" 2>"$LOGS/anchors.err" || status=1
   echo
   cat "$OUT/bench.txt"
   echo

@@ -115,16 +115,22 @@ __device__ __forceinline__ void find_slot(const Params& p, Slot& slot) {
   __syncthreads();
 }
 
-// The producer warpgroup, after the last copies: zeroes the V rows [n_k, 128·tiles) of the last tile, which hold
-// the next sequence's values, then lets the consumers read that tile (v_zeroed instead of its v_full).
+// The whole producer warpgroup, after its thread 0 issued the last copies: zeroes the V rows [n_k, 128·tiles) of
+// the last tile, which hold the next sequence's values, then lets the consumers read that tile (v_zeroed instead
+// of its v_full). Thread 0 waits for the stage's phases in order (a parity wait ahead of its phase would return at
+// once); the warp is reconverged before each bar.sync, which needs whole warps.
 __device__ __forceinline__ void zero_v_tail(SharedMemoryPlan& sm, int tiles, int n_k) {
   const int last = tiles - 1, st = last & 1, first = n_k - last * kN;
-  mbarrier_wait(&sm.v_full[st], (last >> 1) & 1);
+  if (threadIdx.x == 0)
+    for (int round = 0; round <= last >> 1; ++round) mbarrier_wait(&sm.v_full[st], round & 1);
+  __syncwarp();
+  named_sync(kProducer, 128);
   for (int i = threadIdx.x; i < 2 * kN * 8; i += 128) {  // [2 blocks][kN rows][8 chunks of 16 bytes]
     const int block = i / (kN * 8), row = i / 8 % kN, chunk = i % 8;
     if (row >= first) *reinterpret_cast<uint4*>(sm.v[st] + block * kN * 64 + row * 64 + chunk * 8) = make_uint4(0, 0, 0, 0);
   }
   fence_proxy_async();  // generic-proxy zeros, read by wgmma
+  __syncwarp();
   named_sync(kProducer, 128);
   if (threadIdx.x == 0) mbarrier_arrive(&sm.v_zeroed);
 }
@@ -185,6 +191,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (threadIdx.x == 0)
       produce<kStrided>(sm, maps, h, p.k_tail_head != 0 ? h : 0, static_cast<int>(slot.q_offset + m0),
                         static_cast<int>(slot.k_offset), tiles);
+    __syncwarp();
     if (zero_tail) zero_v_tail(sm, tiles, n_k);
     return;
   }
