@@ -2,7 +2,7 @@
 // queries of one head. Per warpgroup and key tile j (mainloop.cuh): issue S = Q·K_{j+1}ᵀ, then O += P_j·V_j, run
 // the softmax of S while P·V is in flight (FlashAttention-3's intra-warpgroup overlap), and in addition:
 //
-//  - a producer warpgroup (32 registers after setmaxnreg; one thread issues the copies) loads Q once and the K
+//  - a producer warpgroup (24 registers after setmaxnreg; one thread issues the copies) loads Q once and the K
 //    and V tiles of 128 keys by TMA into a two-stage ring; each stage has a "full" mbarrier (transaction bytes) and an
 //    "empty" one that the 256 consumer threads arrive on once they have read it, so a warpgroup only ever
 //    waits for data, never for the other warpgroup;
@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const bool zero_tail = tiles > 0 && tiles * kN > n_k && slot.k_offset + n_k < p.total_k;
 
   if (threadIdx.x < 128) {  // producer warpgroup
-    set_max_registers_dec<32>();  // 2 · 128 · 240 + 128 · 32 = the 64 K registers
+    set_max_registers_dec<24>();  // the consumers' 2 · 128 · 240 fit only beside 24 (168 at launch)
     if (threadIdx.x == 0)
       produce<kStrided>(sm, maps, h, p.k_tail_head != 0 ? h : 0, static_cast<int>(slot.q_offset + m0),
                         static_cast<int>(slot.k_offset), tiles);
