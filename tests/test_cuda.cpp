@@ -820,7 +820,7 @@ TEST(CudaDecode, PlanOnCpuNeedsNoWorkspace) {
 
 // cu_seqlens in host memory and in device memory (cu_seqlens_on_device) must give the same bits. poison_last: the
 // last sequence (which must have no queries) has NaN keys and values, right behind the others' keys: none of it
-// may reach their rows (the sm90 kernel's tiles read past a sequence's end into the next one).
+// may reach their rows.
 void run_prefill_case(int64_t heads, int64_t dqk, int64_t dv, std::vector<int32_t> nq, std::vector<int32_t> nk,
                       DType dtype, uint64_t seed, bool poison_last = false) {
   const bool bf16 = dtype == DType::BF16;
@@ -905,10 +905,10 @@ TEST(CudaPrefill, ExpandedKernelVarlen) {
   run_prefill_case(2, 192, 128, {1, 128, 0}, {1, 255, 3}, DType::BF16, 7, /*poison_last=*/true);
 }
 
-TEST(CudaPrefill, DeviceSeqlensOfGarbageStayInBounds) {
+TEST(CudaPrefill, DeviceSeqlensAreCheckedOnTheHost) {
   SKIP_WITHOUT_GPU();
-  // Device-side lengths are not checked (PrefillParams): decreasing and out-of-range ones must still touch
-  // nothing outside the tensors (compute-sanitizer runs this test) and leave no error behind.
+  // Device-side lengths are copied to the host and checked there: decreasing and out-of-range ones are an error
+  // that names them, and nothing is launched.
   const int64_t heads = 2, TQ = 200, TK = 300;
   std::vector<uint16_t> q(TQ * heads * 192, 0x3c00), k(TK * heads * 192, 0x3c00), v(TK * heads * 128, 0x3c00);
   Device dq(q), dk(k), dv(v), dout(std::vector<uint16_t>(TQ * heads * 128, 0));
@@ -919,14 +919,14 @@ TEST(CudaPrefill, DeviceSeqlensOfGarbageStayInBounds) {
   p.cu_seqlens_q = static_cast<const int32_t*>(dcq.data()), p.cu_seqlens_k = static_cast<const int32_t*>(dck.data());
   p.q = dq.data(), p.k = dk.data(), p.v = dv.data(), p.out = dout.data();
   p.softmax_scale = 0.1f;
-  int major = 0;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
-  if (major != 9) {  // elsewhere they are copied to the host and checked there
-    EXPECT_THROW(prefill_attention("cuda", p), InvalidArgument);
-    return;
+  try {
+    prefill_attention("cuda", p);
+    ADD_FAILURE() << "garbage device-side cu_seqlens were accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("cu_seqlens_q"), std::string::npos) << e.what();
   }
-  EXPECT_NO_THROW(prefill_attention("cuda", p));
-  EXPECT_NO_THROW(dout.read<uint16_t>(1));  // synchronises: no launch or kernel error
+  const std::vector<uint16_t> out = dout.read<uint16_t>(TQ * heads * 128);
+  EXPECT_TRUE(std::all_of(out.begin(), out.end(), [](uint16_t x) { return x == 0; })) << "out was written";
 }
 
 TEST(CudaPrefill, PortablePathOnHopper) {

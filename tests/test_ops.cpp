@@ -375,6 +375,7 @@ TEST(PrefillAttention, RejectsBadParameters) {
   bad([](PrefillFixture& f) { f.p.q = nullptr; }, {"q must not be null"});
   bad([](PrefillFixture& f) { f.p.v = nullptr; }, {"v must not be null"});
   bad([](PrefillFixture& f) { f.p.cu_seqlens_k = nullptr; }, {"cu_seqlens_k"});
+  bad([](PrefillFixture& f) { f.p.cu_seqlens_on_device = true; }, {"cu_seqlens_on_device", "cuda"});
   bad([](PrefillFixture& f) { f.p.num_heads = 0; }, {"num_heads", "got 0"});
   bad([](PrefillFixture& f) { f.p.head_dim_v = 0; }, {"head_dim_v"});
   bad([](PrefillFixture& f) { f.p.dtype = DType::I32; }, {"dtype", "I32"});

@@ -41,11 +41,8 @@ struct PrefillParams {
   DType dtype = DType::BF16;      // of q, k, v and out: BF16, F16 or F32
   const int32_t* cu_seqlens_q = nullptr;   // [batch + 1], host memory (device memory: cu_seqlens_on_device)
   const int32_t* cu_seqlens_k = nullptr;   // [batch + 1], host memory (device memory: cu_seqlens_on_device)
-  // "cuda" only: cu_seqlens_q/k are in the device's memory. The host then never reads them (nothing synchronises;
-  // the call can be captured in a CUDA graph) and cannot check them: the kernel clamps every bound into
-  // [0, total] so that nothing outside q, k, v, out and lse is touched, but lengths that are not non-decreasing
-  // prefix sums starting at 0 and ending at total give meaningless rows. Hopper's kernel runs the whole batch in
-  // one launch; other GPUs and dtypes copy the two arrays to the host first (one synchronising copy).
+  // "cuda" only: cu_seqlens_q/k are in the device's memory (as flash-attention takes them). They are copied to
+  // the host on the call's stream (one synchronising copy: not capturable in a CUDA graph) and checked there.
   bool cu_seqlens_on_device = false;
   const void* q = nullptr;        // [total_q, num_heads, head_dim_qk]
   const void* k = nullptr;        // [total_k, num_heads, head_dim_qk]
