@@ -151,7 +151,8 @@ nlohmann::json bench_decode(bool quick) {
               sm90 ? "sm90 wgmma" : "sm80 mma.sync");
   std::printf("ms: split + combine kernels with the work list computed once (split_decode_attention), as FlashMLA's\n"
               "benchmark times flash_mla_with_kvcache after one get_mla_metadata; call ms: the whole convenience call\n");
-  std::printf("'pad64 ms' (h_q·s_q <= 16): the sm90 kernel on 64-row blocks (MLA_CUDA_DECODE_SM90_SMALL=1)\n");
+  std::printf("'pad64 ms' (h_q·s_q <= 16): forced to the sm90 kernel on 64-row blocks (MLA_CUDA_DECODE_SM90_SMALL=1;\n"
+              "the default takes it from 64 sequences up)\n");
   std::printf("%-28s %9s %9s %9s %9s %9s %9s\n", "case", "ms", "TFLOP/s", "GB/s", "call ms", "sm80 ms", "pad64 ms");
   constexpr int64_t kPage = 64, kD = 576, kDV = 512;
   for (const DecodeRow& r : decode_rows(quick)) {

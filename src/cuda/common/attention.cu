@@ -195,7 +195,7 @@ DecodePlan plan_decode(const DecodeParams& p, int num_sms) {
   }
   // The sm90 kernel reads 64-key tiles through a tensor map in boxes of min(page size, 64) rows.
   const bool sm90_capable = sm90::usable() && p.page_size >= 16;
-  const int64_t rows = p.s_q * p.h_q, bm = sm80::decode::block_rows(static_cast<int>(rows), sm90_capable);
+  const int64_t rows = p.s_q * p.h_q, bm = sm80::decode::block_rows(static_cast<int>(rows), sm90_capable, p.batch);
   const bool use_sm90 = sm90_capable && bm == 64;
   plan.kernel = use_sm90 ? "sm90-bf16-576" : "sm80-bf16-576";
   plan.max_work = static_cast<int>(p.batch + num_sms);

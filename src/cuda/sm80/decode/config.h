@@ -82,13 +82,16 @@ __device__ __forceinline__ int block_row_block(const Params& p) {
 }
 #endif
 
-// Rows of query per block for a batch shape: 16 for h_q·s_q <= 16 (tensor-parallel shards), else 64.
-// MLA_CUDA_DECODE_SM90_SMALL=1 (an A/B knob of the benchmark, read on every call) pads the small shapes to 64-row
-// blocks where the sm90 kernel can take them (sm90_capable: Hopper, pages of 16 and up).
-inline int block_rows(int rows, bool sm90_capable = false) {
+// Rows of query per block for a batch shape: 64 for h_q·s_q > 16. The small shapes (tensor-parallel shards) take
+// the 16-row sm80 kernel, except where the sm90 kernel can run (sm90_capable: Hopper, pages of 16 and up) and the
+// batch has 64 sequences or more: padded to 64 rows it streams the cache faster there (H200, same run, 2026-11-30:
+// b128 s_k32768 h16 1.196 vs 1.589 ms, b128 s_k8192 0.327 vs 0.345; slower at b8 and b4: 0.0249 vs 0.0208 ms,
+// 0.0639 vs 0.0564). MLA_CUDA_DECODE_SM90_SMALL=1 / 0 forces either (an A/B knob, read on every call).
+inline int block_rows(int rows, bool sm90_capable = false, int64_t batch = 0) {
   if (rows > 16) return 64;
-  const char* pad = sm90_capable ? std::getenv("MLA_CUDA_DECODE_SM90_SMALL") : nullptr;
-  return pad && *pad == '1' ? 64 : 16;
+  if (!sm90_capable) return 16;
+  if (const char* force = std::getenv("MLA_CUDA_DECODE_SM90_SMALL"); force && *force) return *force == '1' ? 64 : 16;
+  return batch >= 64 ? 64 : 16;
 }
 
 // Scheduler (from the device-side sequence lengths; writes p.schedule and p.work), then split kernel and

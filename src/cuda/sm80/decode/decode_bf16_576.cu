@@ -37,7 +37,7 @@ void run_bf16_576(const Params& params, int num_sms, cudaStream_t stream, bool s
   int device = 0, smem_limit = 0;
   MLA_CUDA_CHECK(cudaGetDevice(&device));
   MLA_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const int bm = block_rows(p.rows, sm90::usable() && p.page_size_log2 >= 4), m_blocks = (p.rows + bm - 1) / bm;
+  const int bm = block_rows(p.rows, sm90::usable() && p.page_size_log2 >= 4, p.batch), m_blocks = (p.rows + bm - 1) / bm;
   p.m_blocks = m_blocks;
   static const bool old_grid = [] {
     const char* v = std::getenv("MLA_CUDA_DECODE_GRID");
