@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Proves the README's "two commands for a fresh machine" on a machine that cannot be a used one: builds a minimal
-# Debian 12 root from Debian's packages (mmdebstrap --variant=minbase bookworm), copies a clean clone of this
+# Debian 12 root from Debian's packages (run mmdebstrap --variant=minbase bookworm), copies a clean clone of this
 # repository's committed HEAD into it (not the working tree) and runs the commands there with chroot, as root,
 # exactly as the README has them. CUDA is off (the root has no nvcc; MLA_WITH_CUDA=OFF as well).
 #
@@ -45,10 +45,15 @@ end_phase() {
 work=""
 root=""
 mounts=()
+child=""
+# Long steps run in the background and are waited for, so that a TERM or INT reaches the trap at once (bash runs
+# traps only between foreground commands); the trap ends the step.
+run() { "$@" & child=$!; wait "$child"; local rc=$?; child=""; return $rc; }
 t_all=$(date +%s)
 cleanup() {
   local rc=$?
   set +e
+  [ -n "$child" ] && kill "$child" 2>/dev/null && wait "$child" 2>/dev/null
   [ -n "$phase_name" ] && end_phase "FAILED (rc $rc)"
   if [ -n "$root" ] && [ -d "$root" ]; then
     # Processes left in the root (an interrupted run): those whose root directory is ours, by id.
@@ -106,10 +111,11 @@ done
 parent=${MLA_FRESH_TMPDIR:-${TMPDIR:-/var/tmp}}
 mkdir -p "$parent"
 work=$(mktemp -d "$parent/mla-fresh-root.XXXXXX")
+chmod 755 "$work"  # apt's download sandbox user (_apt) reads the root's lists/partial through it
 root=$work/root
 
 start_phase "bootstrap Debian 12 minbase"
-mmdebstrap --variant=minbase --mode=root "${aptopts[@]}" bookworm "$root" ${MLA_FRESH_MIRROR:+"$MLA_FRESH_MIRROR"}
+run mmdebstrap --variant=minbase --mode=root "${aptopts[@]}" bookworm "$root" ${MLA_FRESH_MIRROR:+"$MLA_FRESH_MIRROR"}
 echo "fresh-root: $(chroot "$root" dpkg-query -W -f='.\n' | wc -l) packages in the root"
 end_phase ok
 
@@ -150,7 +156,7 @@ fi
 status=0
 for c in "${cmds[@]}"; do
   start_phase "scripts/$c.sh in the root"
-  if env -i "${envs[@]}" chroot "$root" /bin/bash -c "cd /root/mla && scripts/$c.sh"; then
+  if run env -i "${envs[@]}" chroot "$root" /bin/bash -c "cd /root/mla && scripts/$c.sh"; then
     end_phase ok
   else
     rc=$?
