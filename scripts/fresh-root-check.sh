@@ -100,7 +100,7 @@ fi
 aptopts=()
 while IFS= read -r line; do
   aptopts+=("--aptopt=$line")
-done < <(apt-config dump 2>/dev/null | grep -E '^Acquire::[a-z]+::Proxy(::[^ ]+)? ' || true)
+done < <(apt-config dump 2>/dev/null | grep -E '^Acquire::[a-z]+::Proxy(::[^ ]+)? "[^"]' || true)
 # Proxies and package indexes for the commands in the root; nothing else of the host's environment.
 envs=(PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root MLA_WITH_CUDA=OFF)
 for v in http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY PIP_INDEX_URL PIP_EXTRA_INDEX_URL; do
