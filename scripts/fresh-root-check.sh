@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Proves the README's "two commands for a fresh machine" on a machine that cannot be a used one: builds a minimal
-# Debian 12 root from Debian's packages (run mmdebstrap --variant=minbase bookworm), copies a clean clone of this
+# Debian 12 root from Debian's packages (mmdebstrap --variant=minbase bookworm), copies a clean clone of this
 # repository's committed HEAD into it (not the working tree) and runs the commands there with chroot, as root,
 # exactly as the README has them. CUDA is off (the root has no nvcc; MLA_WITH_CUDA=OFF as well).
 #
