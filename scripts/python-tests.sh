@@ -7,8 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 
-# A Debian python3 needs the venv module and the headers (setup.sh installs them as root).
-if ! "$python" -c 'import ensurepip, venv, sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null; then
+# A Debian python3 needs the venv module, the headers and CA certificates for pip (setup.sh installs them as root).
+if ! "$python" -c 'import ensurepip, venv, sysconfig, ssl, os, sys
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))
+         or ssl.get_default_verify_paths().cafile is None)' 2>/dev/null; then
   MLA_SETUP_PYTHON=1 scripts/setup.sh
 fi
 
