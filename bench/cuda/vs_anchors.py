@@ -47,7 +47,9 @@ def graph_of(fn, n=REPS):
 
 
 def time_interleaved(fns, rounds=15, per=1):
-    """fns: name -> callable launching work; returns name -> median seconds per call (per = calls per launch)."""
+    """fns: name -> callable launching work; returns name -> median seconds per call. per: calls per launch, one
+    number for all or name -> number."""
+    per = per if isinstance(per, dict) else {k: per for k in fns}
     ts = {k: [] for k in fns}
     for f in fns.values():
         f()
@@ -60,7 +62,7 @@ def time_interleaved(fns, rounds=15, per=1):
             f()
             b.record()
             torch.cuda.synchronize()
-            ts[k].append(a.elapsed_time(b) / 1e3 / per)
+            ts[k].append(a.elapsed_time(b) / 1e3 / per[k])
     return {k: sorted(v)[len(v) // 2] for k, v in ts.items()}
 
 
@@ -200,16 +202,7 @@ def prefill_bench(rows):
                     torch.cuda.synchronize()
                     launch[name], how[name] = f, f"eager ({type(ex).__name__}: {str(ex)[:80]})"
             per = {k: 4 if how[k] == "graph" else 1 for k in launch}
-            ts = {k: [] for k in launch}  # calls per launch differ: interleaved round by round, divided apiece
-            for _ in range(9):
-                for k, f in launch.items():
-                    a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    a.record()
-                    f()
-                    e.record()
-                    torch.cuda.synchronize()
-                    ts[k].append(a.elapsed_time(e) / per[k])
-            t = {k: sorted(v)[len(v) // 2] for k, v in ts.items()}
+            t = {k: v * 1e3 for k, v in time_interleaved(launch, rounds=9, per=per).items()}  # ms
             flop = 2 * b * H * (T * T / 2) * (192 + 128)
             row = dict(section="prefill", case=f"b{b} H{H} T{T}", mla_ms=t["mla"], cudnn_ms=t["cudnn"],
                        speed_vs_cudnn=t["cudnn"] / t["mla"], mla_TFLOPS=flop / t["mla"] / 1e9,
