@@ -1,9 +1,10 @@
 // CPU kernels for mla/ops.hpp (both CPU backends use them). Flash-style: keys are streamed in blocks of
 // kKeyBlock, logits S = Q·Kᵀ and the online softmax stay in fp32, O += P·V accumulates in fp32. BF16 inputs
-// feed the bf16 GEMMs directly (P is rounded to bf16 for P·V, as on the GPU); F16 and F32 inputs are computed
-// in f32 (F16 converted block by block). Blocks are copied into fixed-size, zero-padded scratch so that the
-// GEMM shapes (and oneDNN's cached primitives) do not depend on sequence lengths. Parameters were validated by
-// src/core/ops.cpp; semantics in docs/ops.md.
+// feed the bf16 GEMMs directly (P is rounded to bf16 for P·V, as on the GPU), or, on a CPU without a native bf16
+// dot product (kernels.hpp), are widened to f32 block by block with P rounded to bf16 values: the same products.
+// F16 and F32 inputs are computed in f32 (F16 converted block by block). Blocks are copied into fixed-size,
+// zero-padded scratch so that the GEMM shapes (and oneDNN's cached primitives) do not depend on sequence lengths.
+// Parameters were validated by src/core/ops.cpp; semantics in docs/ops.md.
 #include "cpu/ops.hpp"
 
 #include <omp.h>
@@ -46,6 +47,8 @@ void load(const void* src, DType dt, int64_t offset, int64_t n, T* dst) {
     std::memcpy(dst, static_cast<const uint16_t*>(src) + offset, static_cast<size_t>(n) * 2);
   } else if (dt == DType::F32) {
     std::memcpy(dst, static_cast<const float*>(src) + offset, static_cast<size_t>(n) * 4);
+  } else if (dt == DType::BF16) {
+    from_bf16(static_cast<const uint16_t*>(src) + offset, dst, n);
   } else {
     const uint16_t* s = static_cast<const uint16_t*>(src) + offset;
     for (int64_t i = 0; i < n; ++i) dst[i] = f16_to_float(s[i]);
@@ -77,18 +80,19 @@ struct Scratch {
 };
 
 // Attends Q [rows, d] to one block of kKeyBlock keys K (rows of stride ldk, first d columns) with values V
-// (rows of stride ldv, first dv columns). Query row r sees the block's keys j < visible(r).
+// (rows of stride ldv, first dv columns). Query row r sees the block's keys j < visible(r). round_p: float P
+// rounded to bf16 values (BF16 input widened to f32).
 template <class T, class Visible>
 void attend_block(const T* Q, int64_t rows, int64_t d, const T* K, int64_t ldk, const T* V, int64_t ldv, int64_t dv,
-                  float scale, Visible visible, Partial& st, Scratch<T>& sc) {
+                  float scale, Visible visible, Partial& st, Scratch<T>& sc, bool round_p) {
   gemm_nt(rows, kKeyBlock, d, Q, d, K, ldk, sc.s.data(), kKeyBlock);
   for (int64_t r = 0; r < rows; ++r) {
     float* pf = nullptr;
     uint16_t* pb = nullptr;
     if constexpr (std::is_same_v<T, float>) pf = sc.p.data() + r * kKeyBlock;
     else pb = sc.p.data() + r * kKeyBlock;
-    const float alpha =
-        online_softmax_step(sc.s.data() + r * kKeyBlock, kKeyBlock, visible(r), scale, st.m[r], st.l[r], pf, pb);
+    const float alpha = online_softmax_step(sc.s.data() + r * kKeyBlock, kKeyBlock, visible(r), scale, st.m[r],
+                                            st.l[r], pf, pb, round_p);
     scale_inplace(&st.acc[r * dv], dv, alpha);
   }
   gemm_nn(rows, dv, kKeyBlock, sc.p.data(), kKeyBlock, V, ldv, st.acc.data(), dv, 1.f);
@@ -156,7 +160,8 @@ void decode(const DecodeParams& p) {
           const int64_t i = r / p.h_q;
           return (p.causal ? L - (p.s_q - 1 - i) : L) - k0;
         };
-        attend_block(&q[b * M * d], M, d, kv.data(), d, kv.data(), d, dv, p.softmax_scale, visible, st, sc);
+        attend_block(&q[b * M * d], M, d, kv.data(), d, kv.data(), d, dv, p.softmax_scale, visible, st, sc,
+                     p.dtype == DType::BF16);
       }
       parts[s] = std::move(st);
     }
@@ -223,7 +228,8 @@ void prefill(const PrefillParams& p) {
         std::fill(k.begin() + kb * dqk, k.end(), T{});
         std::fill(v.begin() + kb * dv, v.end(), T{});
         auto visible = [&](int64_t r) { return (p.causal ? n_k - n_q + i0 + r + 1 : n_k) - k0; };
-        attend_block(q.data(), kQueryTile, dqk, k.data(), dqk, v.data(), dv, dv, p.softmax_scale, visible, st, sc);
+        attend_block(q.data(), kQueryTile, dqk, k.data(), dqk, v.data(), dv, dv, p.softmax_scale, visible, st, sc,
+                     p.dtype == DType::BF16);
       }
       for (int64_t r = 0; r < qt; ++r) {
         float lse = 0.f;
@@ -238,7 +244,7 @@ void prefill(const PrefillParams& p) {
 }  // namespace
 
 void decode_attention(const DecodeParams& p) {
-  if (p.dtype == DType::BF16) decode<uint16_t>(p);
+  if (p.dtype == DType::BF16 && native_bf16()) decode<uint16_t>(p);
   else decode<float>(p);
 }
 
@@ -249,7 +255,7 @@ DecodeSchedule plan_decode_attention(const DecodeParams&) {
 }
 
 void prefill_attention(const PrefillParams& p) {
-  if (p.dtype == DType::BF16) prefill<uint16_t>(p);
+  if (p.dtype == DType::BF16 && native_bf16()) prefill<uint16_t>(p);
   else prefill<float>(p);
 }
 
