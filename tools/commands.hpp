@@ -37,6 +37,11 @@ int run_info(const InfoArgs& args);
 int run_demo(const DemoArgs& args);
 int run_bench(const BenchArgs& args);
 
+// The CPU kernel variant in use and why it matters, e.g. "avx512 (no AVX512-BF16: ...)" (bench.cpp).
+std::string isa_summary();
+// The rate of one n x n x n GEMM through the CPU backend's GEMM (bf16 or f32 operands), median of reps.
+double gemm_rate_gflops(bool bf16, int64_t n, int reps);
+
 // Parsing helpers shared by the subcommands; throw mla::InvalidArgument naming the flag.
 Precision parse_precision(const std::string& s);
 Path parse_path(const std::string& s);
