@@ -441,6 +441,102 @@ TEST(Kernels, GemvBf16MatchesDoubleLoop) {
   EXPECT_EQ(cases, 2 * 7 * 10 * 8);
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// mqa_block against a double loop: odd key counts (the 8-, 4- and 1-key logit tiles), value widths off the
+// 16- and 4-column tiles, per-lane visibility from none to past the block, fresh and running state, P rounded
+// to bf16 or not. Lanes past `rows` and lanes that see nothing must keep their state bit for bit.
+
+void check_mqa(int rows, int64_t keys, int64_t d, int64_t dv, bool round_p, bool running, uint64_t seed) {
+  constexpr int L = cpu::kMqaLanes;
+  const int64_t ld = d + 3;
+  const float scale = 0.13f;
+  const auto qT = testing::random_values(static_cast<size_t>(d * L), seed, 2.f);
+  const auto kv = testing::random_values(static_cast<size_t>(keys * ld), seed + 1, 2.f);
+  std::vector<int32_t> visible(L);
+  for (int r = 0; r < L; ++r) visible[r] = static_cast<int32_t>((seed * 7 + r * 13) % (keys + 3)) - 1;  // -1..keys+1
+  visible[0] = static_cast<int32_t>(keys);
+  std::vector<float> m(L), l(L), accT = testing::random_values(static_cast<size_t>(dv * L), seed + 2);
+  for (int r = 0; r < L; ++r) m[r] = running ? 1.5f + 0.1f * r : -kInf, l[r] = running ? 2.f + r : 0.f;
+  if (!running) std::fill(accT.begin(), accT.end(), 0.f);
+  const auto m0 = m, l0 = l, acc0 = accT;
+  std::vector<float> s(static_cast<size_t>(keys * L));
+  cpu::mqa_block({.qT = qT.data(), .kv = kv.data(), .ld = ld, .d = d, .dv = dv, .keys = keys, .rows = rows,
+                  .visible = visible.data(), .scale = scale, .round_p = round_p, .m = m.data(), .l = l.data(),
+                  .accT = accT.data(), .s = s.data()});
+  for (int r = 0; r < L; ++r) {
+    SCOPED_TRACE(::testing::Message() << "rows=" << rows << " keys=" << keys << " d=" << d << " dv=" << dv
+                                      << " round_p=" << round_p << " running=" << running << " lane=" << r
+                                      << " isa=" << cpu::kernel_isa());
+    const int64_t vis = r < rows ? std::clamp<int64_t>(visible[r], 0, keys) : 0;
+    if (vis == 0) {
+      EXPECT_EQ(std::bit_cast<uint32_t>(m[r]), std::bit_cast<uint32_t>(m0[r]));
+      EXPECT_EQ(l[r], l0[r]);
+      for (int64_t j = 0; j < dv; ++j) ASSERT_EQ(accT[j * L + r], acc0[j * L + r]) << j;
+      continue;
+    }
+    std::vector<double> logit(static_cast<size_t>(vis));
+    double mx = m0[r], lmag = 0;  // lmag: the largest scale·Σ|q·k|, which bounds the fp32 error of a logit
+    for (int64_t t = 0; t < vis; ++t) {
+      double dot = 0, mag = 0;
+      for (int64_t k = 0; k < d; ++k) dot += double(qT[k * L + r]) * kv[t * ld + k];
+      for (int64_t k = 0; k < d; ++k) mag += std::fabs(double(qT[k * L + r]) * kv[t * ld + k]);
+      mx = std::max(mx, logit[t] = scale * dot);
+      lmag = std::max(lmag, scale * mag);
+    }
+    const double alpha = m0[r] == -kInf ? 0.0 : std::exp(m0[r] - mx);
+    double sum = 0;
+    std::vector<double> pr(logit.size());
+    for (int64_t t = 0; t < vis; ++t) sum += (pr[t] = std::exp(logit[t] - mx));
+    EXPECT_NEAR(m[r], mx, 1e-5 * std::max(1.0, std::fabs(mx)));
+    EXPECT_NEAR(l[r], l0[r] * alpha + sum, 1e-5 * (l0[r] * alpha + sum));
+    // Relative error of a weight: a logit's fp32 error (~sqrt(d) roundings of lmag), plus a bf16 step with round_p.
+    const double ptol = (round_p ? 1.0 / 256 : 0.0) + 1e-5 + 4 * 6e-8 * std::sqrt(double(d)) * lmag;
+    for (int64_t j = 0; j < dv; ++j) {
+      double o = alpha * acc0[j * L + r], mag = std::fabs(o);
+      for (int64_t t = 0; t < vis; ++t) o += pr[t] * kv[t * ld + j], mag += pr[t] * std::fabs(kv[t * ld + j]);
+      ASSERT_NEAR(accT[j * L + r], o, ptol * mag + 1e-6 * std::fabs(alpha * acc0[j * L + r]) + 1e-30) << j;
+    }
+  }
+}
+
+TEST(Kernels, MqaBlockMatchesDoubleLoop) {
+  uint64_t seed = 11;
+  int cases = 0;
+  for (int rows : {1, 5, 16})
+    for (int64_t keys : {1, 3, 8, 13, 256})
+      for (auto [d, dv] : {std::pair<int64_t, int64_t>{576, 512}, {37, 21}, {5, 5}})
+        for (bool round_p : {false, true}) {
+          check_mqa(rows, keys, d, dv, round_p, cases % 2 == 1, seed += 5);
+          ++cases;
+        }
+  EXPECT_EQ(cases, 3 * 5 * 3 * 2);
+}
+
+// With round_p the weights that multiply V are the bf16 roundings of the weights without it: with one-hot values
+// (key t's value is e_t) output column t is exactly key t's weight.
+TEST(Kernels, MqaBlockRoundsPToBf16Values) {
+  constexpr int L = cpu::kMqaLanes;
+  const int64_t keys = 19, d = 24;
+  const auto qT = testing::random_values(static_cast<size_t>(d * L), 3, 4.f);
+  std::vector<float> kv(static_cast<size_t>(keys * d), 0.f);
+  for (int64_t t = 0; t < keys; ++t) kv[t * d + t] = 1.f;
+  const std::vector<int32_t> visible(L, static_cast<int32_t>(keys));
+  std::vector<float> out[2];
+  for (int round_p : {0, 1}) {
+    std::vector<float> m(L, -kInf), l(L, 0.f), s(keys * L);
+    out[round_p].assign(static_cast<size_t>(keys * L), 0.f);
+    cpu::mqa_block({.qT = qT.data(), .kv = kv.data(), .ld = d, .d = d, .dv = keys, .keys = keys, .rows = L,
+                    .visible = visible.data(), .scale = 0.7f, .round_p = round_p == 1, .m = m.data(), .l = l.data(),
+                    .accT = out[round_p].data(), .s = s.data()});
+  }
+  int differ = 0;
+  for (size_t i = 0; i < out[0].size(); ++i) {
+    ASSERT_EQ(out[1][i], round_bf16(out[0][i])) << i;
+    differ += out[1][i] != out[0][i];
+  }
+  EXPECT_GT(differ, 100) << "the unrounded weights were bf16 values already: the test proves nothing";
+}
+
 // The whole fast layer on this ISA against the scalar reference backend: several 256-key blocks, both paths.
 TEST(Kernels, FastLayerMatchesReferenceOnThisIsa) {
   const Config cfg = testing::small_config(48, 3, 24, 16, 8, 8, 8);

@@ -226,6 +226,61 @@ class FastLayer final : public detail::LayerImpl {
     }
   }
 
+  // Key blocks [b0, b1) of the absorbed MQA of the M rows qa [M, W] (row i·H + h) into the running state
+  // acc [M, dc], m [M], l [M]: logits and P·V as library GEMMs (bf16 operands).
+  void mqa_gemm(const detail::ForwardArgs& a, const detail::ChunkPlan& chunk, const TA* qa, int64_t M, int64_t b0,
+                int64_t b1, float* acc, float* m, float* l) const {
+    const int64_t H = c_.num_heads, dc = c_.kv_lora_rank, W = c_.latent_dim(), L = chunk.cached + chunk.num_tokens;
+    std::vector<TA> lat(static_cast<size_t>(kKeyBlock * W));
+    std::vector<float> s(static_cast<size_t>(M * kKeyBlock));
+    std::vector<TA> p(s.size());
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t k0 = b * kKeyBlock, kb = std::min(kKeyBlock, L - k0);
+      gather(a, chunk, k0, k0 + kb, lat.data());
+      gemm_nt(M, kb, W, qa, W, lat.data(), W, s.data(), kb);
+      for (int64_t r = 0; r < M; ++r) {
+        const int64_t visible = chunk.cached + r / H + 1 - k0;
+        const float alpha =
+            softmax_into(s.data() + r * kb, kb, visible, k_.softmax_scale, m[r], l[r], p.data() + r * kb);
+        scale_inplace(acc + r * dc, dc, alpha);
+      }
+      gemm_nn(M, dc, kb, p.data(), kb, lat.data(), W, acc, dc, 1.f);
+    }
+  }
+
+  // The same with f32 operands through mqa_block: the rows in groups of kMqaLanes lanes, queries and output
+  // transposed per group.
+  void mqa_lanes(const detail::ForwardArgs& a, const detail::ChunkPlan& chunk, const float* qa, int64_t M,
+                 int64_t b0, int64_t b1, float* acc, float* m, float* l) const {
+    constexpr int kL = kMqaLanes;
+    const int64_t H = c_.num_heads, dc = c_.kv_lora_rank, W = c_.latent_dim(), L = chunk.cached + chunk.num_tokens;
+    const int64_t groups = (M + kL - 1) / kL;
+    std::vector<float> qT(static_cast<size_t>(groups * W * kL), 0.f);       // [groups, W, 16]
+    std::vector<float> accT(static_cast<size_t>(groups * dc * kL), 0.f);    // [groups, dc, 16]
+    std::vector<float> mg(static_cast<size_t>(groups * kL), -std::numeric_limits<float>::infinity());
+    std::vector<float> lg(mg.size(), 0.f), lat(static_cast<size_t>(kKeyBlock * W)), s(kKeyBlock * kL);
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t k = 0; k < W; ++k) qT[((r / kL) * W + k) * kL + r % kL] = qa[r * W + k];
+    int32_t visible[kL];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t k0 = b * kKeyBlock, kb = std::min(kKeyBlock, L - k0);
+      gather(a, chunk, k0, k0 + kb, lat.data());
+      for (int64_t g = 0; g < groups; ++g) {
+        const int rows = static_cast<int>(std::min<int64_t>(kL, M - g * kL));
+        for (int r = 0; r < rows; ++r)
+          visible[r] = static_cast<int32_t>(std::clamp<int64_t>(chunk.cached + (g * kL + r) / H + 1 - k0, 0, kb));
+        mqa_block({.qT = &qT[g * W * kL], .kv = lat.data(), .ld = W, .d = W, .dv = dc, .keys = kb, .rows = rows,
+                   .visible = visible, .scale = k_.softmax_scale, .round_p = kBf16, .m = &mg[g * kL],
+                   .l = &lg[g * kL], .accT = &accT[g * dc * kL], .s = s.data()});
+      }
+    }
+    for (int64_t r = 0; r < M; ++r) {
+      const int64_t g = r / kL, lane = r % kL;
+      m[r] = mg[r], l[r] = lg[r];
+      for (int64_t j = 0; j < dc; ++j) acc[r * dc + j] = accT[(g * dc + j) * kL + lane];
+    }
+  }
+
   // Absorbed form: q̂ = W_UKᵀ qn per head, then MQA of the n·H rows [q̂ | qr] over the latent rows, split over
   // the threads by key range (split-KV) and merged by log-sum-exp; finally o = W_UV ô per head.
   void attend_absorbed(const detail::ForwardArgs& a, const detail::ChunkPlan& chunk, const TA* q, TA* o) const {
@@ -254,22 +309,10 @@ class FastLayer final : public detail::LayerImpl {
     {
       const int t = omp_get_thread_num();
       const int64_t b0 = blocks * t / threads, b1 = blocks * (t + 1) / threads;
-      std::vector<TA> lat(static_cast<size_t>(kKeyBlock * W));
-      std::vector<float> s(static_cast<size_t>(M * kKeyBlock));
-      std::vector<TA> p(s.size());
-      float* acc_t = &acc[t * M * dc];
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t k0 = b * kKeyBlock, kb = std::min(kKeyBlock, L - k0);
-        gather(a, chunk, k0, k0 + kb, lat.data());
-        gemm_nt(M, kb, W, qa.data(), W, lat.data(), W, s.data(), kb);
-        for (int64_t r = 0; r < M; ++r) {
-          const int64_t visible = chunk.cached + r / H + 1 - k0;
-          const float alpha = softmax_into(s.data() + r * kb, kb, visible, k_.softmax_scale, m[t * M + r],
-                                           l[t * M + r], p.data() + r * kb);
-          scale_inplace(acc_t + r * dc, dc, alpha);
-        }
-        gemm_nn(M, dc, kb, p.data(), kb, lat.data(), W, acc_t, dc, 1.f);
-      }
+      if constexpr (std::is_same_v<TA, float>)
+        mqa_lanes(a, chunk, qa.data(), M, b0, b1, &acc[t * M * dc], &m[t * M], &l[t * M]);
+      else
+        mqa_gemm(a, chunk, qa.data(), M, b0, b1, &acc[t * M * dc], &m[t * M], &l[t * M]);
     }
     // Merge the per-thread partial softmaxes: rescale each to the global max.
     for (int64_t r = 0; r < M; ++r) {

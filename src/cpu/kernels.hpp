@@ -49,6 +49,27 @@ float online_softmax_step(const float* s, int64_t n, int64_t visible, float scal
 // y[0, n) *= a
 void scale_inplace(float* y, int64_t n, float a);
 
+// One block of `keys` keys of MQA for up to kMqaLanes query rows that all share each key and value row (the
+// absorbed MLA form: a row of the latent cache is the key over d = 576 columns and the value over its first
+// dv = 512), with the query rows as vector lanes (mqa.cpp). Per lane r it does what online_softmax_step does for
+// row r (raw dot products scaled by `scale`, keys t >= visible[r] masked) followed by acc = alpha·acc + P·V, P
+// rounded to bf16 values when round_p. Lanes r >= rows see nothing and keep their state.
+inline constexpr int kMqaLanes = 16;
+struct MqaBlock {
+  const float* qT;         // [d, 16]: element k of query row r at qT[k·16 + r]
+  const float* kv;         // [keys, ld]: key t = kv[t, 0:d), value t = kv[t, 0:dv); finite
+  int64_t ld, d, dv, keys;
+  int rows;                // real lanes, 1..16
+  const int32_t* visible;  // [rows]: lane r sees keys t < visible[r] of this block
+  float scale;
+  bool round_p;
+  float* m;     // [16] running max of the scaled logits, -inf at the start
+  float* l;     // [16] running sum
+  float* accT;  // [dv, 16] running output (unnormalised), transposed like qT
+  float* s;     // [keys, 16] scratch
+};
+void mqa_block(const MqaBlock& p);
+
 // C[M,N] = A[M,K]·B[N,K]ᵀ + beta·C (nt) or A[M,K]·B[K,N] + beta·C (nn), f32 A, bf16 B, row-major with leading
 // dimensions in elements; for a few rows M (decode). Each bf16 weight is widened in registers as it streams in,
 // so the bytes read stay bf16. Runs in the calling thread (gemm.cpp splits N over threads); beta == 0 means C

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -98,6 +99,50 @@ void attend_block(const T* Q, int64_t rows, int64_t d, const T* K, int64_t ldk, 
   gemm_nn(rows, dv, kKeyBlock, sc.p.data(), kKeyBlock, V, ldv, st.acc.data(), dv, 1.f);
 }
 
+// The f32 form of attend_block for decode, where every query row shares each key and value row (MQA): the M rows
+// as vector lanes through mqa_block (kernels.hpp), in groups of kMqaLanes, queries and output transposed.
+class Lanes {
+ public:
+  Lanes(const float* q, int64_t rows, int64_t d, int64_t dv)
+      : rows_(rows), d_(d), dv_(dv), groups_((rows + kMqaLanes - 1) / kMqaLanes) {
+    qT_.assign(static_cast<size_t>(groups_ * d * kMqaLanes), 0.f);
+    accT_.assign(static_cast<size_t>(groups_ * dv * kMqaLanes), 0.f);
+    m_.assign(static_cast<size_t>(groups_ * kMqaLanes), -kInf);
+    l_.assign(m_.size(), 0.f);
+    s_.resize(static_cast<size_t>(kKeyBlock * kMqaLanes));
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t k = 0; k < d; ++k) qT_[((r / kMqaLanes) * d + k) * kMqaLanes + r % kMqaLanes] = q[r * d + k];
+  }
+
+  // One block of `keys` rows kv [keys, d]; row r sees the keys j < visible(r).
+  template <class Visible>
+  void attend(const float* kv, int64_t keys, float scale, bool round_p, Visible visible) {
+    int32_t vis[kMqaLanes];
+    for (int64_t g = 0; g < groups_; ++g) {
+      const int rows = static_cast<int>(std::min<int64_t>(kMqaLanes, rows_ - g * kMqaLanes));
+      for (int r = 0; r < rows; ++r)
+        vis[r] = static_cast<int32_t>(std::clamp<int64_t>(visible(g * kMqaLanes + r), 0, keys));
+      mqa_block({.qT = &qT_[g * d_ * kMqaLanes], .kv = kv, .ld = d_, .d = d_, .dv = dv_, .keys = keys, .rows = rows,
+                 .visible = vis, .scale = scale, .round_p = round_p, .m = &m_[g * kMqaLanes],
+                 .l = &l_[g * kMqaLanes], .accT = &accT_[g * dv_ * kMqaLanes], .s = s_.data()});
+    }
+  }
+
+  Partial partial() const {
+    Partial st(rows_, dv_);
+    for (int64_t r = 0; r < rows_; ++r) {
+      const int64_t g = r / kMqaLanes, lane = r % kMqaLanes;
+      st.m[r] = m_[r], st.l[r] = l_[r];
+      for (int64_t j = 0; j < dv_; ++j) st.acc[r * dv_ + j] = accT_[(g * dv_ + j) * kMqaLanes + lane];
+    }
+    return st;
+  }
+
+ private:
+  int64_t rows_, d_, dv_, groups_;
+  std::vector<float> qT_, accT_, m_, l_, s_;
+};
+
 // Normalises one row: out = acc / l, lse = m + ln l; a row that saw no key gets out = 0 and lse = +inf.
 void finish_row(const float* acc, float m, float l, int64_t dv, float* out, float& lse) {
   if (l == 0.f) {
@@ -148,6 +193,8 @@ void decode(const DecodeParams& p) {
       const int64_t L = p.cache_seqlens[b];
       const int32_t* table = p.block_table + b * p.max_pages;
       Partial st(M, dv);
+      std::optional<Lanes> lanes;  // f32 operands: the lanes kernel
+      if constexpr (std::is_same_v<T, float>) lanes.emplace(&q[b * M * d], M, d, dv);
       for (int64_t k0 = k_begin; k0 < k_end; k0 += kKeyBlock) {
         const int64_t kb = std::min(kKeyBlock, k_end - k0);
         for (int64_t t = k0; t < k0 + kb;) {  // gather rows [k0, k0 + kb), one page-contiguous run at a time
@@ -155,15 +202,18 @@ void decode(const DecodeParams& p) {
           load(p.kv_cache, p.dtype, (static_cast<int64_t>(table[t / P]) * P + t % P) * d, run * d, &kv[(t - k0) * d]);
           t += run;
         }
-        std::fill(kv.begin() + kb * d, kv.end(), T{});  // zero padding: finite values behind masked keys
         auto visible = [&](int64_t r) {
           const int64_t i = r / p.h_q;
           return (p.causal ? L - (p.s_q - 1 - i) : L) - k0;
         };
-        attend_block(&q[b * M * d], M, d, kv.data(), d, kv.data(), d, dv, p.softmax_scale, visible, st, sc,
-                     p.dtype == DType::BF16);
+        if constexpr (std::is_same_v<T, float>) {
+          lanes->attend(kv.data(), kb, p.softmax_scale, p.dtype == DType::BF16, visible);
+        } else {
+          std::fill(kv.begin() + kb * d, kv.end(), T{});  // zero padding: finite values behind masked keys
+          attend_block(&q[b * M * d], M, d, kv.data(), d, kv.data(), d, dv, p.softmax_scale, visible, st, sc, false);
+        }
       }
-      parts[s] = std::move(st);
+      parts[s] = lanes ? lanes->partial() : std::move(st);
     }
 
     // Merge each sequence's splits (rescale to the common max) and write out and lse.
