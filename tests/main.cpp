@@ -1,7 +1,7 @@
-// The main() of every test binary. MLA_TEST_ISA=<variant> (set by the per-variant runs in tests/CMakeLists.txt)
-// forces that kernel variant through MLA_CPU_ISA before any test runs; when this CPU cannot run the variant
-// (forcing it would throw, by design: src/cpu/kernels.hpp) the run prints gtest's "[  SKIPPED ]" marker, which
-// CTest reports as skipped.
+// The main() of every test binary. --isa=<variant> (the per-variant runs in tests/CMakeLists.txt) or
+// MLA_TEST_ISA=<variant> forces that kernel variant through MLA_CPU_ISA before any test runs; when this CPU cannot
+// run the variant (forcing it would throw, by design: src/cpu/kernels.hpp) the run prints gtest's "[  SKIPPED ]"
+// marker, which CTest reports as skipped.
 #include <gtest/gtest.h>
 
 #include <cstdio>
@@ -12,7 +12,10 @@
 
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
-  if (const char* want = std::getenv("MLA_TEST_ISA"); want && *want) {
+  const char* want = std::getenv("MLA_TEST_ISA");
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]).rfind("--isa=", 0) == 0) want = argv[i] + 6;
+  if (want && *want) {
     using mla::cpu::Isa;
     bool known = false;
     for (Isa v : {Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Scalar}) known |= mla::cpu::isa_name(v) == want;
@@ -31,6 +34,7 @@ int main(int argc, char** argv) {
       return 0;
     }
     setenv("MLA_CPU_ISA", want, 1);
+    std::printf("kernel variant forced: %s\n", want);
   }
   return RUN_ALL_TESTS();
 }
