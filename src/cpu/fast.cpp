@@ -10,7 +10,9 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <type_traits>
+#include <utility>
 
 #include "core/backend.hpp"
 #include "cpu/common.hpp"
@@ -23,18 +25,47 @@ namespace {
 constexpr int64_t kQueryTile = 64;    // expanded path: queries per task
 constexpr int64_t kKeyBlock = 256;    // keys expanded / streamed per step
 
+// Scratch that a GEMM or a conversion overwrites whole: a vector without the zero fill.
+template <class T>
+struct NoFill : std::allocator<T> {
+  template <class U>
+  struct rebind {
+    using other = NoFill<U>;
+  };
+  template <class U>
+  void construct(U* p) {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <class U, class V>
+  void construct(U* p, V&& v) {
+    ::new (static_cast<void*>(p)) U(std::forward<V>(v));
+  }
+};
+template <class T>
+using Buf = std::vector<T, NoFill<T>>;
+
+// Runs f(i0, i1) over [0, n) in chunks, over the threads unless already inside a parallel region or n is small.
+template <class F>
+void parallel_chunks(int64_t n, int64_t chunk, F&& f) {
+  const int64_t chunks = (n + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) if (chunks > 1 && !omp_in_parallel())
+  for (int64_t c = 0; c < chunks; ++c) f(c * chunk, std::min(n, (c + 1) * chunk));
+}
+
 // y = x as a GEMM operand of a layer that stores TW: bf16 bits, floats rounded to bf16 values (bf16 layer without
 // a native bf16 dot product), or plain floats. y may be x when TA is float.
 template <class TW, class TA>
 void to_operand(const float* x, TA* y, int64_t n) {
-  if constexpr (std::is_same_v<TA, uint16_t>) to_bf16(x, y, n);
-  else if constexpr (std::is_same_v<TW, uint16_t>) round_bf16_values(x, y, n);
-  else if (x != y) std::copy_n(x, n, y);
+  parallel_chunks(n, int64_t{1} << 16, [&](int64_t i0, int64_t i1) {
+    if constexpr (std::is_same_v<TA, uint16_t>) to_bf16(x + i0, y + i0, i1 - i0);
+    else if constexpr (std::is_same_v<TW, uint16_t>) round_bf16_values(x + i0, y + i0, i1 - i0);
+    else if (x != y) std::copy(x + i0, x + i1, y + i0);
+  });
 }
 
 template <class TW, class TA>
-std::vector<TA> operand(const float* x, int64_t n) {
-  std::vector<TA> y(static_cast<size_t>(n));
+Buf<TA> operand(const float* x, int64_t n) {
+  Buf<TA> y(static_cast<size_t>(n));
   to_operand<TW, TA>(x, y.data(), n);
   return y;
 }
@@ -59,14 +90,14 @@ class FastLayer final : public detail::LayerImpl {
     const int64_t N = a.total_tokens, D = c_.hidden_size, H = c_.num_heads, dqk = c_.qk_head_dim();
     check_finite(a.hidden, N, D);
     if (N == 0) return;
-    const std::vector<TA> x = operand<TW, TA>(a.hidden, N * D);
+    const Buf<TA> x = operand<TW, TA>(a.hidden, N * D);
 
     // Queries [N, H, d_qk] and latent rows [N, W] of the new tokens.
-    std::vector<TA> q(static_cast<size_t>(N * H * dqk));
+    Buf<TA> q(static_cast<size_t>(N * H * dqk));
     project_queries(x.data(), N, a, q.data());
     store_latents(x.data(), N, a);
 
-    std::vector<TA> o(static_cast<size_t>(N * H * c_.v_head_dim));
+    Buf<TA> o(static_cast<size_t>(N * H * c_.v_head_dim));
     for (const detail::ChunkPlan& chunk : a.chunks) {
       if (chunk.num_tokens == 0) continue;
       if (chunk.path == Path::Absorbed) attend_absorbed(a, chunk, q.data(), o.data());
@@ -86,14 +117,16 @@ class FastLayer final : public detail::LayerImpl {
 
   void project_queries(const TA* x, int64_t N, const detail::ForwardArgs& a, TA* q) const {
     const int64_t D = c_.hidden_size, H = c_.num_heads, dqk = c_.qk_head_dim(), dn = c_.qk_nope_head_dim;
-    std::vector<float> qf(static_cast<size_t>(N * H * dqk));
+    Buf<float> qf(static_cast<size_t>(N * H * dqk));
     if (c_.has_q_lora()) {
       const int64_t dq = c_.q_lora_rank;
-      std::vector<float> qa(static_cast<size_t>(N * dq));
+      Buf<float> qa(static_cast<size_t>(N * dq));
       gemm_nt(N, dq, D, x, D, q_a_.data(), D, qa.data(), dq);
       add_bias(qa.data(), N, q_bias_);
-      for (int64_t r = 0; r < N; ++r) rms_norm(&qa[r * dq], dq, q_a_norm_.data(), kLatentNormEps, &qa[r * dq]);
-      const std::vector<TA> qa_t = operand<TW, TA>(qa.data(), N * dq);
+      parallel_chunks(N, 64, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) rms_norm(&qa[r * dq], dq, q_a_norm_.data(), kLatentNormEps, &qa[r * dq]);
+      });
+      const Buf<TA> qa_t = operand<TW, TA>(qa.data(), N * dq);
       gemm_nt(N, H * dqk, dq, qa_t.data(), dq, q_b_.data(), dq, qf.data(), H * dqk);
     } else {
       gemm_nt(N, H * dqk, D, x, D, q_proj_.data(), D, qf.data(), H * dqk);
@@ -101,31 +134,36 @@ class FastLayer final : public detail::LayerImpl {
     }
     if constexpr (kBf16) round_bf16_values(qf.data(), qf.data(), N * H * dqk);  // q enters rope as bf16
     // One angle table per token serves all heads.
-    std::vector<float> cos_a(k_.inv_freq.size()), sin_a(k_.inv_freq.size());
     for (const detail::ChunkPlan& chunk : a.chunks)
-      for (int64_t i = 0; i < chunk.num_tokens; ++i) {
-        rope_angles(chunk.positions[i], k_, cos_a.data(), sin_a.data());
-        for (int64_t h = 0; h < H; ++h)
-          rope_apply(&qf[((chunk.first_row + i) * H + h) * dqk + dn], c_.qk_rope_head_dim, cos_a.data(), sin_a.data());
-      }
+      parallel_chunks(chunk.num_tokens, 64, [&](int64_t i0, int64_t i1) {
+        std::vector<float> cos_a(k_.inv_freq.size()), sin_a(k_.inv_freq.size());
+        for (int64_t i = i0; i < i1; ++i) {
+          rope_angles(chunk.positions[i], k_, cos_a.data(), sin_a.data());
+          for (int64_t h = 0; h < H; ++h)
+            rope_apply(&qf[((chunk.first_row + i) * H + h) * dqk + dn], c_.qk_rope_head_dim, cos_a.data(),
+                       sin_a.data());
+        }
+      });
     to_operand<TW, TA>(qf.data(), q, N * H * dqk);
   }
 
   void store_latents(const TA* x, int64_t N, const detail::ForwardArgs& a) const {
     const int64_t D = c_.hidden_size, W = c_.latent_dim(), dc = c_.kv_lora_rank;
-    std::vector<float> kv(static_cast<size_t>(N * W));
+    Buf<float> kv(static_cast<size_t>(N * W));
     gemm_nt(N, W, D, x, D, kv_a_.data(), D, kv.data(), W);
     add_bias(kv.data(), N, kv_a_bias_);
-    std::vector<float> cos_a(k_.inv_freq.size()), sin_a(k_.inv_freq.size());
     for (const detail::ChunkPlan& chunk : a.chunks)
-      for (int64_t i = 0; i < chunk.num_tokens; ++i) {
-        float* row = &kv[(chunk.first_row + i) * W];
-        rms_norm(row, dc, kv_a_norm_.data(), kLatentNormEps, row);
-        rope_angles(chunk.positions[i], k_, cos_a.data(), sin_a.data());
-        rope_apply(row + dc, c_.qk_rope_head_dim, cos_a.data(), sin_a.data());
-        const int64_t slot = row_index(chunk.block_table, a.page_size, chunk.cached + i);
-        to_operand<TW, TW>(row, static_cast<TW*>(a.cache) + slot * W, W);
-      }
+      parallel_chunks(chunk.num_tokens, 64, [&](int64_t i0, int64_t i1) {
+        std::vector<float> cos_a(k_.inv_freq.size()), sin_a(k_.inv_freq.size());
+        for (int64_t i = i0; i < i1; ++i) {
+          float* row = &kv[(chunk.first_row + i) * W];
+          rms_norm(row, dc, kv_a_norm_.data(), kLatentNormEps, row);
+          rope_angles(chunk.positions[i], k_, cos_a.data(), sin_a.data());
+          rope_apply(row + dc, c_.qk_rope_head_dim, cos_a.data(), sin_a.data());
+          const int64_t slot = row_index(chunk.block_table, a.page_size, chunk.cached + i);
+          to_operand<TW, TW>(row, static_cast<TW*>(a.cache) + slot * W, W);
+        }
+      });
   }
 
   // Copies cache rows [t0, t1) of a sequence into dst [t1-t0, W], widened to f32 in the widening layer.
@@ -142,10 +180,10 @@ class FastLayer final : public detail::LayerImpl {
   }
 
   // An f32 copy of bf16 weights, converted over the threads.
-  static std::vector<float> widened(const std::vector<uint16_t>& w) {
+  static Buf<float> widened(const Buf<uint16_t>& w) {
     constexpr int64_t kChunk = 1 << 14;
     const auto n = static_cast<int64_t>(w.size());
-    std::vector<float> f(w.size());
+    Buf<float> f(w.size());
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; i += kChunk) from_bf16(&w[i], &f[i], std::min(kChunk, n - i));
     return f;
@@ -157,8 +195,9 @@ class FastLayer final : public detail::LayerImpl {
     else return online_softmax_step(s, n, visible, scale, m, l, p, nullptr, kBf16);
   }
 
-  // Expanded form: per key block, K_nope and V for all heads = latent · kv_bᵀ (one GEMM), then every
-  // (head, query tile) task updates its online softmax with S = qn·knᵀ + qr·krᵀ and O += P·V.
+  // Expanded form: per key block, K_nope and V for all heads = latent · kv_bᵀ (one GEMM), laid out per head as
+  // K = [k_nope | k_rope] and V; then every (head, query tile) task updates its online softmax with S = q·Kᵀ (one
+  // GEMM of width d_qk) over the keys the tile can see and O += P·V.
   void attend_expanded(const detail::ForwardArgs& a, const detail::ChunkPlan& chunk, const TA* q, TA* o) const {
     const int64_t H = c_.num_heads, dn = c_.qk_nope_head_dim, dr = c_.qk_rope_head_dim, dv = c_.v_head_dim;
     const int64_t dc = c_.kv_lora_rank, W = c_.latent_dim(), dqk = dn + dr, dkv = dn + dv;
@@ -168,15 +207,12 @@ class FastLayer final : public detail::LayerImpl {
 
     std::vector<float> acc(static_cast<size_t>(n * H * dv), 0.f);       // [n, H, dv]
     std::vector<float> m(static_cast<size_t>(n * H), -std::numeric_limits<float>::infinity()), l(m.size(), 0.f);
-    std::vector<TA> lat(static_cast<size_t>(kKeyBlock * W));
-    std::vector<float> kvf(static_cast<size_t>(kKeyBlock * H * dkv));  // [kb, H, dn + dv]
-    std::vector<TA> kv_bits;  // the bf16 operand copy of kvf; float operands round kvf in place
-    if constexpr (std::is_same_v<TA, uint16_t>) kv_bits.resize(kvf.size());
-    TA* kv = nullptr;
-    if constexpr (std::is_same_v<TA, uint16_t>) kv = kv_bits.data();
-    else kv = kvf.data();
+    Buf<TA> lat(static_cast<size_t>(kKeyBlock * W));
+    Buf<float> kvf(static_cast<size_t>(kKeyBlock * H * dkv));  // [kb, H, dn + dv]
+    Buf<TA> kq(static_cast<size_t>(kKeyBlock * H * dqk));      // [kb, H, dqk]
+    Buf<TA> vv(static_cast<size_t>(kKeyBlock * H * dv));       // [kb, H, dv]
     // The widening layer expands several key blocks with an f32 copy of kv_b made once per call.
-    std::vector<float> kv_b_f32;
+    Buf<float> kv_b_f32;
     if constexpr (kWidening)
       if (L > kKeyBlock) kv_b_f32 = widened(kv_b_);
 
@@ -189,27 +225,35 @@ class FastLayer final : public detail::LayerImpl {
       } else {
         gemm_nt(kb, H * dkv, dc, lat.data(), W, kv_b_.data(), dc, kvf.data(), H * dkv);
       }
-      to_operand<TW, TA>(kvf.data(), kv, kb * H * dkv);
+#pragma omp parallel for schedule(static)
+      for (int64_t t = 0; t < kb; ++t)
+        for (int64_t h = 0; h < H; ++h) {
+          const float* e = &kvf[(t * H + h) * dkv];
+          to_operand<TW, TA>(e, &kq[(t * H + h) * dqk], dn);
+          std::copy_n(&lat[t * W + dc], dr, &kq[(t * H + h) * dqk + dn]);
+          to_operand<TW, TA>(e + dn, &vv[(t * H + h) * dv], dv);
+        }
 
 #pragma omp parallel
       {
-        std::vector<float> s(static_cast<size_t>(kQueryTile * kb));
-        std::vector<TA> p(s.size());
+        Buf<float> s(static_cast<size_t>(kQueryTile * kb));
+        Buf<TA> p(s.size());
 #pragma omp for collapse(2) schedule(dynamic)
         for (int64_t h = 0; h < H; ++h)
           for (int64_t tile = 0; tile < tiles; ++tile) {
             const int64_t i0 = tile * kQueryTile, qt = std::min(kQueryTile, n - i0);
-            if (k0 > chunk.cached + i0 + qt - 1) continue;  // the whole block is in this tile's future
+            const int64_t seen = chunk.cached + i0 + qt - k0;  // keys of this block the tile's last query sees
+            if (seen <= 0) continue;                          // the whole block is in this tile's future
+            const int64_t kn = std::min(kb, (seen + 31) / 32 * 32);  // whole 32s: few distinct GEMM shapes
             const TA* qh = qc + (i0 * H + h) * dqk;
-            gemm_nt(qt, kb, dn, qh, H * dqk, kv + h * dkv, H * dkv, s.data(), kb);
-            gemm_nt(qt, kb, dr, qh + dn, H * dqk, lat.data() + dc, W, s.data(), kb, 1.f);
+            gemm_nt(qt, kn, dqk, qh, H * dqk, &kq[h * dqk], H * dqk, s.data(), kn);
             for (int64_t r = 0; r < qt; ++r) {
               const int64_t i = i0 + r, visible = chunk.cached + i + 1 - k0;
-              const float alpha = softmax_into(s.data() + r * kb, kb, visible, k_.softmax_scale, m[i * H + h],
-                                               l[i * H + h], p.data() + r * kb);
+              const float alpha = softmax_into(s.data() + r * kn, kn, visible, k_.softmax_scale, m[i * H + h],
+                                               l[i * H + h], p.data() + r * kn);
               scale_inplace(&acc[(i * H + h) * dv], dv, alpha);
             }
-            gemm_nn(qt, dv, kb, p.data(), kb, kv + h * dkv + dn, H * dkv, &acc[(i0 * H + h) * dv], H * dv, 1.f);
+            gemm_nn(qt, dv, kn, p.data(), kn, &vv[h * dv], H * dv, &acc[(i0 * H + h) * dv], H * dv, 1.f);
           }
       }
     }
@@ -218,12 +262,14 @@ class FastLayer final : public detail::LayerImpl {
 
   // out[r] = operand(acc[r] / l[r]) for r in [0, rows), each row `width` wide.
   static void finish(const float* acc, const float* l, int64_t rows, int64_t width, TA* out) {
-    std::vector<float> row(static_cast<size_t>(width));
-    for (int64_t r = 0; r < rows; ++r) {
-      const float inv = 1.0f / l[r];
-      for (int64_t j = 0; j < width; ++j) row[j] = acc[r * width + j] * inv;
-      to_operand<TW, TA>(row.data(), out + r * width, width);
-    }
+    parallel_chunks(rows, 256, [&](int64_t r0, int64_t r1) {
+      std::vector<float> row(static_cast<size_t>(width));
+      for (int64_t r = r0; r < r1; ++r) {
+        const float inv = 1.0f / l[r];
+        for (int64_t j = 0; j < width; ++j) row[j] = acc[r * width + j] * inv;
+        to_operand<TW, TA>(row.data(), out + r * width, width);
+      }
+    });
   }
 
   // Key blocks [b0, b1) of the absorbed MQA of the M rows qa [M, W] (row i·H + h) into the running state
@@ -231,9 +277,9 @@ class FastLayer final : public detail::LayerImpl {
   void mqa_gemm(const detail::ForwardArgs& a, const detail::ChunkPlan& chunk, const TA* qa, int64_t M, int64_t b0,
                 int64_t b1, float* acc, float* m, float* l) const {
     const int64_t H = c_.num_heads, dc = c_.kv_lora_rank, W = c_.latent_dim(), L = chunk.cached + chunk.num_tokens;
-    std::vector<TA> lat(static_cast<size_t>(kKeyBlock * W));
-    std::vector<float> s(static_cast<size_t>(M * kKeyBlock));
-    std::vector<TA> p(s.size());
+    Buf<TA> lat(static_cast<size_t>(kKeyBlock * W));
+    Buf<float> s(static_cast<size_t>(M * kKeyBlock));
+    Buf<TA> p(s.size());
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t k0 = b * kKeyBlock, kb = std::min(kKeyBlock, L - k0);
       gather(a, chunk, k0, k0 + kb, lat.data());
@@ -290,11 +336,11 @@ class FastLayer final : public detail::LayerImpl {
     const TA* qc = q + chunk.first_row * H * dqk;
 
     // qa [n·H, W] = [q̂ | qr], row i·H + h. One head per task (each GEMM then runs in its thread).
-    std::vector<float> qhat(static_cast<size_t>(M * W));
+    Buf<float> qhat(static_cast<size_t>(M * W));
 #pragma omp parallel for schedule(static)
     for (int64_t h = 0; h < H; ++h)
       gemm_nn(n, dc, dn, qc + h * dqk, H * dqk, kv_b_.data() + h * dkv * dc, dc, &qhat[h * W], H * W);
-    std::vector<TA> qa(static_cast<size_t>(M * W));
+    Buf<TA> qa(static_cast<size_t>(M * W));
     for (int64_t r = 0; r < M; ++r) {
       to_operand<TW, TA>(&qhat[r * W], &qa[r * W], dc);
       std::copy_n(qc + r * dqk + dn, dr, &qa[r * W + dc]);
@@ -328,9 +374,9 @@ class FastLayer final : public detail::LayerImpl {
       }
       l[r] = lsum;
     }
-    std::vector<TA> ohat(static_cast<size_t>(M * dc));
+    Buf<TA> ohat(static_cast<size_t>(M * dc));
     finish(acc.data(), l.data(), M, dc, ohat.data());
-    std::vector<float> of(static_cast<size_t>(n * H * dv));
+    Buf<float> of(static_cast<size_t>(n * H * dv));
 #pragma omp parallel for schedule(static)
     for (int64_t h = 0; h < H; ++h)
       gemm_nt(n, dv, dc, ohat.data() + h * dc, H * dc, kv_b_.data() + (h * dkv + dn) * dc, dc, &of[h * dv], H * dv);
@@ -339,7 +385,7 @@ class FastLayer final : public detail::LayerImpl {
 
   Config c_;
   DerivedConstants k_;
-  std::vector<TW> q_proj_, q_a_, q_b_, kv_a_, kv_b_, o_;
+  Buf<TW> q_proj_, q_a_, q_b_, kv_a_, kv_b_, o_;
   std::vector<float> q_a_norm_, kv_a_norm_, q_bias_, kv_a_bias_, o_bias_;
 };
 
