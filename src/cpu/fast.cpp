@@ -23,7 +23,11 @@ namespace mla::cpu {
 namespace {
 
 constexpr int64_t kQueryTile = 64;    // expanded path: queries per task
-constexpr int64_t kKeyBlock = 256;    // keys expanded / streamed per step
+constexpr int64_t kKeyBlock = 256;    // keys streamed per step (absorbed path), the expanded path's smallest block
+// The expanded path expands as many keys at once as fit this many bytes of K and V (whole kKeyBlocks, at least
+// one): V2-Lite's whole 1024-token prompt in one block, so each tile does one GEMM of S and one of P·V over all the
+// keys it sees instead of one per 256 keys, and the softmax needs no rescaling; V3 (128 heads) gets 256 keys.
+constexpr int64_t kExpandedBytes = int64_t{64} << 20;
 
 // Scratch that a GEMM or a conversion overwrites whole: a vector without the zero fill.
 template <class T>
@@ -204,20 +208,24 @@ class FastLayer final : public detail::LayerImpl {
     const int64_t n = chunk.num_tokens, L = chunk.cached + n;
     const int64_t tiles = (n + kQueryTile - 1) / kQueryTile;
     const TA* qc = q + chunk.first_row * H * dqk;
+    const auto per_key = static_cast<int64_t>(H * (dkv * sizeof(float) + (dqk + dv) * sizeof(TA)));
+    const int64_t block =
+        std::min((L + kKeyBlock - 1) / kKeyBlock, std::max<int64_t>(1, kExpandedBytes / per_key / kKeyBlock)) *
+        kKeyBlock;
 
     std::vector<float> acc(static_cast<size_t>(n * H * dv), 0.f);       // [n, H, dv]
     std::vector<float> m(static_cast<size_t>(n * H), -std::numeric_limits<float>::infinity()), l(m.size(), 0.f);
-    Buf<TA> lat(static_cast<size_t>(kKeyBlock * W));
-    Buf<float> kvf(static_cast<size_t>(kKeyBlock * H * dkv));  // [kb, H, dn + dv]
-    Buf<TA> kq(static_cast<size_t>(kKeyBlock * H * dqk));      // [kb, H, dqk]
-    Buf<TA> vv(static_cast<size_t>(kKeyBlock * H * dv));       // [kb, H, dv]
+    Buf<TA> lat(static_cast<size_t>(block * W));
+    Buf<float> kvf(static_cast<size_t>(block * H * dkv));  // [kb, H, dn + dv]
+    Buf<TA> kq(static_cast<size_t>(block * H * dqk));      // [kb, H, dqk]
+    Buf<TA> vv(static_cast<size_t>(block * H * dv));       // [kb, H, dv]
     // The widening layer expands several key blocks with an f32 copy of kv_b made once per call.
     Buf<float> kv_b_f32;
     if constexpr (kWidening)
-      if (L > kKeyBlock) kv_b_f32 = widened(kv_b_);
+      if (L > block) kv_b_f32 = widened(kv_b_);
 
-    for (int64_t k0 = 0; k0 < L; k0 += kKeyBlock) {
-      const int64_t kb = std::min(kKeyBlock, L - k0);
+    for (int64_t k0 = 0; k0 < L; k0 += block) {
+      const int64_t kb = std::min(block, L - k0);
       gather(a, chunk, k0, k0 + kb, lat.data());
       if constexpr (kWidening) {
         if (!kv_b_f32.empty()) gemm_nt(kb, H * dkv, dc, lat.data(), W, kv_b_f32.data(), dc, kvf.data(), H * dkv);
