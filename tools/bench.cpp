@@ -152,8 +152,12 @@ int run_bench(const BenchArgs& a) {
   // Decode steps rotate over enough layers (own weights, own cache) that their bytes exceed twice the L3: one
   // layer alone could sit in a large L3 across steps, which a model of many layers never does.
   const size_t l3 = l3_bytes();
-  std::printf("decode: one step per layer in turn over layers whose weights and cache exceed 2 x L3 (%.1f MB)\n\n",
-              static_cast<double>(l3) / 1e6);
+  if (a.decode_layers > 0)
+    std::printf("decode: one step per layer in turn over %lld layers (--decode-layers; L3 %.1f MB)\n\n",
+                static_cast<long long>(a.decode_layers), static_cast<double>(l3) / 1e6);
+  else
+    std::printf("decode: one step per layer in turn over layers whose weights and cache exceed 2 x L3 (%.1f MB)\n\n",
+                static_cast<double>(l3) / 1e6);
   std::printf("%-34s %10s %12s   %s\n", "work", "ms", "rate", "of ceiling");
 
   const LayerWeights w = LayerWeights::random(c, 1);
@@ -192,7 +196,9 @@ int run_bench(const BenchArgs& a) {
     const SequenceChunk ctx{s, L - 1, nullptr};
     layer.forward({&ctx, 1}, x.data(), out.data(), cache);
     const double bytes = weight_bytes(m, elt) + static_cast<double>(L * c.latent_dim() * elt);
-    const int layers = static_cast<int>(std::max<double>(2, std::ceil(2.0 * static_cast<double>(l3) / bytes)));
+    const int layers = a.decode_layers > 0
+                           ? static_cast<int>(a.decode_layers)
+                           : static_cast<int>(std::max<double>(2, std::ceil(2.0 * static_cast<double>(l3) / bytes)));
     for (Path path : {Path::Absorbed, Path::Expanded}) {
       LayerOptions o2 = opt;
       o2.path = path;

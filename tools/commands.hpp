@@ -30,6 +30,7 @@ struct BenchArgs {
   std::string preset = "v2-lite";
   bool quick = false;
   int64_t prefill_tokens = 1024, context = 4096, repeats = 0;
+  int64_t decode_layers = 0;  // 0: enough that weights and caches exceed 2 x L3
 };
 
 int run_forward(const ForwardArgs& args);
