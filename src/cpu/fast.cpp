@@ -49,10 +49,15 @@ template <class T>
 using Buf = std::vector<T, NoFill<T>>;
 
 // Runs f(i0, i1) over [0, n) in chunks, over the threads unless already inside a parallel region or n is small.
+// (Not an `if` clause: even a serialised parallel construct costs a team set-up, which adds up in inner loops.)
 template <class F>
 void parallel_chunks(int64_t n, int64_t chunk, F&& f) {
   const int64_t chunks = (n + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static) if (chunks > 1 && !omp_in_parallel())
+  if (chunks <= 1 || omp_in_parallel()) {
+    if (n > 0) f(0, n);
+    return;
+  }
+#pragma omp parallel for schedule(static)
   for (int64_t c = 0; c < chunks; ++c) f(c * chunk, std::min(n, (c + 1) * chunk));
 }
 

@@ -205,7 +205,11 @@ float* widen_scratch(int slot, int64_t elements) {
 
 // dst[r, 0..cols) = f32(src[r, 0..cols)), over the threads unless already inside a parallel region.
 void widen_rows(int64_t rows, int64_t cols, const uint16_t* src, int64_t lds, float* dst, int64_t ldd) {
-#pragma omp parallel for schedule(static) if (!omp_in_parallel() && rows * cols >= (int64_t{1} << 16))
+  if (omp_in_parallel() || rows * cols < (int64_t{1} << 16)) {  // no parallel construct at all: see fast.cpp
+    for (int64_t r = 0; r < rows; ++r) from_bf16(src + r * lds, dst + r * ldd, cols);
+    return;
+  }
+#pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) from_bf16(src + r * lds, dst + r * ldd, cols);
 }
 
