@@ -446,12 +446,22 @@ TEST(Kernels, GemvBf16MatchesDoubleLoop) {
 // 16- and 4-column tiles, per-lane visibility from none to past the block, fresh and running state, P rounded
 // to bf16 or not. Lanes past `rows` and lanes that see nothing must keep their state bit for bit.
 
+// kv [keys, ld] row-major into mqa_block's panels [ceil(keys/16), d, 16] (zero padding), by the definition.
+std::vector<float> panels_of(const std::vector<float>& kv, int64_t keys, int64_t ld, int64_t d) {
+  constexpr int L = cpu::kMqaLanes;
+  std::vector<float> p(static_cast<size_t>((keys + L - 1) / L * d * L), 0.f);
+  for (int64_t t = 0; t < keys; ++t)
+    for (int64_t k = 0; k < d; ++k) p[((t / L) * d + k) * L + t % L] = kv[t * ld + k];
+  return p;
+}
+
 void check_mqa(int rows, int64_t keys, int64_t d, int64_t dv, bool round_p, bool running, uint64_t seed) {
   constexpr int L = cpu::kMqaLanes;
   const int64_t ld = d + 3;
   const float scale = 0.13f;
   const auto qT = testing::random_values(static_cast<size_t>(d * L), seed, 2.f);
   const auto kv = testing::random_values(static_cast<size_t>(keys * ld), seed + 1, 2.f);
+  const auto panels = panels_of(kv, keys, ld, d);
   std::vector<int32_t> visible(L);
   for (int r = 0; r < L; ++r) visible[r] = static_cast<int32_t>((seed * 7 + r * 13) % (keys + 3)) - 1;  // -1..keys+1
   visible[0] = static_cast<int32_t>(keys);
@@ -459,8 +469,8 @@ void check_mqa(int rows, int64_t keys, int64_t d, int64_t dv, bool round_p, bool
   for (int r = 0; r < L; ++r) m[r] = running ? 1.5f + 0.1f * r : -kInf, l[r] = running ? 2.f + r : 0.f;
   if (!running) std::fill(accT.begin(), accT.end(), 0.f);
   const auto m0 = m, l0 = l, acc0 = accT;
-  std::vector<float> s(static_cast<size_t>(keys * L));
-  cpu::mqa_block({.qT = qT.data(), .kv = kv.data(), .ld = ld, .d = d, .dv = dv, .keys = keys, .rows = rows,
+  std::vector<float> s(static_cast<size_t>((keys + L - 1) / L * L * L));
+  cpu::mqa_block({.qT = qT.data(), .kv = panels.data(), .d = d, .dv = dv, .keys = keys, .rows = rows,
                   .visible = visible.data(), .scale = scale, .round_p = round_p, .m = m.data(), .l = l.data(),
                   .accT = accT.data(), .s = s.data()});
   for (int r = 0; r < L; ++r) {
@@ -520,12 +530,13 @@ TEST(Kernels, MqaBlockRoundsPToBf16Values) {
   const auto qT = testing::random_values(static_cast<size_t>(d * L), 3, 4.f);
   std::vector<float> kv(static_cast<size_t>(keys * d), 0.f);
   for (int64_t t = 0; t < keys; ++t) kv[t * d + t] = 1.f;
+  const auto panels = panels_of(kv, keys, d, d);
   const std::vector<int32_t> visible(L, static_cast<int32_t>(keys));
   std::vector<float> out[2];
   for (int round_p : {0, 1}) {
-    std::vector<float> m(L, -kInf), l(L, 0.f), s(keys * L);
+    std::vector<float> m(L, -kInf), l(L, 0.f), s(32 * L);
     out[round_p].assign(static_cast<size_t>(keys * L), 0.f);
-    cpu::mqa_block({.qT = qT.data(), .kv = kv.data(), .ld = d, .d = d, .dv = keys, .keys = keys, .rows = L,
+    cpu::mqa_block({.qT = qT.data(), .kv = panels.data(), .d = d, .dv = keys, .keys = keys, .rows = L,
                     .visible = visible.data(), .scale = 0.7f, .round_p = round_p == 1, .m = m.data(), .l = l.data(),
                     .accT = out[round_p].data(), .s = s.data()});
   }
@@ -535,6 +546,31 @@ TEST(Kernels, MqaBlockRoundsPToBf16Values) {
     differ += out[1][i] != out[0][i];
   }
   EXPECT_GT(differ, 100) << "the unrounded weights were bf16 values already: the test proves nothing";
+}
+
+// mqa_pack == the panel layout by definition, from bf16 rows (widened) and f32 rows, for every row count and for
+// widths off the 16- and 8-wide transposes; rows past n are zeros.
+TEST(Kernels, MqaPackMatchesTheLayout) {
+  constexpr int L = cpu::kMqaLanes;
+  for (int64_t d : {1, 7, 8, 16, 17, 40, 576})
+    for (int n : {1, 5, 15, 16}) {
+      SCOPED_TRACE(::testing::Message() << "d=" << d << " n=" << n << " isa=" << cpu::kernel_isa());
+      const int64_t ld = d + 5;
+      const auto vals = testing::random_values(static_cast<size_t>(L * ld), static_cast<uint64_t>(d * 31 + n));
+      std::vector<uint16_t> bits(vals.size());
+      for (size_t i = 0; i < vals.size(); ++i) bits[i] = float_to_bf16(vals[i]);
+      const uint16_t* brows[L];
+      const float* frows[L];
+      for (int i = 0; i < n; ++i) brows[i] = &bits[i * ld], frows[i] = &vals[i * ld];
+      std::vector<float> pb(static_cast<size_t>(d * L), -1.f), pf(pb.size(), -1.f);
+      cpu::mqa_pack(brows, n, d, pb.data());
+      cpu::mqa_pack(frows, n, d, pf.data());
+      for (int64_t k = 0; k < d; ++k)
+        for (int i = 0; i < L; ++i) {
+          ASSERT_EQ(pb[k * L + i], i < n ? bf16_to_float(bits[i * ld + k]) : 0.f) << "bf16 k=" << k << " i=" << i;
+          ASSERT_EQ(pf[k * L + i], i < n ? vals[i * ld + k] : 0.f) << "f32 k=" << k << " i=" << i;
+        }
+    }
 }
 
 // The whole fast layer on this ISA against the scalar reference backend: several 256-key blocks, both paths.

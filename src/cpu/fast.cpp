@@ -308,7 +308,7 @@ class FastLayer final : public detail::LayerImpl {
   }
 
   // The same with f32 operands through mqa_block: the rows in groups of kMqaLanes lanes, queries and output
-  // transposed per group.
+  // transposed per group, cache rows widened into 16-key panels as they are gathered.
   void mqa_lanes(const detail::ForwardArgs& a, const detail::ChunkPlan& chunk, const float* qa, int64_t M,
                  int64_t b0, int64_t b1, float* acc, float* m, float* l) const {
     constexpr int kL = kMqaLanes;
@@ -317,18 +317,25 @@ class FastLayer final : public detail::LayerImpl {
     std::vector<float> qT(static_cast<size_t>(groups * W * kL), 0.f);       // [groups, W, 16]
     std::vector<float> accT(static_cast<size_t>(groups * dc * kL), 0.f);    // [groups, dc, 16]
     std::vector<float> mg(static_cast<size_t>(groups * kL), -std::numeric_limits<float>::infinity());
-    std::vector<float> lg(mg.size(), 0.f), lat(static_cast<size_t>(kKeyBlock * W)), s(kKeyBlock * kL);
+    std::vector<float> lg(mg.size(), 0.f), s(kKeyBlock * kL);
+    Buf<float> kvp(static_cast<size_t>(kKeyBlock * W));  // [kb / 16 panels, W, 16]
     for (int64_t r = 0; r < M; ++r)
       for (int64_t k = 0; k < W; ++k) qT[((r / kL) * W + k) * kL + r % kL] = qa[r * W + k];
     int32_t visible[kL];
+    const TW* rows[kL];
+    const TW* cache = static_cast<const TW*>(a.cache);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t k0 = b * kKeyBlock, kb = std::min(kKeyBlock, L - k0);
-      gather(a, chunk, k0, k0 + kb, lat.data());
+      for (int64_t t0 = 0; t0 < kb; t0 += kL) {  // gather and pack (widened) panels of 16 rows
+        const int n_rows = static_cast<int>(std::min<int64_t>(kL, kb - t0));
+        for (int i = 0; i < n_rows; ++i) rows[i] = cache + row_index(chunk.block_table, a.page_size, k0 + t0 + i) * W;
+        mqa_pack(rows, n_rows, W, &kvp[t0 * W]);
+      }
       for (int64_t g = 0; g < groups; ++g) {
-        const int rows = static_cast<int>(std::min<int64_t>(kL, M - g * kL));
-        for (int r = 0; r < rows; ++r)
+        const int n_q = static_cast<int>(std::min<int64_t>(kL, M - g * kL));
+        for (int r = 0; r < n_q; ++r)
           visible[r] = static_cast<int32_t>(std::clamp<int64_t>(chunk.cached + (g * kL + r) / H + 1 - k0, 0, kb));
-        mqa_block({.qT = &qT[g * W * kL], .kv = lat.data(), .ld = W, .d = W, .dv = dc, .keys = kb, .rows = rows,
+        mqa_block({.qT = &qT[g * W * kL], .kv = kvp.data(), .d = W, .dv = dc, .keys = kb, .rows = n_q,
                    .visible = visible, .scale = k_.softmax_scale, .round_p = kBf16, .m = &mg[g * kL],
                    .l = &lg[g * kL], .accT = &accT[g * dc * kL], .s = s.data()});
       }

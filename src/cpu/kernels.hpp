@@ -57,8 +57,8 @@ void scale_inplace(float* y, int64_t n, float a);
 inline constexpr int kMqaLanes = 16;
 struct MqaBlock {
   const float* qT;         // [d, 16]: element k of query row r at qT[k·16 + r]
-  const float* kv;         // [keys, ld]: key t = kv[t, 0:d), value t = kv[t, 0:dv); finite
-  int64_t ld, d, dv, keys;
+  const float* kv;         // [ceil(keys/16), d, 16]: panels of 16 keys from mqa_pack; value t = key t's first dv
+  int64_t d, dv, keys;
   int rows;                // real lanes, 1..16
   const int32_t* visible;  // [rows]: lane r sees keys t < visible[r] of this block
   float scale;
@@ -69,6 +69,9 @@ struct MqaBlock {
   float* s;     // [keys, 16] scratch
 };
 void mqa_block(const MqaBlock& p);
+// One panel [d, 16] of mqa_block's kv from n <= 16 rows of d elements (bf16 widened, or f32); rows >= n are zeros.
+void mqa_pack(const uint16_t* const* rows, int n, int64_t d, float* panel);
+void mqa_pack(const float* const* rows, int n, int64_t d, float* panel);
 
 // C[M,N] = A[M,K]·B[N,K]ᵀ + beta·C (nt) or A[M,K]·B[K,N] + beta·C (nn), f32 A, bf16 B, row-major with leading
 // dimensions in elements; for a few rows M (decode). Each bf16 weight is widened in registers as it streams in,

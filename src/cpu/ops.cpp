@@ -114,7 +114,7 @@ class Lanes {
       for (int64_t k = 0; k < d; ++k) qT_[((r / kMqaLanes) * d + k) * kMqaLanes + r % kMqaLanes] = q[r * d + k];
   }
 
-  // One block of `keys` rows kv [keys, d]; row r sees the keys j < visible(r).
+  // One block of `keys` keys in mqa_pack's panels [ceil(keys/16), d, 16]; row r sees the keys j < visible(r).
   template <class Visible>
   void attend(const float* kv, int64_t keys, float scale, bool round_p, Visible visible) {
     int32_t vis[kMqaLanes];
@@ -122,7 +122,7 @@ class Lanes {
       const int rows = static_cast<int>(std::min<int64_t>(kMqaLanes, rows_ - g * kMqaLanes));
       for (int r = 0; r < rows; ++r)
         vis[r] = static_cast<int32_t>(std::clamp<int64_t>(visible(g * kMqaLanes + r), 0, keys));
-      mqa_block({.qT = &qT_[g * d_ * kMqaLanes], .kv = kv, .ld = d_, .d = d_, .dv = dv_, .keys = keys, .rows = rows,
+      mqa_block({.qT = &qT_[g * d_ * kMqaLanes], .kv = kv, .d = d_, .dv = dv_, .keys = keys, .rows = rows,
                  .visible = vis, .scale = scale, .round_p = round_p, .m = &m_[g * kMqaLanes],
                  .l = &l_[g * kMqaLanes], .accT = &accT_[g * dv_ * kMqaLanes], .s = s_.data()});
     }
@@ -187,6 +187,7 @@ void decode(const DecodeParams& p) {
   {
     Scratch<T> sc(M);
     std::vector<T> kv(static_cast<size_t>(kKeyBlock * d));
+    std::vector<float> panels(std::is_same_v<T, float> ? kv.size() : 0);
 #pragma omp for schedule(dynamic)
     for (size_t s = 0; s < splits.size(); ++s) {
       const auto [b, k_begin, k_end] = splits[s];
@@ -207,7 +208,13 @@ void decode(const DecodeParams& p) {
           return (p.causal ? L - (p.s_q - 1 - i) : L) - k0;
         };
         if constexpr (std::is_same_v<T, float>) {
-          lanes->attend(kv.data(), kb, p.softmax_scale, p.dtype == DType::BF16, visible);
+          for (int64_t t0 = 0; t0 < kb; t0 += kMqaLanes) {  // widened rows into 16-key panels
+            const float* rows[kMqaLanes];
+            const int n = static_cast<int>(std::min<int64_t>(kMqaLanes, kb - t0));
+            for (int i = 0; i < n; ++i) rows[i] = &kv[(t0 + i) * d];
+            mqa_pack(rows, n, d, &panels[t0 * d]);
+          }
+          lanes->attend(panels.data(), kb, p.softmax_scale, p.dtype == DType::BF16, visible);
         } else {
           std::fill(kv.begin() + kb * d, kv.end(), T{});  // zero padding: finite values behind masked keys
           attend_block(&q[b * M * d], M, d, kv.data(), d, kv.data(), d, dv, p.softmax_scale, visible, st, sc, false);
