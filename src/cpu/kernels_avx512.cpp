@@ -65,6 +65,18 @@ MLA_AVX512 inline __mmask16 tail_mask(int64_t left) {
   return left >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << left) - 1);
 }
 
+// 16 (or, masked, fewer) elements of K for kM rows of A and kN rows of B.
+template <int kM, int kN>
+MLA_AVX512 inline void nt_step(__m512 (&acc)[kM][kN], const float* A, int64_t lda, const uint16_t* B, int64_t ldb,
+                               int64_t k, __mmask16 km) {
+  __m512 b[kN];
+  for (int j = 0; j < kN; ++j) b[j] = load_bf16(B + j * ldb + k, km);
+  for (int i = 0; i < kM; ++i) {
+    const __m512 a = _mm512_maskz_loadu_ps(km, A + i * lda + k);
+    for (int j = 0; j < kN; ++j) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
+  }
+}
+
 // C[m0 + i, n0 + j] for kM rows of A and kN rows of B, over all of K.
 template <int kM, int kN>
 MLA_AVX512 void nt_tile(int64_t K, const float* A, int64_t lda, const uint16_t* B, int64_t ldb, float* C,
@@ -72,15 +84,9 @@ MLA_AVX512 void nt_tile(int64_t K, const float* A, int64_t lda, const uint16_t* 
   __m512 acc[kM][kN];
   for (int i = 0; i < kM; ++i)
     for (int j = 0; j < kN; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 km = tail_mask(K - k);
-    __m512 b[kN];
-    for (int j = 0; j < kN; ++j) b[j] = load_bf16(B + j * ldb + k, km);
-    for (int i = 0; i < kM; ++i) {
-      const __m512 a = _mm512_maskz_loadu_ps(km, A + i * lda + k);
-      for (int j = 0; j < kN; ++j) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
-    }
-  }
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) nt_step<kM, kN>(acc, A, lda, B, ldb, k, 0xffff);
+  if (k < K) nt_step<kM, kN>(acc, A, lda, B, ldb, k, tail_mask(K - k));
   for (int i = 0; i < kM; ++i)
     for (int j = 0; j < kN; ++j) {
       const float sum = _mm512_reduce_add_ps(acc[i][j]);
@@ -92,6 +98,11 @@ MLA_AVX512 void nt_tile(int64_t K, const float* A, int64_t lda, const uint16_t* 
 template <int kN>
 MLA_AVX512 void nt_rows(int64_t M, int64_t K, const float* A, int64_t lda, const uint16_t* B, int64_t ldb, float* C,
                         int64_t ldc, float beta) {
+  if constexpr (kN == 8) {  // M <= 2 only (registers)
+    if (M == 1) nt_tile<1, 8>(K, A, lda, B, ldb, C, ldc, beta);
+    else nt_tile<2, 8>(K, A, lda, B, ldb, C, ldc, beta);
+    return;
+  }
   for (int64_t m = 0; m < M; m += 4) {  // the kN rows of B stay in L1 while every group of 4 rows of A passes
     const float* a = A + m * lda;
     float* c = C + m * ldc;
@@ -104,25 +115,25 @@ MLA_AVX512 void nt_rows(int64_t M, int64_t K, const float* A, int64_t lda, const
   }
 }
 
-// C[m0 + i, n0 .. n0 + 64) for kM rows of A; `cols` (<= 64) of them are real.
-template <int kM>
+// C[m0 + i, n0 .. n0 + 16·kV) for kM rows of A; `cols` (<= 16·kV) of them are real.
+template <int kM, int kV>
 MLA_AVX512 void nn_tile(int64_t K, const float* A, int64_t lda, const uint16_t* B, int64_t ldb, float* C,
                         int64_t ldc, float beta, int64_t cols) {
-  __mmask16 km[4];
-  for (int v = 0; v < 4; ++v) km[v] = tail_mask(std::max<int64_t>(0, cols - 16 * v));
-  __m512 acc[kM][4];
+  __mmask16 km[kV];
+  for (int v = 0; v < kV; ++v) km[v] = tail_mask(std::max<int64_t>(0, cols - 16 * v));
+  __m512 acc[kM][kV];
   for (int i = 0; i < kM; ++i)
-    for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_setzero_ps();
+    for (int v = 0; v < kV; ++v) acc[i][v] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    __m512 b[4];
-    for (int v = 0; v < 4; ++v) b[v] = load_bf16(B + k * ldb + 16 * v, km[v]);
+    __m512 b[kV];
+    for (int v = 0; v < kV; ++v) b[v] = load_bf16(B + k * ldb + 16 * v, km[v]);
     for (int i = 0; i < kM; ++i) {
       const __m512 a = _mm512_set1_ps(A[i * lda + k]);
-      for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_fmadd_ps(a, b[v], acc[i][v]);
+      for (int v = 0; v < kV; ++v) acc[i][v] = _mm512_fmadd_ps(a, b[v], acc[i][v]);
     }
   }
   for (int i = 0; i < kM; ++i)
-    for (int v = 0; v < 4; ++v) {
+    for (int v = 0; v < kV; ++v) {
       float* c = C + i * ldc + 16 * v;
       __m512 r = acc[i][v];
       if (beta != 0.f) r = _mm512_fmadd_ps(_mm512_set1_ps(beta), _mm512_maskz_loadu_ps(km[v], c), r);
@@ -204,22 +215,29 @@ MLA_AVX512_BF16 float softmax(const float* s, int64_t n, int64_t visible, float 
 MLA_AVX512 void gemv_nt_bf16(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const uint16_t* B,
                              int64_t ldb, float* C, int64_t ldc, float beta) {
   int64_t n = 0;
+  if (M <= 2)  // eight rows of B in flight: a stream per row keeps the memory busier than four (decode)
+    for (; n + 8 <= N; n += 8) nt_rows<8>(M, K, A, lda, B + n * ldb, ldb, C + n, ldc, beta);
   for (; n + 4 <= N; n += 4) nt_rows<4>(M, K, A, lda, B + n * ldb, ldb, C + n, ldc, beta);
   for (; n < N; ++n) nt_rows<1>(M, K, A, lda, B + n * ldb, ldb, C + n, ldc, beta);
 }
 
 MLA_AVX512 void gemv_nn_bf16(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const uint16_t* B,
                              int64_t ldb, float* C, int64_t ldc, float beta) {
+  if (M == 1) {  // 256 columns at a time: each row of B is read in long runs (decode)
+    for (int64_t n = 0; n < N; n += 256)
+      nn_tile<1, 16>(K, A, lda, B + n, ldb, C + n, ldc, beta, std::min<int64_t>(256, N - n));
+    return;
+  }
   for (int64_t n = 0; n < N; n += 64) {
     const int64_t cols = std::min<int64_t>(64, N - n);
     for (int64_t m = 0; m < M; m += 4) {  // the 64 columns of B stay in L1/L2 for every group of 4 rows of A
       const float* a = A + m * lda;
       float* c = C + m * ldc + n;
       switch (std::min<int64_t>(4, M - m)) {
-        case 1: nn_tile<1>(K, a, lda, B + n, ldb, c, ldc, beta, cols); break;
-        case 2: nn_tile<2>(K, a, lda, B + n, ldb, c, ldc, beta, cols); break;
-        case 3: nn_tile<3>(K, a, lda, B + n, ldb, c, ldc, beta, cols); break;
-        default: nn_tile<4>(K, a, lda, B + n, ldb, c, ldc, beta, cols); break;
+        case 1: nn_tile<1, 4>(K, a, lda, B + n, ldb, c, ldc, beta, cols); break;
+        case 2: nn_tile<2, 4>(K, a, lda, B + n, ldb, c, ldc, beta, cols); break;
+        case 3: nn_tile<3, 4>(K, a, lda, B + n, ldb, c, ldc, beta, cols); break;
+        default: nn_tile<4, 4>(K, a, lda, B + n, ldb, c, ldc, beta, cols); break;
       }
     }
   }
