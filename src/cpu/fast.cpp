@@ -8,6 +8,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -285,15 +286,17 @@ class FastLayer final : public detail::LayerImpl {
     });
   }
 
-  // Key blocks [b0, b1) of the absorbed MQA of the M rows qa [M, W] (row i·H + h) into the running state
-  // acc [M, dc], m [M], l [M]: logits and P·V as library GEMMs (bf16 operands).
-  void mqa_gemm(const detail::ForwardArgs& a, const detail::ChunkPlan& chunk, const TA* qa, int64_t M, int64_t b0,
-                int64_t b1, float* acc, float* m, float* l) const {
+  // The key blocks this thread takes from `next` (of `blocks`, kKeyBlock keys each) of the absorbed MQA of the
+  // M rows qa [M, W] (row i·H + h), into its running state acc [M, dc], m [M], l [M]: logits and P·V as library
+  // GEMMs (bf16 operands). Blocks are handed out as threads get free, not in fixed halves: the two cores of a
+  // shared machine do not run at the same speed.
+  void mqa_gemm(const detail::ForwardArgs& a, const detail::ChunkPlan& chunk, const TA* qa, int64_t M,
+                std::atomic<int64_t>& next, int64_t blocks, float* acc, float* m, float* l) const {
     const int64_t H = c_.num_heads, dc = c_.kv_lora_rank, W = c_.latent_dim(), L = chunk.cached + chunk.num_tokens;
     Buf<TA> lat(static_cast<size_t>(kKeyBlock * W));
     Buf<float> s(static_cast<size_t>(M * kKeyBlock));
     Buf<TA> p(s.size());
-    for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t b; (b = next++) < blocks;) {
       const int64_t k0 = b * kKeyBlock, kb = std::min(kKeyBlock, L - k0);
       gather(a, chunk, k0, k0 + kb, lat.data());
       gemm_nt(M, kb, W, qa, W, lat.data(), W, s.data(), kb);
@@ -310,7 +313,7 @@ class FastLayer final : public detail::LayerImpl {
   // The same with f32 operands through mqa_block: the rows in groups of kMqaLanes lanes, queries and output
   // transposed per group, cache rows widened into 16-key panels as they are gathered.
   void mqa_lanes(const detail::ForwardArgs& a, const detail::ChunkPlan& chunk, const float* qa, int64_t M,
-                 int64_t b0, int64_t b1, float* acc, float* m, float* l) const {
+                 std::atomic<int64_t>& next, int64_t blocks, float* acc, float* m, float* l) const {
     constexpr int kL = kMqaLanes;
     const int64_t H = c_.num_heads, dc = c_.kv_lora_rank, W = c_.latent_dim(), L = chunk.cached + chunk.num_tokens;
     const int64_t groups = (M + kL - 1) / kL;
@@ -324,11 +327,17 @@ class FastLayer final : public detail::LayerImpl {
     int32_t visible[kL];
     const TW* rows[kL];
     const TW* cache = static_cast<const TW*>(a.cache);
-    for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t b; (b = next++) < blocks;) {
       const int64_t k0 = b * kKeyBlock, kb = std::min(kKeyBlock, L - k0);
       for (int64_t t0 = 0; t0 < kb; t0 += kL) {  // gather and pack (widened) panels of 16 rows
         const int n_rows = static_cast<int>(std::min<int64_t>(kL, kb - t0));
         for (int i = 0; i < n_rows; ++i) rows[i] = cache + row_index(chunk.block_table, a.page_size, k0 + t0 + i) * W;
+        // The next panel's rows start coming from memory while this one is transposed.
+        for (int64_t t = t0 + kL; t < std::min(kb, t0 + 2 * kL); ++t) {
+          const auto* row =
+              reinterpret_cast<const char*>(cache + row_index(chunk.block_table, a.page_size, k0 + t) * W);
+          for (size_t at = 0; at < W * sizeof(TW); at += 64) __builtin_prefetch(row + at);
+        }
         mqa_pack(rows, n_rows, W, &kvp[t0 * W]);
       }
       for (int64_t g = 0; g < groups; ++g) {
@@ -371,14 +380,14 @@ class FastLayer final : public detail::LayerImpl {
     std::vector<float> acc(static_cast<size_t>(threads * M * dc), 0.f);
     std::vector<float> m(static_cast<size_t>(threads * M), -std::numeric_limits<float>::infinity());
     std::vector<float> l(m.size(), 0.f);
+    std::atomic<int64_t> next{0};
 #pragma omp parallel num_threads(threads)
     {
       const int t = omp_get_thread_num();
-      const int64_t b0 = blocks * t / threads, b1 = blocks * (t + 1) / threads;
       if constexpr (std::is_same_v<TA, float>)
-        mqa_lanes(a, chunk, qa.data(), M, b0, b1, &acc[t * M * dc], &m[t * M], &l[t * M]);
+        mqa_lanes(a, chunk, qa.data(), M, next, blocks, &acc[t * M * dc], &m[t * M], &l[t * M]);
       else
-        mqa_gemm(a, chunk, qa.data(), M, b0, b1, &acc[t * M * dc], &m[t * M], &l[t * M]);
+        mqa_gemm(a, chunk, qa.data(), M, next, blocks, &acc[t * M * dc], &m[t * M], &l[t * M]);
     }
     // Merge the per-thread partial softmaxes: rescale each to the global max.
     for (int64_t r = 0; r < M; ++r) {

@@ -66,7 +66,7 @@ struct MqaBlock {
   float* m;     // [16] running max of the scaled logits, -inf at the start
   float* l;     // [16] running sum
   float* accT;  // [dv, 16] running output (unnormalised), transposed like qT
-  float* s;     // [keys, 16] scratch
+  float* s;     // [ceil(keys/16)·16, 16] scratch
 };
 void mqa_block(const MqaBlock& p);
 // One panel [d, 16] of mqa_block's kv from n <= 16 rows of d elements (bf16 widened, or f32); rows >= n are zeros.
