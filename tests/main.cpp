@@ -1,7 +1,8 @@
 // The main() of every test binary. --isa=<variant> (the per-variant runs in tests/CMakeLists.txt) or
 // MLA_TEST_ISA=<variant> forces that kernel variant through MLA_CPU_ISA before any test runs; when this CPU cannot
 // run the variant (forcing it would throw, by design: src/cpu/kernels.hpp) the run prints gtest's "[  SKIPPED ]"
-// marker, which CTest reports as skipped.
+// marker, which CTest reports as skipped. --bf16-operands makes the bf16 layer and ops take the native-bf16 path
+// (bf16 operands to oneDNN) on any CPU.
 #include <gtest/gtest.h>
 
 #include <cstdio>
@@ -13,8 +14,11 @@
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
   const char* want = std::getenv("MLA_TEST_ISA");
-  for (int i = 1; i < argc; ++i)
+  for (int i = 1; i < argc; ++i) {
     if (std::string(argv[i]).rfind("--isa=", 0) == 0) want = argv[i] + 6;
+    // The bf16-operand path of a native-bf16 CPU, through oneDNN's emulation here (cpu::bf16_operands).
+    if (std::string(argv[i]) == "--bf16-operands") setenv("MLA_TEST_BF16_OPERANDS", "1", 1);
+  }
   if (want && *want) {
     using mla::cpu::Isa;
     bool known = false;

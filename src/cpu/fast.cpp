@@ -423,7 +423,7 @@ class FastBackend final : public HostBackend {
   std::string_view name() const override { return "cpu"; }
   std::unique_ptr<detail::LayerImpl> make_layer(const LayerWeights& w, const LayerOptions& o) const override {
     if (o.precision == Precision::F32) return std::make_unique<FastLayer<float, float>>(w, o);
-    if (native_bf16()) return std::make_unique<FastLayer<uint16_t, uint16_t>>(w, o);
+    if (bf16_operands()) return std::make_unique<FastLayer<uint16_t, uint16_t>>(w, o);
     return std::make_unique<FastLayer<uint16_t, float>>(w, o);
   }
 };

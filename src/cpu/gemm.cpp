@@ -260,7 +260,7 @@ void gemm(const char* op, DType dt, bool trans_b, int64_t M, int64_t N, int64_t 
         return gemm_f32(op, trans_b, M, N, K, static_cast<const float*>(A), lda, static_cast<const float*>(B), ldb,
                         C, ldc, beta);
       case DType::bf16:
-        if (native_bf16()) return run_matmul(dt, trans_b, M, N, K, A, lda, B, ldb, C, ldc, beta);
+        if (bf16_operands()) return run_matmul(dt, trans_b, M, N, K, A, lda, B, ldb, C, ldc, beta);
         {
           float* Af = widen_scratch(1, M * K);
           widen_rows(M, K, static_cast<const uint16_t*>(A), lda, Af, K);
@@ -337,9 +337,9 @@ std::string gemm_library_name() {
     }
   };
   name += std::string(" up to ") + max_isa + " (";
-  if (native_bf16()) name += "bf16 " + impl(dnnl::memory::data_type::bf16) + ", ";
+  if (bf16_operands()) name += "bf16 " + impl(dnnl::memory::data_type::bf16) + ", ";
   name += "f32 " + impl(dnnl::memory::data_type::f32) + ", f32 sgemm for M<=" + std::to_string(kSgemmMaxM);
-  if (!native_bf16())
+  if (!bf16_operands())
     name += "; bf16 operands widened to f32: in-register GEMV for M<=" + std::to_string(kGemvMaxM) +
             ", else the f32 GEMM";
   return name + ")";

@@ -143,6 +143,14 @@ std::string_view isa_name(Isa v) {
 
 std::string kernel_isa() { return std::string(isa_name(isa())); }
 
+bool bf16_operands() {
+  static const bool forced = [] {
+    const char* e = std::getenv("MLA_TEST_BF16_OPERANDS");
+    return e && std::string_view(e) == "1";
+  }();
+  return forced || native_bf16();
+}
+
 void to_bf16(const float* x, uint16_t* y, int64_t n) {
   switch (isa()) {
     case Isa::Avx512Bf16:

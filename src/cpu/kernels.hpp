@@ -28,6 +28,9 @@ std::string kernel_isa();  // isa_name(isa())
 std::vector<Isa> supported_isas();
 // True when bf16 GEMMs go to the library natively; otherwise bf16 operands are widened to f32 (see Isa).
 inline bool native_bf16() { return isa() == Isa::Avx512Bf16; }
+// True when the bf16 layer and ops hand bf16 operands to the library: native_bf16(), or MLA_TEST_BF16_OPERANDS=1
+// (tests only: oneDNN then emulates bf16, slowly, so that this path is covered on a CPU without AVX512-BF16).
+bool bf16_operands();
 
 // y = bf16(x), round to nearest even.
 void to_bf16(const float* x, uint16_t* y, int64_t n);

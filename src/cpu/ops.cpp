@@ -301,7 +301,7 @@ void prefill(const PrefillParams& p) {
 }  // namespace
 
 void decode_attention(const DecodeParams& p) {
-  if (p.dtype == DType::BF16 && native_bf16()) decode<uint16_t>(p);
+  if (p.dtype == DType::BF16 && bf16_operands()) decode<uint16_t>(p);
   else decode<float>(p);
 }
 
@@ -312,7 +312,7 @@ DecodeSchedule plan_decode_attention(const DecodeParams&) {
 }
 
 void prefill_attention(const PrefillParams& p) {
-  if (p.dtype == DType::BF16 && native_bf16()) prefill<uint16_t>(p);
+  if (p.dtype == DType::BF16 && bf16_operands()) prefill<uint16_t>(p);
   else prefill<float>(p);
 }
 
