@@ -112,9 +112,10 @@ TEST(Attention, FastMatchesReferenceRandomShapes) {
   }
 }
 
-// 600 keys = three 256-key blocks (256, 256, 88) on the fast backend. The reference gets the fast backend's
-// first 592 rows copied into its own cache (re-running a 592-token prefill on the scalar reference would cost
-// seconds), then both attend 8 new tokens over all 600 keys, on both paths. The long fast prefill itself is
+// 600 keys = three 256-key blocks (256, 256, 88) on the fast backend's absorbed path (its expanded path takes
+// them in one block here; ExpandedOverSeveralBlocksEqualsAbsorbed covers its blocks). The reference gets the fast
+// backend's first 592 rows copied into its own cache (re-running a 592-token prefill on the scalar reference would
+// cost seconds), then both attend 8 new tokens over all 600 keys, on both paths. The long fast prefill itself is
 // checked against the float64 reference.
 TEST(Attention, FastMatchesReferenceSeveralKeyBlocks) {
   const Shape s = kShapes[1];
@@ -190,6 +191,27 @@ TEST(Attention, ExpandedEqualsAbsorbed) {
         std::cout << "[expanded-vs-absorbed] " << s.name << " " << dev << " " << precision_name(pr) << " rel " << err
                   << "\n";
       }
+  }
+}
+
+// The expanded path expands at most 64 MB of K and V at once (fast.cpp, kExpandedBytes): with 64 full-width heads
+// (147 KB per key in f32) that is 256 keys, so 700 tokens take three blocks and every query tile's online softmax
+// runs over several of them (the small shapes above fit in one block). The absorbed path, with its own kernel and
+// 256-key split, must agree; so must a chunked prefill.
+TEST(Attention, ExpandedOverSeveralBlocksEqualsAbsorbed) {
+  const LayerWeights w = LayerWeights::random(small_config(64, 64, 0, 32, 128, 64, 128), 14);
+  const int64_t T = 700;
+  const auto hidden = testing::random_values(static_cast<size_t>(T * 64), 24);
+  for (Precision pr : {Precision::F32, Precision::BF16}) {
+    SCOPED_TRACE(precision_name(pr));
+    Attention ex(w, opts("cpu", pr, Path::Expanded)), ab(w, opts("cpu", pr, Path::Absorbed));
+    const RunResult a = run_sequences(ex, hidden.data(), nullptr, 1, T, {});
+    const RunResult b = run_sequences(ab, hidden.data(), nullptr, 1, T, {});
+    EXPECT_LT(rel_error(a.output, b.output), bf16_or(pr, 1e-5, 2e-2));
+    RunOptions ro;
+    ro.chunk = 300;  // 300 + 300 + 100: the later chunks' keys span blocks of cached and new rows
+    const RunResult c = run_sequences(ex, hidden.data(), nullptr, 1, T, ro);
+    EXPECT_LT(rel_error(c.output, a.output), bf16_or(pr, 1e-5, 1e-2));
   }
 }
 

@@ -8,6 +8,9 @@
 #include <iterator>
 #include <sys/wait.h>
 
+#include <nlohmann/json.hpp>
+
+#include "cpu/kernels.hpp"
 #include "testing.hpp"
 
 namespace mla {
@@ -20,9 +23,10 @@ struct Result {
   std::string output;  // stdout + stderr
 };
 
-Result run(const std::string& args) {
+// env: assignments for the command line, e.g. "MLA_CPU_ISA=scalar"; MLA_CPU_ISA is unset otherwise.
+Result run(const std::string& args, const std::string& env = "") {
   Result r;
-  const std::string cmd = std::string(MLA_CLI_PATH) + " " + args + " 2>&1";
+  const std::string cmd = "env -u MLA_CPU_ISA " + env + " " + std::string(MLA_CLI_PATH) + " " + args + " 2>&1";
   FILE* p = popen(cmd.c_str(), "r");
   std::array<char, 4096> buf{};
   while (size_t n = fread(buf.data(), 1, buf.size(), p)) r.output.append(buf.data(), n);
@@ -187,6 +191,70 @@ TEST_F(Cli, DemoRunsAndMatches) {
   ASSERT_EQ(r.code, 0) << r.output;
   EXPECT_NE(r.output.find("speedup"), std::string::npos);
   EXPECT_EQ(r.output.find("MISMATCH"), std::string::npos) << r.output;
+  // It says which kernels it ran and how fast this CPU's GEMM is, so that a slow machine explains itself.
+  EXPECT_NE(r.output.find("kernels: " + cpu::kernel_isa()), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("GEMM (1024^3"), std::string::npos) << r.output;
+}
+
+// info names the kernel variant and the GEMM library's ISA; MLA_CPU_ISA changes both, and a variant this CPU
+// cannot run (or no variant at all) is an error that names it.
+TEST_F(Cli, InfoNamesTheKernelVariant) {
+  const Result best = run("info --preset v2-lite");
+  ASSERT_EQ(best.code, 0) << best.output;
+  EXPECT_NE(best.output.find("kernels   " + cpu::kernel_isa()), std::string::npos) << best.output;
+  EXPECT_NE(best.output.find("this CPU runs: "), std::string::npos) << best.output;
+  const Result scalar = run("info --preset v2-lite", "MLA_CPU_ISA=scalar");
+  ASSERT_EQ(scalar.code, 0) << scalar.output;
+  EXPECT_NE(scalar.output.find("kernels   scalar"), std::string::npos) << scalar.output;
+  EXPECT_NE(scalar.output.find("up to sse41"), std::string::npos) << scalar.output;
+  const Result typo = run("info --preset v2-lite", "MLA_CPU_ISA=avx512_bf16");
+  EXPECT_NE(typo.code, 0) << typo.output;
+  EXPECT_NE(typo.output.find("MLA_CPU_ISA=avx512_bf16: unknown variant"), std::string::npos) << typo.output;
+  for (const char* v : {"avx512-bf16", "avx512", "avx2"}) {
+    bool runs = false;
+    for (cpu::Isa i : cpu::supported_isas()) runs |= cpu::isa_name(i) == v;
+    const Result r = run("info --preset v2-lite", std::string("MLA_CPU_ISA=") + v);
+    if (runs) {
+      EXPECT_EQ(r.code, 0) << r.output;
+      EXPECT_NE(r.output.find(std::string("kernels   ") + v), std::string::npos) << r.output;
+    } else {
+      EXPECT_NE(r.code, 0) << r.output;
+      EXPECT_NE(r.output.find(std::string("MLA_CPU_ISA=") + v + ": this CPU cannot run that variant, it lacks"),
+                std::string::npos)
+          << r.output;
+    }
+  }
+}
+
+// The bench's JSON keeps its keys, adds the best GEMM of any precision and the read bandwidth, and every
+// fraction is taken against a ceiling measured in the same run.
+TEST_F(Cli, BenchReportsItsCeilings) {
+  const std::string json = (dir_ / "bench.json").string();
+  const Result r = run("bench --prefill-tokens 64 --context 96 --repeats 1 --json " + json);
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("kernels: " + cpu::kernel_isa()), std::string::npos) << r.output;
+  std::ifstream f(json);
+  const auto j = nlohmann::json::parse(f);
+  const auto& c = j.at("ceilings");
+  const double best = c.at("gemm_best_gflops");
+  EXPECT_EQ(best, std::max(c.at("gemm_bf16_gflops").get<double>(), c.at("gemm_f32_gflops").get<double>()));
+  EXPECT_GT(c.at("copy_gbps").get<double>(), 0);
+  EXPECT_GT(c.at("read_gbps").get<double>(), 0);
+  EXPECT_EQ(j.at("kernel_isa"), cpu::kernel_isa());
+  int rows = 0;
+  for (const auto& row : j.at("rows")) {
+    ++rows;
+    if (row.at("work") == "prefill") {
+      EXPECT_NEAR(row.at("fraction_of_gemm_peak").get<double>(), row.at("gflops").get<double>() / best, 1e-9);
+    } else {
+      EXPECT_NEAR(row.at("fraction_of_copy_bandwidth").get<double>(),
+                  row.at("gbps").get<double>() / c.at("copy_gbps").get<double>(), 1e-9);
+      EXPECT_NEAR(row.at("fraction_of_read_bandwidth").get<double>(),
+                  row.at("gbps").get<double>() / c.at("read_gbps").get<double>(), 1e-9);
+      EXPECT_GE(row.at("layers_in_turn").get<int>(), 2);
+    }
+  }
+  EXPECT_EQ(rows, 6);
 }
 
 }  // namespace

@@ -112,6 +112,19 @@ void check_bf16(const Case& c, bool trans_b, uint32_t seed) {
                    [&](int64_t i) { return from_bf16(d.Bh[i]); }, C0, d.C, 1e-5);
 }
 
+// f32 A against bf16 B: the exact products of the f32 values and the bf16 weights, fp32 accumulation.
+void check_f32_bf16(const Case& c, bool trans_b, uint32_t seed) {
+    Data d(c, trans_b, seed);
+    const auto C0 = d.C;
+    (trans_b ? static_cast<void (*)(int64_t, int64_t, int64_t, const float*, int64_t, const uint16_t*, int64_t,
+                                    float*, int64_t, float)>(gemm_nt)
+             : static_cast<void (*)(int64_t, int64_t, int64_t, const float*, int64_t, const uint16_t*, int64_t,
+                                    float*, int64_t, float)>(gemm_nn))(
+        c.M, c.N, c.K, d.A.data(), c.lda, d.Bh.data(), c.ldb, d.C.data(), c.ldc, c.beta);
+    expect_matches(c, trans_b, [&](int64_t i) { return d.A[i]; }, [&](int64_t i) { return from_bf16(d.Bh[i]); },
+                   C0, d.C, 1e-5);
+}
+
 // Shapes cover the sgemm path (f32, M <= 8) and the matmul path, odd sizes, padded leading
 // dimensions and beta in {0, 1, 0.5}. ldb is filled in per layout.
 std::vector<Case> cases(bool trans_b) {
@@ -151,6 +164,45 @@ TEST(Gemm, NtBf16) {
 TEST(Gemm, NnBf16) {
     uint32_t seed = 300;
     for (const Case& c : cases(false)) check_bf16(c, false, seed++);
+}
+
+// Covers the widening GEMV (M <= 16) and the widened-panel path (more rows).
+TEST(Gemm, NtF32TimesBf16) {
+    uint32_t seed = 400;
+    for (const Case& c : cases(true)) check_f32_bf16(c, true, seed++);
+}
+
+TEST(Gemm, NnF32TimesBf16) {
+    uint32_t seed = 500;
+    for (const Case& c : cases(false)) check_f32_bf16(c, false, seed++);
+}
+
+// B larger than one widened panel (16 Mi elements): the panels must tile N exactly, in both layouts. Checked row
+// by row against the GEMV path (M = 1, itself checked against double loops above), with Σ|a·b| from |A|·|B|.
+TEST(Gemm, F32TimesBf16OverSeveralPanels) {
+    for (bool trans_b : {true, false}) {
+        const Case c{17, 4099, 4097, 4097, trans_b ? 4097 : 4099, 4099, trans_b ? 0.5f : 0.f};
+        Data d(c, trans_b, 600);
+        const auto C0 = d.C;
+        auto run = trans_b ? static_cast<void (*)(int64_t, int64_t, int64_t, const float*, int64_t, const uint16_t*,
+                                                  int64_t, float*, int64_t, float)>(gemm_nt)
+                           : static_cast<void (*)(int64_t, int64_t, int64_t, const float*, int64_t, const uint16_t*,
+                                                  int64_t, float*, int64_t, float)>(gemm_nn);
+        run(c.M, c.N, c.K, d.A.data(), c.lda, d.Bh.data(), c.ldb, d.C.data(), c.ldc, c.beta);
+        std::vector<float> absA(d.A.size()), mag(c.N), ref(c.N);
+        std::vector<uint16_t> absB(d.Bh.size());
+        for (size_t i = 0; i < absA.size(); ++i) absA[i] = std::abs(d.A[i]);
+        for (size_t i = 0; i < absB.size(); ++i) absB[i] = d.Bh[i] & 0x7fffu;
+        for (int64_t m = 0; m < c.M; ++m) {
+            run(1, c.N, c.K, &d.A[m * c.lda], c.lda, d.Bh.data(), c.ldb, ref.data(), c.N, 0.f);
+            run(1, c.N, c.K, &absA[m * c.lda], c.lda, absB.data(), c.ldb, mag.data(), c.N, 0.f);
+            for (int64_t n = 0; n < c.N; ++n) {
+                const double old = C0[m * c.ldc + n];
+                ASSERT_NEAR(d.C[m * c.ldc + n], ref[n] + c.beta * old, 2e-5 * (mag[n] + std::abs(c.beta * old)))
+                    << "trans_b=" << trans_b << " m=" << m << " n=" << n;
+            }
+        }
+    }
 }
 
 TEST(Gemm, RepeatedShapeReusesCachedPrimitive) {
@@ -214,12 +266,13 @@ TEST(Gemm, InsideOmpParallelRegion) {
         const int64_t M = i % 2 ? 1 : 96 + i, N = 200 + 17 * i, K = 256 + 3 * i;
         cs.push_back({M, N, K, K, K, N, i % 3 == 0 ? 1.f : 0.f});
     }
-    std::vector<Data> f32, bf16;
+    std::vector<Data> f32, bf16, mixed;
     for (int i = 0; i < kProblems; ++i) {
         f32.emplace_back(cs[i], true, 500 + i);
         bf16.emplace_back(cs[i], true, 600 + i);
+        mixed.emplace_back(cs[i], true, 700 + i);
     }
-    const auto f32_c0 = f32, bf16_c0 = bf16;
+    const auto f32_c0 = f32, bf16_c0 = bf16, mixed_c0 = mixed;
 
     // Allow nesting, so that a GEMM opening its own parallel region would add OS threads (nested
     // teams exist only while they run, hence the sampler; a nested busy region is seen by it).
@@ -241,12 +294,15 @@ TEST(Gemm, InsideOmpParallelRegion) {
         for (int i = 0; i < kProblems; ++i) {
             f32[i].C = f32_c0[i].C;
             bf16[i].C = bf16_c0[i].C;
+            mixed[i].C = mixed_c0[i].C;
         }
 #pragma omp parallel for schedule(dynamic, 1)
         for (int i = 0; i < kProblems; ++i) {
             const Case& c = cs[i];
             gemm_nt(c.M, c.N, c.K, f32[i].A.data(), c.lda, f32[i].B.data(), c.ldb, f32[i].C.data(), c.ldc, c.beta);
             gemm_nt(c.M, c.N, c.K, bf16[i].Ah.data(), c.lda, bf16[i].Bh.data(), c.ldb, bf16[i].C.data(),
+                    c.ldc, c.beta);
+            gemm_nt(c.M, c.N, c.K, mixed[i].A.data(), c.lda, mixed[i].Bh.data(), c.ldb, mixed[i].C.data(),
                     c.ldc, c.beta);
         }
     }
@@ -263,6 +319,8 @@ TEST(Gemm, InsideOmpParallelRegion) {
                        f32_c0[i].C, f32[i].C, 1e-5);
         expect_matches(c, true, [&](int64_t j) { return from_bf16(bf16[i].Ah[j]); },
                        [&](int64_t j) { return from_bf16(bf16[i].Bh[j]); }, bf16_c0[i].C, bf16[i].C, 1e-5);
+        expect_matches(c, true, [&](int64_t j) { return mixed[i].A[j]; },
+                       [&](int64_t j) { return from_bf16(mixed[i].Bh[j]); }, mixed_c0[i].C, mixed[i].C, 1e-5);
     }
 }
 

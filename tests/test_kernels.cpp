@@ -1,6 +1,7 @@
 // The fast backend's vector kernels against scalar double references, for every ISA variant. The variant is
-// chosen once per process from MLA_CPU_ISA, so IsaVariants re-runs this binary with MLA_CPU_ISA=scalar and
-// =avx512 (MLA_TEST_CHILD=1 stops the recursion); the parent process covers the best variant of the machine.
+// chosen once per process; tests/CMakeLists.txt runs this binary once per variant (MLA_TEST_ISA, main.cpp) and
+// the plain run covers the best variant of the machine. KernelIsa.* check the dispatcher itself, its errors in
+// child processes.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -8,6 +9,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <limits>
 #include <sstream>
@@ -20,21 +22,85 @@ namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-std::string expected_isa() {
-  std::string best = "scalar";
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) best = "avx512";
-  if (best == "avx512" && __builtin_cpu_supports("avx512bf16")) best = "avx512-bf16";
-  if (const char* f = std::getenv("MLA_CPU_ISA")) {
-    if (std::string(f) == "scalar") best = "scalar";
-    else if (std::string(f) == "avx512" && best != "scalar") best = "avx512";
-  }
-  return best;
+// What this CPU runs, from its own feature bits (independent of the dispatcher), best first.
+std::vector<std::string> runnable_variants() {
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  std::vector<std::string> v;
+  if (avx512 && __builtin_cpu_supports("avx512bf16")) v.push_back("avx512-bf16");
+  if (avx512) v.push_back("avx512");
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) v.push_back("avx2");
+  v.push_back("scalar");
+  return v;
+}
+
+std::string self_exe() {
+  std::vector<char> buf(4096);
+  const ssize_t n = ::readlink("/proc/self/exe", buf.data(), buf.size() - 1);
+  return n > 0 ? std::string(buf.data(), static_cast<size_t>(n)) : std::string();
+}
+
+// Runs this binary's `filter` with MLA_CPU_ISA=isa (no MLA_TEST_ISA); returns its exit code and output.
+std::pair<int, std::string> run_child(const std::string& isa, const std::string& filter) {
+  const testing::TempDir tmp("isa_child");
+  const auto log = tmp.path() / "child.log";
+  const std::string cmd = "env -u MLA_TEST_ISA MLA_TEST_CHILD=1 MLA_CPU_ISA='" + isa + "' '" + self_exe() +
+                          "' --gtest_filter='" + filter + "' > '" + log.string() + "' 2>&1";
+  const int rc = std::system(cmd.c_str());
+  std::ifstream in(log);
+  std::stringstream text;
+  text << in.rdbuf();
+  return {WIFEXITED(rc) ? WEXITSTATUS(rc) : -1, text.str()};
 }
 
 TEST(KernelIsa, ReflectsEnvironment) {
-  RecordProperty("isa", cpu::kernel_isa());
-  EXPECT_EQ(cpu::kernel_isa(), expected_isa());
-  if (const char* f = std::getenv("MLA_CPU_ISA"); f && std::string(f) == "scalar") EXPECT_EQ(cpu::kernel_isa(), "scalar");
+  const std::vector<std::string> runs = runnable_variants();
+  std::vector<std::string> listed;
+  for (cpu::Isa v : cpu::supported_isas()) listed.emplace_back(cpu::isa_name(v));
+  EXPECT_EQ(listed, runs);
+  const char* f = std::getenv("MLA_CPU_ISA");
+  const std::string forced = f ? f : "";
+  if (forced.empty()) {
+    EXPECT_EQ(cpu::kernel_isa(), runs.front());
+  } else if (std::find(runs.begin(), runs.end(), forced) != runs.end()) {
+    EXPECT_EQ(cpu::kernel_isa(), forced);
+    EXPECT_EQ(cpu::native_bf16(), forced == "avx512-bf16");
+  } else {  // a variant this CPU lacks, or no variant at all: every call throws, naming it
+    for (int i = 0; i < 2; ++i)
+      testing::expect_throw_with<InvalidArgument>([] { cpu::kernel_isa(); }, {"MLA_CPU_ISA=" + forced, runs.back()});
+  }
+  RecordProperty("isa", forced.empty() ? cpu::kernel_isa() : forced);
+}
+
+// MLA_CPU_ISA naming a variant this CPU lacks, or an unknown one, is an error that says so; never a fallback.
+TEST(KernelIsa, ForcingWhatTheCpuLacksThrows) {
+  if (std::getenv("MLA_TEST_CHILD")) GTEST_SKIP() << "child process";
+  const std::vector<std::string> runs = runnable_variants();
+  std::vector<std::pair<std::string, std::string>> bad = {{"avx512_bf16", "unknown variant"}};
+  for (const char* v : {"avx512-bf16", "avx512", "avx2"})
+    if (std::find(runs.begin(), runs.end(), v) == runs.end()) bad.push_back({v, "lacks"});
+  for (const auto& [isa, words] : bad) {
+    SCOPED_TRACE(isa);
+    const auto [rc, text] = run_child(isa, "KernelIsa.ReflectsEnvironment:Kernels.ScaleInplace");
+    EXPECT_EQ(rc, 0) << text;
+    EXPECT_NE(text.find("[       OK ] KernelIsa.ReflectsEnvironment"), std::string::npos) << text;
+    // The layer-level entry points throw too (here through to_bf16 in a kernel test, which must fail).
+    const auto [rc2, text2] = run_child(isa, "Kernels.ToBf16Random");
+    EXPECT_NE(rc2, 0) << text2;
+    EXPECT_NE(text2.find("MLA_CPU_ISA=" + isa), std::string::npos) << text2;
+    EXPECT_NE(text2.find(words), std::string::npos) << text2;
+  }
+}
+
+// Every variant this CPU runs can be forced (the per-variant CTest runs rely on it).
+TEST(KernelIsa, EveryRunnableVariantCanBeForced) {
+  if (std::getenv("MLA_TEST_CHILD")) GTEST_SKIP() << "child process";
+  for (const std::string& isa : runnable_variants()) {
+    SCOPED_TRACE(isa);
+    const auto [rc, text] = run_child(isa, "KernelIsa.ReflectsEnvironment");
+    EXPECT_EQ(rc, 0) << text;
+    EXPECT_NE(text.find("[       OK ] KernelIsa.ReflectsEnvironment"), std::string::npos) << text;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -149,6 +215,41 @@ TEST(Kernels, ToBf16NaNStaysNaN) {
   for (uint16_t b : y) EXPECT_TRUE(std::isnan(bf16_to_float(b))) << std::hex << b;
 }
 
+// Widening is exact: the bits shifted up by 16, NaN payloads and signs included.
+TEST(Kernels, FromBf16IsTheShift) {
+  std::vector<uint16_t> x;
+  for (uint32_t b = 0; b < 0x10000u; b += 7) x.push_back(static_cast<uint16_t>(b));
+  for (uint16_t b : {0x7fc0, 0xffc1, 0x7f81, 0x0001, 0x8000, 0x7f80, 0xff80}) x.push_back(b);
+  for (int64_t n : {int64_t{1}, int64_t{15}, int64_t{17}, static_cast<int64_t>(x.size())}) {
+    std::vector<float> y(static_cast<size_t>(n) + 1, 1.5f);
+    cpu::from_bf16(x.data(), y.data(), n);
+    for (int64_t i = 0; i < n; ++i) ASSERT_EQ(std::bit_cast<uint32_t>(y[i]), uint32_t{x[i]} << 16) << i;
+    EXPECT_EQ(y[n], 1.5f) << "wrote past n=" << n;
+  }
+}
+
+// round_bf16_values == the bits of to_bf16, kept as f32, in place or not; subnormals, ties and NaN included.
+TEST(Kernels, RoundBf16ValuesMatchesToBf16) {
+  std::vector<float> x = bf16_cases();
+  for (float f : subnormal_cases()) x.push_back(f);
+  x.push_back(std::numeric_limits<float>::quiet_NaN());
+  x.push_back(from_bits(0xffffffffu));
+  uint64_t s = 99;
+  for (int i = 0; i < 3000; ++i) {
+    s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+    x.push_back(from_bits(i % 3 ? static_cast<uint32_t>(s) : (static_cast<uint32_t>(s) & 0xffff0000u) | 0x8000u));
+  }
+  const auto n = static_cast<int64_t>(x.size());
+  std::vector<float> y(x.size()), z = x;
+  cpu::round_bf16_values(x.data(), y.data(), n);
+  cpu::round_bf16_values(z.data(), z.data(), n);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t want = uint32_t{float_to_bf16(x[i])} << 16;
+    ASSERT_EQ(std::bit_cast<uint32_t>(y[i]), want) << i << " bits 0x" << std::hex << std::bit_cast<uint32_t>(x[i]);
+    ASSERT_EQ(std::bit_cast<uint32_t>(z[i]), want) << "in place, " << i;
+  }
+}
+
 TEST(Kernels, ScaleInplace) {
   auto y = testing::random_values(37, 3);
   const auto x = y;
@@ -232,6 +333,30 @@ TEST(Kernels, OnlineSoftmaxStepMatchesScalarReference) {
   EXPECT_GT(checked, 500);
 }
 
+// round_p: the f32 weights are exactly the bf16 weights, and m, l and alpha are those of the unrounded step.
+TEST(Kernels, OnlineSoftmaxRoundedF32EqualsBf16Output) {
+  for (int64_t n : {1, 7, 16, 33, 256}) {
+    for (int64_t visible : {n, n / 2 + 1}) {
+      const auto s = testing::random_values(static_cast<size_t>(n), static_cast<uint64_t>(n + visible), 9.f);
+      float m1 = 0.25f, l1 = 1.5f, m2 = m1, l2 = l1, m3 = m1, l3 = l1;
+      std::vector<float> pr(static_cast<size_t>(n)), pf(pr.size());
+      std::vector<uint16_t> pb(pr.size());
+      const float a1 = cpu::online_softmax_step(s.data(), n, visible, 0.3f, m1, l1, pr.data(), nullptr, true);
+      const float a2 = cpu::online_softmax_step(s.data(), n, visible, 0.3f, m2, l2, nullptr, pb.data());
+      const float a3 = cpu::online_softmax_step(s.data(), n, visible, 0.3f, m3, l3, pf.data(), nullptr, false);
+      EXPECT_EQ(a1, a2);
+      EXPECT_EQ(a1, a3);
+      EXPECT_EQ(m1, m2);
+      EXPECT_EQ(l1, l2);
+      EXPECT_EQ(l1, l3);
+      for (int64_t j = 0; j < n; ++j) {
+        ASSERT_EQ(std::bit_cast<uint32_t>(pr[j]), uint32_t{pb[j]} << 16) << "n=" << n << " j=" << j;
+        ASSERT_EQ(pr[j], round_bf16(pf[j])) << "n=" << n << " j=" << j;
+      }
+    }
+  }
+}
+
 // Many steps over a row in blocks: the merged result must be the softmax-weighted average of the row.
 TEST(Kernels, OnlineSoftmaxBlocksComposeToSoftmax) {
   for (int64_t N : {1, 17, 300, 1013}) {
@@ -268,6 +393,186 @@ TEST(Kernels, OnlineSoftmaxBlocksComposeToSoftmax) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// The widening GEMV (f32 A, bf16 B) against a double loop, on odd shapes: every M, N and K tail of the 16-, 8-
+// and 4-wide tiles, padded leading dimensions (padding must stay untouched), beta 0 with NaN in C (not read),
+// 1 and 0.5.
+
+void check_gemv(bool nt, int64_t M, int64_t N, int64_t K, int64_t pad, float beta, uint64_t seed) {
+  const int64_t lda = K + pad, ldb = (nt ? K : N) + pad, ldc = N + pad;
+  const auto A = testing::random_values(static_cast<size_t>(M * lda), seed);
+  const auto Bf = testing::random_values(static_cast<size_t>((nt ? N : K) * ldb), seed + 1);
+  std::vector<uint16_t> B(Bf.size());
+  for (size_t i = 0; i < B.size(); ++i) B[i] = float_to_bf16(Bf[i]);
+  std::vector<float> C = testing::random_values(static_cast<size_t>(M * ldc), seed + 2);
+  if (beta == 0.f)
+    for (int64_t m = 0; m < M; ++m) std::fill_n(&C[m * ldc], N, std::numeric_limits<float>::quiet_NaN());
+  const std::vector<float> C0 = C;
+  (nt ? cpu::gemv_nt_bf16 : cpu::gemv_nn_bf16)(M, N, K, A.data(), lda, B.data(), ldb, C.data(), ldc, beta);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < ldc; ++n) {
+      const float got = C[m * ldc + n];
+      if (n >= N) {
+        ASSERT_EQ(std::bit_cast<uint32_t>(got), std::bit_cast<uint32_t>(C0[m * ldc + n])) << "padding written";
+        continue;
+      }
+      double sum = 0, mag = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const double p = double(A[m * lda + k]) * bf16_to_float(B[nt ? n * ldb + k : k * ldb + n]);
+        sum += p, mag += std::fabs(p);
+      }
+      if (beta != 0.f) sum += double(beta) * C0[m * ldc + n], mag += std::fabs(double(beta) * C0[m * ldc + n]);
+      ASSERT_NEAR(got, sum, 1e-5 * mag + 1e-30) << (nt ? "nt" : "nn") << " M=" << M << " N=" << N << " K=" << K
+                                                 << " m=" << m << " n=" << n << " isa=" << cpu::kernel_isa();
+    }
+}
+
+TEST(Kernels, GemvBf16MatchesDoubleLoop) {
+  uint64_t seed = 5;
+  int cases = 0;
+  for (bool nt : {true, false})
+    for (int64_t M : {1, 2, 3, 4, 5, 7, 16})
+      for (int64_t N : {1, 3, 4, 5, 8, 17, 33, 64, 65, 130})
+        for (int64_t K : {1, 7, 8, 15, 16, 17, 100, 513}) {
+          const float beta = cases % 3 == 0 ? 0.f : cases % 3 == 1 ? 1.f : 0.5f;
+          check_gemv(nt, M, N, K, cases % 4 == 0 ? 0 : 3, beta, seed += 3);
+          ++cases;
+        }
+  EXPECT_EQ(cases, 2 * 7 * 10 * 8);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// mqa_block against a double loop: odd key counts (the 8-, 4- and 1-key logit tiles), value widths off the
+// 16- and 4-column tiles, per-lane visibility from none to past the block, fresh and running state, P rounded
+// to bf16 or not. Lanes past `rows` and lanes that see nothing must keep their state bit for bit.
+
+// kv [keys, ld] row-major into mqa_block's panels [ceil(keys/16), d, 16] (zero padding), by the definition.
+std::vector<float> panels_of(const std::vector<float>& kv, int64_t keys, int64_t ld, int64_t d) {
+  constexpr int L = cpu::kMqaLanes;
+  std::vector<float> p(static_cast<size_t>((keys + L - 1) / L * d * L), 0.f);
+  for (int64_t t = 0; t < keys; ++t)
+    for (int64_t k = 0; k < d; ++k) p[((t / L) * d + k) * L + t % L] = kv[t * ld + k];
+  return p;
+}
+
+void check_mqa(int rows, int64_t keys, int64_t d, int64_t dv, bool round_p, bool running, uint64_t seed) {
+  constexpr int L = cpu::kMqaLanes;
+  const int64_t ld = d + 3;
+  const float scale = 0.13f;
+  const auto qT = testing::random_values(static_cast<size_t>(d * L), seed, 2.f);
+  const auto kv = testing::random_values(static_cast<size_t>(keys * ld), seed + 1, 2.f);
+  const auto panels = panels_of(kv, keys, ld, d);
+  std::vector<int32_t> visible(L);
+  for (int r = 0; r < L; ++r) visible[r] = static_cast<int32_t>((seed * 7 + r * 13) % (keys + 3)) - 1;  // -1..keys+1
+  visible[0] = static_cast<int32_t>(keys);
+  std::vector<float> m(L), l(L), accT = testing::random_values(static_cast<size_t>(dv * L), seed + 2);
+  for (int r = 0; r < L; ++r) m[r] = running ? 1.5f + 0.1f * r : -kInf, l[r] = running ? 2.f + r : 0.f;
+  if (!running) std::fill(accT.begin(), accT.end(), 0.f);
+  const auto m0 = m, l0 = l, acc0 = accT;
+  std::vector<float> s(static_cast<size_t>((keys + L - 1) / L * L * L));
+  cpu::mqa_block({.qT = qT.data(), .kv = panels.data(), .d = d, .dv = dv, .keys = keys, .rows = rows,
+                  .visible = visible.data(), .scale = scale, .round_p = round_p, .m = m.data(), .l = l.data(),
+                  .accT = accT.data(), .s = s.data()});
+  for (int r = 0; r < L; ++r) {
+    SCOPED_TRACE(::testing::Message() << "rows=" << rows << " keys=" << keys << " d=" << d << " dv=" << dv
+                                      << " round_p=" << round_p << " running=" << running << " lane=" << r
+                                      << " isa=" << cpu::kernel_isa());
+    const int64_t vis = r < rows ? std::clamp<int64_t>(visible[r], 0, keys) : 0;
+    if (vis == 0) {
+      EXPECT_EQ(std::bit_cast<uint32_t>(m[r]), std::bit_cast<uint32_t>(m0[r]));
+      EXPECT_EQ(l[r], l0[r]);
+      for (int64_t j = 0; j < dv; ++j) ASSERT_EQ(accT[j * L + r], acc0[j * L + r]) << j;
+      continue;
+    }
+    std::vector<double> logit(static_cast<size_t>(vis));
+    double mx = m0[r], lmag = 0;  // lmag: the largest scale·Σ|q·k|, which bounds the fp32 error of a logit
+    for (int64_t t = 0; t < vis; ++t) {
+      double dot = 0, mag = 0;
+      for (int64_t k = 0; k < d; ++k) dot += double(qT[k * L + r]) * kv[t * ld + k];
+      for (int64_t k = 0; k < d; ++k) mag += std::fabs(double(qT[k * L + r]) * kv[t * ld + k]);
+      mx = std::max(mx, logit[t] = scale * dot);
+      lmag = std::max(lmag, scale * mag);
+    }
+    const double alpha = m0[r] == -kInf ? 0.0 : std::exp(m0[r] - mx);
+    double sum = 0;
+    std::vector<double> pr(logit.size());
+    for (int64_t t = 0; t < vis; ++t) sum += (pr[t] = std::exp(logit[t] - mx));
+    EXPECT_NEAR(m[r], mx, 1e-5 * std::max(1.0, std::fabs(mx)));
+    EXPECT_NEAR(l[r], l0[r] * alpha + sum, 1e-5 * (l0[r] * alpha + sum));
+    // Relative error of a weight: a logit's fp32 error (~sqrt(d) roundings of lmag), plus a bf16 step with round_p.
+    const double ptol = (round_p ? 1.0 / 256 : 0.0) + 1e-5 + 4 * 6e-8 * std::sqrt(double(d)) * lmag;
+    for (int64_t j = 0; j < dv; ++j) {
+      double o = alpha * acc0[j * L + r], mag = std::fabs(o);
+      for (int64_t t = 0; t < vis; ++t) o += pr[t] * kv[t * ld + j], mag += pr[t] * std::fabs(kv[t * ld + j]);
+      ASSERT_NEAR(accT[j * L + r], o, ptol * mag + 1e-6 * std::fabs(alpha * acc0[j * L + r]) + 1e-30) << j;
+    }
+  }
+}
+
+TEST(Kernels, MqaBlockMatchesDoubleLoop) {
+  uint64_t seed = 11;
+  int cases = 0;
+  for (int rows : {1, 5, 16})
+    for (int64_t keys : {1, 3, 8, 13, 256})
+      for (auto [d, dv] : {std::pair<int64_t, int64_t>{576, 512}, {37, 21}, {5, 5}})
+        for (bool round_p : {false, true}) {
+          check_mqa(rows, keys, d, dv, round_p, cases % 2 == 1, seed += 5);
+          ++cases;
+        }
+  EXPECT_EQ(cases, 3 * 5 * 3 * 2);
+}
+
+// With round_p the weights that multiply V are the bf16 roundings of the weights without it: with one-hot values
+// (key t's value is e_t) output column t is exactly key t's weight.
+TEST(Kernels, MqaBlockRoundsPToBf16Values) {
+  constexpr int L = cpu::kMqaLanes;
+  const int64_t keys = 19, d = 24;
+  const auto qT = testing::random_values(static_cast<size_t>(d * L), 3, 4.f);
+  std::vector<float> kv(static_cast<size_t>(keys * d), 0.f);
+  for (int64_t t = 0; t < keys; ++t) kv[t * d + t] = 1.f;
+  const auto panels = panels_of(kv, keys, d, d);
+  const std::vector<int32_t> visible(L, static_cast<int32_t>(keys));
+  std::vector<float> out[2];
+  for (int round_p : {0, 1}) {
+    std::vector<float> m(L, -kInf), l(L, 0.f), s(32 * L);
+    out[round_p].assign(static_cast<size_t>(keys * L), 0.f);
+    cpu::mqa_block({.qT = qT.data(), .kv = panels.data(), .d = d, .dv = keys, .keys = keys, .rows = L,
+                    .visible = visible.data(), .scale = 0.7f, .round_p = round_p == 1, .m = m.data(), .l = l.data(),
+                    .accT = out[round_p].data(), .s = s.data()});
+  }
+  int differ = 0;
+  for (size_t i = 0; i < out[0].size(); ++i) {
+    ASSERT_EQ(out[1][i], round_bf16(out[0][i])) << i;
+    differ += out[1][i] != out[0][i];
+  }
+  EXPECT_GT(differ, 100) << "the unrounded weights were bf16 values already: the test proves nothing";
+}
+
+// mqa_pack == the panel layout by definition, from bf16 rows (widened) and f32 rows, for every row count and for
+// widths off the 16- and 8-wide transposes; rows past n are zeros.
+TEST(Kernels, MqaPackMatchesTheLayout) {
+  constexpr int L = cpu::kMqaLanes;
+  for (int64_t d : {1, 7, 8, 16, 17, 40, 576})
+    for (int n : {1, 5, 15, 16}) {
+      SCOPED_TRACE(::testing::Message() << "d=" << d << " n=" << n << " isa=" << cpu::kernel_isa());
+      const int64_t ld = d + 5;
+      const auto vals = testing::random_values(static_cast<size_t>(L * ld), static_cast<uint64_t>(d * 31 + n));
+      std::vector<uint16_t> bits(vals.size());
+      for (size_t i = 0; i < vals.size(); ++i) bits[i] = float_to_bf16(vals[i]);
+      const uint16_t* brows[L];
+      const float* frows[L];
+      for (int i = 0; i < n; ++i) brows[i] = &bits[i * ld], frows[i] = &vals[i * ld];
+      std::vector<float> pb(static_cast<size_t>(d * L), -1.f), pf(pb.size(), -1.f);
+      cpu::mqa_pack(brows, n, d, pb.data());
+      cpu::mqa_pack(frows, n, d, pf.data());
+      for (int64_t k = 0; k < d; ++k)
+        for (int i = 0; i < L; ++i) {
+          ASSERT_EQ(pb[k * L + i], i < n ? bf16_to_float(bits[i * ld + k]) : 0.f) << "bf16 k=" << k << " i=" << i;
+          ASSERT_EQ(pf[k * L + i], i < n ? vals[i * ld + k] : 0.f) << "f32 k=" << k << " i=" << i;
+        }
+    }
+}
+
 // The whole fast layer on this ISA against the scalar reference backend: several 256-key blocks, both paths.
 TEST(Kernels, FastLayerMatchesReferenceOnThisIsa) {
   const Config cfg = testing::small_config(48, 3, 24, 16, 8, 8, 8);
@@ -287,39 +592,6 @@ TEST(Kernels, FastLayerMatchesReferenceOnThisIsa) {
       }
       EXPECT_LT(testing::rel_error(outs[0], outs[1]), pr == Precision::F32 ? 1e-5 : 5e-3);
     }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Every ISA variant, by re-running this binary.
-
-std::string self_exe() {
-  std::vector<char> buf(4096);
-  const ssize_t n = ::readlink("/proc/self/exe", buf.data(), buf.size() - 1);
-  return n > 0 ? std::string(buf.data(), static_cast<size_t>(n)) : std::string();
-}
-
-TEST(IsaVariants, EveryVariantPasses) {
-  if (std::getenv("MLA_TEST_CHILD")) GTEST_SKIP() << "child process";
-  const std::string exe = self_exe();
-  ASSERT_FALSE(exe.empty());
-  for (const char* isa : {"scalar", "avx512"}) {
-    SCOPED_TRACE(isa);
-    const testing::TempDir tmp(std::string("isa_") + isa);
-    const auto log = tmp.path() / "child.log";
-    const std::string cmd = "MLA_TEST_CHILD=1 MLA_CPU_ISA=" + std::string(isa) + " '" + exe +
-                            "' --gtest_filter='Kernels.*:KernelIsa.*' > '" + log.string() + "' 2>&1";
-    const int rc = std::system(cmd.c_str());
-    std::ifstream in(log);
-    std::stringstream text;
-    text << in.rdbuf();
-    ASSERT_TRUE(WIFEXITED(rc)) << text.str();
-    EXPECT_EQ(WEXITSTATUS(rc), 0) << text.str();
-    // The child really ran the kernel tests.
-    EXPECT_NE(text.str().find("[       OK ] KernelIsa.ReflectsEnvironment"), std::string::npos) << text.str();
-    EXPECT_NE(text.str().find("[       OK ] Kernels.OnlineSoftmaxStepMatchesScalarReference"), std::string::npos)
-        << text.str();
-    EXPECT_EQ(text.str().find("FAILED"), std::string::npos) << text.str();
   }
 }
 

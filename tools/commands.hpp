@@ -30,12 +30,18 @@ struct BenchArgs {
   std::string preset = "v2-lite";
   bool quick = false;
   int64_t prefill_tokens = 1024, context = 4096, repeats = 0;
+  int64_t decode_layers = 0;  // 0: enough that weights and caches exceed 2 x L3
 };
 
 int run_forward(const ForwardArgs& args);
 int run_info(const InfoArgs& args);
 int run_demo(const DemoArgs& args);
 int run_bench(const BenchArgs& args);
+
+// The CPU kernel variant in use and why it matters, e.g. "avx512 (no AVX512-BF16: ...)" (bench.cpp).
+std::string isa_summary();
+// The rate of one n x n x n GEMM through the CPU backend's GEMM (bf16 or f32 operands), median of reps.
+double gemm_rate_gflops(bool bf16, int64_t n, int reps);
 
 // Parsing helpers shared by the subcommands; throw mla::InvalidArgument naming the flag.
 Precision parse_precision(const std::string& s);

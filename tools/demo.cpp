@@ -7,6 +7,8 @@
 #include <unistd.h>
 
 #include "commands.hpp"
+#include "cpu/gemm.hpp"
+#include "cpu/kernels.hpp"
 #include "mla/mla.hpp"
 
 namespace mla::tools {
@@ -89,6 +91,10 @@ int run_demo(const DemoArgs& a) {
   std::printf("mla demo: one DeepSeek-V2-Lite attention layer (D=%lld, %lld heads, latent %lld+%lld), random weights,"
               " %s on %s\n", (long long)D, (long long)config.num_heads, (long long)config.kv_lora_rank,
               (long long)config.qk_rope_head_dim, a.dtype.c_str(), a.device.c_str());
+  if (a.device == "cpu") {
+    std::printf("  kernels: %s\n  GEMM: %s\n", isa_summary().c_str(), cpu::gemm_library_name().c_str());
+    std::fflush(stdout);
+  }
   const LayerWeights weights = LayerWeights::random(config, a.seed);
   LayerOptions opt;
   opt.device = a.device;
@@ -112,6 +118,11 @@ int run_demo(const DemoArgs& a) {
   const double prefill_flops = CostModel::of(config).prefill_flops(a.prompt);
   std::printf("      %.1f ms, %.0f tokens/s, %.1f GFLOP/s (path: %s)\n", prefill_s * 1e3, a.prompt / prefill_s,
               prefill_flops / prefill_s / 1e9, std::string(path_name(layer.last_paths().at(0))).c_str());
+  if (a.device == "cpu") {  // a quick ceiling: is this machine slow, or the layer?
+    const double gemm = gemm_rate_gflops(opt.precision == Precision::BF16, 1024, 3);
+    std::printf("      this CPU's %s GEMM (1024^3, %s kernels): %.0f GFLOP/s; the prefill reached %.0f%% of it\n",
+                a.dtype.c_str(), cpu::kernel_isa().c_str(), gemm, 100 * prefill_flops / prefill_s / 1e9 / gemm);
+  }
 
   // 2. Chunked prefill must equal one-shot, outputs and cache rows.
   std::printf("[2/4] prefill again in chunks of %lld and compare ...\n", (long long)a.chunk);
@@ -147,7 +158,9 @@ int run_demo(const DemoArgs& a) {
   const CostModel m = CostModel::of(config);
   const int elt = opt.precision == Precision::F32 ? 4 : 2;
   std::printf("\nsummary\n");
-  std::printf("  prefill                 %8.0f tokens/s\n", a.prompt / prefill_s);
+  if (a.device == "cpu") std::printf("  CPU kernels             %s\n", isa_summary().c_str());
+  std::printf("  prefill                 %8.0f tokens/s, %.1f GFLOP/s\n", a.prompt / prefill_s,
+              prefill_flops / prefill_s / 1e9);
   std::printf("  generate, latent cache  %8.1f tokens/s\n", a.generate / latent.seconds);
   std::printf("  generate, re-expanding  %8.1f tokens/s\n", a.generate / slow.seconds);
   std::printf("  speedup                 %8.1fx  (outputs agree to %.1e: %s)\n", slow.seconds / latent.seconds, gen_err,

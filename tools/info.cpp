@@ -2,6 +2,8 @@
 #include <cstdio>
 
 #include "commands.hpp"
+#include "cpu/gemm.hpp"
+#include "cpu/kernels.hpp"
 #include "mla/mla.hpp"
 
 namespace mla::tools {
@@ -57,6 +59,13 @@ int run_info(const InfoArgs& a) {
   std::printf("  auto path chooses                     %s\n", std::string(path_name(choose_path(c, 1, a.context))).c_str());
   std::printf("prefill of %lld tokens: auto path chooses %s\n", (long long)a.context,
               std::string(path_name(choose_path(c, a.context, a.context))).c_str());
+
+  std::string runs;
+  for (cpu::Isa v : cpu::supported_isas()) runs += (runs.empty() ? "" : ", ") + std::string(cpu::isa_name(v));
+  std::printf("\nthis machine (device cpu)\n");
+  std::printf("  kernels   %s\n", isa_summary().c_str());
+  std::printf("            this CPU runs: %s (MLA_CPU_ISA forces one)\n", runs.c_str());
+  std::printf("  GEMM      %s\n", cpu::gemm_library_name().c_str());
   return 0;
 }
 

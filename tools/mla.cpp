@@ -50,6 +50,9 @@ int main(int argc, char** argv) {
   b->add_option("--prefill-tokens", bench.prefill_tokens)->check(CLI::PositiveNumber)->capture_default_str();
   b->add_option("--context", bench.context, "Decode context length")->check(CLI::PositiveNumber)->capture_default_str();
   b->add_option("--repeats", bench.repeats, "Timed repetitions (0: automatic)");
+  b->add_option("--decode-layers", bench.decode_layers,
+                "Layers (own weights and cache) that decode steps rotate over (0: enough to exceed 2 x L3; 1: one "
+                "layer, which a large L3 may hold)");
   b->add_flag("--quick", bench.quick, "Fewer repetitions");
 
   try {

@@ -4,8 +4,10 @@
 #include <oneapi/dnnl/dnnl.h>
 #include <oneapi/dnnl/dnnl_debug.h>
 
+#include <algorithm>
 #include <bit>
 #include <cstddef>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -14,6 +16,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "cpu/kernels.hpp"
 #include "mla/error.hpp"
 
 namespace mla::cpu {
@@ -24,20 +27,51 @@ namespace {
 // bf16 has no sgemm equivalent in oneDNN's public API and always goes through matmul.
 constexpr int64_t kSgemmMaxM = 8;
 
-enum class DType : uint8_t { f32, bf16 };
+// A product of f32 A and bf16 B (the bf16 path without a native bf16 dot product) with at most this many rows goes
+// to the widening GEMV of kernels.hpp, which reads the bf16 bytes once; more rows amortise widening B to f32
+// once per call (panel by panel) for the library's f32 GEMM, which then runs at its full rate.
+constexpr int64_t kGemvMaxM = 16;
+// Widened panels of B hold at most this many elements (64 MB of f32), so a huge weight does not need an
+// f32 copy of itself; A is re-read once per panel.
+constexpr int64_t kPanelElements = int64_t{16} << 20;
+
+// Operand types: f32·f32, bf16·bf16, and f32 A with bf16 B (activations against bf16 weights or cache).
+enum class DType : uint8_t { f32, bf16, f32_bf16 };
 
 std::string shape_str(const char* op, DType dt, int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb,
                       int64_t ldc) {
-  return std::string(op) + (dt == DType::f32 ? " f32" : " bf16") + " M=" + std::to_string(M) +
-         " N=" + std::to_string(N) + " K=" + std::to_string(K) + " lda=" + std::to_string(lda) +
-         " ldb=" + std::to_string(ldb) + " ldc=" + std::to_string(ldc);
+  return std::string(op) + (dt == DType::f32 ? " f32" : dt == DType::bf16 ? " bf16" : " f32·bf16") +
+         " M=" + std::to_string(M) + " N=" + std::to_string(N) + " K=" + std::to_string(K) +
+         " lda=" + std::to_string(lda) + " ldb=" + std::to_string(ldb) + " ldc=" + std::to_string(ldc);
 }
 
 [[noreturn]] void fail(const std::string& what, const std::string& shape) {
   throw Error("mla::cpu::gemm: " + what + " (" + shape + ")");
 }
 
+// The dispatcher of kernels.hpp decides for oneDNN too: a variant below the CPU's best caps the library's own
+// JIT dispatch (before its first primitive), so that a forced variant is honest end to end. A DNNL_MAX_CPU_ISA
+// set by the user wins; gemm_library_name() shows the ISA oneDNN ends up with.
+void cap_library_isa() {
+  static const bool done = [] {
+    if (std::getenv("DNNL_MAX_CPU_ISA")) return true;
+    dnnl::cpu_isa cap = dnnl::cpu_isa::all;
+    switch (isa()) {
+      case Isa::Avx512Bf16: return true;
+      case Isa::Avx512: cap = dnnl::cpu_isa::avx512_core; break;
+      case Isa::Avx2: cap = dnnl::cpu_isa::avx2; break;
+      case Isa::Scalar: cap = dnnl::cpu_isa::sse41; break;
+    }
+    if (dnnl::set_max_cpu_isa(cap) != dnnl::status::success)
+      throw Error("mla::cpu::gemm: cannot cap oneDNN's ISA for the " + kernel_isa() +
+                  " variant (oneDNN had already dispatched)");
+    return true;
+  }();
+  (void)done;
+}
+
 dnnl::engine& engine() {
+  cap_library_isa();
   static dnnl::engine e(dnnl::engine::kind::cpu, 0);
   return e;
 }
@@ -150,20 +184,92 @@ void scale_c(int64_t M, int64_t N, float* C, int64_t ldc, float beta) {
   }
 }
 
+// The library's f32 GEMM: sgemm for a few rows, the matmul primitive otherwise.
+void gemm_f32(const char* op, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+              const float* B, int64_t ldb, float* C, int64_t ldc, float beta) {
+  if (M <= kSgemmMaxM) {
+    const dnnl_status_t st = dnnl_sgemm('N', trans_b ? 'T' : 'N', M, N, K, 1.f, A, lda, B, ldb, beta, C, ldc);
+    if (st != dnnl_success)
+      fail(std::string("dnnl_sgemm failed: ") + dnnl_status2str(st), shape_str(op, DType::f32, M, N, K, lda, ldb, ldc));
+    return;
+  }
+  run_matmul(DType::f32, trans_b, M, N, K, A, lda, B, ldb, C, ldc, beta);
+}
+
+// f32 copies of bf16 operands, per calling thread (slot 0: B panels, slot 1: A); each grows to the largest seen.
+float* widen_scratch(int slot, int64_t elements) {
+  thread_local std::vector<float> buf[2];
+  if (buf[slot].size() < static_cast<size_t>(elements)) buf[slot].resize(static_cast<size_t>(elements));
+  return buf[slot].data();
+}
+
+// dst[r, 0..cols) = f32(src[r, 0..cols)), over the threads unless already inside a parallel region.
+void widen_rows(int64_t rows, int64_t cols, const uint16_t* src, int64_t lds, float* dst, int64_t ldd) {
+  if (omp_in_parallel() || rows * cols < (int64_t{1} << 16)) {  // no parallel construct at all: see fast.cpp
+    for (int64_t r = 0; r < rows; ++r) from_bf16(src + r * lds, dst + r * ldd, cols);
+    return;
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) from_bf16(src + r * lds, dst + r * ldd, cols);
+}
+
+// The widening GEMV of kernels.hpp with N split over the threads (unless already inside a parallel region) in
+// whole kernel tiles: 4 rows of B (nt) or 64 columns (nn).
+void gemv_bf16(bool trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const uint16_t* B,
+               int64_t ldb, float* C, int64_t ldc, float beta) {
+  const int64_t grain = trans_b ? 4 : 64, units = (N + grain - 1) / grain;
+  int64_t threads = omp_in_parallel() || N * K < (int64_t{1} << 15) ? 1 : omp_get_max_threads();
+  threads = std::min(threads, units);
+  auto run = [&](int64_t n0, int64_t n1) {
+    if (n1 <= n0) return;
+    if (trans_b) gemv_nt_bf16(M, n1 - n0, K, A, lda, B + n0 * ldb, ldb, C + n0, ldc, beta);
+    else gemv_nn_bf16(M, n1 - n0, K, A, lda, B + n0, ldb, C + n0, ldc, beta);
+  };
+  if (threads <= 1) return run(0, N);
+#pragma omp parallel num_threads(static_cast<int>(threads))
+  {
+    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+    run(std::min(N, units * t / T * grain), std::min(N, units * (t + 1) / T * grain));
+  }
+}
+
+// f32 A times bf16 B without a bf16 dot product: the widening GEMV for a few rows, else B widened panel by panel
+// for the f32 GEMM (widening costs N·K against the GEMM's M·N·K).
+void gemm_f32_bf16(const char* op, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                   const uint16_t* B, int64_t ldb, float* C, int64_t ldc, float beta) {
+  if (M <= kGemvMaxM) return gemv_bf16(trans_b, M, N, K, A, lda, B, ldb, C, ldc, beta);
+  const int64_t panel = std::clamp<int64_t>(kPanelElements / K, 1, N);  // columns of C per widened panel
+  float* Bf = widen_scratch(0, panel * K);
+  for (int64_t n0 = 0; n0 < N; n0 += panel) {
+    const int64_t np = std::min(panel, N - n0);
+    if (trans_b) widen_rows(np, K, B + n0 * ldb, ldb, Bf, K);
+    else widen_rows(K, np, B + n0, ldb, Bf, np);
+    gemm_f32(op, trans_b, M, np, K, A, lda, Bf, trans_b ? K : np, C + n0, ldc, beta);
+  }
+}
+
 void gemm(const char* op, DType dt, bool trans_b, int64_t M, int64_t N, int64_t K, const void* A, int64_t lda,
           const void* B, int64_t ldb, float* C, int64_t ldc, float beta) {
   if (M < 0 || N < 0 || K < 0) fail("negative dimension", shape_str(op, dt, M, N, K, lda, ldb, ldc));
   if (M == 0 || N == 0) return;
   if (K == 0) return scale_c(M, N, C, ldc, beta);
+  cap_library_isa();
   try {
-    if (dt == DType::f32 && M <= kSgemmMaxM) {
-      const dnnl_status_t st = dnnl_sgemm('N', trans_b ? 'T' : 'N', M, N, K, 1.f, static_cast<const float*>(A), lda,
-                                          static_cast<const float*>(B), ldb, beta, C, ldc);
-      if (st != dnnl_success)
-        fail(std::string("dnnl_sgemm failed: ") + dnnl_status2str(st), shape_str(op, dt, M, N, K, lda, ldb, ldc));
-      return;
+    switch (dt) {
+      case DType::f32:
+        return gemm_f32(op, trans_b, M, N, K, static_cast<const float*>(A), lda, static_cast<const float*>(B), ldb,
+                        C, ldc, beta);
+      case DType::bf16:
+        if (bf16_operands()) return run_matmul(dt, trans_b, M, N, K, A, lda, B, ldb, C, ldc, beta);
+        {
+          float* Af = widen_scratch(1, M * K);
+          widen_rows(M, K, static_cast<const uint16_t*>(A), lda, Af, K);
+          return gemm_f32_bf16(op, trans_b, M, N, K, Af, K, static_cast<const uint16_t*>(B), ldb, C, ldc, beta);
+        }
+      case DType::f32_bf16:
+        return gemm_f32_bf16(op, trans_b, M, N, K, static_cast<const float*>(A), lda,
+                             static_cast<const uint16_t*>(B), ldb, C, ldc, beta);
     }
-    run_matmul(dt, trans_b, M, N, K, A, lda, B, ldb, C, ldc, beta);
   } catch (const dnnl::error& e) {
     fail(std::string("oneDNN matmul failed: ") + dnnl_status2str(e.status) + ": " + e.what(),
          shape_str(op, dt, M, N, K, lda, ldb, ldc));
@@ -192,10 +298,33 @@ void gemm_nn(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, co
   gemm("gemm_nn", DType::bf16, false, M, N, K, A, lda, B, ldb, C, ldc, beta);
 }
 
+void gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const uint16_t* B, int64_t ldb, float* C,
+             int64_t ldc, float beta) {
+  gemm("gemm_nt", DType::f32_bf16, true, M, N, K, A, lda, B, ldb, C, ldc, beta);
+}
+
+void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const uint16_t* B, int64_t ldb, float* C,
+             int64_t ldc, float beta) {
+  gemm("gemm_nn", DType::f32_bf16, false, M, N, K, A, lda, B, ldb, C, ldc, beta);
+}
+
 std::string gemm_library_name() {
+  engine();  // applies the ISA cap first
   const dnnl_version_t* v = dnnl_version();
   std::string name =
       "oneDNN " + std::to_string(v->major) + "." + std::to_string(v->minor) + "." + std::to_string(v->patch);
+  const char* max_isa = "?";
+  switch (dnnl::get_effective_cpu_isa()) {
+    case dnnl::cpu_isa::sse41: max_isa = "sse41"; break;
+    case dnnl::cpu_isa::avx: max_isa = "avx"; break;
+    case dnnl::cpu_isa::avx2: max_isa = "avx2"; break;
+    case dnnl::cpu_isa::avx2_vnni: max_isa = "avx2_vnni"; break;
+    case dnnl::cpu_isa::avx512_core: max_isa = "avx512_core"; break;
+    case dnnl::cpu_isa::avx512_core_vnni: max_isa = "avx512_core_vnni"; break;
+    case dnnl::cpu_isa::avx512_core_bf16: max_isa = "avx512_core_bf16"; break;
+    case dnnl::cpu_isa::avx512_core_amx: max_isa = "avx512_core_amx"; break;
+    default: break;
+  }
   // Report the kernels the matmul primitive actually dispatches to on this CPU.
   auto impl = [](dnnl::memory::data_type in) -> std::string {
     using dims = dnnl::memory::dims;
@@ -207,8 +336,13 @@ std::string gemm_library_name() {
       return "unavailable";
     }
   };
-  return name + " (bf16 " + impl(dnnl::memory::data_type::bf16) + ", f32 " + impl(dnnl::memory::data_type::f32) +
-         ", f32 sgemm for M<=" + std::to_string(kSgemmMaxM) + ")";
+  name += std::string(" up to ") + max_isa + " (";
+  if (bf16_operands()) name += "bf16 " + impl(dnnl::memory::data_type::bf16) + ", ";
+  name += "f32 " + impl(dnnl::memory::data_type::f32) + ", f32 sgemm for M<=" + std::to_string(kSgemmMaxM);
+  if (!bf16_operands())
+    name += "; bf16 operands widened to f32: in-register GEMV for M<=" + std::to_string(kGemvMaxM) +
+            ", else the f32 GEMM";
+  return name + ")";
 }
 
 }  // namespace mla::cpu

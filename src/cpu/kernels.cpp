@@ -1,37 +1,72 @@
+// The instruction-set dispatcher and the scalar versions of the kernels (the twins the SIMD ones in
+// kernels_avx2.cpp and kernels_avx512.cpp are tested against).
 #include "cpu/kernels.hpp"
-
-// GCC 12 warns about its own AVX-512 reduction intrinsics (_mm512_reduce_*); the warning is a false positive.
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <cstring>
 #include <limits>
+#include <string_view>
 
+#include "cpu/kernels_x86.hpp"
 #include "mla/dtype.hpp"
+#include "mla/error.hpp"
 
 namespace mla::cpu {
 namespace {
 
-enum class Isa { Scalar, Avx512, Avx512Bf16 };
+constexpr Isa kAllIsas[] = {Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Scalar};
 
-Isa detect() {
-  Isa best = Isa::Scalar;
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) best = Isa::Avx512;
-  if (best == Isa::Avx512 && __builtin_cpu_supports("avx512bf16")) best = Isa::Avx512Bf16;
-  if (const char* force = std::getenv("MLA_CPU_ISA")) {
-    if (std::strcmp(force, "scalar") == 0) best = Isa::Scalar;
-    else if (std::strcmp(force, "avx512") == 0 && best != Isa::Scalar) best = Isa::Avx512;
-  }
-  return best;
+// __builtin_cpu_supports takes only string literals (it also checks that the OS saves the registers).
+bool cpu_has(std::string_view f) {
+  if (f == "avx512f") return __builtin_cpu_supports("avx512f");
+  if (f == "avx512bw") return __builtin_cpu_supports("avx512bw");
+  if (f == "avx512dq") return __builtin_cpu_supports("avx512dq");
+  if (f == "avx512vl") return __builtin_cpu_supports("avx512vl");
+  if (f == "avx512bf16") return __builtin_cpu_supports("avx512bf16");
+  if (f == "avx2") return __builtin_cpu_supports("avx2");
+  if (f == "fma") return __builtin_cpu_supports("fma");
+  return false;
 }
 
-Isa isa() {
-  static const Isa chosen = detect();
-  return chosen;
+std::vector<std::string_view> features(Isa v) {
+  switch (v) {
+    case Isa::Avx512Bf16: return {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512bf16"};
+    case Isa::Avx512: return {"avx512f", "avx512bw", "avx512dq", "avx512vl"};
+    case Isa::Avx2: return {"avx2", "fma"};
+    case Isa::Scalar: return {};
+  }
+  return {};
+}
+
+std::string missing_features(Isa v) {
+  std::string out;
+  for (std::string_view f : features(v))
+    if (!cpu_has(f)) out += (out.empty() ? "" : ", ") + std::string(f);
+  return out;
+}
+
+std::string supported_list() {
+  std::string out;
+  for (Isa v : supported_isas()) out += (out.empty() ? "" : ", ") + std::string(isa_name(v));
+  return out;
+}
+
+Isa detect() {
+  const Isa best = supported_isas().front();
+  const char* force = std::getenv("MLA_CPU_ISA");
+  if (!force || !*force) return best;
+  for (Isa v : kAllIsas) {
+    if (isa_name(v) != force) continue;
+    const std::string missing = missing_features(v);
+    if (!missing.empty())
+      throw InvalidArgument("MLA_CPU_ISA=" + std::string(force) + ": this CPU cannot run that variant, it lacks " +
+                            missing + " (variants it runs: " + supported_list() + ")");
+    return v;
+  }
+  throw InvalidArgument("MLA_CPU_ISA=" + std::string(force) +
+                        ": unknown variant (expected avx512-bf16, avx512, avx2 or scalar; this CPU runs " +
+                        supported_list() + ")");
 }
 
 // ---- scalar ----
@@ -41,7 +76,7 @@ void to_bf16_scalar(const float* x, uint16_t* y, int64_t n) {
 }
 
 float softmax_scalar(const float* s, int64_t n, int64_t visible, float scale, float& m, float& l, float* pf,
-                     uint16_t* pb) {
+                     uint16_t* pb, bool round_p) {
   float mx = m;
   for (int64_t j = 0; j < visible; ++j) mx = std::max(mx, scale * s[j]);
   const float alpha = (m == -std::numeric_limits<float>::infinity()) ? 0.f : std::exp(m - mx);
@@ -49,7 +84,7 @@ float softmax_scalar(const float* s, int64_t n, int64_t visible, float scale, fl
   for (int64_t j = 0; j < n; ++j) {
     const float p = j < visible ? std::exp(scale * s[j] - mx) : 0.f;
     sum += p;
-    if (pf) pf[j] = p;
+    if (pf) pf[j] = round_p ? round_bf16(p) : p;
     else pb[j] = float_to_bf16(p);
   }
   l = l * alpha + sum;
@@ -57,115 +92,96 @@ float softmax_scalar(const float* s, int64_t n, int64_t visible, float scale, fl
   return alpha;
 }
 
-// ---- AVX-512 ----
-
-// exp(x) for x <= 0 to ~2 ulp: 2^k · P(r), r = x − k·ln2 in [−ln2/2, ln2/2] (Cody–Waite split, degree-6 poly).
-__attribute__((target("avx512f"))) inline __m512 exp512(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.3f);
-  x = _mm512_max_ps(x, lo);
-  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, k);
+void gemv_nt_scalar(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const uint16_t* B, int64_t ldb,
+                    float* C, int64_t ldc, float beta) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      float sum = 0.f;
+      for (int64_t k = 0; k < K; ++k) sum += A[m * lda + k] * bf16_to_float(B[n * ldb + k]);
+      float& c = C[m * ldc + n];
+      c = beta == 0.f ? sum : sum + beta * c;
+    }
 }
 
-// Round to nearest even with integer arithmetic, exact for subnormals (the native vcvtneps2bf16 flushes them
-// to zero); NaN lanes become quiet NaNs with their sign, as float_to_bf16 does.
-__attribute__((target("avx512f,avx512bw"))) inline __m256i cvt_bf16_avx512(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-  return _mm512_cvtepi32_epi16(r);
-}
-
-// Softmax weights lie in [1e-38, 1] (exp512 clamps its argument), never subnormal, so the native instruction
-// rounds them exactly like cvt_bf16_avx512.
-__attribute__((target("avx512f,avx512bw,avx512bf16,avx512vl"))) inline __m256i cvt_bf16_native(__m512 v) {
-  return (__m256i)_mm512_cvtneps_pbh(v);
-}
-
-__attribute__((target("avx512f,avx512bw"))) void to_bf16_avx512(const float* x, uint16_t* y,
-                                                                                    int64_t n) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m512 v = _mm512_loadu_ps(x + i);
-    const __m256i b = cvt_bf16_avx512(v);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), b);
-  }
-  to_bf16_scalar(x + i, y + i, n - i);
-}
-
-template <bool kNative>
-__attribute__((target("avx512f,avx512bw,avx512bf16,avx512vl"))) float softmax_avx512(
-    const float* s, int64_t n, int64_t visible, float scale, float& m, float& l, float* pf, uint16_t* pb) {
-  const __m512 vscale = _mm512_set1_ps(scale);
-  __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  int64_t j = 0;
-  for (; j + 16 <= visible; j += 16) vmax = _mm512_max_ps(vmax, _mm512_mul_ps(vscale, _mm512_loadu_ps(s + j)));
-  if (j < visible) {
-    const __mmask16 k = static_cast<__mmask16>((1u << (visible - j)) - 1);
-    vmax = _mm512_mask_max_ps(vmax, k, vmax, _mm512_mul_ps(vscale, _mm512_maskz_loadu_ps(k, s + j)));
-  }
-  const float mx = std::max(m, _mm512_reduce_max_ps(vmax));
-  const float alpha = (m == -std::numeric_limits<float>::infinity()) ? 0.f : std::exp(m - mx);
-  const __m512 vm = _mm512_set1_ps(mx);
-  __m512 vsum = _mm512_setzero_ps();
-  for (j = 0; j < n; j += 16) {
-    const int64_t left = std::min<int64_t>(16, n - j);
-    const int64_t vis = std::clamp<int64_t>(visible - j, 0, 16);
-    const __mmask16 kall = static_cast<__mmask16>((1u << left) - 1);
-    const __mmask16 kvis = static_cast<__mmask16>((1u << vis) - 1);
-    __m512 p = exp512(_mm512_fmsub_ps(vscale, _mm512_maskz_loadu_ps(kall, s + j), vm));
-    p = _mm512_maskz_mov_ps(kvis, p);
-    vsum = _mm512_add_ps(vsum, p);
-    if (pf) {
-      _mm512_mask_storeu_ps(pf + j, kall, p);
-    } else {
-      __m256i b;
-      if constexpr (kNative) b = cvt_bf16_native(p);
-      else b = cvt_bf16_avx512(p);
-      _mm256_mask_storeu_epi16(pb + j, kall, b);
+void gemv_nn_scalar(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const uint16_t* B, int64_t ldb,
+                    float* C, int64_t ldc, float beta) {
+  std::vector<float> acc(static_cast<size_t>(N));
+  for (int64_t m = 0; m < M; ++m) {
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t n = 0; n < N; ++n) acc[n] += A[m * lda + k] * bf16_to_float(B[k * ldb + n]);
+    for (int64_t n = 0; n < N; ++n) {
+      float& c = C[m * ldc + n];
+      c = beta == 0.f ? acc[n] : acc[n] + beta * c;
     }
   }
-  l = l * alpha + _mm512_reduce_add_ps(vsum);
-  m = mx;
-  return alpha;
 }
 
 }  // namespace
 
-std::string kernel_isa() {
-  switch (isa()) {
+std::vector<Isa> supported_isas() {
+  std::vector<Isa> out;
+  for (Isa v : kAllIsas)
+    if (missing_features(v).empty()) out.push_back(v);
+  return out;
+}
+
+Isa isa() {
+  static const Isa chosen = detect();  // a throw leaves it unset: every later call throws the same error
+  return chosen;
+}
+
+std::string_view isa_name(Isa v) {
+  switch (v) {
     case Isa::Avx512Bf16: return "avx512-bf16";
     case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2";
     case Isa::Scalar: return "scalar";
   }
   return "?";
 }
 
+std::string kernel_isa() { return std::string(isa_name(isa())); }
+
+bool bf16_operands() {
+  static const bool forced = [] {
+    const char* e = std::getenv("MLA_TEST_BF16_OPERANDS");
+    return e && std::string_view(e) == "1";
+  }();
+  return forced || native_bf16();
+}
+
 void to_bf16(const float* x, uint16_t* y, int64_t n) {
   switch (isa()) {
     case Isa::Avx512Bf16:
-    case Isa::Avx512: return to_bf16_avx512(x, y, n);
+    case Isa::Avx512: return avx512::to_bf16(x, y, n);
+    case Isa::Avx2: return avx2::to_bf16(x, y, n);
     case Isa::Scalar: return to_bf16_scalar(x, y, n);
   }
 }
 
 void from_bf16(const uint16_t* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] = bf16_to_float(x[i]);
+  switch (isa()) {
+    case Isa::Avx512Bf16:
+    case Isa::Avx512: return avx512::from_bf16(x, y, n);
+    case Isa::Avx2: return avx2::from_bf16(x, y, n);
+    case Isa::Scalar:
+      for (int64_t i = 0; i < n; ++i) y[i] = bf16_to_float(x[i]);
+  }
+}
+
+void round_bf16_values(const float* x, float* y, int64_t n) {
+  switch (isa()) {
+    case Isa::Avx512Bf16:
+    case Isa::Avx512: return avx512::round_bf16_values(x, y, n);
+    case Isa::Avx2: return avx2::round_bf16_values(x, y, n);
+    case Isa::Scalar:
+      for (int64_t i = 0; i < n; ++i) y[i] = round_bf16(x[i]);
+  }
 }
 
 float online_softmax_step(const float* s, int64_t n, int64_t visible, float scale, float& m, float& l, float* pf,
-                          uint16_t* pb) {
+                          uint16_t* pb, bool round_p) {
   visible = std::clamp<int64_t>(visible, 0, n);
   if (visible == 0) {  // nothing visible in this block: contributes zeros, state unchanged
     if (pf) std::fill(pf, pf + n, 0.f);
@@ -173,15 +189,36 @@ float online_softmax_step(const float* s, int64_t n, int64_t visible, float scal
     return 1.f;
   }
   switch (isa()) {
-    case Isa::Avx512Bf16: return softmax_avx512<true>(s, n, visible, scale, m, l, pf, pb);
-    case Isa::Avx512: return softmax_avx512<false>(s, n, visible, scale, m, l, pf, pb);
-    case Isa::Scalar: return softmax_scalar(s, n, visible, scale, m, l, pf, pb);
+    case Isa::Avx512Bf16: return avx512::softmax_native_cvt(s, n, visible, scale, m, l, pf, pb, round_p);
+    case Isa::Avx512: return avx512::softmax(s, n, visible, scale, m, l, pf, pb, round_p);
+    case Isa::Avx2: return avx2::softmax(s, n, visible, scale, m, l, pf, pb, round_p);
+    case Isa::Scalar: return softmax_scalar(s, n, visible, scale, m, l, pf, pb, round_p);
   }
   return 1.f;
 }
 
 void scale_inplace(float* y, int64_t n, float a) {
   for (int64_t i = 0; i < n; ++i) y[i] *= a;
+}
+
+void gemv_nt_bf16(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const uint16_t* B, int64_t ldb,
+                  float* C, int64_t ldc, float beta) {
+  switch (isa()) {
+    case Isa::Avx512Bf16:
+    case Isa::Avx512: return avx512::gemv_nt_bf16(M, N, K, A, lda, B, ldb, C, ldc, beta);
+    case Isa::Avx2: return avx2::gemv_nt_bf16(M, N, K, A, lda, B, ldb, C, ldc, beta);
+    case Isa::Scalar: return gemv_nt_scalar(M, N, K, A, lda, B, ldb, C, ldc, beta);
+  }
+}
+
+void gemv_nn_bf16(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const uint16_t* B, int64_t ldb,
+                  float* C, int64_t ldc, float beta) {
+  switch (isa()) {
+    case Isa::Avx512Bf16:
+    case Isa::Avx512: return avx512::gemv_nn_bf16(M, N, K, A, lda, B, ldb, C, ldc, beta);
+    case Isa::Avx2: return avx2::gemv_nn_bf16(M, N, K, A, lda, B, ldb, C, ldc, beta);
+    case Isa::Scalar: return gemv_nn_scalar(M, N, K, A, lda, B, ldb, C, ldc, beta);
+  }
 }
 
 }  // namespace mla::cpu

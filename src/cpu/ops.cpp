@@ -1,9 +1,10 @@
 // CPU kernels for mla/ops.hpp (both CPU backends use them). Flash-style: keys are streamed in blocks of
 // kKeyBlock, logits S = Q·Kᵀ and the online softmax stay in fp32, O += P·V accumulates in fp32. BF16 inputs
-// feed the bf16 GEMMs directly (P is rounded to bf16 for P·V, as on the GPU); F16 and F32 inputs are computed
-// in f32 (F16 converted block by block). Blocks are copied into fixed-size, zero-padded scratch so that the
-// GEMM shapes (and oneDNN's cached primitives) do not depend on sequence lengths. Parameters were validated by
-// src/core/ops.cpp; semantics in docs/ops.md.
+// feed the bf16 GEMMs directly (P is rounded to bf16 for P·V, as on the GPU), or, on a CPU without a native bf16
+// dot product (kernels.hpp), are widened to f32 block by block with P rounded to bf16 values: the same products.
+// F16 and F32 inputs are computed in f32 (F16 converted block by block). Blocks are copied into fixed-size,
+// zero-padded scratch so that the GEMM shapes (and oneDNN's cached primitives) do not depend on sequence lengths.
+// Parameters were validated by src/core/ops.cpp; semantics in docs/ops.md.
 #include "cpu/ops.hpp"
 
 #include <omp.h>
@@ -13,6 +14,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -46,6 +48,8 @@ void load(const void* src, DType dt, int64_t offset, int64_t n, T* dst) {
     std::memcpy(dst, static_cast<const uint16_t*>(src) + offset, static_cast<size_t>(n) * 2);
   } else if (dt == DType::F32) {
     std::memcpy(dst, static_cast<const float*>(src) + offset, static_cast<size_t>(n) * 4);
+  } else if (dt == DType::BF16) {
+    from_bf16(static_cast<const uint16_t*>(src) + offset, dst, n);
   } else {
     const uint16_t* s = static_cast<const uint16_t*>(src) + offset;
     for (int64_t i = 0; i < n; ++i) dst[i] = f16_to_float(s[i]);
@@ -77,22 +81,67 @@ struct Scratch {
 };
 
 // Attends Q [rows, d] to one block of kKeyBlock keys K (rows of stride ldk, first d columns) with values V
-// (rows of stride ldv, first dv columns). Query row r sees the block's keys j < visible(r).
+// (rows of stride ldv, first dv columns). Query row r sees the block's keys j < visible(r). round_p: float P
+// rounded to bf16 values (BF16 input widened to f32).
 template <class T, class Visible>
 void attend_block(const T* Q, int64_t rows, int64_t d, const T* K, int64_t ldk, const T* V, int64_t ldv, int64_t dv,
-                  float scale, Visible visible, Partial& st, Scratch<T>& sc) {
+                  float scale, Visible visible, Partial& st, Scratch<T>& sc, bool round_p) {
   gemm_nt(rows, kKeyBlock, d, Q, d, K, ldk, sc.s.data(), kKeyBlock);
   for (int64_t r = 0; r < rows; ++r) {
     float* pf = nullptr;
     uint16_t* pb = nullptr;
     if constexpr (std::is_same_v<T, float>) pf = sc.p.data() + r * kKeyBlock;
     else pb = sc.p.data() + r * kKeyBlock;
-    const float alpha =
-        online_softmax_step(sc.s.data() + r * kKeyBlock, kKeyBlock, visible(r), scale, st.m[r], st.l[r], pf, pb);
+    const float alpha = online_softmax_step(sc.s.data() + r * kKeyBlock, kKeyBlock, visible(r), scale, st.m[r],
+                                            st.l[r], pf, pb, round_p);
     scale_inplace(&st.acc[r * dv], dv, alpha);
   }
   gemm_nn(rows, dv, kKeyBlock, sc.p.data(), kKeyBlock, V, ldv, st.acc.data(), dv, 1.f);
 }
+
+// The f32 form of attend_block for decode, where every query row shares each key and value row (MQA): the M rows
+// as vector lanes through mqa_block (kernels.hpp), in groups of kMqaLanes, queries and output transposed.
+class Lanes {
+ public:
+  Lanes(const float* q, int64_t rows, int64_t d, int64_t dv)
+      : rows_(rows), d_(d), dv_(dv), groups_((rows + kMqaLanes - 1) / kMqaLanes) {
+    qT_.assign(static_cast<size_t>(groups_ * d * kMqaLanes), 0.f);
+    accT_.assign(static_cast<size_t>(groups_ * dv * kMqaLanes), 0.f);
+    m_.assign(static_cast<size_t>(groups_ * kMqaLanes), -kInf);
+    l_.assign(m_.size(), 0.f);
+    s_.resize(static_cast<size_t>(kKeyBlock * kMqaLanes));
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t k = 0; k < d; ++k) qT_[((r / kMqaLanes) * d + k) * kMqaLanes + r % kMqaLanes] = q[r * d + k];
+  }
+
+  // One block of `keys` keys in mqa_pack's panels [ceil(keys/16), d, 16]; row r sees the keys j < visible(r).
+  template <class Visible>
+  void attend(const float* kv, int64_t keys, float scale, bool round_p, Visible visible) {
+    int32_t vis[kMqaLanes];
+    for (int64_t g = 0; g < groups_; ++g) {
+      const int rows = static_cast<int>(std::min<int64_t>(kMqaLanes, rows_ - g * kMqaLanes));
+      for (int r = 0; r < rows; ++r)
+        vis[r] = static_cast<int32_t>(std::clamp<int64_t>(visible(g * kMqaLanes + r), 0, keys));
+      mqa_block({.qT = &qT_[g * d_ * kMqaLanes], .kv = kv, .d = d_, .dv = dv_, .keys = keys, .rows = rows,
+                 .visible = vis, .scale = scale, .round_p = round_p, .m = &m_[g * kMqaLanes],
+                 .l = &l_[g * kMqaLanes], .accT = &accT_[g * dv_ * kMqaLanes], .s = s_.data()});
+    }
+  }
+
+  Partial partial() const {
+    Partial st(rows_, dv_);
+    for (int64_t r = 0; r < rows_; ++r) {
+      const int64_t g = r / kMqaLanes, lane = r % kMqaLanes;
+      st.m[r] = m_[r], st.l[r] = l_[r];
+      for (int64_t j = 0; j < dv_; ++j) st.acc[r * dv_ + j] = accT_[(g * dv_ + j) * kMqaLanes + lane];
+    }
+    return st;
+  }
+
+ private:
+  int64_t rows_, d_, dv_, groups_;
+  std::vector<float> qT_, accT_, m_, l_, s_;
+};
 
 // Normalises one row: out = acc / l, lse = m + ln l; a row that saw no key gets out = 0 and lse = +inf.
 void finish_row(const float* acc, float m, float l, int64_t dv, float* out, float& lse) {
@@ -138,12 +187,15 @@ void decode(const DecodeParams& p) {
   {
     Scratch<T> sc(M);
     std::vector<T> kv(static_cast<size_t>(kKeyBlock * d));
+    std::vector<float> panels(std::is_same_v<T, float> ? kv.size() : 0);
 #pragma omp for schedule(dynamic)
     for (size_t s = 0; s < splits.size(); ++s) {
       const auto [b, k_begin, k_end] = splits[s];
       const int64_t L = p.cache_seqlens[b];
       const int32_t* table = p.block_table + b * p.max_pages;
       Partial st(M, dv);
+      std::optional<Lanes> lanes;  // f32 operands: the lanes kernel
+      if constexpr (std::is_same_v<T, float>) lanes.emplace(&q[b * M * d], M, d, dv);
       for (int64_t k0 = k_begin; k0 < k_end; k0 += kKeyBlock) {
         const int64_t kb = std::min(kKeyBlock, k_end - k0);
         for (int64_t t = k0; t < k0 + kb;) {  // gather rows [k0, k0 + kb), one page-contiguous run at a time
@@ -151,14 +203,24 @@ void decode(const DecodeParams& p) {
           load(p.kv_cache, p.dtype, (static_cast<int64_t>(table[t / P]) * P + t % P) * d, run * d, &kv[(t - k0) * d]);
           t += run;
         }
-        std::fill(kv.begin() + kb * d, kv.end(), T{});  // zero padding: finite values behind masked keys
         auto visible = [&](int64_t r) {
           const int64_t i = r / p.h_q;
           return (p.causal ? L - (p.s_q - 1 - i) : L) - k0;
         };
-        attend_block(&q[b * M * d], M, d, kv.data(), d, kv.data(), d, dv, p.softmax_scale, visible, st, sc);
+        if constexpr (std::is_same_v<T, float>) {
+          for (int64_t t0 = 0; t0 < kb; t0 += kMqaLanes) {  // widened rows into 16-key panels
+            const float* rows[kMqaLanes];
+            const int n = static_cast<int>(std::min<int64_t>(kMqaLanes, kb - t0));
+            for (int i = 0; i < n; ++i) rows[i] = &kv[(t0 + i) * d];
+            mqa_pack(rows, n, d, &panels[t0 * d]);
+          }
+          lanes->attend(panels.data(), kb, p.softmax_scale, p.dtype == DType::BF16, visible);
+        } else {
+          std::fill(kv.begin() + kb * d, kv.end(), T{});  // zero padding: finite values behind masked keys
+          attend_block(&q[b * M * d], M, d, kv.data(), d, kv.data(), d, dv, p.softmax_scale, visible, st, sc, false);
+        }
       }
-      parts[s] = std::move(st);
+      parts[s] = lanes ? lanes->partial() : std::move(st);
     }
 
     // Merge each sequence's splits (rescale to the common max) and write out and lse.
@@ -223,7 +285,8 @@ void prefill(const PrefillParams& p) {
         std::fill(k.begin() + kb * dqk, k.end(), T{});
         std::fill(v.begin() + kb * dv, v.end(), T{});
         auto visible = [&](int64_t r) { return (p.causal ? n_k - n_q + i0 + r + 1 : n_k) - k0; };
-        attend_block(q.data(), kQueryTile, dqk, k.data(), dqk, v.data(), dv, dv, p.softmax_scale, visible, st, sc);
+        attend_block(q.data(), kQueryTile, dqk, k.data(), dqk, v.data(), dv, dv, p.softmax_scale, visible, st, sc,
+                     p.dtype == DType::BF16);
       }
       for (int64_t r = 0; r < qt; ++r) {
         float lse = 0.f;
@@ -238,7 +301,7 @@ void prefill(const PrefillParams& p) {
 }  // namespace
 
 void decode_attention(const DecodeParams& p) {
-  if (p.dtype == DType::BF16) decode<uint16_t>(p);
+  if (p.dtype == DType::BF16 && bf16_operands()) decode<uint16_t>(p);
   else decode<float>(p);
 }
 
@@ -249,7 +312,7 @@ DecodeSchedule plan_decode_attention(const DecodeParams&) {
 }
 
 void prefill_attention(const PrefillParams& p) {
-  if (p.dtype == DType::BF16) prefill<uint16_t>(p);
+  if (p.dtype == DType::BF16 && bf16_operands()) prefill<uint16_t>(p);
   else prefill<float>(p);
 }
 
