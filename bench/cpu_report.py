@@ -4,6 +4,7 @@ Usage: cpu_report.py MLA_JSON ANCHOR_JSON MLA_TEXT [FLAGS] [ANCHOR_COMMAND]
 Reads only keys it finds: a key missing from either JSON prints "n/a" instead of failing.
 """
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -69,6 +70,9 @@ print(f"- anchor: PyTorch {anchor.get('torch', NA)} and transformers {anchor.get
       f"{anchor.get('cpu_capability', NA)}, transformers attention `{anchor.get('attn_implementation', NA)}`; "
       f"venv {anchor.get('venv', NA)} ({inst.get('method', NA)}; {fmt(inst.get('mib'), '.0f', ' MiB')}, "
       f"made in {fmt(inst.get('seconds'), '.0f', ' s')} on {inst.get('date', NA)})")
+load = os.environ.get("MLA_BENCH_LOAD", "").split("|")
+if len(load) == 2:
+    print(f"- load average (1, 5, 15 min) of the {sh('nproc')}-core machine: {load[0]} before the run, {load[1]} after")
 print(f"- timing: every row is a median over repeated calls after warm-up (anchor: {anchor.get('reps', NA)} timed "
       f"calls after 2 warm-ups, the absorbed decode 5x as many); the machine is shared, so repeated runs move\n")
 

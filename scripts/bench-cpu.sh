@@ -10,6 +10,7 @@ venv=$(scripts/bench-venv.sh)
 threads=${MLA_BENCH_THREADS:-2}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+cut -d" " -f1-3 /proc/loadavg >"$tmp/load"  # the machine is shared: the report shows the load before and after
 OMP_NUM_THREADS=$threads ./build/mla bench --json "$tmp/mla.json" "$@" | tee "$tmp/mla.txt"
 # The anchor takes the shapes mla used (its rows carry them); it only knows the V2-Lite layer.
 read -r preset tokens context < <(python3 -c 'import json, sys
@@ -23,8 +24,10 @@ fi
 anchor=(bench/transformers_anchor.py --threads "$threads" --tokens "$tokens" --context "$context" --reps 7 --mla build/mla)
 echo "anchor: ${anchor[*]} (torch and transformers from $venv)"
 OMP_NUM_THREADS=$threads "$venv/bin/python" "${anchor[@]}" >"$tmp/anchor.json"
+cut -d" " -f1-3 /proc/loadavg >>"$tmp/load"
 out="bench/results/$(date -u +%F)-cpu-v2lite.md"
-python3 bench/cpu_report.py "$tmp/mla.json" "$tmp/anchor.json" "$tmp/mla.txt" "$*" "${anchor[*]}" >"$tmp/report.md"
+MLA_BENCH_LOAD="$(paste -sd'|' "$tmp/load")" \
+  python3 bench/cpu_report.py "$tmp/mla.json" "$tmp/anchor.json" "$tmp/mla.txt" "$*" "${anchor[*]}" >"$tmp/report.md"
 mv "$tmp/report.md" "$out"  # after the report read `git status`, so the old file does not mark the tree dirty
 echo "wrote $out"
 sed -n '/^## Results/,/^## Checks/p' "$out"
