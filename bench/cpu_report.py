@@ -72,7 +72,7 @@ print(f"- anchor: PyTorch {anchor.get('torch', NA)} and transformers {anchor.get
       f"made in {fmt(inst.get('seconds'), '.0f', ' s')} on {inst.get('date', NA)})")
 load = os.environ.get("MLA_BENCH_LOAD", "").split("|")
 if len(load) == 2:
-    print(f"- load average (1, 5, 15 min) of the {sh('nproc')}-core machine: {load[0]} before the run, {load[1]} after")
+    print(f"- load average (1, 5, 15 min) of the {sh('nproc')}-core machine: {load[0]} before the run, {load[1]} after (the run itself adds about its thread count)")
 print(f"- timing: every row is a median over repeated calls after warm-up (anchor: {anchor.get('reps', NA)} timed "
       f"calls after 2 warm-ups, the absorbed decode 5x as many); the machine is shared, so repeated runs move\n")
 
