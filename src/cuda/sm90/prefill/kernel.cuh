@@ -17,8 +17,7 @@
 // past n_q are computed but never stored; keys past n_k are masked by value (a NaN there never reaches the max or
 // the sums), and the V rows past n_k of the last tile, which belong to the next sequence, are zeroed by the producer
 // warpgroup before P·V reads them (P is 0 there, but 0·NaN is NaN). With device-side cu_seqlens (Params::cu_q) one
-// launch covers the batch: item w is head w % heads of the batch's (w / heads)-th 128-row query block
-// (find_slot). P is rounded to bf16 before P·V, the row sums are fp32 sums of the
+// launch covers the batch (item_of: which query block of which head). P is rounded to bf16 before P·V, the row sums are fp32 sums of the
 // unrounded probabilities, O is written in bf16 (the sm80 kernel's rounding points; not bitwise equal to it: the
 // exponent is one FFMA and 2^x is MUFU.EX2 without exp2f's subnormal fixup).
 #pragma once
@@ -104,6 +103,21 @@ __device__ __forceinline__ Slot find_slot(const Params& p, int g) {
   return {0, 0, -1, 0, 0};
 }
 
+// Item w of the launch: query block g (find_slot) of head h. Heads go in groups of kHeadGroup, query blocks
+// outermost within a group: the ~132 items in flight at one time are ~33 query blocks of 4 heads, so each K/V
+// tile is read from HBM once for many items (L2), and a wave of items mixes long and short causal rows.
+constexpr int kHeadGroup = 4;
+__device__ __forceinline__ void item_of(int w, int blocks, int heads, int& g, int& h) {
+  const int grouped = heads / kHeadGroup * kHeadGroup;
+  if (w < blocks * grouped) {
+    const int r = w % (blocks * kHeadGroup);
+    g = r / kHeadGroup, h = w / (blocks * kHeadGroup) * kHeadGroup + r % kHeadGroup;
+  } else {
+    const int rest = heads - grouped, r = w - blocks * grouped;
+    g = r / rest, h = grouped + r % rest;
+  }
+}
+
 // Key tiles of an item: those up to the last key its last row sees (0: the item only writes zeros).
 __device__ __forceinline__ int key_tiles(const Params& p, const Slot& s) {
   const int last_row = min((s.m_block + 1) * kBlockM, s.n_q) - 1;
@@ -164,7 +178,8 @@ __device__ __forceinline__ void zero_v_tail(SharedMemoryPlan& sm, int st, int fi
 
 template <bool kStrided>
 __global__ void __launch_bounds__(kThreads, 1)
-    prefill_kernel(const __grid_constant__ Params p, const __grid_constant__ Maps maps, int items) {
+    prefill_kernel(const __grid_constant__ Params p, const __grid_constant__ Maps maps, int blocks) {
+  const int items = blocks * p.heads;
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ unsigned char smem_raw[];
   auto& sm = *reinterpret_cast<SharedMemoryPlan*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
@@ -184,12 +199,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     set_max_registers_dec<24>();  // the consumers' 2 · 128 · 240 fit only beside 24 (168 at launch)
     int c = 0, loaded = 0, tails = 0;
     for (int w = blockIdx.x; w < items; w += gridDim.x) {
-      const Slot s = find_slot(p, w / p.heads);
+      int g, h;
+      item_of(w, blocks, p.heads, g, h);
+      const Slot s = find_slot(p, g);
       if (s.m_block < 0) continue;
       const int tiles = key_tiles(p, s);
       if (tiles == 0) continue;
       const bool tail = has_v_tail(p, s, tiles);
-      const int h = w % p.heads;
       if (threadIdx.x == 0)
         produce<kStrided>(sm, maps, h, p.k_tail_head != 0 ? h : 0, s.q_offset + s.m_block * kBlockM, s.k_offset, tiles, c, loaded, tail);
       __syncwarp();
@@ -209,7 +225,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 #pragma unroll 1
   for (int w = blockIdx.x; w < items; w += gridDim.x) {
-    const Slot slot = find_slot(p, w / p.heads);
+    int g, h;
+    item_of(w, blocks, p.heads, g, h);
+    const Slot slot = find_slot(p, g);
     if (slot.m_block < 0) continue;
     const int n_k = slot.n_k, m0 = slot.m_block * kBlockM, diag = n_k - slot.n_q;
     const int tiles = key_tiles(p, slot);
@@ -293,7 +311,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
 
     // The slot again (a few loads and shuffles) rather than its fields kept in registers through the main loop.
-    const Slot out_slot = find_slot(p, w / p.heads);
+    item_of(w, blocks, p.heads, g, h);
+    const Slot out_slot = find_slot(p, g);
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       float l = l_run[i];
@@ -302,13 +321,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int r = out_slot.m_block * kBlockM + 64 * wg + r_local[i];
       if (r >= out_slot.n_q) continue;
       const float inv = l > 0.f ? 1.f / l : 0.f;
-      auto* out = static_cast<__nv_bfloat16*>(p.out) + ((int64_t{out_slot.q_offset} + r) * p.heads + w % p.heads) * kHeadDimV + 2 * (lane % 4);
+      auto* out = static_cast<__nv_bfloat16*>(p.out) + ((int64_t{out_slot.q_offset} + r) * p.heads + h) * kHeadDimV + 2 * (lane % 4);
 #pragma unroll
       for (int j = 0; j < kHeadDimV / 8; ++j)
         *reinterpret_cast<__nv_bfloat162*>(out + 8 * j) =
             __floats2bfloat162_rn(o[4 * j + 2 * i] * inv, o[4 * j + 2 * i + 1] * inv);
       if (p.lse && lane % 4 == 0)
-        p.lse[static_cast<int64_t>(w % p.heads) * p.total_q + out_slot.q_offset + r] =
+        p.lse[static_cast<int64_t>(h) * p.total_q + out_slot.q_offset + r] =
             l > 0.f ? m_run[i] * 0.69314718055994531f + logf(l) : INFINITY;
     }
   }

@@ -58,7 +58,7 @@ void run_bf16_192_128(const Params& p, cudaStream_t stream) {
   MLA_CUDA_CHECK(cudaGetDevice(&device));
   MLA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const auto grid = static_cast<unsigned>(std::min<int64_t>(items, sms));
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(p, maps, static_cast<int>(items));
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(p, maps, static_cast<int>(blocks));
   MLA_CUDA_LAUNCH_CHECK();
 }
 
