@@ -1,6 +1,6 @@
 // The sm90 expanded-prefill kernel (wgmma + TMA, bf16, q·k 192, v 128, causal bottom-right). A work item = 128
-// queries of one head; the grid is persistent (one block per SM, items w = blockIdx.x, + gridDim.x, ...), so that
-// an item's Q and first key tiles load while the previous item's last P·V and epilogue run. Per warpgroup and key
+// queries of one head; a block does two (items_of_block), so that the second item's Q and first key tiles load
+// while the first item's last P·V and epilogue run. Per warpgroup and key
 // tile j (mainloop.cuh): issue S = Q·K_{j+1}ᵀ, then O += P_j·V_j, run the softmax of S while P·V is in flight
 // (FlashAttention-3's intra-warpgroup overlap), and in addition:
 //
@@ -17,9 +17,9 @@
 // past n_q are computed but never stored; keys past n_k are masked by value (a NaN there never reaches the max or
 // the sums), and the V rows past n_k of the last tile, which belong to the next sequence, are zeroed by the producer
 // warpgroup before P·V reads them (P is 0 there, but 0·NaN is NaN). With device-side cu_seqlens (Params::cu_q) one
-// launch covers the batch (item_of: which query block of which head). P is rounded to bf16 before P·V, the row sums are fp32 sums of the
-// unrounded probabilities, O is written in bf16 (the sm80 kernel's rounding points; not bitwise equal to it: the
-// exponent is one FFMA and 2^x is MUFU.EX2 without exp2f's subnormal fixup).
+// launch covers the batch (find_slot: which sequence a query block of the batch belongs to). P is rounded to bf16
+// before P·V, the row sums are fp32 sums of the unrounded probabilities, O is written in bf16 (the sm80 kernel's
+// rounding points; not bitwise equal to it: the exponent is one FFMA and 2^x is MUFU.EX2 without exp2f's subnormal fixup).
 #pragma once
 
 #include <cuda.h>
@@ -103,20 +103,11 @@ __device__ __forceinline__ Slot find_slot(const Params& p, int g) {
   return {0, 0, -1, 0, 0};
 }
 
-// Item w of the launch: query block g (find_slot) of head h. Heads go in groups of kHeadGroup, query blocks
-// outermost within a group: the ~132 items in flight at one time are ~33 query blocks of 4 heads, so each K/V
-// tile is read from HBM once for many items (L2), and a wave of items mixes long and short causal rows.
-constexpr int kHeadGroup = 4;
-__device__ __forceinline__ void item_of(int w, int blocks, int heads, int& g, int& h) {
-  const int grouped = heads / kHeadGroup * kHeadGroup;
-  if (w < blocks * grouped) {
-    const int r = w % (blocks * kHeadGroup);
-    g = r / kHeadGroup, h = w / (blocks * kHeadGroup) * kHeadGroup + r % kHeadGroup;
-  } else {
-    const int rest = heads - grouped, r = w - blocks * grouped;
-    g = r / rest, h = grouped + r % rest;
-  }
-}
+// The items of block (x, h): query blocks x and blocks - 1 - x (find_slot) of head h. In a causal sequence the
+// two together always hold about the same number of key tiles, the hardware's block scheduler balances the rest,
+// and the second item's Q and first tiles load under the first item's last P·V and epilogue.
+__device__ __forceinline__ int items_of_block(int blocks) { return 2 * blockIdx.x + 1 == blocks ? 1 : 2; }
+__device__ __forceinline__ int query_block(int blocks, int i) { return i == 0 ? blockIdx.x : blocks - 1 - blockIdx.x; }
 
 // Key tiles of an item: those up to the last key its last row sees (0: the item only writes zeros).
 __device__ __forceinline__ int key_tiles(const Params& p, const Slot& s) {
@@ -179,7 +170,7 @@ __device__ __forceinline__ void zero_v_tail(SharedMemoryPlan& sm, int st, int fi
 template <bool kStrided>
 __global__ void __launch_bounds__(kThreads, 1)
     prefill_kernel(const __grid_constant__ Params p, const __grid_constant__ Maps maps, int blocks) {
-  const int items = blocks * p.heads;
+  const int items = items_of_block(blocks), h = blockIdx.y;
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ unsigned char smem_raw[];
   auto& sm = *reinterpret_cast<SharedMemoryPlan*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
@@ -198,10 +189,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x < 128) {  // producer warpgroup
     set_max_registers_dec<24>();  // the consumers' 2 · 128 · 240 fit only beside 24 (168 at launch)
     int c = 0, loaded = 0, tails = 0;
-    for (int w = blockIdx.x; w < items; w += gridDim.x) {
-      int g, h;
-      item_of(w, blocks, p.heads, g, h);
-      const Slot s = find_slot(p, g);
+    for (int i = 0; i < items; ++i) {
+      const Slot s = find_slot(p, query_block(blocks, i));
       if (s.m_block < 0) continue;
       const int tiles = key_tiles(p, s);
       if (tiles == 0) continue;
@@ -224,10 +213,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   int c = 0, loaded = 0;
 
 #pragma unroll 1
-  for (int w = blockIdx.x; w < items; w += gridDim.x) {
-    int g, h;
-    item_of(w, blocks, p.heads, g, h);
-    const Slot slot = find_slot(p, g);
+  for (int i = 0; i < items; ++i) {
+    const Slot slot = find_slot(p, query_block(blocks, i));
     if (slot.m_block < 0) continue;
     const int n_k = slot.n_k, m0 = slot.m_block * kBlockM, diag = n_k - slot.n_q;
     const int tiles = key_tiles(p, slot);
@@ -311,8 +298,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
 
     // The slot again (a few loads and shuffles) rather than its fields kept in registers through the main loop.
-    item_of(w, blocks, p.heads, g, h);
-    const Slot out_slot = find_slot(p, g);
+    const Slot out_slot = find_slot(p, query_block(blocks, i));
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       float l = l_run[i];
