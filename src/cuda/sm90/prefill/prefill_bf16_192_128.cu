@@ -49,12 +49,11 @@ void run_bf16_192_128(const Params& p, cudaStream_t stream) {
   }
   auto* kernel = strided ? prefill_kernel<true> : prefill_kernel<false>;
   MLA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)));
-  // Query blocks; batched, at most Σ ceil(n_q / 128) <= total_q / 128 + batch (the spare ones are skipped).
-  // Two per block (the kernel's items_of_block).
+  // Batched: at most Σ ceil(n_q / 128) <= total_q / 128 + batch query blocks; the spare ones return at once.
   const int64_t blocks = batched ? (p.total_q + kBlockM - 1) / kBlockM + p.batch : (p.n_q + kBlockM - 1) / kBlockM;
-  if (blocks >= (int64_t{1} << 30)) throw InvalidArgument("prefill_attention (cuda): too many query blocks");
-  const dim3 grid(static_cast<unsigned>((blocks + 1) / 2), p.heads);
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(p, maps, static_cast<int>(blocks));
+  if (blocks >= (int64_t{1} << 31)) throw InvalidArgument("prefill_attention (cuda): too many query blocks");
+  const dim3 grid(static_cast<unsigned>(blocks), p.heads);
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(p, maps);
   MLA_CUDA_LAUNCH_CHECK();
 }
 
