@@ -21,6 +21,8 @@
 namespace nb = nanobind;
 using namespace nb::literals;
 
+void bind_train(nb::module_& m);  // train_bindings.cpp
+
 namespace {
 
 using Array = nb::ndarray<nb::ro>;  // any dtype, any device, read-only allowed
@@ -518,6 +520,7 @@ NB_MODULE(_mla, m) {
         "page_size"_a, "dtype"_a, "device"_a);
   m.def("prefill", &prefill, "q"_a, "k"_a, "v"_a, "cu_seqlens_q"_a, "cu_seqlens_k"_a, "out"_a, "lse"_a.none(),
         "softmax_scale"_a, "causal"_a, "device"_a = "", "stream"_a = 0);
+  bind_train(m);
   m.def("available_devices", &mla::available_devices, "The backends compiled in and usable here.");
   m.def("run_sequences",
         [](mla::Attention& layer, Array hidden, std::optional<Array> positions, int64_t chunk, int64_t decode_after,
