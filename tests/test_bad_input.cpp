@@ -507,6 +507,40 @@ TEST(BadForward, HugeFiniteHiddenStoresNothing) {
     }
 }
 
+// Over a scan of input magnitudes, a call either succeeds with every output and stored row finite, or refuses
+// with nothing stored. Where exactly a layer overflows depends on the backend and kernel variant (the fast f32
+// layer on an AVX-512 CPU returns NaN outputs from finite cache rows at 1e15, which only the output check
+// catches; 3e38 gives non-finite cache rows everywhere).
+TEST(BadForward, OverflowScanNeverStoresOrReturnsNonFinite) {
+  const SmallLayer s;
+  for (const char* dev : {"cpu", "cpu-reference"})
+    for (Precision pr : {Precision::F32, Precision::BF16}) {
+      int refused = 0;
+      for (float v : {1e5f, 1e10f, 1e12f, 1e15f, 1e18f, 1e20f, 1e25f, 1e30f, 1e35f, 3e38f}) {
+        SCOPED_TRACE(::testing::Message() << dev << " " << precision_name(pr) << " " << v);
+        Fixture f(s.w, dev, pr);
+        auto h = testing::random_values(static_cast<size_t>(4 * s.D), 12);
+        for (int64_t j = 0; j < s.D; ++j) h[3 * s.D + j] = v * (j % 3 == 0 ? -1.f : 1.f);
+        std::vector<float> out(h.size());
+        const SequenceChunk c[] = {{f.a, 1, nullptr}, {f.b, 3, nullptr}};
+        try {
+          f.layer.forward(c, h.data(), out.data(), f.cache);
+          for (float o : out) ASSERT_TRUE(std::isfinite(o));
+          EXPECT_EQ(f.cache.first_non_finite(f.a, 0, 6), -1);
+          EXPECT_EQ(f.cache.first_non_finite(f.b, 0, 3), -1);
+        } catch (const InvalidArgument& e) {
+          const std::string msg = e.what();
+          EXPECT_NE(msg.find("sequence " + std::to_string(f.b)), std::string::npos) << msg;
+          EXPECT_NE(msg.find("row 3"), std::string::npos) << msg;
+          EXPECT_NE(msg.find("not finite"), std::string::npos) << msg;
+          f.check_unchanged();
+          ++refused;
+        }
+      }
+      EXPECT_GE(refused, 1) << dev << " " << precision_name(pr);  // 3e38 at least
+    }
+}
+
 TEST(BadForward, RunSequencesHugeFiniteHidden) {
   const SmallLayer s;
   Attention layer(s.w, {.device = "cpu", .precision = Precision::F32});
