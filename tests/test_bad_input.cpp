@@ -416,7 +416,7 @@ TEST(BadForward, ManySequencesDuplicateCheckIsFast) {
   expect_throw_with<InvalidArgument>([&] { layer.forward(batch, h.data(), out.data(), cache); },
                                      {std::to_string(batch[77].seq), "twice"});
   EXPECT_EQ(cache.length(batch[1000].seq), 2);
-  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 5.0);
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 10.0);  // ~0.2-3 s here; the quadratic check took 43 s for 150000
 }
 
 // Counts are checked, all of them, before any chunk's positions are read: [1000000, -999998] for 2 rows made
