@@ -394,8 +394,9 @@ TEST(BadForward, RunSequencesEmptySequencesRefusedAtOnce) {
                                      {"batch", "tokens", "overflow"});
   RunOptions o;
   o.page_size = 1;
-  expect_throw_with<InvalidArgument>([&] { run_sequences(layer, none, nullptr, int64_t{1} << 20, int64_t{1} << 20, o); },
-                                     {"batch", "tokens", "2^31-1 cache pages"});
+  expect_throw_with<InvalidArgument>(
+      [&] { run_sequences(layer, none, nullptr, int64_t{1} << 20, int64_t{1} << 20, o); },
+      {"batch", "tokens", "2^31-1 cache pages"});
 }
 
 // Many sequences in one batch: ids are checked in O(B log B), not by a scan per chunk (B = 200000 zero-token
@@ -416,7 +417,8 @@ TEST(BadForward, ManySequencesDuplicateCheckIsFast) {
   expect_throw_with<InvalidArgument>([&] { layer.forward(batch, h.data(), out.data(), cache); },
                                      {std::to_string(batch[77].seq), "twice"});
   EXPECT_EQ(cache.length(batch[1000].seq), 2);
-  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 10.0);  // ~0.2-3 s here; the quadratic check took 43 s for 150000
+  // ~0.2-3 s here; the quadratic check took 43 s for 150000 sequences.
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 10.0);
 }
 
 // Counts are checked, all of them, before any chunk's positions are read: [1000000, -999998] for 2 rows made

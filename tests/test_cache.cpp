@@ -123,7 +123,8 @@ TEST(Cache, ReserveManySequences) {
   std::vector<int64_t> extra(ids.size(), 2);
   const auto t0 = std::chrono::steady_clock::now();
   c.reserve(ids, extra);
-  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 10.0);  // ~0.2-3 s here; the quadratic check took 43 s for 150000
+  // ~0.2-3 s here; the quadratic check took 43 s for 150000 sequences.
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 10.0);
   EXPECT_EQ(c.capacity(ids[5]), 4);
   EXPECT_EQ(c.capacity(ids[6]), 2);
   EXPECT_EQ(c.pages_free(), 300010 - 150000 * 2 - 2);  // 2 tokens each, 2 more for ids[5]; one page per token

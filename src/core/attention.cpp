@@ -246,7 +246,8 @@ std::vector<Path> Attention::forward_host(std::span<const SequenceChunk> batch, 
   bytes = std::max<int64_t>(bytes, 4);
   auto din = backend.allocate(bytes), dout = backend.allocate(bytes);
   if (total > 0) din->copy_from_host(0, bytes, hidden);
-  std::vector<Path> paths = forward(batch, static_cast<const float*>(din->data()), static_cast<float*>(dout->data()), cache);
+  std::vector<Path> paths =
+      forward(batch, static_cast<const float*>(din->data()), static_cast<float*>(dout->data()), cache);
   if (total > 0) dout->copy_to_host(0, bytes, out);
   return paths;
 }
