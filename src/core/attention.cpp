@@ -90,7 +90,7 @@ int64_t checked_total(std::span<const SequenceChunk> batch, const LatentCache& c
   }
   const int64_t pool = cache.pages_total() * cache.options().page_size;
   if (total > pool)
-    throw OutOfPages("forward: num_tokens add up to " + str(total) + ", more than the " + str(pool) +
+    throw OutOfPages("forward: out of pages: num_tokens add up to " + str(total) + ", more than the " + str(pool) +
                      " tokens the whole cache holds; nothing was stored");
   return total;
 }
