@@ -2,6 +2,7 @@
 // exception type and the words its message must hold, and that a failed forward() stored nothing.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -364,11 +365,10 @@ TEST(BadForward, RunSequencesEdges) {
   const SmallLayer s;
   Attention layer(s.w, {.device = "cpu", .precision = Precision::F32});
   const auto h = testing::random_values(static_cast<size_t>(2 * 3 * s.D), 7);
-  // No tokens: one call of empty chunks, empty results, nothing read from `hidden`.
-  const RunResult empty = run_sequences(layer, nullptr, nullptr, 2, 0);
-  EXPECT_TRUE(empty.output.empty());
-  EXPECT_TRUE(empty.latent.empty());
-  EXPECT_EQ(empty.calls, 1);
+  // No tokens or no sequences: refused by name, nothing read from `hidden`.
+  expect_throw_with<InvalidArgument>([&] { run_sequences(layer, nullptr, nullptr, 2, 0); }, {"tokens", "got 0"});
+  expect_throw_with<InvalidArgument>([&] { run_sequences(layer, nullptr, nullptr, 0, 3); }, {"batch", "got 0"});
+  expect_throw_with<InvalidArgument>([&] { run_sequences(layer, nullptr, nullptr, 2, 3); }, {"hidden_states", "null"});
   RunOptions o;
   o.page_size = 0;
   expect_throw_with<InvalidArgument>([&] { run_sequences(layer, h.data(), nullptr, 2, 3, o); }, {"page_size", "0"});
@@ -378,6 +378,178 @@ TEST(BadForward, RunSequencesEdges) {
   o = {};
   o.decode_after = 0;  // decode every token
   EXPECT_EQ(run_sequences(layer, h.data(), nullptr, 2, 3, o).calls, 3);
+}
+
+// A zero-byte [150000, 0, D] io tensor reserved a 2.4 GB cache and ran a quadratic duplicate check for 43 s.
+TEST(BadForward, RunSequencesEmptySequencesRefusedAtOnce) {
+  const SmallLayer s;
+  Attention layer(s.w, {.device = "cpu", .precision = Precision::F32});
+  const float none[1] = {0.f};
+  const auto t0 = std::chrono::steady_clock::now();
+  expect_throw_with<InvalidArgument>([&] { run_sequences(layer, none, nullptr, 150000, 0); },
+                                     {"tokens", "hidden_states.shape[1]", "got 0"});
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 1.0);
+  // Sizes that overflow are refused by name before anything is allocated.
+  expect_throw_with<InvalidArgument>([&] { run_sequences(layer, none, nullptr, int64_t{1} << 40, int64_t{1} << 30); },
+                                     {"batch", "tokens", "overflow"});
+  RunOptions o;
+  o.page_size = 1;
+  expect_throw_with<InvalidArgument>(
+      [&] { run_sequences(layer, none, nullptr, int64_t{1} << 20, int64_t{1} << 20, o); },
+      {"batch", "tokens", "2^31-1 cache pages"});
+}
+
+// Many sequences in one batch: ids are checked in O(B log B), not by a scan per chunk (B = 200000 zero-token
+// chunks took minutes); a duplicate among them is still found and named.
+TEST(BadForward, ManySequencesDuplicateCheckIsFast) {
+  const SmallLayer s;
+  Attention layer(s.w, {.device = "cpu", .precision = Precision::F32});
+  LatentCache cache = layer.make_cache(4, 4);
+  std::vector<SequenceChunk> batch;
+  for (int i = 0; i < 200000; ++i) batch.push_back({cache.add_sequence(), 0, nullptr});
+  batch[1000].num_tokens = 2;
+  const auto h = testing::random_values(static_cast<size_t>(2 * s.D), 3);
+  std::vector<float> out(h.size());
+  const auto t0 = std::chrono::steady_clock::now();
+  layer.forward(batch, h.data(), out.data(), cache);
+  EXPECT_EQ(cache.length(batch[1000].seq), 2);
+  batch[150000].seq = batch[77].seq;
+  expect_throw_with<InvalidArgument>([&] { layer.forward(batch, h.data(), out.data(), cache); },
+                                     {std::to_string(batch[77].seq), "twice"});
+  EXPECT_EQ(cache.length(batch[1000].seq), 2);
+  // ~0.2-3 s here; the quadratic check took 43 s for 150000 sequences.
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 10.0);
+}
+
+// Counts are checked, all of them, before any chunk's positions are read: [1000000, -999998] for 2 rows made
+// chunk 0 read a million positions from a 2-element array before chunk 1's count was refused.
+TEST(BadForward, CountsCheckedBeforePositionsAreRead) {
+  const SmallLayer s;
+  for (const char* dev : {"cpu", "cpu-reference"}) {
+    SCOPED_TRACE(dev);
+    Fixture f(s.w, dev, Precision::F32);
+    const auto h = testing::random_values(static_cast<size_t>(2 * s.D), 8);
+    std::vector<float> out(h.size());
+    // Reading chunk 0's positions first would meet the -7 at index 1 and say "negative position" instead.
+    const int64_t pos[2] = {5, -7};
+    const SequenceChunk c[] = {{f.a, 1000000, pos}, {f.b, -999998, nullptr}};
+    try {
+      f.layer.forward(c, h.data(), out.data(), f.cache);
+      ADD_FAILURE() << "no exception";
+    } catch (const InvalidArgument& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find("num_tokens of chunk 1"), std::string::npos) << msg;
+      EXPECT_NE(msg.find("-999998"), std::string::npos) << msg;
+      EXPECT_EQ(msg.find("position"), std::string::npos) << msg;
+    }
+    f.check_unchanged();
+  }
+}
+
+// Counts whose sum overflows int64 ([2^63-1, 2^63-1, 3] wrapped to 1 and ended in vector::_M_default_append),
+// and counts that fit int64 but no cache.
+TEST(BadForward, TokenCountOverflow) {
+  const SmallLayer s;
+  for (const char* dev : {"cpu", "cpu-reference"}) {
+    SCOPED_TRACE(dev);
+    Fixture f(s.w, dev, Precision::F32);
+    const SeqId c3 = f.cache.add_sequence();
+    const auto h = testing::random_values(static_cast<size_t>(s.D), 9);
+    std::vector<float> out(h.size());
+    constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+    const SequenceChunk wrap[] = {{f.a, kMax, nullptr}, {f.b, kMax, nullptr}, {c3, 3, nullptr}};
+    expect_throw_with<InvalidArgument>([&] { f.layer.forward(wrap, h.data(), out.data(), f.cache); },
+                                       {"num_tokens", "2^63-1", "chunk 1"});
+    f.check_unchanged();
+    EXPECT_EQ(f.cache.length(c3), 0);
+    const SequenceChunk huge[] = {{f.a, int64_t{1} << 62, nullptr}};
+    expect_throw_with<OutOfPages>([&] { f.layer.forward(huge, h.data(), out.data(), f.cache); },
+                                  {"num_tokens", std::to_string(int64_t{1} << 62), "nothing was stored"});
+    f.check_unchanged();
+    // Directly through the cache: a count that would overflow length + extra.
+    const SeqId ids[] = {f.a, f.a};
+    const int64_t extra[] = {kMax, kMax};
+    expect_throw_with<OutOfPages>([&] { f.cache.reserve(ids, extra); }, {"sequence " + std::to_string(f.a)});
+    f.check_unchanged();
+  }
+}
+
+// Finite inputs so large (3e38) that the projections overflow: the non-finite cache rows and outputs are refused
+// before they are committed, the message names the sequence and row, and the cache is as it was, stored bytes
+// included, also in pages the caller had reserved beforehand.
+TEST(BadForward, HugeFiniteHiddenStoresNothing) {
+  const SmallLayer s;
+  for (const char* dev : {"cpu", "cpu-reference"})
+    for (Precision pr : {Precision::F32, Precision::BF16}) {
+      SCOPED_TRACE(::testing::Message() << dev << " " << precision_name(pr));
+      Fixture f(s.w, dev, pr);
+      const SeqId ids[] = {f.b};
+      const int64_t extra[] = {4};
+      f.cache.reserve(ids, extra);  // b's first page, held by the caller
+      const int64_t free_pages = f.cache.pages_free();
+      auto h = testing::random_values(static_cast<size_t>(7 * s.D), 5);
+      for (int64_t j = 0; j < s.D; ++j) h[4 * s.D + j] = 3e38f;  // row 4: token 2 of sequence b
+      std::vector<float> out(h.size());
+      const SequenceChunk c[] = {{f.a, 2, nullptr}, {f.b, 5, nullptr}};
+      expect_throw_with<InvalidArgument>([&] { f.layer.forward(c, h.data(), out.data(), f.cache); },
+                                         {"sequence " + std::to_string(f.b), "row 4", "token 2", "not finite",
+                                          "nothing was stored"});
+      EXPECT_EQ(f.cache.length(f.a), 5);
+      EXPECT_EQ(f.cache.length(f.b), 0);
+      EXPECT_EQ(f.cache.capacity(f.a), 8);
+      EXPECT_EQ(f.cache.capacity(f.b), 4);
+      EXPECT_EQ(f.cache.pages_free(), free_pages);
+      EXPECT_EQ(f.cache.read_rows(f.a, 0, 5), f.rows);
+      // Without the huge row the same call works and stores only finite rows.
+      for (int64_t j = 0; j < s.D; ++j) h[4 * s.D + j] = 0.5f;
+      f.layer.forward(c, h.data(), out.data(), f.cache);
+      EXPECT_EQ(f.cache.length(f.b), 5);
+      EXPECT_EQ(f.cache.first_non_finite(f.b, 0, 5), -1);
+      for (float v : out) ASSERT_TRUE(std::isfinite(v));
+    }
+}
+
+// Over a scan of input magnitudes, a call either succeeds with every output and stored row finite, or refuses
+// with nothing stored. Where exactly a layer overflows depends on the backend and kernel variant (the fast f32
+// layer on an AVX-512 CPU returns NaN outputs from finite cache rows at 1e15, which only the output check
+// catches; 3e38 gives non-finite cache rows everywhere).
+TEST(BadForward, OverflowScanNeverStoresOrReturnsNonFinite) {
+  const SmallLayer s;
+  for (const char* dev : {"cpu", "cpu-reference"})
+    for (Precision pr : {Precision::F32, Precision::BF16}) {
+      int refused = 0;
+      for (float v : {1e5f, 1e10f, 1e12f, 1e15f, 1e18f, 1e20f, 1e25f, 1e30f, 1e35f, 3e38f}) {
+        SCOPED_TRACE(::testing::Message() << dev << " " << precision_name(pr) << " " << v);
+        Fixture f(s.w, dev, pr);
+        auto h = testing::random_values(static_cast<size_t>(4 * s.D), 12);
+        for (int64_t j = 0; j < s.D; ++j) h[3 * s.D + j] = v * (j % 3 == 0 ? -1.f : 1.f);
+        std::vector<float> out(h.size());
+        const SequenceChunk c[] = {{f.a, 1, nullptr}, {f.b, 3, nullptr}};
+        try {
+          f.layer.forward(c, h.data(), out.data(), f.cache);
+          for (float o : out) ASSERT_TRUE(std::isfinite(o));
+          EXPECT_EQ(f.cache.first_non_finite(f.a, 0, 6), -1);
+          EXPECT_EQ(f.cache.first_non_finite(f.b, 0, 3), -1);
+        } catch (const InvalidArgument& e) {
+          const std::string msg = e.what();
+          EXPECT_NE(msg.find("sequence " + std::to_string(f.b)), std::string::npos) << msg;
+          EXPECT_NE(msg.find("row 3"), std::string::npos) << msg;
+          EXPECT_NE(msg.find("not finite"), std::string::npos) << msg;
+          f.check_unchanged();
+          ++refused;
+        }
+      }
+      EXPECT_GE(refused, 1) << dev << " " << precision_name(pr);  // 3e38 at least
+    }
+}
+
+TEST(BadForward, RunSequencesHugeFiniteHidden) {
+  const SmallLayer s;
+  Attention layer(s.w, {.device = "cpu", .precision = Precision::F32});
+  auto h = testing::random_values(static_cast<size_t>(2 * 3 * s.D), 7);
+  for (int64_t j = 0; j < s.D; ++j) h[(1 * 3 + 2) * s.D + j] = 3e38f;  // sequence 1, token 2
+  expect_throw_with<InvalidArgument>([&] { run_sequences(layer, h.data(), nullptr, 2, 3); },
+                                     {"sequence 1", "not finite"});
 }
 
 TEST(BadForward, BadChunks) {

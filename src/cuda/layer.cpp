@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <optional>
 #include <span>
 #include <string>
@@ -77,7 +78,11 @@ class CudaLayer final : public detail::LayerImpl {
   // is most of the step. The first forward of a key runs eagerly, growing every workspace and planning every
   // GEMM, so that the capture allocates nothing. The staged upload is the graph's first node: a replay copies
   // what stage() has just written into the pinned block. The error check stays outside the graph.
+  //
+  // Threads: every workspace below, the staging block, the streams and the captured graph belong to the layer,
+  // so concurrent forwards (threads sharing one Attention, each with its own cache) are serialised here.
   void forward(const detail::ForwardArgs& a) override {
+    std::lock_guard lock(forward_mutex_);
     const int64_t N = a.total_tokens, D = c_.hidden_size;
     if (a.cache_dtype != dt_) throw InvalidArgument("forward (cuda): cache dtype does not match the layer's precision");
     if (N == 0) return;
@@ -507,6 +512,7 @@ class CudaLayer final : public detail::LayerImpl {
     run_prefill(p, stream);
   }
 
+  std::mutex forward_mutex_;  // see forward(): one forward at a time owns the members below
   Config c_;
   DerivedConstants k_;
   DType dt_;
