@@ -188,31 +188,34 @@ std::vector<Path> Attention::forward(std::span<const SequenceChunk> batch, const
 
       // Finite inputs can still overflow the projections (3e38 does): refuse to store or return such rows.
       // One pass over the new cache rows, one over the output.
-      for (size_t i = 0; i < batch.size(); ++i) {
-        const SequenceChunk& c = batch[i];
-        if (const int64_t t = cache.first_non_finite(c.seq, before[i], before[i] + c.num_tokens); t >= 0)
-          throw InvalidArgument("forward: the cache row of sequence " + str(c.seq) + ", token " + str(t - before[i]) +
-                                " of the chunk (hidden_states row " + str(plans[i].first_row + t - before[i]) +
-                                ") is not finite: the hidden states overflow the layer's projections; nothing "
-                                "was stored");
-      }
-      const int64_t D = config_.hidden_size;
-      std::vector<float> staged;
-      const float* host_out = out;
-      const detail::Backend& backend = detail::find_backend(options_.device);
-      if (!backend.host_memory() && total > 0) {
-        staged.resize(static_cast<size_t>(total * D));
-        backend.copy_to_host(out, total * D * static_cast<int64_t>(sizeof(float)), staged.data());
-        host_out = staged.data();
-      }
-      for (size_t i = 0; i < batch.size(); ++i)
-        for (int64_t t = 0; t < batch[i].num_tokens; ++t) {
-          const int64_t r = plans[i].first_row + t;
-          if (!row_finite(host_out + r * D, D))
-            throw InvalidArgument("forward: out row " + str(r) + " (sequence " + str(batch[i].seq) + ", token " +
-                                  str(t) + " of the chunk) is not finite: the hidden states overflow the layer; "
-                                  "nothing was stored");
+      // (The CUDA layer does both on the device and throws from forward: impl_->checks_finite_rows().)
+      if (!impl_->checks_finite_rows()) {
+        for (size_t i = 0; i < batch.size(); ++i) {
+          const SequenceChunk& c = batch[i];
+          if (const int64_t t = cache.first_non_finite(c.seq, before[i], before[i] + c.num_tokens); t >= 0)
+            throw InvalidArgument("forward: the cache row of sequence " + str(c.seq) + ", token " + str(t - before[i]) +
+                                  " of the chunk (hidden_states row " + str(plans[i].first_row + t - before[i]) +
+                                  ") is not finite: the hidden states overflow the layer's projections; nothing "
+                                  "was stored");
         }
+        const int64_t D = config_.hidden_size;
+        std::vector<float> staged;
+        const float* host_out = out;
+        const detail::Backend& backend = detail::find_backend(options_.device);
+        if (!backend.host_memory() && total > 0) {
+          staged.resize(static_cast<size_t>(total * D));
+          backend.copy_to_host(out, total * D * static_cast<int64_t>(sizeof(float)), staged.data());
+          host_out = staged.data();
+        }
+        for (size_t i = 0; i < batch.size(); ++i)
+          for (int64_t t = 0; t < batch[i].num_tokens; ++t) {
+            const int64_t r = plans[i].first_row + t;
+            if (!row_finite(host_out + r * D, D))
+              throw InvalidArgument("forward: out row " + str(r) + " (sequence " + str(batch[i].seq) + ", token " +
+                                    str(t) + " of the chunk) is not finite: the hidden states overflow the layer; "
+                                    "nothing was stored");
+          }
+      }
     } catch (...) {
       // Only the pages this call reserved go back: pages the caller reserved beforehand stay with the sequence.
       for (size_t i = 0; i < ids.size(); ++i) cache.release_unused(ids[i], capacity_before[i]);

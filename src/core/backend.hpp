@@ -53,6 +53,9 @@ class LayerImpl {
   // with its own cache and buffers) when callers share one Attention: an implementation either keeps no
   // mutable state across calls (the CPU layers) or serialises its calls (the CUDA layer's workspaces).
   virtual void forward(const ForwardArgs& args) = 0;
+  // True when forward itself refuses non-finite cache rows and outputs (throwing before it commits either), so
+  // that Attention::forward need not read them back: the CUDA layer checks them on the device.
+  virtual bool checks_finite_rows() const { return false; }
 };
 
 class Backend {
