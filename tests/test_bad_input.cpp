@@ -197,6 +197,8 @@ TEST(BadCheckpoint, MissingTensorSingleFile) {
   const TempDir tmp("missing_t");
   const fs::path d = copy_golden(tmp, "v3-tiny");
   Raw r = read_raw(d / "model.safetensors");
+  // Renamed, not erased: its bytes must still belong to a tensor (the format allows no holes).
+  r.header[kPrefix + "kv_a_layernorm.renamed"] = r.header[kPrefix + "kv_a_layernorm.weight"];
   r.header.erase(kPrefix + "kv_a_layernorm.weight");
   write_raw(d / "model.safetensors", r);
   expect_throw_with<Error>([&] { LayerWeights::load(d); }, {"kv_a_layernorm.weight", "no tensor"});
