@@ -74,6 +74,15 @@ OpenFile open_regular_file(const fs::path& path) {
   return {fd, static_cast<uint64_t>(st.st_size)};
 }
 
+void check_checkpoint_folder(const fs::path& dir) {
+  const std::string where = "checkpoint folder '" + dir.string() + "'";
+  std::error_code ec;
+  const fs::file_status st = fs::status(dir, ec);
+  if (st.type() == fs::file_type::not_found) throw Error(where + " does not exist");
+  if (ec) throw Error(where + ": cannot access: " + ec.message());
+  if (st.type() != fs::file_type::directory) throw Error(where + " is not a folder");
+}
+
 std::string read_small_file(const fs::path& path, uint64_t max_bytes) {
   const OpenFile f = open_regular_file(path);
   auto too_large = [&](uint64_t bytes) {

@@ -22,6 +22,10 @@ struct OpenFile {
 // swapped for a FIFO in between cannot block either). Throws mla::Error "<path>: <what is wrong>".
 OpenFile open_regular_file(const std::filesystem::path& path);
 
+// Throws mla::Error "checkpoint folder '<dir>' ..." unless `dir` is a folder (symlinks followed): says whether it
+// does not exist, is something else, or cannot be read, instead of a filesystem_error.
+void check_checkpoint_folder(const std::filesystem::path& dir);
+
 // The whole file as text, refused by name when larger than max_bytes.
 std::string read_small_file(const std::filesystem::path& path, uint64_t max_bytes = kMaxJsonFileBytes);
 

@@ -549,13 +549,7 @@ struct Checkpoint::Impl {
   const SafetensorsFile* file_for(const std::string& name) const;
 };
 
-void Checkpoint::Impl::check_dir() const {
-  std::error_code ec;
-  const fs::file_status st = fs::status(dir, ec);
-  if (st.type() == fs::file_type::not_found) throw Error("checkpoint folder '" + dir.string() + "' does not exist");
-  if (ec) throw Error("checkpoint folder '" + dir.string() + "': cannot access: " + ec.message());
-  if (st.type() != fs::file_type::directory) throw Error("checkpoint folder '" + dir.string() + "' is not a folder");
-}
+void Checkpoint::Impl::check_dir() const { detail::check_checkpoint_folder(dir); }
 
 namespace {
 

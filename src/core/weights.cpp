@@ -124,8 +124,9 @@ std::vector<float> random_gain(Rng& rng, int64_t n) {
 }  // namespace
 
 LayerWeights LayerWeights::load(const std::filesystem::path& dir, int64_t layer) {
-  Checkpoint ckpt(dir);  // first: it says whether `dir` is missing, a file or unreadable
+  detail::check_checkpoint_folder(dir);  // "is not a folder", not "config.json: cannot open"
   const Config config = Config::from_file(dir / "config.json");
+  Checkpoint ckpt(dir);
   return load(ckpt, config, layer);
 }
 
