@@ -88,7 +88,10 @@ struct Entry {
 
 int64_t TensorInfo::numel() const {
   int64_t n = 1;
-  for (int64_t d : shape) n = detail::checked_mul(n, d, "tensor '" + name + "': element count of " + shape_string(shape));
+  for (int64_t d : shape) {
+    if (__builtin_mul_overflow(n, d, &n))
+      throw Error("tensor '" + name + "': element count of shape " + shape_string(shape) + " overflows int64");
+  }
   return n;
 }
 
