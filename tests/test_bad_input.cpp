@@ -9,6 +9,9 @@
 #include <functional>
 #include <limits>
 #include <sstream>
+#include <tuple>
+
+#include <sys/stat.h>
 
 #include <nlohmann/json.hpp>
 
@@ -198,6 +201,8 @@ TEST(BadCheckpoint, MissingTensorSingleFile) {
   const TempDir tmp("missing_t");
   const fs::path d = copy_golden(tmp, "v3-tiny");
   Raw r = read_raw(d / "model.safetensors");
+  // Renamed, not erased: its bytes must still belong to a tensor (the format allows no holes).
+  r.header[kPrefix + "kv_a_layernorm.renamed"] = r.header[kPrefix + "kv_a_layernorm.weight"];
   r.header.erase(kPrefix + "kv_a_layernorm.weight");
   write_raw(d / "model.safetensors", r);
   expect_throw_with<Error>([&] { LayerWeights::load(d); }, {"kv_a_layernorm.weight", "no tensor"});
@@ -271,6 +276,246 @@ TEST(BadCheckpoint, LayerOutOfRange) {
   j["num_hidden_layers"] = 4;
   write_text(c / "config.json", j.dump());
   expect_throw_with<Error>([&] { LayerWeights::load(c, 3); }, {"model.layers.3.self_attn", "no tensor"});
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Hostile checkpoints: numbers, special files, paths outside the folder, shifted offsets, non-finite weights.
+// None of these may allocate much: the config bounds and file checks refuse them before any tensor is read.
+
+// Overwrites `bytes.size()` bytes of tensor `name` at byte `at` of its data, in a single-file or sharded folder.
+void patch_tensor(const fs::path& shard, const std::string& name, size_t at, const std::string& bytes) {
+  Raw r = read_raw(shard);
+  const uint64_t begin = r.header.at(name).at("data_offsets")[0].get<uint64_t>();
+  r.data.replace(begin + at, bytes.size(), bytes);
+  write_raw(shard, r);
+}
+
+std::string shard_of(const fs::path& d, const std::string& name) {
+  return json::parse(read_text(d / "model.safetensors.index.json"))["weight_map"][name].get<std::string>();
+}
+
+std::string f32_bytes(float v) {
+  std::string b(4, '\0');
+  std::memcpy(b.data(), &v, 4);
+  return b;
+}
+
+TEST(HostileCheckpoint, ConfigNumbersOutOfRange) {
+  const TempDir tmp("numbers");
+  const fs::path d = copy_golden(tmp, "v3-tiny");
+  const std::string orig = read_text(d / "config.json");
+  // Raw text: 1e28 and 2^63 must reach the parser as written.
+  for (const auto& [key, value, words] : std::vector<std::tuple<std::string, std::string, std::vector<std::string>>>{
+           {"hidden_size", "1e28", {"'hidden_size'", "out of range", "1e+28"}},
+           {"hidden_size", "9223372036854775808", {"'hidden_size'", "out of range"}},
+           {"hidden_size", "4611686018427387904", {"'hidden_size'", "must be in [1, 262144]"}},
+           {"qk_rope_head_dim", "268435456", {"'qk_rope_head_dim'", "must be in [1, 4096]"}},
+           {"num_attention_heads", "4611686018427387904", {"'num_attention_heads'", "16384"}},
+           {"kv_lora_rank", "4611686018427387904", {"'kv_lora_rank'", "65536"}},
+           {"q_lora_rank", "4611686018427387904", {"'q_lora_rank'", "65536"}},
+           {"qk_nope_head_dim", "4611686018427387904", {"'qk_nope_head_dim'", "4096"}},
+           {"v_head_dim", "1e5", {"'v_head_dim'", "4096"}},
+           {"num_hidden_layers", "1099511627776", {"'num_hidden_layers'", "65536"}},
+           {"rms_norm_eps", "1e999", {"config.json", "JSON", "1e999"}},
+       }) {
+    SCOPED_TRACE(key + " = " + value);
+    json j = json::parse(orig);
+    j[key] = "@";
+    std::string text = j.dump();
+    text.replace(text.find("\"@\""), 3, value);
+    write_text(d / "config.json", text);
+    std::vector<std::string> w = words;
+    w.push_back((d / "config.json").string());
+    try {
+      LayerWeights::load(d);
+      ADD_FAILURE() << "no exception";
+    } catch (const Error& e) {
+      for (const std::string& word : w) EXPECT_NE(std::string(e.what()).find(word), std::string::npos) << e.what();
+    }
+  }
+}
+
+TEST(HostileCheckpoint, YarnParametersOutOfRange) {
+  const TempDir tmp("yarn");
+  const fs::path d = copy_golden(tmp, "v3-tiny");
+  const json orig = json::parse(read_text(d / "config.json"));
+  struct Edit {
+    const char* key;
+    double value;
+    const char* word;
+  };
+  for (const Edit& e : {Edit{"factor", 1e-300, "'factor'"}, Edit{"factor", 0.5, "'factor'"},
+                        Edit{"factor", 1e300, "'factor'"}, Edit{"beta_fast", 0, "'beta_fast'"},
+                        Edit{"beta_slow", -1, "'beta_slow'"}, Edit{"beta_fast", 0.5, "greater than 'beta_slow'"},
+                        Edit{"attention_factor", 1e300, "'attention_factor'"},
+                        Edit{"attention_factor", -1, "'attention_factor'"}, Edit{"mscale", -3, "'mscale'"},
+                        Edit{"mscale_all_dim", 1e300, "'mscale_all_dim'"},
+                        Edit{"original_max_position_embeddings", 0, "'original_max_position_embeddings'"},
+                        Edit{"original_max_position_embeddings", 1e300, "'original_max_position_embeddings'"}}) {
+    SCOPED_TRACE(std::string(e.key) + " = " + std::to_string(e.value));
+    json j = orig;
+    j["rope_scaling"][e.key] = e.value;
+    write_text(d / "config.json", j.dump());
+    expect_throw_with<Error>([&] { LayerWeights::load(d); }, {"config.json", "yarn", e.word});
+  }
+  json j = orig;
+  j["rope_theta"] = 1e300;
+  write_text(d / "config.json", j.dump());
+  expect_throw_with<Error>([&] { LayerWeights::load(d); }, {"config.json", "rope_theta"});
+  j = orig;
+  j["rms_norm_eps"] = 0;
+  write_text(d / "config.json", j.dump());
+  expect_throw_with<Error>([&] { LayerWeights::load(d); }, {"config.json", "rms_norm_eps"});
+}
+
+TEST(HostileCheckpoint, SpecialFilesAreRefusedBeforeOpening) {
+  const TempDir tmp("special");
+  const fs::path d = copy_golden(tmp, "v3-tiny");
+  const fs::path cfg = d / "config.json";
+  // A symlink to /dev/zero used to be read whole (2 GB, then bad_alloc); a FIFO used to block forever.
+  fs::remove(cfg);
+  fs::create_symlink("/dev/zero", cfg);
+  expect_throw_with<Error>([&] { LayerWeights::load(d); }, {cfg.string(), "character device", "not a regular file"});
+  fs::remove(cfg);
+  ASSERT_EQ(::mkfifo(cfg.c_str(), 0600), 0);
+  expect_throw_with<Error>([&] { LayerWeights::load(d); }, {cfg.string(), "FIFO"});
+  fs::remove(cfg);
+  fs::create_directory(cfg);  // used to say "not valid JSON: unexpected end of input"
+  expect_throw_with<Error>([&] { LayerWeights::load(d); }, {cfg.string(), "is a folder", "not a regular file"});
+  fs::remove(cfg);
+  {
+    std::ofstream big(cfg);
+  }
+  fs::resize_file(cfg, (uint64_t{64} << 20) + 1);  // sparse: no disk, and never read
+  expect_throw_with<Error>([&] { LayerWeights::load(d); }, {cfg.string(), "67108865 bytes", "limit"});
+  fs::remove(cfg);
+  fs::copy_file(testing::golden_dir("v3-tiny") / "config.json", cfg);
+  const fs::path weights = d / "model.safetensors";
+  fs::remove(weights);
+  ASSERT_EQ(::mkfifo(weights.c_str(), 0600), 0);
+  expect_throw_with<Error>([&] { LayerWeights::load(d); }, {weights.string(), "FIFO"});
+  fs::remove(weights);
+  fs::create_symlink("/dev/zero", weights);
+  expect_throw_with<Error>([&] { LayerWeights::load(d); }, {weights.string(), "character device"});
+}
+
+TEST(HostileCheckpoint, ModelPathErrorsSayWhatIsWrong) {
+  const TempDir tmp("paths");
+  const fs::path file = tmp.path() / "a-file";
+  write_text(file, "x");
+  // Used to say "does not exist".
+  expect_throw_with<Error>([&] { LayerWeights::load(file); }, {file.string(), "is not a folder"});
+  // A symlink loop used to escape as "filesystem error: status: ...".
+  const fs::path loop = tmp.path() / "loop";
+  fs::create_symlink(loop, loop);
+  expect_throw_with<Error>([&] { LayerWeights::load(loop); }, {loop.string(), "cannot access", "symbolic links"});
+  expect_throw_with<Error>([&] { Config::from_file(loop / "config.json"); }, {"loop"});
+  expect_throw_with<Error>([&] { Config::from_file(file / "config.json"); }, {file.string(), "is a file, not a folder"});
+}
+
+TEST(HostileCheckpoint, ShardPathsStayInsideTheFolder) {
+  const TempDir tmp("escape");
+  const fs::path d = copy_golden(tmp, "fp8-sharded");
+  const fs::path idx = d / "model.safetensors.index.json";
+  const json orig = json::parse(read_text(idx));
+  const std::string kvb = kPrefix + "kv_b_proj.weight";
+  const std::string shard = orig["weight_map"][kvb].get<std::string>();
+  // Real shards outside the folder: before the fix these loaded.
+  fs::create_directories(tmp.path() / "ext");
+  fs::copy_file(d / shard, tmp.path() / "ext" / shard);
+  for (const std::string& name : {(tmp.path() / "ext" / shard).string(), "../ext/" + shard,
+                                  "sub/../../ext/" + shard, std::string("/etc/passwd"), std::string("")}) {
+    SCOPED_TRACE(name);
+    json j = orig;
+    j["weight_map"][kvb] = name;
+    write_text(idx, j.dump());
+    expect_throw_with<Error>([&] { LayerWeights::load(d); },
+                             {idx.string(), "'" + kvb + "'", "'" + name + "'", "inside the checkpoint folder"});
+  }
+  // A subfolder inside is fine, and so is a symlinked shard (the Hugging Face cache links every file to ../../blobs).
+  fs::create_directories(d / "sub");
+  fs::rename(d / shard, d / "sub" / shard);
+  json j = orig;
+  for (auto& [name, file] : j["weight_map"].items())
+    if (file == shard) file = "sub/" + shard;
+  write_text(idx, j.dump());
+  EXPECT_NO_THROW(LayerWeights::load(d));
+  fs::rename(d / "sub" / shard, tmp.path() / "ext" / ("blob-" + shard));
+  fs::create_symlink(tmp.path() / "ext" / ("blob-" + shard), d / "sub" / shard);
+  EXPECT_NO_THROW(LayerWeights::load(d));
+}
+
+TEST(HostileCheckpoint, HeaderLengthIntoPaddingOrShiftedOffsets) {
+  const TempDir tmp("shift");
+  const fs::path d = copy_golden(tmp, "v3-tiny");
+  const fs::path f = d / "model.safetensors";
+  const std::string bytes = read_text(f);
+  uint64_t n = 0;
+  std::memcpy(&n, bytes.data(), 8);
+  ASSERT_EQ(bytes[8 + n - 1], ' ') << "the golden header is padded with spaces";
+  // N-1 still parses (one space less) and used to give 1024/1024 NaN outputs.
+  std::string cut = bytes;
+  const uint64_t n1 = n - 1;
+  std::memcpy(cut.data(), &n1, 8);
+  write_text(f, cut);
+  // The data section now starts one byte early: the tensors leave its last byte over.
+  const std::string data_bytes = std::to_string(bytes.size() - 8 - n1);
+  expect_throw_with<Error>([&] { LayerWeights::load(d); },
+                           {f.string(), "of the " + data_bytes + " data bytes", "header length"});
+  // Every offset moved one byte on, with one byte more data: a hole at the start.
+  Raw r = read_raw(testing::golden_dir("v3-tiny") / "model.safetensors");
+  for (auto& [name, e] : r.header.items()) {
+    if (name == "__metadata__") continue;
+    e["data_offsets"][0] = e["data_offsets"][0].get<uint64_t>() + 1;
+    e["data_offsets"][1] = e["data_offsets"][1].get<uint64_t>() + 1;
+  }
+  r.data.insert(0, 1, '\0');
+  write_raw(f, r);
+  expect_throw_with<Error>([&] { LayerWeights::load(d); }, {f.string(), "leave data bytes [0, 1) in no tensor"});
+  // Two tensors sharing bytes.
+  r = read_raw(testing::golden_dir("v3-tiny") / "model.safetensors");
+  const std::string a = kPrefix + "kv_a_layernorm.weight", b = kPrefix + "q_a_layernorm.weight";
+  ASSERT_EQ(r.header[a]["dtype"], r.header[b]["dtype"]);
+  r.header[b]["shape"] = r.header[a]["shape"];
+  r.header[b]["data_offsets"] = r.header[a]["data_offsets"];
+  write_raw(f, r);
+  expect_throw_with<Error>([&] { LayerWeights::load(d); }, {f.string(), "overlap"});
+}
+
+TEST(HostileCheckpoint, NonFiniteWeights) {
+  const TempDir tmp("nan");
+  const fs::path d = copy_golden(tmp, "v3-tiny");
+  const fs::path f = d / "model.safetensors";
+  ASSERT_EQ(read_raw(f).header[kPrefix + "kv_b_proj.weight"]["dtype"], "BF16");
+  const int64_t cols = 80;  // kv_lora_rank
+  patch_tensor(f, kPrefix + "kv_b_proj.weight", 2 * (3 * cols + 5), std::string("\xc0\x7f", 2));  // bf16 NaN
+  expect_throw_with<Error>([&] { LayerWeights::load(d); }, {"'" + kPrefix + "kv_b_proj.weight'", "nan", "[3, 5]"});
+  fs::copy_file(testing::golden_dir("v3-tiny") / "model.safetensors", f, fs::copy_options::overwrite_existing);
+  patch_tensor(f, kPrefix + "kv_a_layernorm.weight", 2 * 7, std::string("\x80\xff", 2));  // bf16 -Inf
+  expect_throw_with<Error>([&] { LayerWeights::load(d); }, {"'" + kPrefix + "kv_a_layernorm.weight'", "-inf", "[7]"});
+}
+
+TEST(HostileCheckpoint, Fp8ScalesMustBePositiveAndFinite) {
+  const TempDir tmp("scales");
+  const fs::path d = copy_golden(tmp, "fp8-sharded");
+  const std::string scale = kPrefix + "o_proj.weight_scale_inv", weight = kPrefix + "o_proj.weight";
+  const fs::path scale_file = d / shard_of(d, scale), weight_file = d / shard_of(d, weight);
+  const std::string scale_orig = read_text(scale_file), weight_orig = read_text(weight_file);
+  for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(), -1.f, 0.f}) {
+    SCOPED_TRACE(bad);
+    write_text(scale_file, scale_orig);
+    patch_tensor(scale_file, scale, 4 * 1, f32_bytes(bad));
+    expect_throw_with<Error>([&] { LayerWeights::load(d); }, {"'" + scale + "'", "[1, 0]", "positive and finite"});
+  }
+  write_text(scale_file, scale_orig);
+  // An fp8 NaN (0x7f) in the weight itself.
+  patch_tensor(weight_file, weight, 2 * 96 + 4, std::string("\x7f", 1));
+  expect_throw_with<Error>([&] { LayerWeights::load(d); }, {"'" + weight + "'", "nan", "[2, 4]"});
+  // Finite fp8 (448) times a finite scale (FLT_MAX) overflows f32.
+  write_text(weight_file, weight_orig);
+  patch_tensor(weight_file, weight, 130 * 96 + 5, std::string("\x7e", 1));
+  patch_tensor(scale_file, scale, 4 * 1, f32_bytes(std::numeric_limits<float>::max()));
+  expect_throw_with<Error>([&] { LayerWeights::load(d); }, {"'" + weight + "'", "times '" + scale + "'", "inf"});
 }
 
 // ---------------------------------------------------------------------------------------------------------
