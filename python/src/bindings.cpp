@@ -319,13 +319,15 @@ nb::ndarray<F> storage_view(nb::handle self, bool bf16_as_uint16) {
 
 // A checkpoint folder or its config.json.
 mla::Config config_from_pretrained(const std::filesystem::path& path) {
-  const std::filesystem::path file = std::filesystem::is_directory(path) ? path / "config.json" : path;
-  if (!std::filesystem::exists(file)) file_not_found("Config.from_pretrained: '" + file.string() + "' does not exist");
+  std::error_code ec;  // the non-throwing overloads: a symlink loop is then "does not exist", not a filesystem_error
+  const std::filesystem::path file = std::filesystem::is_directory(path, ec) ? path / "config.json" : path;
+  if (!std::filesystem::exists(file, ec)) file_not_found("Config.from_pretrained: '" + file.string() + "' does not exist");
   return mla::Config::from_file(file);
 }
 
 mla::LayerWeights load_weights(const std::filesystem::path& dir, int64_t layer) {
-  if (!std::filesystem::is_directory(dir))
+  std::error_code ec;
+  if (!std::filesystem::is_directory(dir, ec))
     file_not_found("from_pretrained: checkpoint folder '" + dir.string() + "' does not exist");
   nb::gil_scoped_release release;
   return mla::LayerWeights::load(dir, layer);
