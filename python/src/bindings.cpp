@@ -321,7 +321,8 @@ nb::ndarray<F> storage_view(nb::handle self, bool bf16_as_uint16) {
 mla::Config config_from_pretrained(const std::filesystem::path& path) {
   std::error_code ec;  // the non-throwing overloads: a symlink loop is then "does not exist", not a filesystem_error
   const std::filesystem::path file = std::filesystem::is_directory(path, ec) ? path / "config.json" : path;
-  if (!std::filesystem::exists(file, ec)) file_not_found("Config.from_pretrained: '" + file.string() + "' does not exist");
+  if (!std::filesystem::exists(file, ec))
+    file_not_found("Config.from_pretrained: '" + file.string() + "' does not exist");
   return mla::Config::from_file(file);
 }
 
