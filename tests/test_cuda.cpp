@@ -455,6 +455,41 @@ TEST(CudaLayer, GraphNeverReplaysIntoAnotherOutput) {
   loop.expect_caches_agree();
 }
 
+// Finite hidden states that overflow the projections (3e38) on a replayed step: the layer finds the non-finite
+// cache row / output on the device and refuses the step (no host read-back); out, the lengths, the free pages and
+// every committed row stay as they were, and the next steps agree with the CPU.
+TEST(CudaLayer, OverflowingHiddenIsRefusedOnTheDevice) {
+  SKIP_WITHOUT_GPU();
+  const ScopedEnv graphs("MLA_CUDA_GRAPHS", "1");
+  DecodeLoop loop(16, 16, {3, 20, 33}, 12);
+  Device dout(std::vector<float>(loop.size(), 0.f));
+  for (int step = 0; step < 3; ++step) {  // eager, captured, replayed
+    const std::vector<float> x = loop.hidden(step);
+    loop.gpu_step(x, dout);
+    EXPECT_LT(testing::rel_error(dout.read<float>(loop.size()), loop.cpu_step(x)), 1.5e-2) << "step " << step;
+  }
+  const std::vector<float> untouched(loop.size(), -12345.5f);
+  dout.buf->copy_from_host(0, static_cast<int64_t>(untouched.size() * 4), untouched.data());
+  std::vector<std::vector<float>> rows_before;
+  for (SeqId id : loop.ids) rows_before.push_back(loop.gpu_cache.read_rows(id, 0, loop.gpu_cache.length(id)));
+  const int64_t free_before = loop.gpu_cache.pages_free();
+  std::vector<float> bad = loop.hidden(3);
+  for (int64_t j = 0; j < loop.D; ++j) bad[1 * loop.D + j] *= 3e38f;  // finite, as the 3e38 input
+  testing::expect_throw_with<InvalidArgument>([&] { loop.gpu_step(bad, dout); }, {"hidden_states row 1", "not finite"});
+  EXPECT_TRUE(dout.read<float>(loop.size()) == untouched) << "the rejected step wrote the output";
+  for (size_t i = 0; i < loop.ids.size(); ++i) {
+    EXPECT_EQ(loop.gpu_cache.length(loop.ids[i]), loop.history[i] + 3);
+    EXPECT_TRUE(loop.gpu_cache.read_rows(loop.ids[i], 0, loop.gpu_cache.length(loop.ids[i])) == rows_before[i]);
+  }
+  EXPECT_EQ(loop.gpu_cache.pages_free(), free_before);
+  for (int step = 3; step < 6; ++step) {
+    const std::vector<float> x = loop.hidden(step);
+    loop.gpu_step(x, dout);
+    EXPECT_LT(testing::rel_error(dout.read<float>(loop.size()), loop.cpu_step(x)), 1.5e-2) << "step " << step;
+  }
+  loop.expect_caches_agree();
+}
+
 // NaN in hidden_states on a step that replays the graph (the flag's reset rides on the graph's upload): it
 // throws naming the element, and out, the page pool and the lengths stay as they were; the same step without
 // the NaN then replays and agrees with the CPU, and so do the steps after it.
