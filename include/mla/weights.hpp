@@ -45,6 +45,13 @@ struct LayerWeights {
 
   // Throws mla::Error when a tensor's shape disagrees with the config or it holds NaN or Inf (naming the first).
   void validate() const;
+
+  // Tensor parallelism over heads: the weights rank `rank` of `world` holds. Heads [H·r/W, H·(r+1)/W) of q_b_proj
+  // (or q_proj and its bias), kv_b_proj and o_proj (its columns); q_a_proj, kv_a_proj_with_mqa and both norms
+  // replicated; o_proj's bias on rank 0 only (zeros elsewhere), so that the ranks' outputs sum to the layer's.
+  // config.num_heads becomes H/W (the softmax scale does not depend on it). Every rank computes the same latent
+  // cache rows. Throws mla::InvalidArgument when W does not divide H or rank is outside [0, W).
+  LayerWeights shard_heads(int64_t rank, int64_t world) const;
 };
 
 }  // namespace mla

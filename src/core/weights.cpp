@@ -1,5 +1,6 @@
 #include "mla/weights.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <sstream>
 
@@ -223,6 +224,45 @@ void LayerWeights::validate() const {
     check_vec(kv_a_bias, "kv_a_proj_with_mqa.bias", c.latent_dim());
     check_vec(o_bias, "o_proj.bias", D);
   }
+}
+
+LayerWeights LayerWeights::shard_heads(int64_t rank, int64_t world) const {
+  const Config& c = config;
+  if (world < 1) throw InvalidArgument("shard_heads: the world size must be at least 1, got " + std::to_string(world));
+  if (rank < 0 || rank >= world)
+    throw InvalidArgument("shard_heads: rank " + std::to_string(rank) + " is outside [0, " + std::to_string(world) + ")");
+  if (c.num_heads % world != 0)
+    throw InvalidArgument("shard_heads: num_heads " + std::to_string(c.num_heads) + " does not divide over " +
+                          std::to_string(world) + " ranks");
+  const int64_t heads = c.num_heads / world, h0 = rank * heads;
+  const int64_t dqk = c.qk_head_dim(), dkv = c.qk_nope_head_dim + c.v_head_dim, dv = c.v_head_dim;
+  auto rows = [](const Matrix& m, int64_t first, int64_t count) {
+    Matrix out;
+    out.rows = count, out.cols = m.cols;
+    out.data.assign(m.data.begin() + first * m.cols, m.data.begin() + (first + count) * m.cols);
+    return out;
+  };
+  LayerWeights s;
+  s.config = c;
+  s.config.num_heads = heads;
+  s.layer = layer;
+  if (c.has_q_lora()) {
+    s.q_a_proj = q_a_proj, s.q_a_norm = q_a_norm;
+    s.q_b_proj = rows(q_b_proj, h0 * dqk, heads * dqk);
+    s.q_bias = q_bias;  // on q_a: replicated
+  } else {
+    s.q_proj = rows(q_proj, h0 * dqk, heads * dqk);
+    if (!q_bias.empty()) s.q_bias.assign(q_bias.begin() + h0 * dqk, q_bias.begin() + (h0 + heads) * dqk);
+  }
+  s.kv_a_proj = kv_a_proj, s.kv_a_norm = kv_a_norm, s.kv_a_bias = kv_a_bias;
+  s.kv_b_proj = rows(kv_b_proj, h0 * dkv, heads * dkv);
+  s.o_proj.rows = o_proj.rows, s.o_proj.cols = heads * dv;
+  s.o_proj.data.resize(static_cast<size_t>(s.o_proj.rows * s.o_proj.cols));
+  for (int64_t r = 0; r < o_proj.rows; ++r)
+    std::copy_n(o_proj.row(r) + h0 * dv, heads * dv, s.o_proj.data.begin() + r * heads * dv);
+  if (!o_bias.empty()) s.o_bias = rank == 0 ? o_bias : std::vector<float>(o_bias.size(), 0.f);
+  s.validate();
+  return s;
 }
 
 }  // namespace mla
