@@ -4,10 +4,12 @@ Today this is the scalar **reference** (C++ ``mla/train.hpp``: plain loops in do
 transformers' float64 autograd, and slow. The fast CPU and CUDA backward passes are not built yet (docs/training.md).
 
 * :func:`forward_reference` / :func:`backward_reference`: NumPy in and out.
-* :class:`MultiheadLatentAttention` (needs torch): a ``torch.nn.Module`` whose parameters are the checkpoint's
-  tensors under transformers' names, whose forward is a ``torch.autograd.Function`` over the two functions
-  above; it trains with any torch optimizer (float32, CPU).
+* :class:`MultiheadLatentAttention` (needs torch 2.4+): a ``torch.nn.Module`` whose parameters are the
+  checkpoint's tensors under transformers' names, whose forward is the custom operator
+  ``torch.ops.mla.train_attention`` over the two functions above, with its backward registered (so
+  ``torch.compile`` traces it); it trains with any torch optimizer (float32, CPU).
 """
+import atexit
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -56,23 +58,72 @@ def backward_reference(weights: LayerWeights, saved, d_out: np.ndarray) -> Tuple
     return _mla.train_backward(weights, saved, np.ascontiguousarray(d_out, dtype=np.float32))
 
 
+_LAYERS: Dict[int, tuple] = {}  # layer key -> (Config, tensor names): what the custom operators cannot take as arguments
+atexit.register(_LAYERS.clear)  # before the extension's teardown, which reports objects still alive as leaks
+
+
+def _weights_of(key: int, params) -> LayerWeights:
+    config, names = _LAYERS[key]
+    return weights_from_tensors(config, {n: p.detach().cpu().numpy() for n, p in zip(names, params)})
+
+
+def _register_ops(torch):
+    """torch.ops.mla.train_attention and its backward as custom operators (torch >= 2.4), with fake
+    implementations and the autograd formula registered, so that torch.compile traces a module's forward and
+    backward without running them. The backward recomputes the forward (the reference keeps no state between the
+    two operators)."""
+    from typing import List
+
+    Tensor = torch.Tensor
+
+    def positions_or_none(positions: Tensor):
+        return positions.cpu().numpy() if positions.numel() else None
+
+    @torch.library.custom_op("mla::train_attention", mutates_args=())
+    def train_attention(hidden: Tensor, cu_seqlens: Tensor, positions: Tensor, layer: int,
+                        params: List[Tensor]) -> Tensor:
+        out, _ = forward_reference(_weights_of(layer, params), hidden.detach().cpu().numpy(), cu_seqlens.cpu().numpy(),
+                                   positions_or_none(positions))
+        return torch.from_numpy(out).to(hidden.device)
+
+    @train_attention.register_fake
+    def _(hidden, cu_seqlens, positions, layer, params):
+        return torch.empty_like(hidden)
+
+    @torch.library.custom_op("mla::train_attention_backward", mutates_args=())
+    def train_attention_backward(d_out: Tensor, hidden: Tensor, cu_seqlens: Tensor, positions: Tensor, layer: int,
+                                 params: List[Tensor]) -> List[Tensor]:
+        weights = _weights_of(layer, params)
+        _, saved = forward_reference(weights, hidden.detach().cpu().numpy(), cu_seqlens.cpu().numpy(),
+                                     positions_or_none(positions))
+        d_hidden, grads = backward_reference(weights, saved, d_out.detach().cpu().numpy())
+        names = _LAYERS[layer][1]
+        return [torch.from_numpy(d_hidden)] + [torch.from_numpy(grads[n]) for n in names]
+
+    @train_attention_backward.register_fake
+    def _(d_out, hidden, cu_seqlens, positions, layer, params):
+        return [torch.empty_like(hidden)] + [torch.empty_like(p) for p in params]
+
+    def setup_context(ctx, inputs, output):
+        hidden, cu_seqlens, positions, layer, params = inputs
+        ctx.save_for_backward(hidden, cu_seqlens, positions, *params)
+        ctx.layer = layer
+
+    def backward(ctx, d_out):
+        hidden, cu_seqlens, positions, *params = ctx.saved_tensors
+        grads = torch.ops.mla.train_attention_backward(d_out, hidden, cu_seqlens, positions, ctx.layer, params)
+        return grads[0], None, None, None, list(grads[1:])
+
+    train_attention.register_autograd(backward, setup_context=setup_context)
+    return torch.ops.mla.train_attention
+
+
 def _module_class():
     import torch
 
-    class _Function(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, module, hidden, cu_seqlens, positions, *params):
-            names = module._tensor_names
-            weights = weights_from_tensors(module.config, {n: p.detach().cpu().numpy() for n, p in zip(names, params)})
-            out, saved = forward_reference(weights, hidden.detach().cpu().numpy(), cu_seqlens, positions)
-            ctx.weights, ctx.saved, ctx.names = weights, saved, names
-            return torch.from_numpy(out).to(hidden.device)
-
-        @staticmethod
-        def backward(ctx, d_out):
-            d_hidden, grads = backward_reference(ctx.weights, ctx.saved, d_out.detach().cpu().numpy())
-            ctx.weights = ctx.saved = None  # what forward kept is not needed twice
-            return (None, torch.from_numpy(d_hidden), None, None, *(torch.from_numpy(grads[n]) for n in ctx.names))
+    if not (hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_fake")):
+        raise ImportError("mla.train.MultiheadLatentAttention needs torch 2.4 or newer (torch.library.custom_op)")
+    op = _register_ops(torch)
 
     class MultiheadLatentAttention(torch.nn.Module):
         """One MLA layer as a trainable ``torch.nn.Module`` (float32, CPU; the scalar reference underneath).
@@ -91,6 +142,8 @@ def _module_class():
             self.config = config
             tensors = weights_to_tensors(LayerWeights.random(config, seed))
             self._tensor_names = list(tensors)
+            self._layer = len(_LAYERS)
+            _LAYERS[self._layer] = (config, self._tensor_names)
             for name, value in tensors.items():
                 module_name, attr = name.rsplit(".", 1)
                 if not hasattr(self, module_name):
@@ -112,15 +165,15 @@ def _module_class():
                 if cu_seqlens is not None:
                     raise ValueError("MultiheadLatentAttention: pass cu_seqlens only with packed [T, D] hidden states")
                 B, T, D = hidden.shape
-                cu = np.arange(0, (B + 1) * T, T, dtype=np.int32)
-                pos = None if positions is None else np.asarray(torch.as_tensor(positions).reshape(-1))
-                out = _Function.apply(self, hidden.reshape(B * T, D), cu, pos, *self._params())
-                return out.reshape(B, T, D)
+                cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32)
+                pos = torch.empty(0, dtype=torch.int64) if positions is None else torch.as_tensor(positions).reshape(-1)
+                return op(hidden.reshape(B * T, D), cu, pos, self._layer, self._params()).reshape(B, T, D)
             if hidden.dim() != 2:
                 raise ValueError(f"MultiheadLatentAttention: hidden must be [B, T, D] or [T, D], got {list(hidden.shape)}")
-            cu = None if cu_seqlens is None else np.asarray(torch.as_tensor(cu_seqlens))
-            pos = None if positions is None else np.asarray(torch.as_tensor(positions))
-            return _Function.apply(self, hidden, cu, pos, *self._params())
+            cu = torch.tensor([0, hidden.shape[0]], dtype=torch.int32) if cu_seqlens is None else \
+                torch.as_tensor(cu_seqlens, dtype=torch.int32)
+            pos = torch.empty(0, dtype=torch.int64) if positions is None else torch.as_tensor(positions, dtype=torch.int64)
+            return op(hidden, cu, pos, self._layer, self._params())
 
         def _params(self):
             return [self.get_parameter(n) for n in self._tensor_names]

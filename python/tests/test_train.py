@@ -89,3 +89,26 @@ def test_module_trains_like_transformers():
         assert abs(losses[0] - losses[1]) <= 1e-4 * abs(losses[0]), f"step {step}: {losses}"
     for name, p in ref.named_parameters():
         assert torch.allclose(p, ours.get_parameter(name), rtol=1e-3, atol=1e-5), name
+
+
+def test_module_compiles_with_torch_compile():
+    torch = pytest.importorskip("torch")
+    config = mla.Config.from_json('{"hidden_size": 32, "num_attention_heads": 2, "q_lora_rank": 16, "kv_lora_rank": 16,'
+                                  ' "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8}')
+    layer = train.MultiheadLatentAttention(config, seed=3)
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
+
+    def grads(model):
+        layer.zero_grad()
+        xg = x.clone().requires_grad_(True)
+        out = model(xg)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        return out.detach(), xg.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}
+
+    out_e, dx_e, dw_e = grads(layer)
+    out_c, dx_c, dw_c = grads(torch.compile(layer, backend="aot_eager", fullgraph=True))
+    assert torch.equal(out_e, out_c) and torch.equal(dx_e, dx_c)
+    assert all(torch.equal(dw_e[n], dw_c[n]) for n in dw_e)
+    torch.library.opcheck(torch.ops.mla.train_attention.default,
+                          (x.reshape(10, 32), torch.tensor([0, 4, 10], dtype=torch.int32), torch.empty(0, dtype=torch.int64),
+                           layer._layer, layer._params()))
