@@ -95,10 +95,10 @@ def test_module_compiles_with_torch_compile():
     torch = pytest.importorskip("torch")
     config = mla.Config.from_json('{"hidden_size": 32, "num_attention_heads": 2, "q_lora_rank": 16, "kv_lora_rank": 16,'
                                   ' "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8}')
-    import mla.nn
+    from mla import nn
 
-    assert mla.nn.MultiheadLatentAttention is train.MultiheadLatentAttention
-    layer = mla.nn.MultiheadLatentAttention(config, seed=3)
+    assert nn.MultiheadLatentAttention is train.MultiheadLatentAttention
+    layer = nn.MultiheadLatentAttention(config, seed=3)
     x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
 
     def grads(model):
