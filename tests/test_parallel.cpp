@@ -40,8 +40,8 @@ void check_ranks_sum_to_layer(const Config& config, const char* device, Precisio
     const std::vector<float> want = run(whole, whole_cache, id, hidden.data() + begin * D, n);
     std::vector<float> sum(want.size(), 0.f);
     for (int64_t r = 0; r < world; ++r) {
-      const std::vector<float> part = run(ranks[static_cast<size_t>(r)], rank_caches[static_cast<size_t>(r)], id,
-                                          hidden.data() + begin * D, n);
+      const std::vector<float> part =
+          run(ranks[static_cast<size_t>(r)], rank_caches[static_cast<size_t>(r)], id, hidden.data() + begin * D, n);
       for (size_t i = 0; i < sum.size(); ++i) sum[i] += part[i];
     }
     EXPECT_LT(rel_error(sum, want), precision == Precision::F32 ? 1e-5 : 2e-2) << "tokens from " << begin;

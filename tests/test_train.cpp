@@ -41,9 +41,9 @@ TEST(TrainReference, BackwardMatchesTransformersAutograd) {
     const train::BackwardResult r = train::backward_reference(g.weights, f.saved, want.read_f32("d_output"));
     const train::LayerGradients& d = r.grads;
     const std::pair<const char*, const std::vector<float>*> pairs[] = {
-        {"hidden_states", &r.d_hidden},         {"q_proj.weight", &d.q_proj.data},
-        {"q_a_proj.weight", &d.q_a_proj.data},  {"q_a_layernorm.weight", &d.q_a_norm},
-        {"q_b_proj.weight", &d.q_b_proj.data},  {"kv_a_proj_with_mqa.weight", &d.kv_a_proj.data},
+        {"hidden_states", &r.d_hidden},          {"q_proj.weight", &d.q_proj.data},
+        {"q_a_proj.weight", &d.q_a_proj.data},   {"q_a_layernorm.weight", &d.q_a_norm},
+        {"q_b_proj.weight", &d.q_b_proj.data},   {"kv_a_proj_with_mqa.weight", &d.kv_a_proj.data},
         {"kv_a_layernorm.weight", &d.kv_a_norm}, {"kv_b_proj.weight", &d.kv_b_proj.data},
         {"o_proj.weight", &d.o_proj.data}};
     int compared = 0;
@@ -73,7 +73,9 @@ double loss(const LayerWeights& w, const std::vector<float>& hidden, const std::
   for (int64_t t = 0; t < r.saved.tokens; ++t)
     for (int64_t e = 0; e < D; ++e) {
       double y = w.o_bias.empty() ? 0.0 : w.o_bias[static_cast<size_t>(e)];
-      for (int64_t j = 0; j < HV; ++j) y += static_cast<double>(w.o_proj.data[static_cast<size_t>(e * HV + j)]) * r.saved.o[static_cast<size_t>(t * HV + j)];
+      for (int64_t j = 0; j < HV; ++j)
+        y += static_cast<double>(w.o_proj.data[static_cast<size_t>(e * HV + j)]) *
+             r.saved.o[static_cast<size_t>(t * HV + j)];
       sum += d_out[static_cast<size_t>(t * D + e)] * y;
     }
   return sum;
@@ -104,7 +106,8 @@ void check_tensor(const std::string& name, std::vector<float>& values, const std
   double num = 0, den = 0;
   for (size_t j = 0; j < numeric.size(); ++j)
     num += (numeric[j] - analytic[j]) * (numeric[j] - analytic[j]), den += numeric[j] * numeric[j];
-  EXPECT_LT(std::sqrt(num / std::max(den, 1e-30)), 1e-5) << "numeric[0] " << numeric[0] << " analytic[0] " << analytic[0];
+  EXPECT_LT(std::sqrt(num / std::max(den, 1e-30)), 1e-5)
+      << "numeric[0] " << numeric[0] << " analytic[0] " << analytic[0];
 }
 
 void check_gradients(const Config& config, uint64_t seed) {
@@ -170,10 +173,16 @@ TEST(TrainReference, RejectsBadArgumentsByName) {
   expect_error([&] { train::forward_reference(w, hidden, std::vector<int32_t>{0, 2}); }, "cu_seqlens ends at 2");
   expect_error([&] { train::forward_reference(w, hidden, std::vector<int32_t>{1, 3}); }, "cu_seqlens must start");
   expect_error([&] { train::forward_reference(w, hidden, std::vector<int32_t>{0, 2, 1, 3}); }, "cu_seqlens[2]");
-  expect_error([&] { train::forward_reference(w, std::vector<float>(47, 0.f), std::vector<int32_t>{0, 3}); },
-               "not a multiple of hidden_size");
-  expect_error([&] { train::forward_reference(w, hidden, std::vector<int32_t>{0, 3}, std::vector<int64_t>{0, 1}); },
-               "positions has 2 entries");
+  expect_error(
+      [&] {
+        train::forward_reference(w, std::vector<float>(47, 0.f), std::vector<int32_t>{0, 3});
+      },
+      "not a multiple of hidden_size");
+  expect_error(
+      [&] {
+        train::forward_reference(w, hidden, std::vector<int32_t>{0, 3}, std::vector<int64_t>{0, 1});
+      },
+      "positions has 2 entries");
   std::vector<float> nan_hidden = hidden;
   nan_hidden[20] = std::nanf("");
   expect_error([&] { train::forward_reference(w, nan_hidden, std::vector<int32_t>{0, 3}); }, "hidden[1, 4]");

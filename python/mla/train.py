@@ -58,7 +58,8 @@ def backward_reference(weights: LayerWeights, saved, d_out: np.ndarray) -> Tuple
     return _mla.train_backward(weights, saved, np.ascontiguousarray(d_out, dtype=np.float32))
 
 
-_LAYERS: Dict[int, tuple] = {}  # layer key -> (Config, tensor names): what the custom operators cannot take as arguments
+# layer key -> (Config, tensor names): what the custom operators cannot take as arguments
+_LAYERS: Dict[int, tuple] = {}
 atexit.register(_LAYERS.clear)  # before the extension's teardown, which reports objects still alive as leaks
 
 
@@ -169,10 +170,16 @@ def _module_class():
                 pos = torch.empty(0, dtype=torch.int64) if positions is None else torch.as_tensor(positions).reshape(-1)
                 return op(hidden.reshape(B * T, D), cu, pos, self._layer, self._params()).reshape(B, T, D)
             if hidden.dim() != 2:
-                raise ValueError(f"MultiheadLatentAttention: hidden must be [B, T, D] or [T, D], got {list(hidden.shape)}")
-            cu = torch.tensor([0, hidden.shape[0]], dtype=torch.int32) if cu_seqlens is None else \
-                torch.as_tensor(cu_seqlens, dtype=torch.int32)
-            pos = torch.empty(0, dtype=torch.int64) if positions is None else torch.as_tensor(positions, dtype=torch.int64)
+                raise ValueError("MultiheadLatentAttention: hidden must be [B, T, D] or [T, D], "
+                                 f"got {list(hidden.shape)}")
+            if cu_seqlens is None:
+                cu = torch.tensor([0, hidden.shape[0]], dtype=torch.int32)
+            else:
+                cu = torch.as_tensor(cu_seqlens, dtype=torch.int32)
+            if positions is None:
+                pos = torch.empty(0, dtype=torch.int64)
+            else:
+                pos = torch.as_tensor(positions, dtype=torch.int64)
             return op(hidden, cu, pos, self._layer, self._params())
 
         def _params(self):

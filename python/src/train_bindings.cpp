@@ -55,7 +55,9 @@ std::vector<Slot> slots(const mla::Config& c, W& w) {
   s.push_back({"kv_b_proj.weight", &w.kv_b_proj, nullptr, {H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank}});
   s.push_back({"o_proj.weight", &w.o_proj, nullptr, {D, H * c.v_head_dim}});
   if (c.attention_bias) {
-    s.push_back({c.has_q_lora() ? "q_a_proj.bias" : "q_proj.bias", nullptr, &w.q_bias,
+    s.push_back({c.has_q_lora() ? "q_a_proj.bias" : "q_proj.bias",
+                 nullptr,
+                 &w.q_bias,
                  {c.has_q_lora() ? c.q_lora_rank : H * dqk}});
     s.push_back({"kv_a_proj_with_mqa.bias", nullptr, &w.kv_a_bias, {c.latent_dim()}});
     s.push_back({"o_proj.bias", nullptr, &w.o_bias, {D}});
@@ -79,16 +81,20 @@ mla::LayerWeights weights_from_tensors(const mla::Config& config, nb::dict tenso
       throw mla::InvalidArgument("LayerWeights.from_tensors: missing '" + s.name + "' " + shape_string(s.shape));
     F32 a;
     if (!nb::try_cast(tensors[s.name.c_str()], a))
-      throw nb::type_error(("LayerWeights.from_tensors: '" + s.name + "' must be a C-contiguous float32 array in host "
-                            "memory").c_str());
+      throw nb::type_error(("LayerWeights.from_tensors: '" + s.name +
+                            "' must be a C-contiguous float32 array in host "
+                            "memory")
+                               .c_str());
     std::vector<int64_t> got;
     for (size_t i = 0; i < a.ndim(); ++i) got.push_back(static_cast<int64_t>(a.shape(i)));
     if (got != s.shape)
       throw mla::InvalidArgument("LayerWeights.from_tensors: '" + s.name + "' has shape " + shape_string(got) +
                                  ", the config needs " + shape_string(s.shape));
     std::vector<float> data(a.data(), a.data() + a.size());
-    if (s.matrix) s.matrix->rows = s.shape[0], s.matrix->cols = s.shape[1], s.matrix->data = std::move(data);
-    else *s.vector = std::move(data);
+    if (s.matrix)
+      s.matrix->rows = s.shape[0], s.matrix->cols = s.shape[1], s.matrix->data = std::move(data);
+    else
+      *s.vector = std::move(data);
     used.insert(s.name);
   }
   for (auto [key, value] : tensors) {
@@ -146,12 +152,13 @@ void bind_train(nb::module_& m) {
       .def_ro("tokens", &mla::train::Saved::tokens);
   m.def("weights_from_tensors", &weights_from_tensors, "config"_a, "tensors"_a,
         "LayerWeights from a dict of float32 arrays named as in the checkpoint (q_a_proj.weight, ...).");
-  m.def("weights_to_tensors",
-        [](const mla::LayerWeights& w) {
-          mla::LayerWeights copy = w;
-          return tensors_of(w.config, copy);
-        },
-        "weights"_a, "The layer's tensors as float32 arrays named as in the checkpoint.");
+  m.def(
+      "weights_to_tensors",
+      [](const mla::LayerWeights& w) {
+        mla::LayerWeights copy = w;
+        return tensors_of(w.config, copy);
+      },
+      "weights"_a, "The layer's tensors as float32 arrays named as in the checkpoint.");
   m.def("train_forward", &train_forward, "weights"_a, "hidden"_a, "cu_seqlens"_a, "positions"_a.none() = nb::none());
   m.def("train_backward", &train_backward, "weights"_a, "saved"_a, "d_out"_a);
 }

@@ -22,7 +22,8 @@ def test_reference_matches_transformers_gradients(name):
     assert rel_error(out.reshape(B, T, D), g.output) < 2e-6
     d_hidden, grads = train.backward_reference(weights, saved, want["d_output"].reshape(B * T, D))
     assert rel_error(d_hidden.reshape(B, T, D), want["grad.hidden_states"]) < 1e-5
-    assert sorted(grads) == sorted(k[len("grad."):] for k in want if k.startswith("grad.") and k != "grad.hidden_states")
+    params = [k[len("grad."):] for k in want if k.startswith("grad.") and k != "grad.hidden_states"]
+    assert sorted(grads) == sorted(params)
     for key, value in grads.items():
         assert rel_error(value, want["grad." + key]) < 1e-5, key
 
@@ -113,5 +114,5 @@ def test_module_compiles_with_torch_compile():
     assert torch.equal(out_e, out_c) and torch.equal(dx_e, dx_c)
     assert all(torch.equal(dw_e[n], dw_c[n]) for n in dw_e)
     torch.library.opcheck(torch.ops.mla.train_attention.default,
-                          (x.reshape(10, 32), torch.tensor([0, 4, 10], dtype=torch.int32), torch.empty(0, dtype=torch.int64),
-                           layer._layer, layer._params()))
+                          (x.reshape(10, 32), torch.tensor([0, 4, 10], dtype=torch.int32),
+                           torch.empty(0, dtype=torch.int64), layer._layer, layer._params()))

@@ -230,7 +230,8 @@ LayerWeights LayerWeights::shard_heads(int64_t rank, int64_t world) const {
   const Config& c = config;
   if (world < 1) throw InvalidArgument("shard_heads: the world size must be at least 1, got " + std::to_string(world));
   if (rank < 0 || rank >= world)
-    throw InvalidArgument("shard_heads: rank " + std::to_string(rank) + " is outside [0, " + std::to_string(world) + ")");
+    throw InvalidArgument("shard_heads: rank " + std::to_string(rank) + " is outside [0, " + std::to_string(world) +
+                          ")");
   if (c.num_heads % world != 0)
     throw InvalidArgument("shard_heads: num_heads " + std::to_string(c.num_heads) + " does not divide over " +
                           std::to_string(world) + " ranks");

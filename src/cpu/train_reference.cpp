@@ -2,14 +2,13 @@
 // one head at a time, written to be read against ../../docs/training.md. The forward is the layer's prefill of
 // whole sequences (cpu/reference.cpp without the cache); the backward applies the chain rule to each step in
 // reverse, recomputing the attention probabilities from the saved log-sum-exp.
-#include "mla/train.hpp"
-
 #include <algorithm>
 #include <cmath>
 #include <string>
 
 #include "cpu/common.hpp"
 #include "mla/error.hpp"
+#include "mla/train.hpp"
 
 namespace mla::train {
 namespace {
@@ -112,8 +111,8 @@ void check_finite(std::span<const float> v, int64_t width, const char* what, con
 
 }  // namespace
 
-ForwardResult forward_reference(const LayerWeights& w, std::span<const float> hidden, std::span<const int32_t> cu_seqlens,
-                                std::span<const int64_t> positions) {
+ForwardResult forward_reference(const LayerWeights& w, std::span<const float> hidden,
+                                std::span<const int32_t> cu_seqlens, std::span<const int64_t> positions) {
   const Config& c = w.config;
   const DerivedConstants k = DerivedConstants::compute(c);
   const int64_t D = c.hidden_size, H = c.num_heads, dq = c.q_lora_rank, dc = c.kv_lora_rank;
@@ -200,7 +199,8 @@ ForwardResult forward_reference(const LayerWeights& w, std::span<const float> hi
   std::vector<double> y(static_cast<size_t>(D));
   for (int64_t t = 0; t < T; ++t) {
     linear(w.o_proj, s.o.data() + t * H * dv, w.o_bias, y.data());
-    for (int64_t e = 0; e < D; ++e) res.out[static_cast<size_t>(t * D + e)] = static_cast<float>(y[static_cast<size_t>(e)]);
+    for (int64_t e = 0; e < D; ++e)
+      res.out[static_cast<size_t>(t * D + e)] = static_cast<float>(y[static_cast<size_t>(e)]);
   }
   return res;
 }
@@ -213,9 +213,9 @@ BackwardResult backward_reference(const LayerWeights& w, const Saved& s, std::sp
   const int64_t T = s.tokens;
   constexpr const char* op = "train::backward_reference";
   if (static_cast<int64_t>(d_out.size()) != T * D || static_cast<int64_t>(s.x.size()) != T * D)
-    throw InvalidArgument(std::string(op) + ": d_out has " + std::to_string(d_out.size()) + " values; the forward had " +
-                          std::to_string(T) + " tokens of hidden_size " + std::to_string(D) +
-                          " (is `saved` from this layer?)");
+    throw InvalidArgument(std::string(op) + ": d_out has " + std::to_string(d_out.size()) +
+                          " values; the forward had " + std::to_string(T) + " tokens of hidden_size " +
+                          std::to_string(D) + " (is `saved` from this layer?)");
   check_finite(d_out, D, op, "d_out");
 
   // Gradients in double, shaped like the weights.
@@ -270,7 +270,8 @@ BackwardResult backward_reference(const LayerWeights& w, const Saved& s, std::sp
       }
 
   // Per token, the projections in reverse.
-  std::vector<double> d_c(static_cast<size_t>(dc)), d_ckv(static_cast<size_t>(dc + dr)), ckv(static_cast<size_t>(dc + dr));
+  std::vector<double> d_c(static_cast<size_t>(dc)), d_ckv(static_cast<size_t>(dc + dr)),
+      ckv(static_cast<size_t>(dc + dr));
   std::vector<double> d_qa_n(static_cast<size_t>(std::max<int64_t>(dq, 0))), d_qa(d_qa_n.size());
   for (int64_t t = 0; t < T; ++t) {
     const double* x = s.x.data() + t * D;
@@ -301,7 +302,8 @@ BackwardResult backward_reference(const LayerWeights& w, const Saved& s, std::sp
   BackwardResult res;
   res.d_hidden = to_floats(dx);
   LayerGradients& g = res.grads;
-  g.q_proj = to_matrix(w.q_proj, g_q), g.q_a_proj = to_matrix(w.q_a_proj, g_qa), g.q_b_proj = to_matrix(w.q_b_proj, g_qb);
+  g.q_proj = to_matrix(w.q_proj, g_q), g.q_a_proj = to_matrix(w.q_a_proj, g_qa),
+  g.q_b_proj = to_matrix(w.q_b_proj, g_qb);
   g.kv_a_proj = to_matrix(w.kv_a_proj, g_kva), g.kv_b_proj = to_matrix(w.kv_b_proj, g_kvb);
   g.o_proj = to_matrix(w.o_proj, g_o);
   g.q_a_norm = to_floats(g_qa_norm), g.kv_a_norm = to_floats(g_kv_norm);

@@ -14,9 +14,10 @@
 // past n_q are computed but never stored; keys past n_k are masked by value (a NaN there never reaches the max or
 // the sums), and the V rows past n_k of the last tile, which belong to the next sequence, are zeroed by the producer
 // warpgroup before P·V reads them (P is 0 there, but 0·NaN is NaN). With device-side cu_seqlens (Params::cu_q) one
-// launch covers the batch: block g is the g-th 128-row query block of the batch (find_slot). P is rounded to bf16 before P·V, the row sums are fp32 sums of the
-// unrounded probabilities, O is written in bf16 (the sm80 kernel's rounding points; not bitwise equal to it: the
-// exponent is one FFMA and 2^x is MUFU.EX2 without exp2f's subnormal fixup).
+// launch covers the batch: block g is the g-th 128-row query block of the batch (find_slot). P is rounded to bf16
+// before P·V, the row sums are fp32 sums of the unrounded probabilities, O is written in bf16 (the sm80 kernel's
+// rounding points; not bitwise equal to it: the exponent is one FFMA and 2^x is MUFU.EX2 without exp2f's subnormal
+// fixup).
 #pragma once
 
 #include <cuda.h>
@@ -108,7 +109,8 @@ __device__ __forceinline__ void find_slot(const Params& p, Slot& slot) {
       } else {
         const long long k0 = min(max(static_cast<long long>(p.cu_k[b]), 0LL), static_cast<long long>(p.total_k));
         const long long k1 = min(max(static_cast<long long>(p.cu_k[b + 1]), k0), static_cast<long long>(p.total_k));
-        slot = {static_cast<int>(found[3] - found[2]), static_cast<int>(k1 - k0), static_cast<int>(found[1]), found[2], k0};
+        slot = {static_cast<int>(found[3] - found[2]), static_cast<int>(k1 - k0), static_cast<int>(found[1]), found[2],
+                k0};
       }
     }
   }
@@ -128,7 +130,8 @@ __device__ __forceinline__ void zero_v_tail(SharedMemoryPlan& sm, int tiles, int
   named_sync(kProducer, 128);
   for (int i = threadIdx.x; i < 2 * kN * 8; i += 128) {  // [2 blocks][kN rows][8 chunks of 16 bytes]
     const int block = i / (kN * 8), row = i / 8 % kN, chunk = i % 8;
-    if (row >= first) *reinterpret_cast<uint4*>(sm.v[st] + block * kN * 64 + row * 64 + chunk * 8) = make_uint4(0, 0, 0, 0);
+    if (row >= first)
+      *reinterpret_cast<uint4*>(sm.v[st] + block * kN * 64 + row * 64 + chunk * 8) = make_uint4(0, 0, 0, 0);
   }
   fence_proxy_async();  // generic-proxy zeros, read by wgmma
   __syncwarp();
@@ -150,7 +153,8 @@ __device__ __forceinline__ void produce(SharedMemoryPlan& sm, const Maps& maps, 
     mbarrier_arrive_expect_tx(&sm.k_full[st], kKBytes);
 #pragma unroll
     for (int c = 0; c < 3; ++c) {
-      if (kStrided && c == 2) tma_load_3d(sm.k[st] + c * kN * 64, &maps.k_tail, &sm.k_full[st], 0, h_tail, k_row + j * kN);
+      if (kStrided && c == 2)
+        tma_load_3d(sm.k[st] + c * kN * 64, &maps.k_tail, &sm.k_full[st], 0, h_tail, k_row + j * kN);
       else tma_load_3d(sm.k[st] + c * kN * 64, &maps.k, &sm.k_full[st], 64 * c, h, k_row + j * kN);
     }
     if (round > 0) mbarrier_wait(&sm.v_empty[st], (round - 1) & 1);
