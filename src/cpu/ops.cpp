@@ -275,6 +275,9 @@ void prefill(const PrefillParams& p) {
       std::fill(q.begin() + qt * dqk, q.end(), T{});
       // Bottom-right causal: query i sees keys t <= n_k − n_q + i; the tile's last query bounds the key range.
       const int64_t k_end = p.causal ? std::clamp<int64_t>(n_k - n_q + i0 + qt, 0, n_k) : n_k;
+      // Keys the tile's first query sees, as a plain variable: capturing the structured binding i0 in a lambda
+      // is C++20 (P1091) but clang before 16 rejects it.
+      const int64_t first_visible = p.causal ? n_k - n_q + i0 + 1 : n_k;
       Partial st(kQueryTile, dv);
       for (int64_t k0 = 0; k0 < k_end; k0 += kKeyBlock) {
         const int64_t kb = std::min(kKeyBlock, k_end - k0);
@@ -284,7 +287,7 @@ void prefill(const PrefillParams& p) {
         }
         std::fill(k.begin() + kb * dqk, k.end(), T{});
         std::fill(v.begin() + kb * dv, v.end(), T{});
-        auto visible = [&](int64_t r) { return (p.causal ? n_k - n_q + i0 + r + 1 : n_k) - k0; };
+        auto visible = [&](int64_t r) { return (p.causal ? first_visible + r : n_k) - k0; };
         attend_block(q.data(), kQueryTile, dqk, k.data(), dqk, v.data(), dv, dv, p.softmax_scale, visible, st, sc,
                      p.dtype == DType::BF16);
       }
