@@ -103,6 +103,11 @@ def config_seeds():
     v5["q_lora_rank"] = None
     v5["attention_bias"] = True
     write("config", "v5_rope_parameters.json", json.dumps(v5, indent=1).encode())
+    # Integers written as JSON floats (384.0), which from_json accepts when integral.
+    floats = json.loads((GOLDEN / "noyarn" / "config.json").read_bytes())
+    for key in ("hidden_size", "num_attention_heads", "kv_lora_rank", "qk_rope_head_dim"):
+        floats[key] = float(floats[key])
+    write("config", "integral_floats.json", json.dumps(floats, indent=1).encode())
 
 
 def main():
