@@ -27,6 +27,8 @@ cmake --build build-fuzz -j"$(nproc)" --target "${targets[@]/#/fuzz_}"
 echo "fuzz: built in $(( $(date +%s) - start )) s"
 
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+# Debian installs only the versioned name; without a symbolizer the reports give addresses, not file:line.
+[ -x /usr/bin/llvm-symbolizer-14 ] && export ASAN_SYMBOLIZER_PATH=${ASAN_SYMBOLIZER_PATH:-/usr/bin/llvm-symbolizer-14}
 failed=()
 summary=()
 for t in "${targets[@]}"; do
