@@ -3,11 +3,13 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <numeric>
 #include <set>
+#include <tuple>
 
 #include "testing.hpp"
 
@@ -90,6 +92,64 @@ TEST(Cache, PageSizeValidation) {
   o.dtype = DType::BF16;
   o.row_width = 0;
   EXPECT_THROW(LatentCache{o}, InvalidArgument);
+}
+
+// num_pages x page_size x row_width x 4 wrapped to 0 bytes for 2^26 x 256 x 2^28 and fill_unused() then wrote
+// past the allocation: the product is checked, and capped at kMaxCacheBytes.
+TEST(Cache, SizeOverflowRejectedByName) {
+  for (auto [pages, page_size, width] : {std::tuple<int64_t, int64_t, int64_t>{int64_t{1} << 26, 256, int64_t{1} << 28},
+                                         {1, 1, int64_t{1} << 62},                // row_width x 4 alone overflows
+                                         {int64_t{1} << 30, 256, 256}}) {         // 2^48 bytes: over the cap
+    SCOPED_TRACE(::testing::Message() << pages << " x " << page_size << " x " << width);
+    testing::expect_throw_with<InvalidArgument>([&] { make(pages, page_size, width); },
+                                                {"num_pages (" + std::to_string(pages) + ")",
+                                                 "row_width (" + std::to_string(width) + ")", "page_size", "limit"});
+  }
+}
+
+// Below the cap, a pool larger than the machine's memory is refused before it is allocated (64 TiB here).
+TEST(Cache, PoolLargerThanMemoryIsOutOfMemory) {
+  testing::expect_throw_with<OutOfMemory>([&] { make(int64_t{1} << 28, 256, 256); },
+                                          {"num_pages (268435456)", "row_width (256)", "cannot allocate"});
+  EXPECT_EQ(make(2, 4).pages_free(), 2);  // and ordinary caches still work
+}
+
+// reserve() with many sequences (each listed once, or twice: they accumulate) is not quadratic.
+TEST(Cache, ReserveManySequences) {
+  LatentCache c = make(300010, 1, 2);
+  std::vector<SeqId> ids;
+  for (int i = 0; i < 150000; ++i) ids.push_back(c.add_sequence());
+  ids.push_back(ids[5]);
+  std::vector<int64_t> extra(ids.size(), 2);
+  const auto t0 = std::chrono::steady_clock::now();
+  c.reserve(ids, extra);
+  // ~0.2-3 s here; the quadratic check took 43 s for 150000 sequences.
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 10.0);
+  EXPECT_EQ(c.capacity(ids[5]), 4);
+  EXPECT_EQ(c.capacity(ids[6]), 2);
+  EXPECT_EQ(c.pages_free(), 300010 - 150000 * 2 - 2);  // 2 tokens each, 2 more for ids[5]; one page per token
+}
+
+// first_non_finite() finds NaN and infinity in written (not yet committed) rows, in f32 and bf16 caches.
+TEST(Cache, FirstNonFinite) {
+  for (DType dt : {DType::F32, DType::BF16})
+    for (float bad : {kNaN, std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity()}) {
+      SCOPED_TRACE(::testing::Message() << dtype_name(dt) << " " << bad);
+      LatentCache c = make(4, 4, 6, dt, 3);
+      const SeqId id = add_filled(c, 3);
+      const SeqId ids[] = {id};
+      const int64_t extra[] = {6};
+      c.reserve(ids, extra);
+      for (int64_t t = 3; t < 9; ++t) write_row(c, id, t);
+      EXPECT_EQ(c.first_non_finite(id, 0, 9), -1);
+      const int64_t slot = c.block_table(id)[6 / 4] * 4 + 6 % 4;  // token 6, column 5
+      if (dt == DType::F32) static_cast<float*>(c.storage())[slot * 6 + 5] = bad;
+      else static_cast<uint16_t*>(c.storage())[slot * 6 + 5] = float_to_bf16(bad);
+      EXPECT_EQ(c.first_non_finite(id, 0, 9), 6);
+      EXPECT_EQ(c.first_non_finite(id, 3, 6), -1);
+      EXPECT_EQ(c.first_non_finite(id, 6, 7), 6);
+      EXPECT_THROW(c.first_non_finite(id, 0, 13), InvalidArgument);  // past capacity
+    }
 }
 
 TEST(Cache, ReserveCommitLengthCapacity) {

@@ -6,7 +6,10 @@
 #include <fstream>
 #include <functional>
 #include <iterator>
+#include <sys/stat.h>
 #include <sys/wait.h>
+
+#include <algorithm>
 
 #include <nlohmann/json.hpp>
 
@@ -27,6 +30,18 @@ struct Result {
 Result run(const std::string& args, const std::string& env = "") {
   Result r;
   const std::string cmd = "env -u MLA_CPU_ISA " + env + " " + std::string(MLA_CLI_PATH) + " " + args + " 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  std::array<char, 4096> buf{};
+  while (size_t n = fread(buf.data(), 1, buf.size(), p)) r.output.append(buf.data(), n);
+  const int status = pclose(p);
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+// As run(), under a 1 GiB address-space limit: hostile inputs must fail by name, not by exhausting memory.
+Result run_limited(const std::string& args) {
+  Result r;
+  const std::string cmd = "ulimit -v 1048576 && env -u MLA_CPU_ISA " + std::string(MLA_CLI_PATH) + " " + args + " 2>&1";
   FILE* p = popen(cmd.c_str(), "r");
   std::array<char, 4096> buf{};
   while (size_t n = fread(buf.data(), 1, buf.size(), p)) r.output.append(buf.data(), n);
@@ -160,6 +175,94 @@ TEST_F(Cli, ForwardRejectsDamagedCheckpoints) {
     EXPECT_FALSE(fs::exists(out())) << c.name;
   }
   fs::remove_all(dir_ / "ckpt");
+  expect_no_output();
+}
+
+// The hostile inputs of the issue: each fails with exit status 1 and one line "mla <cmd>: error: ..." naming what
+// is wrong, writes nothing, and stays within 1 GiB of address space.
+TEST_F(Cli, HostileInputsFailWithOneLine) {
+  const auto io = (testing::golden_dir("v3-tiny") / "io.safetensors").string();
+  const fs::path d = dir_ / "ckpt";
+  auto fresh = [&](const std::string& name) {
+    fs::remove_all(d);
+    fs::copy(testing::golden_dir(name), d, fs::copy_options::recursive);
+    fs::remove(d / "io.safetensors");
+  };
+  auto edit_config = [&](const std::function<void(nlohmann::json&)>& edit) {
+    std::ifstream in(d / "config.json");
+    nlohmann::json j = nlohmann::json::parse(in);
+    in.close();
+    edit(j);
+    std::ofstream(d / "config.json", std::ios::trunc) << j.dump();
+  };
+  auto replace_in = [](const fs::path& file, const std::string& from, const std::string& to) {
+    std::ifstream in(file, std::ios::binary);
+    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    in.close();
+    bytes.replace(bytes.find(from), from.size(), to);
+    std::ofstream(file, std::ios::binary | std::ios::trunc) << bytes;
+  };
+  const std::string forward = "forward --model " + d.string() + " --input " + io + " --output " + out();
+  struct Case {
+    std::string name, golden, args;
+    std::vector<std::string> expect;
+    std::function<void()> damage;
+  } cases[] = {
+      {"hidden_size 1e28", "v3-tiny", forward, {"config.json", "'hidden_size'", "out of range"},
+       [&] { replace_in(d / "config.json", "\"hidden_size\": 256", "\"hidden_size\": 1e28"); }},
+      {"hidden_size 2^62", "v3-tiny", forward, {"'hidden_size'", "262144"},
+       [&] { edit_config([](nlohmann::json& j) { j["hidden_size"] = int64_t{1} << 62; }); }},
+      {"info with qk_rope_head_dim 2^28", "v3-tiny", "info --model " + d.string(), {"'qk_rope_head_dim'", "4096"},
+       [&] { edit_config([](nlohmann::json& j) { j["qk_rope_head_dim"] = int64_t{1} << 28; }); }},
+      {"page size 2^63-1", "v3-tiny", forward + " --page-size 9223372036854775807", {"--page-size", "256"}, [] {}},
+      {"model is a file", "v3-tiny", "forward --model " + io + " --input " + io + " --output " + out(),
+       {io, "is not a folder"}, [] {}},
+      {"config.json is a folder", "v3-tiny", forward, {"config.json", "is a folder"}, [&] {
+         fs::remove(d / "config.json");
+         fs::create_directory(d / "config.json");
+       }},
+      {"config.json links to /dev/zero", "v3-tiny", forward, {"config.json", "character device"}, [&] {
+         fs::remove(d / "config.json");
+         fs::create_symlink("/dev/zero", d / "config.json");
+       }},
+      {"index is a FIFO", "fp8-sharded", forward, {"model.safetensors.index.json", "FIFO"}, [&] {
+         fs::remove(d / "model.safetensors.index.json");
+         ASSERT_EQ(::mkfifo((d / "model.safetensors.index.json").c_str(), 0600), 0);
+       }},
+      {"shard outside the folder", "fp8-sharded", forward, {"'/etc/passwd'", "inside the checkpoint folder"},
+       [&] { replace_in(d / "model.safetensors.index.json", "model-00002-of-00002.safetensors", "/etc/passwd"); }},
+      {"header length minus one", "v3-tiny", forward, {"model.safetensors", "data bytes", "header length"}, [&] {
+         std::fstream f(d / "model.safetensors", std::ios::binary | std::ios::in | std::ios::out);
+         uint64_t n = 0;
+         f.read(reinterpret_cast<char*>(&n), 8);
+         --n;
+         f.seekp(0);
+         f.write(reinterpret_cast<const char*>(&n), 8);
+       }},
+      {"YaRN factor 1e-300", "v3-tiny", forward, {"yarn 'factor'"},
+       [&] { edit_config([](nlohmann::json& j) { j["rope_scaling"]["factor"] = 1e-300; }); }},
+      {"input is a FIFO", "v3-tiny",
+       "forward --model " + d.string() + " --input " + (dir_ / "fifo").string() + " --output " + out(),
+       {(dir_ / "fifo").string(), "FIFO"}, [&] { ASSERT_EQ(::mkfifo((dir_ / "fifo").c_str(), 0600), 0); }},
+      {"model is a symlink loop", "v3-tiny", "forward --model " + (dir_ / "loop").string() + " --input " + io +
+       " --output " + out(), {(dir_ / "loop").string(), "cannot access"},
+       [&] { fs::create_symlink(dir_ / "loop", dir_ / "loop"); }},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    fresh(c.golden);
+    c.damage();
+    const Result r = run_limited(c.args);
+    EXPECT_EQ(r.code, 1) << r.output;
+    EXPECT_EQ(std::count(r.output.begin(), r.output.end(), '\n'), 1) << r.output;
+    EXPECT_TRUE(r.output.starts_with("mla ") || r.output.starts_with("mla: ")) << r.output;
+    EXPECT_NE(r.output.find("error: "), std::string::npos) << r.output;
+    for (const std::string& w : c.expect) EXPECT_NE(r.output.find(w), std::string::npos) << w << " not in " << r.output;
+    EXPECT_FALSE(fs::exists(out()));
+    fs::remove(dir_ / "fifo");
+    fs::remove(dir_ / "loop");
+  }
+  fs::remove_all(d);
   expect_no_output();
 }
 

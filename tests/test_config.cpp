@@ -290,6 +290,118 @@ TEST(ConfigErrors, MissingFile) {
   expect_throw_with<Error>([] { Config::from_file("/nonexistent/dir/config.json"); }, {"/nonexistent/dir/config.json"});
 }
 
+// Numbers that used to reach a double->int64 cast or int64 arithmetic unchecked.
+TEST(ConfigErrors, NumbersOutOfRangeAreNamed) {
+  auto with = [](const std::string& key, const std::string& raw) {
+    std::string text = kGood;
+    text.insert(text.rfind('}'), ", \"" + key + "\": " + raw);
+    return text;
+  };
+  // nlohmann keeps the last of duplicate keys: each raw value below replaces kGood's.
+  expect_throw_with<Error>([&] { Config::from_json(with("hidden_size", "1e28"), "c.json"); },
+                           {"c.json", "'hidden_size'", "out of range"});
+  expect_throw_with<Error>([&] { Config::from_json(with("hidden_size", "-1e28")); }, {"'hidden_size'", "out of range"});
+  expect_throw_with<Error>([&] { Config::from_json(with("kv_lora_rank", "18446744073709551615")); },
+                           {"'kv_lora_rank'", "out of range"});
+  expect_throw_with<Error>([&] { Config::from_json(with("num_hidden_layers", "9223372036854775807")); },
+                           {"'num_hidden_layers'", "[1, 65536]"});
+  expect_throw_with<Error>([&] { Config::from_json(with("qk_rope_head_dim", "268435456")); },
+                           {"'qk_rope_head_dim'", "[1, 4096]", "268435456"});
+  expect_throw_with<Error>([&] { Config::from_json(with("rope_theta", "1e300")); }, {"rope_theta"});
+  expect_throw_with<Error>([&] { Config::from_json(with("rms_norm_eps", "1e999")); }, {"JSON"});
+  // Integral floats in range are still integers (some exporters write 7168.0).
+  EXPECT_EQ(Config::from_json(with("hidden_size", "128.0")).hidden_size, 128);
+}
+
+TEST(ConfigErrors, BoundsAreExactAndDocumented) {
+  const Config good = Config::from_json(kGood);
+  struct Field {
+    int64_t Config::*member;
+    int64_t max;
+    const char* key;
+  };
+  for (const Field& f : {Field{&Config::hidden_size, kMaxHiddenSize, "hidden_size"},
+                         Field{&Config::num_heads, kMaxHeads, "num_attention_heads"},
+                         Field{&Config::q_lora_rank, kMaxLoraRank, "q_lora_rank"},
+                         Field{&Config::kv_lora_rank, kMaxLoraRank, "kv_lora_rank"},
+                         Field{&Config::qk_nope_head_dim, kMaxHeadDim, "qk_nope_head_dim"},
+                         Field{&Config::qk_rope_head_dim, kMaxHeadDim, "qk_rope_head_dim"},
+                         Field{&Config::v_head_dim, kMaxHeadDim, "v_head_dim"},
+                         Field{&Config::num_layers, kMaxLayers, "num_hidden_layers"}}) {
+    SCOPED_TRACE(f.key);
+    Config c = good;
+    c.*f.member = f.max;
+    EXPECT_NO_THROW(c.validate());
+    c.*f.member = f.max + 1;
+    expect_throw_with<Error>([&] { c.validate(); }, {f.key, std::to_string(f.max)});
+  }
+  // Every size derived from the largest config fits in int64 with room to spare.
+  Config c = good;
+  c.hidden_size = kMaxHiddenSize, c.num_heads = kMaxHeads, c.q_lora_rank = c.kv_lora_rank = kMaxLoraRank;
+  c.qk_nope_head_dim = c.qk_rope_head_dim = c.v_head_dim = kMaxHeadDim;
+  c.validate();
+  const double largest = static_cast<double>(c.num_heads) * (c.qk_head_dim() + c.v_head_dim) *
+                         std::max(c.hidden_size, c.kv_lora_rank) * 8;  // bytes of the largest f64 weight
+  EXPECT_LT(largest, 0x1p62);
+}
+
+TEST(ConfigErrors, RealDeepSeekConfigsAreWithinBounds) {
+  // DeepSeek-V3's config.json attention fields, verbatim.
+  const char* v3 = R"({"hidden_size": 7168, "num_attention_heads": 128, "q_lora_rank": 1536, "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "num_hidden_layers": 61,
+    "max_position_embeddings": 163840, "rms_norm_eps": 1e-06, "rope_theta": 10000,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"}})";
+  EXPECT_NO_THROW(Config::from_json(v3));
+  for (const std::string& name : Config::preset_names()) EXPECT_NO_THROW(Config::preset(name).validate()) << name;
+}
+
+TEST(ConfigErrors, YarnParametersInRange) {
+  auto yarn = [](const char* key, double v) {
+    nlohmann::json j = nlohmann::json::parse(kGood);
+    j["rope_scaling"] = {{"type", "yarn"}, {"factor", 40}, {"beta_fast", 32}, {"beta_slow", 1},
+                         {"mscale", 1.0}, {"mscale_all_dim", 1.0}, {"original_max_position_embeddings", 4096}};
+    j["rope_scaling"][key] = v;
+    return j.dump();
+  };
+  EXPECT_NO_THROW(Config::from_json(yarn("factor", 40)));
+  struct Case {
+    const char* key;
+    double value;
+    const char* word;
+  };
+  for (const Case& c : {Case{"factor", 1e-300, "'factor'"}, Case{"factor", 0.999, "'factor'"},
+                        Case{"beta_fast", 0, "'beta_fast'"}, Case{"beta_slow", -1, "'beta_slow'"},
+                        Case{"beta_slow", 32, "greater than 'beta_slow'"},
+                        Case{"attention_factor", 1e300, "'attention_factor'"},
+                        Case{"mscale", -0.5, "'mscale'"}, Case{"mscale_all_dim", 101, "'mscale_all_dim'"},
+                        Case{"original_max_position_embeddings", -4096, "'original_max_position_embeddings'"},
+                        Case{"original_max_position_embeddings", 2e9, "'original_max_position_embeddings'"}}) {
+    SCOPED_TRACE(c.key);
+    expect_throw_with<Error>([&] { Config::from_json(yarn(c.key, c.value)); }, {"yarn", c.word});
+  }
+  // A validated config gives finite derived constants at the edges of the bounds.
+  for (const auto& [key, v] : std::vector<std::pair<const char*, double>>{
+           {"factor", kMaxYarnFactor}, {"mscale_all_dim", kMaxYarnMscale}, {"attention_factor", kMaxYarnMscale},
+           {"original_max_position_embeddings", kMaxPositions}, {"beta_fast", kMaxYarnBeta}}) {
+    SCOPED_TRACE(key);
+    const DerivedConstants k = DerivedConstants::compute(Config::from_json(yarn(key, v)));
+    EXPECT_TRUE(std::isfinite(k.softmax_scale) && k.softmax_scale > 0);
+    EXPECT_TRUE(std::isfinite(k.rope_magnitude) && k.rope_magnitude > 0);
+    for (float w : k.inv_freq) EXPECT_TRUE(std::isfinite(w));
+  }
+}
+
+TEST(ConfigErrors, SpecialFiles) {
+  const testing::TempDir tmp("cfgfiles");
+  const auto p = tmp.path() / "config.json";
+  std::filesystem::create_symlink("/dev/zero", p);
+  expect_throw_with<Error>([&] { Config::from_file(p); }, {p.string(), "character device"});
+  std::filesystem::remove(p);
+  std::filesystem::create_directory(p);
+  expect_throw_with<Error>([&] { Config::from_file(p); }, {p.string(), "is a folder"});
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Cost model and path choice
 

@@ -634,6 +634,24 @@ TEST(CudaDecode, SplitKvAndLongSequences) {
   run_decode_case({5, 1, 128, 16, {2500, 0, 64, 65, 1}, DType::BF16}, 5);
 }
 
+// h_q·s_q <= 16 on Hopper: the sm90 kernel with the rows padded to 64 (taken by batches of 64 sequences and more;
+// MLA_CUDA_DECODE_SM90_SMALL=1 forces it for the small batches here). No-op elsewhere: the knob only matters on sm90.
+TEST(CudaDecode, SmallHeadsPaddedOnSm90) {
+  SKIP_WITHOUT_GPU();
+  setenv("MLA_CUDA_DECODE_SM90_SMALL", "1", 1);
+  uint64_t seed = 300;
+  for (int64_t page : {16, 64, 256})
+    for (int64_t h_q : {1, 3, 8, 16}) {
+      SCOPED_TRACE("page " + std::to_string(page) + " h_q " + std::to_string(h_q));
+      run_decode_case({4, 1, h_q, page, {0, 1, 17, 0}, DType::BF16}, seed++);
+      run_decode_case({3, 2, (h_q + 1) / 2, page, {}, DType::BF16}, seed++);
+    }
+  run_decode_case({2, 1, 16, 64, {5000, 3}, DType::BF16}, seed++);  // split-KV and combine on the padded rows
+  unsetenv("MLA_CUDA_DECODE_SM90_SMALL");
+  run_decode_case({80, 1, 16, 64, {}, DType::BF16}, seed++);  // 80 sequences: padded without the knob
+  run_decode_case({64, 2, 8, 16, {}, DType::BF16}, seed++);
+}
+
 // On Hopper the 64-row blocks run the wgmma kernel; this runs the portable mma.sync kernel there too.
 TEST(CudaDecode, PortablePathOnHopper) {
   SKIP_WITHOUT_GPU();
@@ -905,28 +923,59 @@ TEST(CudaPrefill, ExpandedKernelVarlen) {
   run_prefill_case(2, 192, 128, {1, 128, 0}, {1, 255, 3}, DType::BF16, 7, /*poison_last=*/true);
 }
 
-TEST(CudaPrefill, DeviceSeqlensAreCheckedOnTheHost) {
+TEST(CudaPrefill, GarbageDeviceSeqlens) {
   SKIP_WITHOUT_GPU();
-  // Device-side lengths are copied to the host and checked there: decreasing and out-of-range ones are an error
-  // that names them, and nothing is launched.
-  const int64_t heads = 2, TQ = 200, TK = 300;
+  // Device-side lengths are read by the kernel (Hopper's one-launch path) or copied to the host and checked there
+  // (the other kernels). Decreasing and out-of-range ones: the first path clamps every bound into the tensors (no
+  // access outside q, k, v, out; compute-sanitizer runs this test), the second rejects them by name and launches
+  // nothing.
+  const int64_t heads = 2, TQ = 200, TK = 300, guard = 4096;
   std::vector<uint16_t> q(TQ * heads * 192, 0x3c00), k(TK * heads * 192, 0x3c00), v(TK * heads * 128, 0x3c00);
-  Device dq(q), dk(k), dv(v), dout(std::vector<uint16_t>(TQ * heads * 128, 0));
+  Device dq(q), dk(k), dv(v);
   Device dcq(std::vector<int32_t>{0, 150, 90, 1 << 30}), dck(std::vector<int32_t>{-5, 400, 10, 20});
-  PrefillParams p;
-  p.batch = 3, p.num_heads = heads, p.total_q = TQ, p.total_k = TK, p.dtype = DType::BF16;
-  p.cu_seqlens_on_device = true;
-  p.cu_seqlens_q = static_cast<const int32_t*>(dcq.data()), p.cu_seqlens_k = static_cast<const int32_t*>(dck.data());
-  p.q = dq.data(), p.k = dk.data(), p.v = dv.data(), p.out = dout.data();
-  p.softmax_scale = 0.1f;
-  try {
-    prefill_attention("cuda", p);
-    ADD_FAILURE() << "garbage device-side cu_seqlens were accepted";
-  } catch (const InvalidArgument& e) {
-    EXPECT_NE(std::string(e.what()).find("cu_seqlens_q"), std::string::npos) << e.what();
+  const uint16_t canary = 0x7fc1;
+  auto call = [&](bool portable) {
+    Device dout(std::vector<uint16_t>(TQ * heads * 128 + guard, canary));
+    PrefillParams p;
+    p.batch = 3, p.num_heads = heads, p.total_q = TQ, p.total_k = TK, p.dtype = DType::BF16;
+    p.cu_seqlens_on_device = true;
+    p.cu_seqlens_q = static_cast<const int32_t*>(dcq.data()), p.cu_seqlens_k = static_cast<const int32_t*>(dck.data());
+    p.q = dq.data(), p.k = dk.data(), p.v = dv.data(), p.out = dout.data();
+    p.softmax_scale = 0.1f;
+    if (portable) setenv("MLA_CUDA_DISABLE_SM90", "1", 1);
+    bool threw = false;
+    try {
+      prefill_attention("cuda", p);
+    } catch (const InvalidArgument& e) {
+      threw = true;
+      EXPECT_NE(std::string(e.what()).find("cu_seqlens_q"), std::string::npos) << e.what();
+    }
+    if (portable) unsetenv("MLA_CUDA_DISABLE_SM90");
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const std::vector<uint16_t> out = dout.read<uint16_t>(TQ * heads * 128 + guard);
+    EXPECT_TRUE(std::all_of(out.end() - guard, out.end(), [&](uint16_t x) { return x == canary; }))
+        << "written past out";
+    return std::make_pair(threw, std::all_of(out.begin(), out.end() - guard, [&](uint16_t x) { return x == canary; }));
+  };
+  const auto [threw_portable, untouched_portable] = call(true);
+  EXPECT_TRUE(threw_portable) << "garbage device-side cu_seqlens were accepted by the host-checked path";
+  EXPECT_TRUE(untouched_portable) << "out was written by a rejected call";
+  int major = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
+  if (major == 9) EXPECT_FALSE(call(false).first) << "the one-launch path should clamp, not throw";
+}
+
+TEST(CudaPrefill, OneLaunchManySequences) {
+  SKIP_WITHOUT_GPU();
+  // More than 32 sequences: the kernel's search for its sequence runs over several 32-wide steps.
+  std::vector<int32_t> nq, nk;
+  uint64_t s = 12345;
+  for (int b = 0; b < 70; ++b) {
+    s = s * 6364136223846793005ull + 1442695040888963407ull;
+    const int32_t n = static_cast<int32_t>((s >> 33) % 300);
+    nq.push_back(b % 9 == 4 ? 0 : n), nk.push_back(n + static_cast<int32_t>((s >> 20) % 3 == 0 ? (s >> 40) % 200 : 0));
   }
-  const std::vector<uint16_t> out = dout.read<uint16_t>(TQ * heads * 128);
-  EXPECT_TRUE(std::all_of(out.begin(), out.end(), [](uint16_t x) { return x == 0; })) << "out was written";
+  run_prefill_case(2, 192, 128, nq, nk, DType::BF16, 21);
 }
 
 TEST(CudaPrefill, PortablePathOnHopper) {

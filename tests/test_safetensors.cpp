@@ -1,6 +1,7 @@
 #include "mla/safetensors.hpp"
 
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -18,6 +19,7 @@
 #include <vector>
 
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include "mla/dtype.hpp"
 #include "mla/error.hpp"
@@ -464,6 +466,83 @@ TEST(BadFile, UnsupportedDtypeOnlyFailsWhenRequested) {
   expect_contains(error_of([&] { mla::SafetensorsFile g(p); }), {"'m'", "4 bytes", "hold 3 bytes"});
 }
 
+TEST(BadFile, UnknownDtypeRefusedAtOpenEvenIfUnused) {
+  TempDir tmp;
+  const fs::path p = tmp / "unknown.safetensors";
+  write_raw(p,
+            R"({"f": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},)"
+            R"( "junk": {"dtype": "Q7", "shape": [4], "data_offsets": [4, 8]}})",
+            8);
+  expect_contains(error_of([&] { mla::SafetensorsFile f(p); }), {p.string(), "'junk'", "unknown dtype 'Q7'"});
+  // Sub-byte dtypes of the format are known: sized in bits, and must fill whole bytes.
+  write_raw(p, R"({"q": {"dtype": "F4", "shape": [6], "data_offsets": [0, 3]}})", 3);
+  EXPECT_NO_THROW(mla::SafetensorsFile{p});
+  write_raw(p, R"({"q": {"dtype": "F4", "shape": [3], "data_offsets": [0, 2]}})", 2);
+  expect_contains(error_of([&] { mla::SafetensorsFile f(p); }), {"'q'", "whole bytes"});
+}
+
+// The format's rule: the tensors tile the data section, sorted, with no overlap and no hole.
+TEST(BadFile, TensorsMustTileTheDataSection) {
+  TempDir tmp;
+  const fs::path p = tmp / "tile.safetensors";
+  write_raw(p,
+            R"({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},)"
+            R"( "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}})",
+            12);
+  expect_contains(error_of([&] { mla::SafetensorsFile f(p); }), {p.string(), "'b'", "[4, 12]", "overlap tensor 'a'"});
+  write_raw(p, R"({"a": {"dtype": "U8", "shape": [4], "data_offsets": [1, 5]}})", 5);
+  expect_contains(error_of([&] { mla::SafetensorsFile f(p); }),
+                  {p.string(), "'a'", "leave data bytes [0, 1) in no tensor"});
+  write_raw(p,
+            R"({"a": {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]},)"
+            R"( "b": {"dtype": "U8", "shape": [4], "data_offsets": [6, 10]}})",
+            10);
+  expect_contains(error_of([&] { mla::SafetensorsFile f(p); }), {"'b'", "leave data bytes [4, 6)"});
+  write_raw(p, R"({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})", 5);
+  expect_contains(error_of([&] { mla::SafetensorsFile f(p); }), {p.string(), "cover 4 of the 5 data bytes"});
+  // Zero-size tensors and files written here tile exactly.
+  write_raw(p,
+            R"({"e": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]},)"
+            R"( "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})",
+            4);
+  EXPECT_NO_THROW(mla::SafetensorsFile{p});
+  // A header length cut into the header's trailing spaces still parses as JSON, and must fail.
+  const std::string header = R"({"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}}   )";
+  write_bytes(p, le64(header.size() - 1) + header + "xy");
+  expect_contains(error_of([&] { mla::SafetensorsFile f(p); }), {p.string(), "cover 2 of the 3 data bytes"});
+  write_bytes(p, le64(header.size()) + header + "xy");
+  EXPECT_TRUE(mla::SafetensorsFile(p).contains("a"));
+}
+
+TEST(BadFile, HeaderOverTheFormatLimit) {
+  TempDir tmp;
+  const fs::path p = tmp / "big.safetensors";
+  write_bytes(p, le64(100'000'001) + "{}");
+  fs::resize_file(p, 8 + 100'000'001);  // sparse, and never read
+  expect_contains(error_of([&] { mla::SafetensorsFile f(p); }),
+                  {p.string(), "header length 100000001", "limit of 100000000 bytes"});
+}
+
+TEST(BadFile, SpecialFiles) {
+  TempDir tmp;
+  const fs::path p = tmp / "x.safetensors";
+  fs::create_symlink("/dev/zero", p);
+  expect_contains(error_of([&] { mla::SafetensorsFile f(p); }), {p.string(), "character device"});
+  fs::remove(p);
+  ASSERT_EQ(::mkfifo(p.c_str(), 0600), 0);  // open() without O_NONBLOCK would wait for a writer forever
+  expect_contains(error_of([&] { mla::SafetensorsFile f(p); }), {p.string(), "FIFO"});
+  fs::remove(p);
+  fs::create_directory(p);
+  expect_contains(error_of([&] { mla::SafetensorsFile f(p); }), {p.string(), "is a folder"});
+}
+
+TEST(BadFile, NumelOverflowThrows) {
+  mla::TensorInfo t;
+  t.name = "huge";
+  t.shape = {int64_t{1} << 62, 8};
+  expect_contains(error_of([&] { (void)t.numel(); }), {"'huge'", "overflows"});
+}
+
 TEST(BadFile, MissingTensorAndWrongShapeOrType) {
   const fs::path p = kGolden / "v3-tiny" / "io.safetensors";
   const mla::SafetensorsFile f(p);
@@ -540,6 +619,39 @@ TEST(CheckpointErrors, IndexListsTensorTheShardLacks) {
   EXPECT_TRUE(ck.contains("ghost"));
   expect_contains(error_of([&] { ck.tensor("ghost"); }),
                   {"checkpoint '" + tmp.path().string() + "': no tensor 'ghost'", "shard.safetensors"});
+}
+
+TEST(CheckpointErrors, IndexSpecialFilesAndSize) {
+  TempDir tmp;
+  const fs::path idx = tmp / "model.safetensors.index.json";
+  fs::create_symlink("/dev/zero", idx);  // used to be read whole: 2 GB, then bad_alloc
+  expect_contains(error_of([&] { mla::Checkpoint c(tmp.path()); }), {idx.string(), "character device"});
+  fs::remove(idx);
+  ASSERT_EQ(::mkfifo(idx.c_str(), 0600), 0);
+  expect_contains(error_of([&] { mla::Checkpoint c(tmp.path()); }), {idx.string(), "FIFO"});
+  fs::remove(idx);
+  fs::create_directory(idx);
+  expect_contains(error_of([&] { mla::Checkpoint c(tmp.path()); }), {idx.string(), "is a folder"});
+  fs::remove(idx);
+  write_bytes(idx, "{}");
+  fs::resize_file(idx, (uint64_t{64} << 20) + 1);  // sparse
+  expect_contains(error_of([&] { mla::Checkpoint c(tmp.path()); }), {idx.string(), "67108865 bytes", "limit"});
+}
+
+TEST(CheckpointErrors, ShardNamesMustStayInside) {
+  TempDir tmp;
+  fs::copy_file(kGolden / "fp8-sharded" / "model-00001-of-00002.safetensors", tmp / "shard.safetensors");
+  for (const std::string& name : {std::string("/etc/passwd"), std::string("../shard.safetensors"),
+                                  std::string("a/../../shard.safetensors"), std::string(""), std::string(".")}) {
+    SCOPED_TRACE(name);
+    const nlohmann::json index = {{"weight_map", {{"w", name}}}};
+    write_bytes(tmp / "model.safetensors.index.json", index.dump());
+    // Refused when the index is read, before any tensor is asked for.
+    expect_contains(error_of([&] { mla::Checkpoint c(tmp.path()); }),
+                    {"model.safetensors.index.json", "'w'", "'" + name + "'", "inside the checkpoint folder"});
+  }
+  write_bytes(tmp / "model.safetensors.index.json", R"({"weight_map": {"w": "./shard.safetensors"}})");
+  EXPECT_NO_THROW(mla::Checkpoint{tmp.path()});
 }
 
 TEST(CheckpointErrors, MovedCheckpointKeepsWorking) {

@@ -30,7 +30,7 @@ int run_info(const InfoArgs& a) {
   std::printf("  omega               ");
   for (size_t i = 0; i < k.inv_freq.size(); ++i) std::printf("%.6g%s", k.inv_freq[i], i + 1 < k.inv_freq.size() ? " " : "\n");
 
-  const auto per_layer = [&](int64_t values, int bytes) { return static_cast<double>(values * bytes); };
+  const auto per_layer = [&](int64_t values, int bytes) { return static_cast<double>(values) * bytes; };
   std::printf("\ncache per token          per layer     per model (%lld layers)\n", (long long)c.num_layers);
   const struct { const char* name; int64_t values; } rows[] = {
       {"latent (MLA)", m.cache_values_per_token},

@@ -39,6 +39,12 @@ struct SequenceChunk {
   const int64_t* positions = nullptr;    // [num_tokens] host memory; null: length(seq) + i
 };
 
+// Threads: one Attention may be used by several threads at once as long as no two concurrent calls share a
+// LatentCache (each thread its own cache; a LatentCache is not thread-safe). That is what serving engines do:
+// one layer object, one cache per worker. The CPU layers keep no mutable state across calls, so concurrent
+// forwards run in parallel (each with its own OpenMP team) and give bit for bit the results of the same calls
+// made one after another. The CUDA layer owns its workspaces and CUDA graph, so its forwards are serialised by
+// a mutex inside the layer. Construction, moving and destruction must not overlap any call.
 class Attention {
  public:
   Attention(const LayerWeights& weights, const LayerOptions& options = {});
@@ -54,22 +60,30 @@ class Attention {
 
   // hidden: [Σ num_tokens, D] f32, the chunks' rows in batch order; out: the same shape. Both in the layer's
   // device memory (host memory for the CPU backends). Appends each chunk's latent rows to its sequence,
-  // then attends causally (query i of a chunk sees cache index <= length_before + i). Validates everything
-  // (ids, duplicates, room in the cache, finite inputs) before it changes anything; on error the cache is
-  // as it was.
-  void forward(std::span<const SequenceChunk> batch, const float* hidden, float* out, LatentCache& cache);
+  // then attends causally (query i of a chunk sees cache index <= length_before + i). Returns the path each
+  // chunk used.
+  //
+  // Validates everything before it changes anything, and reads a chunk's positions only once every token count
+  // is known to be non-negative with a sum that fits: ids, duplicates, counts, positions, room in the cache,
+  // finite inputs. The new cache rows and the outputs are checked finite before the rows are committed (a
+  // finite but huge input, 3e38 say, overflows the projections): on any error the cache is as it was, its
+  // stored rows, lengths and pages unchanged, and the message names the sequence and row.
+  std::vector<Path> forward(std::span<const SequenceChunk> batch, const float* hidden, float* out, LatentCache& cache);
 
   // The same with hidden and out in host memory whatever the device (staged through device buffers).
-  void forward_host(std::span<const SequenceChunk> batch, const float* hidden, float* out, LatentCache& cache);
+  std::vector<Path> forward_host(std::span<const SequenceChunk> batch, const float* hidden, float* out,
+                                 LatentCache& cache);
 
-  // The paths the last successful forward() used, one per chunk.
-  const std::vector<Path>& last_paths() const { return last_paths_; }
+  // The paths of the most recent successful forward() of any thread, one per chunk (a copy). Threads sharing
+  // the layer should use forward()'s return value instead.
+  std::vector<Path> last_paths() const;
 
  private:
+  struct Shared;  // the little state calls share: last_paths under a mutex
   LayerOptions options_;
   Config config_;
   std::unique_ptr<detail::LayerImpl> impl_;
-  std::vector<Path> last_paths_;
+  std::unique_ptr<Shared> shared_;
 };
 
 // The cheaper path for `new_tokens` queries over `context` keys (context includes the new tokens).

@@ -30,8 +30,15 @@ struct CacheOptions {
   uint64_t page_order_seed = 0;
 };
 
+// The largest page pool a cache accepts: 2^47 bytes, the user address space of x86-64 and of CUDA devices.
+// Below that, a pool the machine cannot hold (for host caches: more than its physical memory) throws
+// OutOfMemory naming num_pages, page_size and row_width.
+inline constexpr int64_t kMaxCacheBytes = int64_t{1} << 47;
+
 class LatentCache {
  public:
+  // Throws InvalidArgument naming the option for a bad page_size, num_pages, row_width or dtype, or a pool
+  // larger than kMaxCacheBytes.
   explicit LatentCache(const CacheOptions& options);
   ~LatentCache();
   LatentCache(LatentCache&&) noexcept;
@@ -61,6 +68,9 @@ class LatentCache {
 
   // Rows [begin, end) of a sequence as f32 [end-begin, row_width] (copied from the device for device caches).
   std::vector<float> read_rows(SeqId id, int64_t begin, int64_t end) const;
+  // The first row in [begin, end) of a sequence (rows up to capacity(), stored or only written) that holds a
+  // NaN or infinity, or -1 when all are finite. forward() checks the rows it wrote before it commits them.
+  int64_t first_non_finite(SeqId id, int64_t begin, int64_t end) const;
   // Writes every slot that holds no stored token (unused tails and free pages) with `value`. Tests use NaN
   // to prove kernels never read them.
   void fill_unused(float value);

@@ -43,15 +43,32 @@ struct Config {
   int64_t latent_dim() const { return kv_lora_rank + qk_rope_head_dim; }  // one cache row
   bool has_q_lora() const { return q_lora_rank > 0; }
 
-  // Throws mla::Error naming the key for a missing, mistyped or inconsistent value.
+  // Throws mla::Error naming the key for a missing, mistyped, non-integral, out-of-range or inconsistent value.
   static Config from_json(std::string_view json_text, std::string_view source = "config.json");
+  // A regular file of at most 64 MiB (symlinks followed); anything else is refused naming the path.
   static Config from_file(const std::filesystem::path& path);
   // "v2-lite", "v2", "v3" (r1 is an alias of v3).
   static Config preset(std::string_view name);
   static std::vector<std::string> preset_names();
 
+  // Throws mla::Error naming the key when a value is outside the bounds below or inconsistent.
   void validate() const;
 };
+
+// Bounds Config::validate() enforces (docs/mla.md, "Input limits"). Each is far above every released DeepSeek
+// model (V3: D 7168, H 128, d_q 1536, d_c 512, d_n 128, d_r 64, d_v 128, 61 layers, YaRN factor 40 over 4096
+// positions), and small enough that every size derived from them (H·(d_n+d_v)·d_c, H·d_qk·D, ...) fits in int64
+// and that a hostile config.json cannot make the library allocate or print gigabytes before a tensor is read.
+inline constexpr int64_t kMaxHiddenSize = int64_t{1} << 18;  // 262144
+inline constexpr int64_t kMaxHeads = int64_t{1} << 14;       // 16384
+inline constexpr int64_t kMaxLoraRank = int64_t{1} << 16;    // q_lora_rank, kv_lora_rank: 65536
+inline constexpr int64_t kMaxHeadDim = int64_t{1} << 12;     // qk_nope_head_dim, qk_rope_head_dim, v_head_dim: 4096
+inline constexpr int64_t kMaxLayers = int64_t{1} << 16;      // num_hidden_layers
+inline constexpr double kMaxPositions = 1073741824.0;        // 2^30, original_max_position_embeddings
+inline constexpr double kMaxRopeTheta = 1e12;                // rope_theta in (1, 1e12]
+inline constexpr double kMaxYarnFactor = 1e6;                // YaRN factor in [1, 1e6]
+inline constexpr double kMaxYarnBeta = 1e6;                  // 0 < beta_slow < beta_fast <= 1e6
+inline constexpr double kMaxYarnMscale = 100.0;              // mscale, mscale_all_dim, attention_factor in [0, 100]
 
 // RMSNorm epsilon of q_a_layernorm and kv_a_layernorm in every released checkpoint, whatever rms_norm_eps says.
 inline constexpr float kLatentNormEps = 1e-6f;

@@ -23,4 +23,11 @@ class OutOfPages : public Error {
   using Error::Error;
 };
 
+// A request the memory of this machine (or device) cannot hold; the message names the argument that sized it.
+// Bindings map this to MemoryError.
+class OutOfMemory : public Error {
+ public:
+  using Error::Error;
+};
+
 }  // namespace mla

@@ -10,3 +10,4 @@
 #include "mla/weights.hpp"
 #include "mla/run.hpp"
 #include "mla/ops.hpp"
+#include "mla/train.hpp"

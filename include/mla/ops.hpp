@@ -41,8 +41,10 @@ struct PrefillParams {
   DType dtype = DType::BF16;      // of q, k, v and out: BF16, F16 or F32
   const int32_t* cu_seqlens_q = nullptr;   // [batch + 1], host memory (device memory: cu_seqlens_on_device)
   const int32_t* cu_seqlens_k = nullptr;   // [batch + 1], host memory (device memory: cu_seqlens_on_device)
-  // "cuda" only: cu_seqlens_q/k are in the device's memory (as flash-attention takes them). They are copied to
-  // the host on the call's stream (one synchronising copy: not capturable in a CUDA graph) and checked there.
+  // "cuda" only: cu_seqlens_q/k are in the device's memory (as flash-attention takes them). Hopper's bf16 192/128
+  // kernel reads them itself (one launch, nothing synchronised, capturable in a CUDA graph; lengths are not
+  // validated, every bound is clamped into the tensors); the other kernels copy them to the host on the call's
+  // stream (one synchronising copy) and check them there.
   bool cu_seqlens_on_device = false;
   const void* q = nullptr;        // [total_q, num_heads, head_dim_qk]
   const void* k = nullptr;        // [total_k, num_heads, head_dim_qk]

@@ -23,8 +23,10 @@ struct RunResult {
   int64_t calls = 0;          // forward() calls made
 };
 
-// hidden [B, T, D] f32 host memory, positions [B, T] or null (0..T-1). B sequences in one cache; every call
-// carries the next piece of every sequence.
+// hidden [B, T, D] f32 host memory, positions [B, T] or null (0..T-1). B sequences in one cache sized for
+// B x T tokens; every call carries the next piece of every sequence. B and T must be at least 1 (an empty
+// batch or empty sequences throw InvalidArgument naming batch or tokens), and a row the layer cannot compute
+// finitely throws (see Attention::forward). Sizes that cannot be allocated throw OutOfMemory.
 RunResult run_sequences(Attention& layer, const float* hidden, const int64_t* positions, int64_t batch,
                         int64_t tokens, const RunOptions& options = {});
 

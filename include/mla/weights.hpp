@@ -37,12 +37,13 @@ struct LayerWeights {
 
   // Reads dir/config.json and the tensors of `layer` (single file or index + shards; BF16, F16, F32, or
   // F8_E4M3 with 128x128 weight_scale_inv blocks). Only those tensors' bytes are touched.
+  // Refuses NaN/Inf weights and block scales that are not positive and finite, naming the tensor and element.
   static LayerWeights load(const std::filesystem::path& dir, int64_t layer = 0);
   static LayerWeights load(const Checkpoint& checkpoint, const Config& config, int64_t layer);
   // Deterministic random weights of checkpoint-like scale (for `mla demo`, benchmarks and tests).
   static LayerWeights random(const Config& config, uint64_t seed);
 
-  // Throws mla::Error when a tensor's shape disagrees with the config.
+  // Throws mla::Error when a tensor's shape disagrees with the config or it holds NaN or Inf (naming the first).
   void validate() const;
 };
 

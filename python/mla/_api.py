@@ -7,6 +7,7 @@ PyTorch in -> PyTorch out, on the input's device).
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -46,8 +47,27 @@ def _check_torch(op: str, **arrays: Any) -> None:
             raise TypeError(f"{op}: {name} is a {type(x).__name__} but q is a torch.Tensor; pass one framework")
 
 
-def _default_scale(head_dim: int, softmax_scale: Optional[float]) -> float:
-    return float(head_dim) ** -0.5 if softmax_scale is None else float(softmax_scale)
+def _default_scale(op: str, head_dim: int, softmax_scale: Optional[float]) -> float:
+    if softmax_scale is not None:
+        return float(softmax_scale)
+    if head_dim < 1:  # 0 ** -0.5 raised ZeroDivisionError
+        raise ValueError(f"{op}: q's head_dim (its last dim) must be at least 1 (the default softmax_scale is "
+                         f"head_dim ** -0.5), got {head_dim}")
+    return float(head_dim) ** -0.5
+
+
+_MAX_DIM = 2**31 - 1  # the library's bound on every dimension (src/core/ops.cpp)
+
+
+def _check_head_dim_v(op: str, head_dim_v: int, head_dim: int) -> int:
+    """head_dim_v checked before it sizes the output (a huge one asked NumPy for terabytes)."""
+    v = int(head_dim_v)
+    if v < 1 or v > _MAX_DIM:
+        raise ValueError(f"{op}: head_dim_v must be in [1, {_MAX_DIM}], got {v}")
+    if v > head_dim:
+        raise ValueError(f"{op}: head_dim_v must be <= head_dim = {head_dim} (the value is the first head_dim_v "
+                         f"columns of each key row), got {v}")
+    return v
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -114,7 +134,11 @@ def decode_with_kvcache(
         from . import _torch_ops
 
         _check_torch("decode_with_kvcache", kv_cache=kv_cache, block_table=block_table, cache_seqlens=cache_seqlens)
-        scale = _default_scale(q.shape[-1], softmax_scale)
+        if q.dim() != 4:
+            raise ValueError(f"decode_with_kvcache: q must be 4-D [batch, s_q, h_q, head_dim], got shape "
+                             f"{list(q.shape)}")
+        scale = _default_scale("decode_with_kvcache", q.shape[-1], softmax_scale)
+        head_dim_v = _check_head_dim_v("decode_with_kvcache", head_dim_v, q.shape[-1])
         if schedule is not None and q.is_cuda:
             return _torch_ops.scheduled_decode(q, kv_cache, block_table, cache_seqlens, int(head_dim_v), scale,
                                                bool(causal), schedule)
@@ -127,10 +151,11 @@ def decode_with_kvcache(
     if q.ndim != 4:
         raise ValueError(f"{op}: q must be 4-D [batch, s_q, h_q, head_dim], got shape {list(q.shape)}")
     b, s_q, h_q, d = q.shape
-    out = np.empty((b, s_q, h_q, max(int(head_dim_v), 0)), dtype=q.dtype)
+    scale = _default_scale(op, d, softmax_scale)
+    head_dim_v = _check_head_dim_v(op, head_dim_v, d)
+    out = np.empty((b, s_q, h_q, head_dim_v), dtype=q.dtype)
     lse = np.empty((b, h_q, s_q), dtype=np.float32)
-    _mla.decode(q, kv_cache, block_table, cache_seqlens, out, lse, int(head_dim_v), _default_scale(d, softmax_scale),
-                bool(causal))
+    _mla.decode(q, kv_cache, block_table, cache_seqlens, out, lse, head_dim_v, scale, bool(causal))
     return out, lse
 
 
@@ -160,17 +185,18 @@ def prefill(
         from . import _torch_ops
 
         _check_torch("prefill", k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
-        return _torch_ops.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, _default_scale(q.shape[-1], softmax_scale),
-                                  bool(causal))
+        return _torch_ops.prefill(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                  _default_scale("prefill", q.shape[-1], softmax_scale), bool(causal))
     op = "prefill"
     q, k, v = (_as_numpy(a, n, op) for a, n in ((q, "q"), (k, "k"), (v, "v")))
     cu_q, cu_k = _as_numpy(cu_seqlens_q, "cu_seqlens_q", op), _as_numpy(cu_seqlens_k, "cu_seqlens_k", op)
     if q.ndim != 3 or v.ndim != 3:
         raise ValueError(f"{op}: q and v must be 3-D [tokens, num_heads, head_dim], got shapes {list(q.shape)} "
                          f"and {list(v.shape)}")
+    scale = _default_scale(op, q.shape[-1], softmax_scale)
     out = np.empty((q.shape[0], q.shape[1], v.shape[2]), dtype=q.dtype)
     lse = np.empty((q.shape[1], q.shape[0]), dtype=np.float32)
-    _mla.prefill(q, k, v, cu_q, cu_k, out, lse, _default_scale(q.shape[-1], softmax_scale), bool(causal))
+    _mla.prefill(q, k, v, cu_q, cu_k, out, lse, scale, bool(causal))
     return out, lse
 
 
@@ -320,10 +346,15 @@ class Attention:
         device: "cpu" (fast), "cpu-reference" (scalar loops) or "cuda" (when built with CUDA).
         dtype: "bf16" (bf16 weights, activations and cache; fp32 accumulation and softmax) or "f32".
         path: "auto" (per sequence, the cheaper of the two forms), "expanded" or "absorbed".
+
+    Threads: one layer may be called from several threads at once as long as each thread uses its own
+    :class:`LatentCache` (a cache is not thread-safe). Calls release the GIL; on the CPU they run in parallel and
+    give bit for bit the results of the same calls made one after another; on CUDA the layer serialises them.
     """
 
     def __init__(self, weights: LayerWeights, device: str = "cpu", dtype: str = "bf16", path: str = "auto") -> None:
         self._impl = _mla.Attention(weights, device, dtype, path)
+        self._local = threading.local()
 
     @classmethod
     def from_pretrained(cls, pretrained_dir: Union[str, os.PathLike], layer: int = 0, device: str = "cpu",
@@ -358,8 +389,8 @@ class Attention:
 
     @property
     def last_paths(self) -> list:
-        """The form ("expanded" or "absorbed") the last call used for each sequence."""
-        return list(self._impl.last_paths)
+        """The form ("expanded" or "absorbed") the calling thread's last successful call used for each sequence."""
+        return list(getattr(self._local, "paths", []))
 
     def make_cache(self, num_pages: int, page_size: int = 64, page_order_seed: int = 0) -> LatentCache:
         """A cache whose row width, dtype and device match this layer."""
@@ -434,7 +465,7 @@ class Attention:
             out = torch.empty_like(flat)
         else:
             out = np.empty_like(flat)
-        self._impl.forward(flat, out, seqs, counts, pos, cache._impl)
+        self._local.paths = self._impl.forward(flat, out, seqs, counts, pos, cache._impl)
         out = out.reshape(x.shape)
         if torch_in and hidden.dtype != out.dtype:
             out = out.to(hidden.dtype)

@@ -83,8 +83,8 @@ def _prefill_impl(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seql
     if not q.is_cuda:
         _mla.prefill(q, k, v, cu_q.cpu(), cu_k.cpu(), out, lse, softmax_scale, causal)
         return out, lse
-    # CUDA: on torch's current stream. cu_seqlens on the GPU are copied to the host by the library on that stream
-    # (one synchronising copy) and checked there, as host ones are.
+    # CUDA: on torch's current stream. cu_seqlens on the GPU are read by Hopper's kernel itself (one launch, graph-
+    # capturable); the other kernels copy them to the host on that stream and check them there (ops.md).
     with torch.cuda.device(q.device):
         _mla.prefill(q, k, v, cu_q, cu_k, out, lse, softmax_scale, causal,
                      stream=torch.cuda.current_stream().cuda_stream)

@@ -3,7 +3,8 @@
 // package (python/mla/__init__.py) allocates outputs in the caller's framework and handles defaults.
 //
 // Errors: mla::InvalidArgument -> ValueError, mla::OutOfPages -> mla.OutOfPages (a RuntimeError),
-// other mla::Error -> RuntimeError, dtype problems -> TypeError; messages are the library's, unchanged.
+// mla::OutOfMemory, std::bad_alloc and std::length_error -> MemoryError, other mla::Error -> RuntimeError,
+// dtype problems -> TypeError; messages are the library's, unchanged.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/filesystem.h>
@@ -12,7 +13,9 @@
 #include <nanobind/stl/vector.h>
 
 #include <filesystem>
+#include <new>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -20,6 +23,8 @@
 
 namespace nb = nanobind;
 using namespace nb::literals;
+
+void bind_train(nb::module_& m);  // train_bindings.cpp
 
 namespace {
 
@@ -314,13 +319,16 @@ nb::ndarray<F> storage_view(nb::handle self, bool bf16_as_uint16) {
 
 // A checkpoint folder or its config.json.
 mla::Config config_from_pretrained(const std::filesystem::path& path) {
-  const std::filesystem::path file = std::filesystem::is_directory(path) ? path / "config.json" : path;
-  if (!std::filesystem::exists(file)) file_not_found("Config.from_pretrained: '" + file.string() + "' does not exist");
+  std::error_code ec;  // the non-throwing overloads: a symlink loop is then "does not exist", not a filesystem_error
+  const std::filesystem::path file = std::filesystem::is_directory(path, ec) ? path / "config.json" : path;
+  if (!std::filesystem::exists(file, ec))
+    file_not_found("Config.from_pretrained: '" + file.string() + "' does not exist");
   return mla::Config::from_file(file);
 }
 
 mla::LayerWeights load_weights(const std::filesystem::path& dir, int64_t layer) {
-  if (!std::filesystem::is_directory(dir))
+  std::error_code ec;
+  if (!std::filesystem::is_directory(dir, ec))
     file_not_found("from_pretrained: checkpoint folder '" + dir.string() + "' does not exist");
   nb::gil_scoped_release release;
   return mla::LayerWeights::load(dir, layer);
@@ -328,8 +336,10 @@ mla::LayerWeights load_weights(const std::filesystem::path& dir, int64_t layer) 
 
 // hidden [N, D] f32 and out [N, D] f32 in the layer's device memory (or host memory: staged), one chunk per
 // sequence in order; positions [N] int64 host or None.
-void forward(mla::Attention& layer, Array hidden, OutArray out_w, const std::vector<int64_t>& sequences,
-             const std::vector<int64_t>& num_tokens, std::optional<Array> positions, mla::LatentCache& cache) {
+// Returns the path of each chunk (the Python layer keeps them per thread: see Attention.last_paths).
+std::vector<std::string> forward(mla::Attention& layer, Array hidden, OutArray out_w,
+                                 const std::vector<int64_t>& sequences, const std::vector<int64_t>& num_tokens,
+                                 std::optional<Array> positions, mla::LatentCache& cache) {
   constexpr const char* op = "Attention";
   const Array out = ro(out_w);
   const int64_t D = layer.config().hidden_size;
@@ -344,8 +354,17 @@ void forward(mla::Attention& layer, Array hidden, OutArray out_w, const std::vec
   if (sequences.size() != num_tokens.size())
     throw mla::InvalidArgument("Attention: " + std::to_string(sequences.size()) + " sequences but " +
                                std::to_string(num_tokens.size()) + " token counts");
+  // Checked: counts of [1000000, -999998] summed to 2 rows, and [2^63-1, 2^63-1, 3] wrapped to 1.
   int64_t total = 0;
-  for (int64_t n : num_tokens) total += n;
+  for (size_t i = 0; i < num_tokens.size(); ++i) {
+    if (num_tokens[i] < 0)
+      throw mla::InvalidArgument("Attention: num_tokens[" + std::to_string(i) + "] (sequence " +
+                                 std::to_string(sequences[i]) + ") is " + std::to_string(num_tokens[i]) +
+                                 ", a negative token count");
+    if (__builtin_add_overflow(total, num_tokens[i], &total))
+      throw mla::InvalidArgument("Attention: num_tokens add up to more than 2^63-1 at num_tokens[" +
+                                 std::to_string(i) + "]; hidden has " + std::to_string(hidden.shape(0)) + " rows");
+  }
   if (total != static_cast<int64_t>(hidden.shape(0)))
     throw mla::InvalidArgument("Attention: the token counts add up to " + std::to_string(total) + " but hidden has " +
                                std::to_string(hidden.shape(0)) + " rows");
@@ -372,9 +391,16 @@ void forward(mla::Attention& layer, Array hidden, OutArray out_w, const std::vec
   }
   const auto* x = static_cast<const float*>(hidden.data());
   auto* y = static_cast<float*>(out_w.data());
-  nb::gil_scoped_release release;
-  if (host_arrays) layer.forward_host(batch, x, y, cache);
-  else layer.forward(batch, x, y, cache);
+  std::vector<mla::Path> paths;
+  {
+    // Other Python threads run meanwhile: a layer may be shared between threads that each use their own cache
+    // (the contract in mla/attention.hpp).
+    nb::gil_scoped_release release;
+    paths = host_arrays ? layer.forward_host(batch, x, y, cache) : layer.forward(batch, x, y, cache);
+  }
+  std::vector<std::string> names;
+  for (mla::Path p : paths) names.emplace_back(mla::path_name(p));
+  return names;
 }
 
 }  // namespace
@@ -391,10 +417,18 @@ NB_MODULE(_mla, m) {
       std::rethrow_exception(p);
     } catch (const mla::OutOfPages& e) {
       PyErr_SetString(out_of_pages, e.what());
+    } catch (const mla::OutOfMemory& e) {
+      PyErr_SetString(PyExc_MemoryError, e.what());
     } catch (const mla::InvalidArgument& e) {
       PyErr_SetString(PyExc_ValueError, e.what());
     } catch (const mla::Error& e) {
       PyErr_SetString(PyExc_RuntimeError, e.what());
+    } catch (const std::bad_alloc&) {
+      // The core names the argument where it can (mla::OutOfMemory); these are what any other allocation throws.
+      PyErr_SetString(PyExc_MemoryError, "mla: the request is larger than this machine can allocate (std::bad_alloc)");
+    } catch (const std::length_error& e) {
+      PyErr_SetString(PyExc_MemoryError, (std::string("mla: the request is larger than a container can hold (") +
+                                          e.what() + ")").c_str());
     }
   });
 
@@ -507,7 +541,9 @@ NB_MODULE(_mla, m) {
                      std::vector<std::string> v;
                      for (mla::Path p : a.last_paths()) v.emplace_back(mla::path_name(p));
                      return v;
-                   })
+                   },
+                   "The paths of the most recent successful forward of any thread (mla.Attention keeps its own "
+                   "per thread).")
       .def("make_cache", &mla::Attention::make_cache, "num_pages"_a, "page_size"_a = 64, "page_order_seed"_a = 0)
       .def("forward", &forward, "hidden"_a, "out"_a, "sequences"_a, "num_tokens"_a, "positions"_a.none(), "cache"_a);
 
@@ -518,6 +554,7 @@ NB_MODULE(_mla, m) {
         "page_size"_a, "dtype"_a, "device"_a);
   m.def("prefill", &prefill, "q"_a, "k"_a, "v"_a, "cu_seqlens_q"_a, "cu_seqlens_k"_a, "out"_a, "lse"_a.none(),
         "softmax_scale"_a, "causal"_a, "device"_a = "", "stream"_a = 0);
+  bind_train(m);
   m.def("available_devices", &mla::available_devices, "The backends compiled in and usable here.");
   m.def("run_sequences",
         [](mla::Attention& layer, Array hidden, std::optional<Array> positions, int64_t chunk, int64_t decode_after,

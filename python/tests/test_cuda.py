@@ -48,6 +48,34 @@ def test_prefill_cuda_matches_cpu():
     torch.testing.assert_close(got_lse.cpu(), want_lse, rtol=1e-3, atol=1e-3)
 
 
+def test_prefill_cuda_seqlens_captured_in_graph():
+    # CUDA cu_seqlens: one launch that reads them on the device (Hopper) or a host copy (elsewhere). Same bits as
+    # host lengths; on Hopper the call is captured in a CUDA graph and replays with new lengths written in place.
+    g = torch.Generator().manual_seed(4)
+    H, total = 8, 700
+    q = (torch.rand(total, H, 192, generator=g) * 2 - 1).bfloat16().cuda()
+    k = (torch.rand(total, H, 192, generator=g) * 2 - 1).bfloat16().cuda()
+    v = (torch.rand(total, H, 128, generator=g) * 2 - 1).bfloat16().cuda()
+    cu_a = torch.tensor([0, 300, 301, 700], dtype=torch.int32)
+    cu_b = torch.tensor([0, 10, 500, 700], dtype=torch.int32)
+    want_a, want_b = (mla.prefill(q, k, v, cu, cu, causal=True)[0] for cu in (cu_a, cu_b))
+    cu = cu_a.cuda()
+    assert torch.equal(mla.prefill(q, k, v, cu, cu, causal=True)[0], want_a)
+    if torch.cuda.get_device_capability()[0] != 9:
+        return
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        out, _ = mla.prefill(q, k, v, cu, cu, causal=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    assert torch.equal(out, want_a)
+    cu.copy_(cu_b)
+    graph.replay()
+    assert torch.equal(out, want_b)
+
+
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
 def test_cuda_layer_matches_cpu_layer_on_goldens(dtype):
     from conftest import GOLDEN_CASES, Golden

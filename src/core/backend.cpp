@@ -1,7 +1,10 @@
 #include "core/backend.hpp"
 
+#include <unistd.h>
+
 #include <cstdlib>
 #include <cstring>
+#include <new>
 
 #include "mla/error.hpp"
 
@@ -43,10 +46,15 @@ namespace {
 
 class HostPages final : public Buffer {
  public:
+  // std::bad_alloc when the machine cannot hold `bytes`: the caller names what it was for. Larger than the
+  // physical memory is refused before asking: with overcommit the allocation would succeed and the zero fill
+  // below would end in the OOM killer instead of an error.
   explicit HostPages(int64_t bytes) : bytes_(bytes) {
+    const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    if (bytes < 0 || (pages > 0 && page > 0 && bytes / page >= pages)) throw std::bad_alloc();
     const size_t rounded = (static_cast<size_t>(bytes) + 63) / 64 * 64;
     data_ = static_cast<std::byte*>(std::aligned_alloc(64, rounded));
-    if (!data_) throw Error("cache: cannot allocate " + std::to_string(bytes) + " bytes of host memory");
+    if (!data_) throw std::bad_alloc();
     std::memset(data_, 0, rounded);
   }
   ~HostPages() override { std::free(data_); }

@@ -49,8 +49,13 @@ class LayerImpl {
  public:
   virtual ~LayerImpl() = default;
   // Writes the chunks' latent rows into the cache, then their outputs. Must throw before touching the cache
-  // when the inputs are unusable (non-finite hidden states).
+  // when the inputs are unusable (non-finite hidden states). Called concurrently from several threads (each
+  // with its own cache and buffers) when callers share one Attention: an implementation either keeps no
+  // mutable state across calls (the CPU layers) or serialises its calls (the CUDA layer's workspaces).
   virtual void forward(const ForwardArgs& args) = 0;
+  // True when forward itself refuses non-finite cache rows and outputs (throwing before it commits either), so
+  // that Attention::forward need not read them back: the CUDA layer checks them on the device.
+  virtual bool checks_finite_rows() const { return false; }
 };
 
 class Backend {
@@ -60,6 +65,9 @@ class Backend {
   // True when the backend computes on host memory (hidden/out pointers are host pointers).
   virtual bool host_memory() const = 0;
   virtual std::unique_ptr<Buffer> allocate(int64_t bytes) const = 0;
+  // Copies `bytes` at src in this backend's memory (a forward's output) to host memory: forward() checks the
+  // output is finite before it commits the cache rows.
+  virtual void copy_to_host(const void* src, int64_t bytes, void* dst) const = 0;
   virtual std::unique_ptr<LayerImpl> make_layer(const LayerWeights& weights, const LayerOptions& options) const = 0;
   virtual void decode_attention(const DecodeParams& params) const = 0;
   // Plan/run decode: the schedule's shape fields are filled in by the caller (src/core/ops.cpp).

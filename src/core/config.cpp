@@ -1,12 +1,12 @@
 #include "mla/config.hpp"
 
 #include <cmath>
-#include <fstream>
 #include <numbers>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
 
+#include "core/input.hpp"
 #include "mla/error.hpp"
 
 namespace mla {
@@ -18,15 +18,29 @@ using nlohmann::json;
   throw Error(std::string(source) + ": " + what);
 }
 
-// Reads an integer key; absent or null gives `fallback` when `required` is false.
+// Largest integer a JSON float holds exactly: 1e28 is "integral" but casting it to int64 is undefined.
+constexpr double kMaxExactInteger = 9007199254740992.0;  // 2^53
+
+// Reads an integer key; absent or null gives `fallback` when `required` is false. Non-integral and
+// out-of-range numbers are refused by name here, before anything converts them.
 int64_t get_int(const json& j, const char* key, std::string_view source, bool required, int64_t fallback = 0) {
   auto it = j.find(key);
   if (it == j.end() || it->is_null()) {
     if (required) fail(source, std::string("missing key '") + key + "'");
     return fallback;
   }
-  if (it->is_number_integer() || it->is_number_unsigned()) return it->get<int64_t>();
-  if (it->is_number_float() && std::floor(it->get<double>()) == it->get<double>()) return static_cast<int64_t>(it->get<double>());
+  if (it->is_number_unsigned()) {
+    if (it->get<uint64_t>() > static_cast<uint64_t>(INT64_MAX))
+      fail(source, std::string("key '") + key + "' is out of range, got " + it->dump());
+    return static_cast<int64_t>(it->get<uint64_t>());
+  }
+  if (it->is_number_integer()) return it->get<int64_t>();
+  if (it->is_number_float()) {
+    const double v = it->get<double>();
+    if (std::floor(v) != v) fail(source, std::string("key '") + key + "' must be an integer, got " + it->dump());
+    if (std::fabs(v) > kMaxExactInteger) fail(source, std::string("key '") + key + "' is out of range, got " + it->dump());
+    return static_cast<int64_t>(v);
+  }
   fail(source, std::string("key '") + key + "' must be an integer, got " + it->dump());
 }
 
@@ -34,7 +48,9 @@ double get_double(const json& j, const char* key, std::string_view source, doubl
   auto it = j.find(key);
   if (it == j.end() || it->is_null()) return fallback;
   if (!it->is_number()) fail(source, std::string("key '") + key + "' must be a number, got " + it->dump());
-  return it->get<double>();
+  const double v = it->get<double>();
+  if (!std::isfinite(v)) fail(source, std::string("key '") + key + "' must be finite, got " + it->dump());
+  return v;
 }
 
 // Both config forms: v5 `rope_parameters: {rope_type, rope_theta, ...}` and hub `rope_theta` + `rope_scaling`.
@@ -112,11 +128,8 @@ Config Config::from_json(std::string_view text, std::string_view source) {
 }
 
 Config Config::from_file(const std::filesystem::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(path.string() + ": cannot open config file");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return from_json(ss.str(), path.string());
+  // A regular file of at most 64 MiB: config.json as a FIFO, a folder or a link to /dev/zero is refused by name.
+  return from_json(detail::read_small_file(path), path.string());
 }
 
 std::vector<std::string> Config::preset_names() { return {"v2-lite", "v2", "v3"}; }
@@ -150,23 +163,46 @@ Config Config::preset(std::string_view name) {
 }
 
 void Config::validate() const {
-  auto positive = [&](int64_t v, const char* key) {
-    if (v <= 0) fail(name, std::string("'") + key + "' must be positive, got " + std::to_string(v));
+  // Each bound is named in the message and listed in docs/mla.md ("Input limits").
+  auto in_range = [&](int64_t v, int64_t lo, int64_t hi, const char* key) {
+    if (v < lo || v > hi)
+      fail(name, std::string("'") + key + "' must be in [" + std::to_string(lo) + ", " + std::to_string(hi) +
+                     "], got " + std::to_string(v));
   };
-  positive(hidden_size, "hidden_size");
-  positive(num_heads, "num_attention_heads");
-  positive(kv_lora_rank, "kv_lora_rank");
-  positive(qk_rope_head_dim, "qk_rope_head_dim");
-  positive(v_head_dim, "v_head_dim");
-  positive(num_layers, "num_hidden_layers");
-  if (qk_nope_head_dim < 0) fail(name, "'qk_nope_head_dim' must not be negative");
-  if (q_lora_rank < 0) fail(name, "'q_lora_rank' must be null or positive");
+  in_range(hidden_size, 1, kMaxHiddenSize, "hidden_size");
+  in_range(num_heads, 1, kMaxHeads, "num_attention_heads");
+  in_range(q_lora_rank, 0, kMaxLoraRank, "q_lora_rank");
+  in_range(kv_lora_rank, 1, kMaxLoraRank, "kv_lora_rank");
+  in_range(qk_nope_head_dim, 0, kMaxHeadDim, "qk_nope_head_dim");
+  in_range(qk_rope_head_dim, 1, kMaxHeadDim, "qk_rope_head_dim");
+  in_range(v_head_dim, 1, kMaxHeadDim, "v_head_dim");
+  in_range(num_layers, 1, kMaxLayers, "num_hidden_layers");
   if (qk_rope_head_dim % 2 != 0) fail(name, "'qk_rope_head_dim' must be even, got " + std::to_string(qk_rope_head_dim));
-  if (!(rms_norm_eps > 0)) fail(name, "'rms_norm_eps' must be positive");
-  if (!(rope.theta > 1)) fail(name, "rope_theta must be > 1");
+
+  // Reals: the negated comparisons also refuse NaN.
+  auto real_in = [&](double v, double lo, double hi, bool lo_open, const std::string& key) {
+    const bool ok = std::isfinite(v) && (lo_open ? v > lo : v >= lo) && v <= hi;
+    if (!ok) {
+      std::ostringstream m;
+      m << key << " must be finite and in " << (lo_open ? "(" : "[") << lo << ", " << hi << "], got " << v;
+      fail(name, m.str());
+    }
+  };
+  real_in(rms_norm_eps, 0.0, 1.0, true, "'rms_norm_eps'");
+  real_in(rope.theta, 1.0, kMaxRopeTheta, true, "rope_theta");
   if (rope.type == RopeType::Yarn) {
-    if (!(rope.factor > 0)) fail(name, "yarn 'factor' must be positive");
-    if (!(rope.original_max_position > 0)) fail(name, "yarn 'original_max_position_embeddings' must be positive");
+    real_in(rope.factor, 1.0, kMaxYarnFactor, false, "yarn 'factor'");
+    real_in(rope.original_max_position, 0.0, kMaxPositions, true, "yarn 'original_max_position_embeddings'");
+    real_in(rope.beta_slow, 0.0, kMaxYarnBeta, true, "yarn 'beta_slow'");
+    real_in(rope.beta_fast, 0.0, kMaxYarnBeta, true, "yarn 'beta_fast'");
+    if (!(rope.beta_fast > rope.beta_slow)) {
+      std::ostringstream m;
+      m << "yarn 'beta_fast' (" << rope.beta_fast << ") must be greater than 'beta_slow' (" << rope.beta_slow << ")";
+      fail(name, m.str());
+    }
+    real_in(rope.mscale, 0.0, kMaxYarnMscale, false, "yarn 'mscale'");
+    real_in(rope.mscale_all_dim, 0.0, kMaxYarnMscale, false, "yarn 'mscale_all_dim'");
+    real_in(rope.attention_factor, 0.0, kMaxYarnMscale, false, "yarn 'attention_factor'");
   }
 }
 

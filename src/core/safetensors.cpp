@@ -18,6 +18,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/input.hpp"
 #include "mla/error.hpp"
 
 namespace mla {
@@ -33,6 +34,8 @@ namespace {
 constexpr std::string_view kMetadataKey = "__metadata__";
 constexpr std::string_view kIndexName = "model.safetensors.index.json";
 constexpr std::string_view kSingleName = "model.safetensors";
+// The official reader's limit (safetensors MAX_HEADER_SIZE); V3's largest shard header is about 40 kB.
+constexpr uint64_t kMaxHeaderBytes = 100'000'000;
 
 std::string errno_text(int err) { return std::system_category().message(err); }
 
@@ -43,13 +46,15 @@ std::optional<DType> known_dtype(std::string_view name) {
   return std::nullopt;
 }
 
-// Sizes of safetensors dtypes this library cannot convert: still checked at open so a corrupt
-// header is caught early, even for tensors nobody will ask for.
-std::optional<uint64_t> other_dtype_size(std::string_view name) {
-  if (name == "BOOL" || name == "U8" || name == "I8" || name == "F8_E5M2") return 1;
-  if (name == "U16" || name == "I16") return 2;
-  if (name == "U32") return 4;
-  if (name == "U64") return 8;
+// Bits per element of the safetensors dtypes this library cannot convert: still size-checked at open so that a
+// corrupt header is caught early, even for tensors nobody will ask for. A name in neither list is refused.
+std::optional<uint64_t> other_dtype_bits(std::string_view name) {
+  if (name == "F4") return 4;
+  if (name == "F6_E2M3" || name == "F6_E3M2") return 6;
+  if (name == "BOOL" || name == "U8" || name == "I8" || name == "F8_E5M2" || name == "F8_E8M0") return 8;
+  if (name == "U16" || name == "I16") return 16;
+  if (name == "U32") return 32;
+  if (name == "U64" || name == "C64") return 64;
   return std::nullopt;
 }
 
@@ -83,7 +88,10 @@ struct Entry {
 
 int64_t TensorInfo::numel() const {
   int64_t n = 1;
-  for (int64_t d : shape) n *= d;
+  for (int64_t d : shape) {
+    if (__builtin_mul_overflow(n, d, &n))
+      throw Error("tensor '" + name + "': element count of shape " + shape_string(shape) + " overflows int64");
+  }
   return n;
 }
 
@@ -113,36 +121,26 @@ struct SafetensorsFile::Impl {
   json parse_header();
   void parse_metadata(const json& j);
   void parse_entry(const std::string& name, const json& j);
+  void check_layout() const;
   const Entry& find(const std::string& name) const;
   TensorRef ref(const std::string& name) const;
   void check_shape(const TensorRef& t, std::span<const int64_t> expected) const;
 };
 
 void SafetensorsFile::Impl::map_file() {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) fail("cannot open: " + errno_text(errno));
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) {
-    const int err = errno;
-    ::close(fd);
-    fail("cannot stat: " + errno_text(err));
-  }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    fail("not a regular file");
-  }
-  const auto size = static_cast<uint64_t>(st.st_size);
+  const detail::OpenFile f = detail::open_regular_file(path);  // refuses FIFOs and devices before opening
+  const uint64_t size = f.size;
   if (size == 0) {
-    ::close(fd);
+    ::close(f.fd);
     fail("file is empty (0 bytes); a safetensors file starts with an 8-byte header length");
   }
   if (size < 8) {
-    ::close(fd);
+    ::close(f.fd);
     fail("file is only " + std::to_string(size) + " bytes, too short for the 8-byte header length");
   }
-  void* p = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  void* p = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, f.fd, 0);
   const int err = errno;
-  ::close(fd);   // the mapping keeps the file alive
+  ::close(f.fd);   // the mapping keeps the file alive
   if (p == MAP_FAILED) fail("cannot mmap " + std::to_string(size) + " bytes: " + errno_text(err));
   map = p;
   map_size = size;
@@ -157,11 +155,17 @@ json SafetensorsFile::Impl::parse_header() {
     fail("header length " + std::to_string(header_len) + " exceeds the file size " + std::to_string(file_size) +
          " (not a safetensors file, or truncated?)");
   }
+  if (header_len > kMaxHeaderBytes) {
+    fail("header length " + std::to_string(header_len) + " is over the format's limit of " +
+         std::to_string(kMaxHeaderBytes) + " bytes");
+  }
   const char* begin = reinterpret_cast<const char*>(bytes + 8);
   data = reinterpret_cast<const std::byte*>(begin + header_len);
   data_size = file_size - 8 - header_len;
   json header;
   try {
+    // The header is one JSON object filling bytes [8, 8+N) exactly: strict parsing refuses trailing bytes other
+    // than whitespace (the padding writers add), and check_layout() a length that cuts into the padding.
     header = json::parse(begin, begin + header_len);
   } catch (const json::exception& e) {
     fail(std::string("header is not valid JSON: ") + e.what());
@@ -186,6 +190,9 @@ void SafetensorsFile::Impl::parse_entry(const std::string& name, const json& j) 
   if (dt == j.end() || !dt->is_string()) fail_tensor(name, "missing or non-string 'dtype'");
   e.dtype_name = dt->get<std::string>();
   e.dtype = known_dtype(e.dtype_name);
+  const std::optional<uint64_t> bits =
+      e.dtype ? std::optional<uint64_t>(8 * dtype_size(*e.dtype)) : other_dtype_bits(e.dtype_name);
+  if (!bits) fail_tensor(name, "unknown dtype '" + e.dtype_name + "' (not a safetensors dtype)");
 
   const auto sh = j.find("shape");
   if (sh == j.end() || !sh->is_array()) fail_tensor(name, "missing or non-array 'shape'");
@@ -213,23 +220,61 @@ void SafetensorsFile::Impl::parse_entry(const std::string& name, const json& j) 
                           " data bytes of the file (truncated?)");
   }
 
-  const std::optional<uint64_t> elem =
-      e.dtype ? std::optional<uint64_t>(dtype_size(*e.dtype)) : other_dtype_size(e.dtype_name);
-  if (elem) {
-    const auto numel = checked_numel(e.shape);
-    uint64_t expected = 0;
-    const uint64_t actual = e.end - e.begin;
-    if (!numel || __builtin_mul_overflow(*numel, *elem, &expected)) {
-      fail_tensor(name, "shape " + shape_string(e.shape) + " is too large (" + offsets + " hold " +
-                            std::to_string(actual) + " bytes)");
-    }
-    if (expected != actual) {
-      fail_tensor(name, "dtype " + e.dtype_name + " and shape " + shape_string(e.shape) + " need " +
-                            std::to_string(expected) + " bytes, but " + offsets + " hold " + std::to_string(actual) +
-                            " bytes");
-    }
+  const auto numel = checked_numel(e.shape);
+  uint64_t expected_bits = 0;
+  const uint64_t actual = e.end - e.begin;
+  if (!numel || __builtin_mul_overflow(*numel, *bits, &expected_bits)) {
+    fail_tensor(name, "shape " + shape_string(e.shape) + " is too large (" + offsets + " hold " +
+                          std::to_string(actual) + " bytes)");
+  }
+  if (expected_bits % 8 != 0) {
+    fail_tensor(name, "dtype " + e.dtype_name + " and shape " + shape_string(e.shape) + " do not fill whole bytes");
+  }
+  const uint64_t expected = expected_bits / 8;
+  if (expected != actual) {
+    fail_tensor(name, "dtype " + e.dtype_name + " and shape " + shape_string(e.shape) + " need " +
+                          std::to_string(expected) + " bytes, but " + offsets + " hold " + std::to_string(actual) +
+                          " bytes");
   }
   entries.emplace(name, std::move(e));
+}
+
+// The format requires the tensors to tile the data section: sorted, no overlap, no hole, nothing after the last.
+// This is what catches a header length or offsets moved by a few bytes, which would otherwise read every
+// tensor shifted (and, with the header's trailing spaces, still parse).
+void SafetensorsFile::Impl::check_layout() const {
+  std::vector<std::pair<const std::string*, const Entry*>> order;
+  order.reserve(entries.size());
+  for (const auto& [name, e] : entries) order.emplace_back(&name, &e);
+  std::sort(order.begin(), order.end(), [](const auto& a, const auto& b) {
+    return std::pair(a.second->begin, a.second->end) < std::pair(b.second->begin, b.second->end);
+  });
+  auto span = [](const Entry& e) {
+    std::string s = "[";  // built by += : GCC 12 warns falsely (-Wrestrict) on "[" + std::string here
+    s += std::to_string(e.begin);
+    s += ", ";
+    s += std::to_string(e.end);
+    return s + "]";
+  };
+  uint64_t covered = 0;
+  const std::string* previous = nullptr;
+  for (const auto& [name, e] : order) {
+    if (e->begin < covered) {
+      fail_tensor(*name, "data_offsets " + span(*e) + " overlap tensor '" + *previous + "', which ends at " +
+                             std::to_string(covered));
+    }
+    if (e->begin > covered) {
+      fail_tensor(*name, "data_offsets " + span(*e) + " leave data bytes [" + std::to_string(covered) + ", " +
+                             std::to_string(e->begin) + ") in no tensor (the format allows no holes; offsets or "
+                             "header length wrong?)");
+    }
+    covered = e->end;
+    previous = name;
+  }
+  if (covered != data_size) {
+    fail("the tensors cover " + std::to_string(covered) + " of the " + std::to_string(data_size) +
+         " data bytes; the rest belongs to no tensor (header length or offsets wrong?)");
+  }
 }
 
 const Entry& SafetensorsFile::Impl::find(const std::string& name) const {
@@ -270,6 +315,7 @@ SafetensorsFile::SafetensorsFile(const fs::path& path) : impl_(std::make_unique<
       impl_->parse_entry(key, value);
     }
   }
+  impl_->check_layout();
 }
 
 SafetensorsFile::~SafetensorsFile() = default;
@@ -294,7 +340,12 @@ const std::map<std::string, std::string>& SafetensorsFile::metadata() const { re
 std::vector<float> SafetensorsFile::read_f32(const std::string& name, std::span<const int64_t> expected_shape) const {
   const TensorRef t = impl_->ref(name);
   impl_->check_shape(t, expected_shape);
-  std::vector<float> out(static_cast<size_t>(t.info.numel()));
+  std::vector<float> out;
+  try {
+    out.resize(static_cast<size_t>(t.info.numel()));
+  } catch (const std::bad_alloc&) {
+    impl_->fail_tensor(name, "out of memory for " + std::to_string(t.info.numel()) + " f32 values");
+  }
   convert_to_f32(t, out.data());
   return out;
 }
@@ -501,23 +552,36 @@ struct Checkpoint::Impl {
   const SafetensorsFile* file_for(const std::string& name) const;
 };
 
-void Checkpoint::Impl::check_dir() const {
-  std::error_code ec;
-  const fs::file_status st = fs::status(dir, ec);
-  if (st.type() == fs::file_type::not_found) throw Error("checkpoint folder '" + dir.string() + "' does not exist");
-  if (ec) throw Error("checkpoint folder '" + dir.string() + "': cannot access: " + ec.message());
-  if (st.type() != fs::file_type::directory) throw Error("checkpoint folder '" + dir.string() + "' is not a folder");
+void Checkpoint::Impl::check_dir() const { detail::check_checkpoint_folder(dir); }
+
+namespace {
+
+// A shard the index names must be a file inside the checkpoint folder: a relative path without "..", so that
+// a downloaded index cannot make the loader map /etc/passwd or ../other-model. The check is on the name, not on
+// where symlinks lead: the Hugging Face cache links every file of a snapshot to ../../blobs/<hash>.
+void check_shard_name(const std::string& where_index, const std::string& tensor, const std::string& file) {
+  auto bad = [&](const std::string& why) {
+    throw Error(where_index + ": weight_map entry '" + tensor + "' names shard '" + file + "', which " + why +
+                "; shards must be files inside the checkpoint folder");
+  };
+  if (file.empty()) bad("is empty");
+  if (file.find('\0') != std::string::npos) bad("holds a NUL byte");
+  const fs::path p(file);
+  if (p.has_root_path()) bad("is an absolute path");
+  for (const fs::path& part : p) {
+    if (part == "..") bad("goes up with '..'");
+  }
+  if (p.lexically_normal().empty() || p.lexically_normal() == ".") bad("is the folder itself");
 }
+
+}  // namespace
 
 void Checkpoint::Impl::load_index(const fs::path& index_path) {
   const std::string where_index = index_path.string();
-  std::ifstream in(index_path, std::ios::binary);
-  if (!in) throw Error(where_index + ": cannot open: " + errno_text(errno));
-  std::ostringstream text;
-  text << in.rdbuf();
+  const std::string text = detail::read_small_file(index_path);  // a regular file of at most 64 MiB
   json index;
   try {
-    index = json::parse(text.str());
+    index = json::parse(text);
   } catch (const json::exception& e) {
     throw Error(where_index + ": not valid JSON: " + e.what());
   }
@@ -528,6 +592,7 @@ void Checkpoint::Impl::load_index(const fs::path& index_path) {
   std::map<std::string, std::string> map;
   for (const auto& [name, file] : wm->items()) {
     if (!file.is_string()) throw Error(where_index + ": weight_map entry '" + name + "' is not a file name");
+    check_shard_name(where_index, name, file.get<std::string>());
     map[name] = file.get<std::string>();
   }
   weight_map = std::move(map);

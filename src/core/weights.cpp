@@ -1,7 +1,9 @@
 #include "mla/weights.hpp"
 
 #include <cmath>
+#include <sstream>
 
+#include "core/input.hpp"
 #include "mla/error.hpp"
 #include "mla/safetensors.hpp"
 
@@ -14,6 +16,40 @@ void expect_shape(const TensorRef& t, const std::vector<int64_t>& want, const st
                 " but the config implies " + shape_string(want) + " (" + t.file + ")");
 }
 
+// "[r, c]" of flat index i in a matrix with `cols` columns, "[i]" for a vector (cols == 0).
+std::string position(size_t i, int64_t cols) {
+  if (cols <= 0) return "[" + std::to_string(i) + "]";
+  const auto c = static_cast<size_t>(cols);
+  return "[" + std::to_string(i / c) + ", " + std::to_string(i % c) + "]";
+}
+
+std::string value_text(float v) {
+  std::ostringstream s;
+  s << v;
+  return s.str();
+}
+
+// NaN or Inf in a weight makes every output non-finite without any error: refuse it at load, naming the
+// tensor and the first bad element.
+void check_finite(const std::vector<float>& v, int64_t cols, const std::string& what) {
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (!std::isfinite(v[i])) throw Error(what + " holds " + value_text(v[i]) + " at " + position(i, cols));
+  }
+}
+
+std::string tensor_where(const Checkpoint& ckpt, const TensorRef& t) {
+  return "checkpoint '" + ckpt.dir().string() + "': tensor '" + t.info.name + "' (" + t.file + ")";
+}
+
+// `count` f32 values, or mla::Error naming the tensor instead of std::bad_alloc.
+std::vector<float> allocate(int64_t count, const std::string& what) {
+  try {
+    return std::vector<float>(static_cast<size_t>(count));
+  } catch (const std::bad_alloc&) {
+    throw Error(what + ": out of memory for " + std::to_string(count) + " f32 values");
+  }
+}
+
 // FP8 weights: W[r,c] = fp8(W8[r,c]) · S[r/128, c/128]; "scale_inv" multiplies despite its name.
 void apply_block_scales(const Checkpoint& ckpt, const std::string& name, Matrix& m) {
   const std::string scale_name = name + "_scale_inv";
@@ -22,10 +58,17 @@ void apply_block_scales(const Checkpoint& ckpt, const std::string& name, Matrix&
   TensorRef s = ckpt.tensor(scale_name);
   const int64_t br = (m.rows + 127) / 128, bc = (m.cols + 127) / 128;
   expect_shape(s, {br, bc}, ckpt.dir().string());
-  std::vector<float> scale(static_cast<size_t>(br * bc));
+  std::vector<float> scale = allocate(br * bc, tensor_where(ckpt, s));
   convert_to_f32(s, scale.data());
+  for (size_t i = 0; i < scale.size(); ++i) {
+    if (!(std::isfinite(scale[i]) && scale[i] > 0.f))
+      throw Error(tensor_where(ckpt, s) + " holds " + value_text(scale[i]) + " at " + position(i, bc) +
+                  "; a block scale must be positive and finite");
+  }
   for (int64_t r = 0; r < m.rows; ++r)
     for (int64_t c = 0; c < m.cols; ++c) m.data[r * m.cols + c] *= scale[(r / 128) * bc + c / 128];
+  // Finite fp8 values times finite scales can still overflow f32.
+  check_finite(m.data, m.cols, tensor_where(ckpt, ckpt.tensor(name)) + " times '" + scale_name + "'");
 }
 
 Matrix load_matrix(const Checkpoint& ckpt, const std::string& name, int64_t rows, int64_t cols) {
@@ -33,8 +76,9 @@ Matrix load_matrix(const Checkpoint& ckpt, const std::string& name, int64_t rows
   expect_shape(t, {rows, cols}, ckpt.dir().string());
   Matrix m;
   m.rows = rows, m.cols = cols;
-  m.data.resize(static_cast<size_t>(rows * cols));
+  m.data = allocate(detail::checked_mul(rows, cols, name), tensor_where(ckpt, t));
   convert_to_f32(t, m.data.data());
+  check_finite(m.data, cols, tensor_where(ckpt, t));
   if (t.info.dtype == DType::F8_E4M3) apply_block_scales(ckpt, name, m);
   return m;
 }
@@ -42,8 +86,9 @@ Matrix load_matrix(const Checkpoint& ckpt, const std::string& name, int64_t rows
 std::vector<float> load_vector(const Checkpoint& ckpt, const std::string& name, int64_t n) {
   TensorRef t = ckpt.tensor(name);
   expect_shape(t, {n}, ckpt.dir().string());
-  std::vector<float> v(static_cast<size_t>(n));
+  std::vector<float> v = allocate(n, tensor_where(ckpt, t));
   convert_to_f32(t, v.data());
+  check_finite(v, 0, tensor_where(ckpt, t));
   return v;
 }
 
@@ -79,13 +124,14 @@ std::vector<float> random_gain(Rng& rng, int64_t n) {
 }  // namespace
 
 LayerWeights LayerWeights::load(const std::filesystem::path& dir, int64_t layer) {
-  if (!std::filesystem::is_directory(dir)) throw Error("checkpoint folder '" + dir.string() + "' does not exist");
+  detail::check_checkpoint_folder(dir);  // "is not a folder", not "config.json: cannot open"
   const Config config = Config::from_file(dir / "config.json");
   Checkpoint ckpt(dir);
   return load(ckpt, config, layer);
 }
 
 LayerWeights LayerWeights::load(const Checkpoint& ckpt, const Config& c, int64_t layer) {
+  c.validate();  // bounds every size derived below
   if (layer < 0 || layer >= c.num_layers)
     throw InvalidArgument("layer " + std::to_string(layer) + " is out of range: the config has " +
                           std::to_string(c.num_layers) + " layers (num_hidden_layers)");
@@ -153,11 +199,13 @@ void LayerWeights::validate() const {
     if (m.rows != rows || m.cols != cols || static_cast<int64_t>(m.data.size()) != rows * cols)
       throw Error(std::string("weights: ") + name + " is " + shape_string(std::vector<int64_t>{m.rows, m.cols}) +
                   ", expected " + shape_string(std::vector<int64_t>{rows, cols}));
+    check_finite(m.data, cols, std::string("weights: ") + name);
   };
   auto check_vec = [&](const std::vector<float>& v, const char* name, int64_t n) {
     if (static_cast<int64_t>(v.size()) != n)
       throw Error(std::string("weights: ") + name + " has " + std::to_string(v.size()) + " values, expected " +
                   std::to_string(n));
+    check_finite(v, 0, std::string("weights: ") + name);
   };
   if (c.has_q_lora()) {
     check(q_a_proj, "q_a_proj", c.q_lora_rank, D);

@@ -92,6 +92,9 @@ class HostBackend : public detail::Backend {
  public:
   bool host_memory() const override { return true; }
   std::unique_ptr<detail::Buffer> allocate(int64_t bytes) const override { return detail::allocate_host(bytes); }
+  void copy_to_host(const void* src, int64_t bytes, void* dst) const override {
+    if (bytes > 0) std::memcpy(dst, src, static_cast<size_t>(bytes));
+  }
   void decode_attention(const DecodeParams& p) const override { cpu::decode_attention(p); }
   DecodeSchedule plan_decode_attention(const DecodeParams& p) const override { return cpu::plan_decode_attention(p); }
   void decode_attention(const DecodeParams& p, const DecodeSchedule&, void*, void*, bool) const override {

@@ -23,6 +23,9 @@ class CudaBackend final : public detail::Backend {
   std::string_view name() const override { return "cuda"; }
   bool host_memory() const override { return false; }
   std::unique_ptr<detail::Buffer> allocate(int64_t bytes) const override { return std::make_unique<DeviceBuffer>(bytes); }
+  void copy_to_host(const void* src, int64_t bytes, void* dst) const override {
+    if (bytes > 0) MLA_CUDA_CHECK(cudaMemcpy(dst, src, static_cast<size_t>(bytes), cudaMemcpyDeviceToHost));
+  }
   std::unique_ptr<detail::LayerImpl> make_layer(const LayerWeights& w, const LayerOptions& o) const override {
     return make_cuda_layer(w, o);
   }

@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <optional>
 #include <span>
 #include <string>
@@ -77,7 +78,15 @@ class CudaLayer final : public detail::LayerImpl {
   // is most of the step. The first forward of a key runs eagerly, growing every workspace and planning every
   // GEMM, so that the capture allocates nothing. The staged upload is the graph's first node: a replay copies
   // what stage() has just written into the pinned block. The error check stays outside the graph.
+  //
+  // Threads: every workspace below, the staging block, the streams and the captured graph belong to the layer,
+  // so concurrent forwards (threads sharing one Attention, each with its own cache) are serialised here.
+  // Non-finite cache rows and outputs are found on the device (store_latents, check_rows_finite) and refused
+  // through the error flag, so the core does not read them back.
+  bool checks_finite_rows() const override { return true; }
+
   void forward(const detail::ForwardArgs& a) override {
+    std::lock_guard lock(forward_mutex_);
     const int64_t N = a.total_tokens, D = c_.hidden_size;
     if (a.cache_dtype != dt_) throw InvalidArgument("forward (cuda): cache dtype does not match the layer's precision");
     if (N == 0) return;
@@ -126,6 +135,13 @@ class CudaLayer final : public detail::LayerImpl {
     MLA_CUDA_CHECK(cudaStreamSynchronize(stream));
     upload_pending_ = false;
     const unsigned long long bad = *flag_host_.get<unsigned long long>();
+    if (bad != ~0ull && bad >= kBadLatentRow) {
+      const bool latent = bad < kBadOutputRow;
+      const int64_t row = static_cast<int64_t>(bad & (kBadLatentRow - 1));
+      throw InvalidArgument(std::string("forward: the ") + (latent ? "cache row" : "output row") +
+                            " of hidden_states row " + std::to_string(row) +
+                            " is not finite: the hidden states overflow the layer's projections; nothing was stored");
+    }
     if (bad != ~0ull) {
       float value = 0.f;
       MLA_CUDA_CHECK(cudaMemcpy(&value, a.hidden + bad, sizeof(float), cudaMemcpyDeviceToHost));
@@ -401,6 +417,7 @@ class CudaLayer final : public detail::LayerImpl {
     // leaves the caller's out as it was. The bias rides on that pass, so it costs no pass of its own.
     grow(y_, N * D * 4);
     linear(o_.get(), N, H * dv, o_weight_.get(), D, y_.get(), DType::F32, stream);
+    check_rows_finite(y_.get<float>(), has_o_bias_ ? o_bias_.get<float>() : nullptr, N, D, flag, stream);
     commit_rows(y_.get<float>(), has_o_bias_ ? o_bias_.get<float>() : nullptr, flag, N, D, a.out, stream);
   }
 
@@ -507,6 +524,7 @@ class CudaLayer final : public detail::LayerImpl {
     run_prefill(p, stream);
   }
 
+  std::mutex forward_mutex_;  // see forward(): one forward at a time owns the members below
   Config c_;
   DerivedConstants k_;
   DType dt_;

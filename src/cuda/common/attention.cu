@@ -260,7 +260,7 @@ namespace {
 // The fast kernels' parameters for the whole call (dense or strided K/V); the sequence fields are set per launch.
 sm80::prefill::Params fast_params(const PrefillParams& p, const PrefillLayout* layout) {
   sm80::prefill::Params k;
-  k.heads = static_cast<int>(p.num_heads), k.total_q = p.total_q;
+  k.heads = static_cast<int>(p.num_heads), k.total_q = p.total_q, k.total_k = p.total_k;
   k.q = p.q, k.out = p.out, k.lse = p.lse;
   if (layout) {
     k.k = layout->k, k.k_row = layout->k_row, k.k_head = layout->k_head;
@@ -285,7 +285,13 @@ void run_prefill(const PrefillParams& p, cudaStream_t stream, const PrefillLayou
   if (layout && (!fast || layout->k_split != sm80::prefill::kStridedSplit))
     throw InvalidArgument("prefill_attention (cuda): a strided K/V layout needs the fast kernels and k_split 128");
   if (p.cu_seqlens_on_device) {
-    // The kernels launch per sequence from host lengths: copy them (one synchronising copy) and check them.
+    if (fast && sm90::usable()) {  // the whole batch in one launch; nothing read on the host
+      sm80::prefill::Params k = fast_params(p, layout);
+      k.cu_q = p.cu_seqlens_q, k.cu_k = p.cu_seqlens_k, k.batch = static_cast<int>(p.batch);
+      sm90::prefill::run_bf16_192_128(k, stream);
+      return;
+    }
+    // The other kernels launch per sequence from host lengths: copy them (one synchronising copy), check them.
     std::vector<int32_t> cu(static_cast<size_t>(2 * (p.batch + 1)));
     const size_t bytes = static_cast<size_t>(p.batch + 1) * sizeof(int32_t);
     MLA_CUDA_CHECK(cudaMemcpyAsync(cu.data(), p.cu_seqlens_q, bytes, cudaMemcpyDeviceToHost, stream));

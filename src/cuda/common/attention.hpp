@@ -50,8 +50,8 @@ struct PrefillLayout {
   int64_t v_row = 0, v_head = 0;
 };
 
-// One launch per sequence from host lengths; device-side ones (p.cu_seqlens_on_device) are copied to the host
-// first (one synchronising copy) and checked there.
+// cu_seqlens in host memory: one launch per sequence; in device memory (p.cu_seqlens_on_device) and Hopper's fast
+// kernel: one launch for the batch, nothing read on the host (else the lengths are copied to the host first).
 // `layout` (fast kernels only, see prefill_is_fast) replaces p.k / p.v and their dense layout.
 std::string prefill_kernel_name(const PrefillParams& p);
 bool prefill_is_fast(const PrefillParams& p);

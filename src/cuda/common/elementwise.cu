@@ -103,16 +103,22 @@ __global__ void store_latents_kernel(LatentStore p) {
   for (int64_t j = threadIdx.x; j < p.d_c; j += blockDim.x) ss += value(j) * value(j);
   ss = block_sum(ss, scratch);
   const float inv = 1.0f / sqrtf(ss / static_cast<float>(p.d_c) + p.eps);
-  T* row = static_cast<T*>(p.cache) + p.slots[n] * W;
   const int64_t position = p.positions[n];
-  for (int64_t j = threadIdx.x; j < W; j += blockDim.x) {
-    if (j < p.d_c) {
-      row[j] = from_f32<T>(p.gamma[j] * (value(j) * inv));
-    } else {
-      const int64_t r = j - p.d_c, pair = j - (r % 2);
-      row[j] = from_f32<T>(rope_element(value(pair), value(pair + 1), r, position, p.rope));
-    }
+  auto element = [&](int64_t j) {
+    if (j < p.d_c) return p.gamma[j] * (value(j) * inv);
+    const int64_t r = j - p.d_c, pair = j - (r % 2);
+    return rope_element(value(pair), value(pair + 1), r, position, p.rope);
+  };
+  // Finite hidden states can still overflow the projections: such a row is refused, not stored (checked as
+  // stored, after rounding to T; the norm's sum of squares too, since an infinite one turns every value into 0).
+  bool bad = !isfinite(ss);
+  for (int64_t j = threadIdx.x; j < W; j += blockDim.x) bad |= !isfinite(to_f32<T>(from_f32<T>(element(j))));
+  if (__syncthreads_or(bad)) {
+    if (threadIdx.x == 0) atomicMin(p.error_flag, kBadLatentRow | static_cast<unsigned long long>(n));
+    return;
   }
+  T* row = static_cast<T*>(p.cache) + p.slots[n] * W;
+  for (int64_t j = threadIdx.x; j < W; j += blockDim.x) row[j] = from_f32<T>(element(j));
 }
 
 template <class T>
@@ -148,6 +154,15 @@ __global__ void commit_rows_kernel(const float* __restrict__ y, const float* __r
   if (j >= n) return;
   const float b = bias ? bias[j] : 0.f;
   for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) out[r * n + j] = bias ? y[r * n + j] + b : y[r * n + j];
+}
+
+__global__ void check_rows_finite_kernel(const float* __restrict__ y, const float* __restrict__ bias, int64_t rows,
+                                         int64_t n, unsigned long long* __restrict__ error_flag) {
+  const int64_t j = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (j >= n) return;
+  const float b = bias ? bias[j] : 0.f;
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y)
+    if (!isfinite(y[r * n + j] + b)) atomicMin(error_flag, kBadOutputRow | static_cast<unsigned long long>(r));
 }
 
 unsigned grid_for(int64_t n, int threads) {
@@ -215,6 +230,14 @@ void split_expanded(const void* kv, const void* lat, int64_t width, int64_t d_c,
                     int64_t d_nope, int64_t d_rope, int64_t d_v, void* k, void* v, DType dtype, cudaStream_t stream) {
   if (rows == 0) return;
   MLA_DISPATCH_TYPE(dtype, T, split_expanded_kernel<T><<<static_cast<unsigned>(rows), 256, 0, stream>>>(static_cast<const T*>(kv), static_cast<const T*>(lat), width, d_c, heads, d_nope, d_rope, d_v, static_cast<T*>(k), static_cast<T*>(v)));
+  MLA_CUDA_LAUNCH_CHECK();
+}
+
+void check_rows_finite(const float* y, const float* bias, int64_t rows, int64_t n, unsigned long long* error_flag,
+                       cudaStream_t stream) {
+  if (rows == 0 || n == 0) return;
+  const dim3 grid(static_cast<unsigned>((n + 255) / 256), static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
+  check_rows_finite_kernel<<<grid, 256, 0, stream>>>(y, bias, rows, n, error_flag);
   MLA_CUDA_LAUNCH_CHECK();
 }
 

@@ -41,14 +41,15 @@ struct QueryFinish {
 void finish_queries(const QueryFinish& p, cudaStream_t stream);
 
 // Latents: kv [N, d_c + d_r] f32 (+ bias, may be null) → [RMSNorm(c)·γ | RoPE(k_pe)] in dtype, written to
-// cache row slots[i]. Writes nothing at all when *error_flag != ~0 (a non-finite input was found).
+// cache row slots[i]. Writes nothing at all when *error_flag != ~0 (a non-finite input was found); a row that comes
+// out non-finite is not written and sets the flag to at most kBadLatentRow | i.
 struct LatentStore {
   const float* kv = nullptr;
   const float* bias = nullptr;
   const float* gamma = nullptr;        // [d_c]
   const int64_t* positions = nullptr;  // [N], device
   const int64_t* slots = nullptr;      // [N] cache row index (page · page_size + offset), device
-  const unsigned long long* error_flag = nullptr;
+  unsigned long long* error_flag = nullptr;
   int64_t tokens = 0, d_c = 0, d_rope = 0;
   void* cache = nullptr;               // [num_pages · page_size, d_c + d_r]
   DType dtype = DType::BF16;
@@ -65,6 +66,14 @@ void gather_rows(const void* cache, const int32_t* block_table, int64_t page_siz
 // from lat [L, W] column d_c] and v [L, H, d_v].
 void split_expanded(const void* kv, const void* lat, int64_t width, int64_t d_c, int64_t rows, int64_t heads,
                     int64_t d_nope, int64_t d_rope, int64_t d_v, void* k, void* v, DType dtype, cudaStream_t stream);
+
+// The layer's error flag: ~0 = no error; else the smallest of the flat index of a non-finite hidden state,
+// kBadLatentRow | row of a non-finite cache row, kBadOutputRow | row of a non-finite output row.
+constexpr unsigned long long kBadLatentRow = 1ull << 62, kBadOutputRow = 2ull << 62;
+
+// Sets the flag to at most kBadOutputRow | r when row r of y [rows, n] + bias [n] holds a non-finite value.
+void check_rows_finite(const float* y, const float* bias, int64_t rows, int64_t n, unsigned long long* error_flag,
+                       cudaStream_t stream);
 
 // out [rows, n] = y [rows, n] + bias [n] (bias may be null), only when *error_flag == ~0: the layer's last step,
 // so that a rejected batch leaves the caller's output as it was.

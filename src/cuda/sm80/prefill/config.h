@@ -23,10 +23,15 @@ struct SharedMemoryPlan {
   uint16_t v[2][kBlockN * kHeadDimV];   // [2][64, 128]
 };
 
-// One sequence (n_q queries over n_k keys, bottom-right causal), all heads.
+// One sequence (n_q queries over n_k keys, bottom-right causal), all heads; or, with cu_q / cu_k set (the sm90
+// kernel only), a whole batch in one launch, each block finding its sequence in the device-side prefix sums.
 struct Params {
   int heads = 0, n_q = 0, n_k = 0;
   int64_t q_offset = 0, k_offset = 0, total_q = 0;  // token offsets of this sequence; rows of lse
+  int64_t total_k = 0;                               // rows of K / V (the sm90 kernel's tensor maps span them)
+  const int32_t* cu_q = nullptr;  // [batch + 1] in device memory (sm90): replaces n_q, n_k, q_offset, k_offset
+  const int32_t* cu_k = nullptr;
+  int batch = 0;
   const void* q = nullptr;  // [total_q, H, 192] bf16
   // Keys and values of token t (global index k_offset + t), head h, in elements: K columns [0, k_split) at
   // k + t·k_row + h·k_head, columns [k_split, 192) at k_tail + t·k_tail_row + h·k_tail_head (k_tail_head = 0:

@@ -1,0 +1,57 @@
+// Training: the layer's forward over whole causal sequences, keeping what backward needs, and its backward pass
+// (the gradients of the hidden states and of every weight). This is the scalar reference, computed in double
+// from the f32 weights, written to be read against ../../docs/training.md; the fast CPU and CUDA paths will be
+// tested against it. No paged cache: each sequence attends causally to itself.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "mla/weights.hpp"
+
+namespace mla::train {
+
+// What backward needs from forward (the reference keeps every intermediate; the attention probabilities are
+// recomputed from the saved log-sum-exp, as FlashAttention does).
+struct Saved {
+  int64_t tokens = 0;
+  std::vector<int32_t> cu_seqlens;  // [batch + 1]
+  std::vector<int64_t> positions;   // [T] rope positions
+  std::vector<double> x;            // [T, D] hidden states
+  std::vector<double> qa;           // [T, d_q] q_a output (+ q_bias) before its RMSNorm; empty without q_lora
+  std::vector<double> qa_normed;    // [T, d_q] after the RMSNorm
+  std::vector<double> q;            // [T, H, d_qk] queries, rope part rotated
+  std::vector<double> c;            // [T, d_c] latent before kv_a_layernorm
+  std::vector<double> c_normed;     // [T, d_c]
+  std::vector<double> k_rope;       // [T, d_r] the shared rope key, rotated
+  std::vector<double> kv;           // [T, H, d_n + d_v] kv_b output: K_nope then V per head
+  std::vector<double> lse;          // [T, H] natural log of each softmax's denominator (scaled logits)
+  std::vector<double> o;            // [T, H, d_v] attention output before o_proj
+};
+
+struct ForwardResult {
+  std::vector<float> out;  // [T, D]
+  Saved saved;
+};
+
+// Gradients, shaped as the LayerWeights they belong to (empty where the layer has no such tensor).
+struct LayerGradients {
+  Matrix q_proj, q_a_proj, q_b_proj, kv_a_proj, kv_b_proj, o_proj;
+  std::vector<float> q_a_norm, kv_a_norm, q_bias, kv_a_bias, o_bias;
+};
+
+struct BackwardResult {
+  std::vector<float> d_hidden;  // [T, D]
+  LayerGradients grads;
+};
+
+// hidden [T, D] with T = cu_seqlens.back(); cu_seqlens [batch + 1] non-decreasing from 0; positions [T] or
+// empty (then 0 .. n-1 within each sequence). Throws mla::InvalidArgument naming the bad argument.
+ForwardResult forward_reference(const LayerWeights& weights, std::span<const float> hidden,
+                                std::span<const int32_t> cu_seqlens, std::span<const int64_t> positions = {});
+
+// d_out [T, D]: the gradient of the loss with respect to forward's out.
+BackwardResult backward_reference(const LayerWeights& weights, const Saved& saved, std::span<const float> d_out);
+
+}  // namespace mla::train

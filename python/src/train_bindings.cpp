@@ -1,0 +1,157 @@
+// The training reference (mla/train.hpp) for Python, and LayerWeights to and from named tensors (the checkpoint's
+// names without the "model.layers.N.self_attn." prefix, which are also transformers' parameter names). Host
+// memory, float32; the package's mla/train.py wraps these for NumPy and PyTorch.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+
+#include <optional>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "mla/mla.hpp"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+using F32 = nb::ndarray<const float, nb::c_contig, nb::device::cpu>;
+using I32 = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using I64 = nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using NumpyF32 = nb::ndarray<nb::numpy, float>;
+
+NumpyF32 to_numpy(std::vector<float>&& v, std::vector<size_t> shape) {
+  auto* heap = new std::vector<float>(std::move(v));
+  nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<float>*>(p); });
+  return NumpyF32(heap->data(), shape.size(), shape.data(), owner);
+}
+
+// The layer's tensors by name: where each lives in LayerWeights / LayerGradients, and its shape.
+struct Slot {
+  std::string name;
+  mla::Matrix* matrix = nullptr;
+  std::vector<float>* vector = nullptr;
+  std::vector<int64_t> shape;
+};
+
+template <class W>  // LayerWeights or train::LayerGradients: the same fields
+std::vector<Slot> slots(const mla::Config& c, W& w) {
+  const int64_t H = c.num_heads, D = c.hidden_size, dqk = c.qk_head_dim();
+  std::vector<Slot> s;
+  if (c.has_q_lora()) {
+    s.push_back({"q_a_proj.weight", &w.q_a_proj, nullptr, {c.q_lora_rank, D}});
+    s.push_back({"q_a_layernorm.weight", nullptr, &w.q_a_norm, {c.q_lora_rank}});
+    s.push_back({"q_b_proj.weight", &w.q_b_proj, nullptr, {H * dqk, c.q_lora_rank}});
+  } else {
+    s.push_back({"q_proj.weight", &w.q_proj, nullptr, {H * dqk, D}});
+  }
+  s.push_back({"kv_a_proj_with_mqa.weight", &w.kv_a_proj, nullptr, {c.latent_dim(), D}});
+  s.push_back({"kv_a_layernorm.weight", nullptr, &w.kv_a_norm, {c.kv_lora_rank}});
+  s.push_back({"kv_b_proj.weight", &w.kv_b_proj, nullptr, {H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank}});
+  s.push_back({"o_proj.weight", &w.o_proj, nullptr, {D, H * c.v_head_dim}});
+  if (c.attention_bias) {
+    s.push_back({c.has_q_lora() ? "q_a_proj.bias" : "q_proj.bias", nullptr, &w.q_bias,
+                 {c.has_q_lora() ? c.q_lora_rank : H * dqk}});
+    s.push_back({"kv_a_proj_with_mqa.bias", nullptr, &w.kv_a_bias, {c.latent_dim()}});
+    s.push_back({"o_proj.bias", nullptr, &w.o_bias, {D}});
+  }
+  return s;
+}
+
+std::string shape_string(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+mla::LayerWeights weights_from_tensors(const mla::Config& config, nb::dict tensors) {
+  config.validate();
+  mla::LayerWeights w;
+  w.config = config;
+  std::set<std::string> used;
+  for (Slot& s : slots(config, w)) {
+    if (!tensors.contains(s.name.c_str()))
+      throw mla::InvalidArgument("LayerWeights.from_tensors: missing '" + s.name + "' " + shape_string(s.shape));
+    F32 a;
+    if (!nb::try_cast(tensors[s.name.c_str()], a))
+      throw nb::type_error(("LayerWeights.from_tensors: '" + s.name + "' must be a C-contiguous float32 array in host "
+                            "memory").c_str());
+    std::vector<int64_t> got;
+    for (size_t i = 0; i < a.ndim(); ++i) got.push_back(static_cast<int64_t>(a.shape(i)));
+    if (got != s.shape)
+      throw mla::InvalidArgument("LayerWeights.from_tensors: '" + s.name + "' has shape " + shape_string(got) +
+                                 ", the config needs " + shape_string(s.shape));
+    std::vector<float> data(a.data(), a.data() + a.size());
+    if (s.matrix) s.matrix->rows = s.shape[0], s.matrix->cols = s.shape[1], s.matrix->data = std::move(data);
+    else *s.vector = std::move(data);
+    used.insert(s.name);
+  }
+  for (auto [key, value] : tensors) {
+    const std::string name = nb::cast<std::string>(key);
+    if (!used.count(name))
+      throw mla::InvalidArgument("LayerWeights.from_tensors: '" + name + "' is not a tensor of this layer's config");
+  }
+  w.validate();
+  return w;
+}
+
+template <class W>
+nb::dict tensors_of(const mla::Config& config, W& w) {
+  nb::dict d;
+  for (Slot& s : slots(config, w)) {
+    std::vector<float> data = s.matrix ? s.matrix->data : *s.vector;
+    std::vector<size_t> shape(s.shape.begin(), s.shape.end());
+    d[s.name.c_str()] = to_numpy(std::move(data), shape);
+  }
+  return d;
+}
+
+std::pair<NumpyF32, mla::train::Saved> train_forward(const mla::LayerWeights& w, F32 hidden, I32 cu_seqlens,
+                                                     std::optional<I64> positions) {
+  const int64_t D = w.config.hidden_size;
+  if (hidden.ndim() != 2 || static_cast<int64_t>(hidden.shape(1)) != D)
+    throw mla::InvalidArgument("train.forward_reference: hidden must be [tokens, " + std::to_string(D) + "]");
+  std::span<const int64_t> pos;
+  if (positions) pos = {positions->data(), positions->size()};
+  mla::train::ForwardResult r;
+  {
+    nb::gil_scoped_release release;
+    r = mla::train::forward_reference(w, {hidden.data(), hidden.size()}, {cu_seqlens.data(), cu_seqlens.size()}, pos);
+  }
+  const size_t shape0 = hidden.shape(0);
+  return {to_numpy(std::move(r.out), {shape0, static_cast<size_t>(D)}), std::move(r.saved)};
+}
+
+std::pair<NumpyF32, nb::dict> train_backward(const mla::LayerWeights& w, const mla::train::Saved& saved, F32 d_out) {
+  mla::train::BackwardResult r;
+  {
+    nb::gil_scoped_release release;
+    r = mla::train::backward_reference(w, saved, {d_out.data(), d_out.size()});
+  }
+  mla::train::LayerGradients& g = r.grads;
+  nb::dict grads = tensors_of(w.config, g);
+  const size_t T = static_cast<size_t>(saved.tokens), D = static_cast<size_t>(w.config.hidden_size);
+  return {to_numpy(std::move(r.d_hidden), {T, D}), grads};
+}
+
+}  // namespace
+
+void bind_train(nb::module_& m) {
+  nb::class_<mla::train::Saved>(m, "TrainSaved", "What train_backward needs from train_forward (opaque).")
+      .def_ro("tokens", &mla::train::Saved::tokens);
+  m.def("weights_from_tensors", &weights_from_tensors, "config"_a, "tensors"_a,
+        "LayerWeights from a dict of float32 arrays named as in the checkpoint (q_a_proj.weight, ...).");
+  m.def("weights_to_tensors",
+        [](const mla::LayerWeights& w) {
+          mla::LayerWeights copy = w;
+          return tensors_of(w.config, copy);
+        },
+        "weights"_a, "The layer's tensors as float32 arrays named as in the checkpoint.");
+  m.def("train_forward", &train_forward, "weights"_a, "hidden"_a, "cu_seqlens"_a, "positions"_a.none() = nb::none());
+  m.def("train_backward", &train_backward, "weights"_a, "saved"_a, "d_out"_a);
+}
