@@ -101,7 +101,8 @@ TEST(Cache, SizeOverflowRejectedByName) {
                                          {1, 1, int64_t{1} << 62},                // row_width x 4 alone overflows
                                          {int64_t{1} << 30, 256, 256}}) {         // 2^48 bytes: over the cap
     SCOPED_TRACE(::testing::Message() << pages << " x " << page_size << " x " << width);
-    testing::expect_throw_with<InvalidArgument>([&] { make(pages, page_size, width); },
+    // Init-captures: clang before 16 cannot capture structured bindings (P1091).
+    testing::expect_throw_with<InvalidArgument>([p = pages, s = page_size, w = width] { make(p, s, w); },
                                                 {"num_pages (" + std::to_string(pages) + ")",
                                                  "row_width (" + std::to_string(width) + ")", "page_size", "limit"});
   }

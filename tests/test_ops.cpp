@@ -19,7 +19,21 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr float kInf = std::numeric_limits<float>::infinity();
 const std::vector<std::string> kDevices{"cpu", "cpu-reference"};
 
-uint16_t to_f16(float x) { return std::bit_cast<uint16_t>(static_cast<_Float16>(x)); }
+// IEEE binary16 bits of x, round to nearest even, computed in double arithmetic: an oracle independent of the
+// library's bit manipulation (src/cpu/ops.cpp). Not _Float16, which clang before 15 lacks on x86.
+uint16_t to_f16(float x) {
+  const auto sign = static_cast<uint16_t>(std::signbit(x) ? 0x8000u : 0u);
+  const double a = std::fabs(static_cast<double>(x));
+  if (std::isnan(a)) return sign | 0x7e00u;
+  if (a >= 65520.0) return sign | 0x7c00u;  // the halfway point above the largest finite value, 65504
+  if (a == 0.0) return sign;
+  int e = 0;
+  std::frexp(a, &e);                      // a in [2^(e-1), 2^e)
+  const int exp = std::max(e - 1, -14);   // the binade; below 2^-14 the subnormal spacing 2^-24
+  const double q = std::nearbyint(std::ldexp(a, 10 - exp));  // a / ulp is exact; the default mode rounds to even
+  // q in [1024, 2048] for normals (2048 carries into the next binade), [0, 1024] for subnormals: one formula.
+  return sign | static_cast<uint16_t>(((exp + 15) << 10) + static_cast<int>(q) - 1024);
+}
 
 // A BF16/F16/F32 array: the stored bytes and the values they hold, as float.
 struct Array {

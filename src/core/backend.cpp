@@ -49,7 +49,7 @@ class HostPages final : public Buffer {
   // std::bad_alloc when the machine cannot hold `bytes`: the caller names what it was for. Larger than the
   // physical memory is refused before asking: with overcommit the allocation would succeed and the zero fill
   // below would end in the OOM killer instead of an error.
-  explicit HostPages(int64_t bytes) : bytes_(bytes) {
+  explicit HostPages(int64_t bytes) {
     const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
     if (bytes < 0 || (pages > 0 && page > 0 && bytes / page >= pages)) throw std::bad_alloc();
     const size_t rounded = (static_cast<size_t>(bytes) + 63) / 64 * 64;
@@ -67,7 +67,6 @@ class HostPages final : public Buffer {
   }
 
  private:
-  int64_t bytes_;
   std::byte* data_;
 };
 

@@ -6,7 +6,9 @@
 
 // GCC 12 warns about its own AVX-512 reduction intrinsics (_mm512_reduce_*); the warning is a false positive.
 #pragma GCC diagnostic ignored "-Wuninitialized"
+#ifndef __clang__  // clang has no -Wmaybe-uninitialized and would warn about the unknown name
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <immintrin.h>
 
 #include "cpu/kernels_x86.hpp"
