@@ -26,16 +26,20 @@ struct Result {
   std::string output;  // stdout + stderr
 };
 
-// env: assignments for the command line, e.g. "MLA_CPU_ISA=scalar"; MLA_CPU_ISA is unset otherwise.
-Result run(const std::string& args, const std::string& env = "") {
+// Runs a shell command line; its exit code and its stdout + stderr.
+Result run_command(const std::string& cmd) {
   Result r;
-  const std::string cmd = "env -u MLA_CPU_ISA " + env + " " + std::string(MLA_CLI_PATH) + " " + args + " 2>&1";
   FILE* p = popen(cmd.c_str(), "r");
   std::array<char, 4096> buf{};
   while (size_t n = fread(buf.data(), 1, buf.size(), p)) r.output.append(buf.data(), n);
   const int status = pclose(p);
   r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   return r;
+}
+
+// env: assignments for the command line, e.g. "MLA_CPU_ISA=scalar"; MLA_CPU_ISA is unset otherwise.
+Result run(const std::string& args, const std::string& env = "") {
+  return run_command("env -u MLA_CPU_ISA " + env + " " + std::string(MLA_CLI_PATH) + " " + args + " 2>&1");
 }
 
 // As run(), under a 1 GiB address-space limit: hostile inputs must fail by name, not by exhausting memory. Not in
@@ -47,15 +51,8 @@ constexpr const char* kAddressSpaceLimit = "";
 constexpr const char* kAddressSpaceLimit = "ulimit -v 1048576 && ";
 #endif
 Result run_limited(const std::string& args) {
-  Result r;
-  const std::string cmd =
-      std::string(kAddressSpaceLimit) + "env -u MLA_CPU_ISA " + std::string(MLA_CLI_PATH) + " " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  std::array<char, 4096> buf{};
-  while (size_t n = fread(buf.data(), 1, buf.size(), p)) r.output.append(buf.data(), n);
-  const int status = pclose(p);
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
+  return run_command(std::string(kAddressSpaceLimit) + "env -u MLA_CPU_ISA " + std::string(MLA_CLI_PATH) + " " + args +
+                     " 2>&1");
 }
 
 class Cli : public ::testing::Test {

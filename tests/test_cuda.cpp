@@ -455,6 +455,15 @@ TEST(CudaLayer, GraphNeverReplaysIntoAnotherOutput) {
   loop.expect_caches_agree();
 }
 
+// Decode steps [first, last) of the loop on the GPU, each against the CPU.
+void steps_agree(DecodeLoop& loop, Device& dout, int first, int last) {
+  for (int step = first; step < last; ++step) {
+    const std::vector<float> x = loop.hidden(step);
+    loop.gpu_step(x, dout);
+    EXPECT_LT(testing::rel_error(dout.read<float>(loop.size()), loop.cpu_step(x)), 1.5e-2) << "step " << step;
+  }
+}
+
 // Finite hidden states that overflow the projections (3e38) on a replayed step: the layer finds the non-finite
 // cache row / output on the device and refuses the step (no host read-back); out, the lengths, the free pages and
 // every committed row stay as they were, and the next steps agree with the CPU.
@@ -463,11 +472,7 @@ TEST(CudaLayer, OverflowingHiddenIsRefusedOnTheDevice) {
   const ScopedEnv graphs("MLA_CUDA_GRAPHS", "1");
   DecodeLoop loop(16, 16, {3, 20, 33}, 12);
   Device dout(std::vector<float>(loop.size(), 0.f));
-  for (int step = 0; step < 3; ++step) {  // eager, captured, replayed
-    const std::vector<float> x = loop.hidden(step);
-    loop.gpu_step(x, dout);
-    EXPECT_LT(testing::rel_error(dout.read<float>(loop.size()), loop.cpu_step(x)), 1.5e-2) << "step " << step;
-  }
+  steps_agree(loop, dout, 0, 3);  // eager, captured, replayed
   const std::vector<float> untouched(loop.size(), -12345.5f);
   dout.buf->copy_from_host(0, static_cast<int64_t>(untouched.size() * 4), untouched.data());
   std::vector<std::vector<float>> rows_before;
@@ -482,11 +487,7 @@ TEST(CudaLayer, OverflowingHiddenIsRefusedOnTheDevice) {
     EXPECT_TRUE(loop.gpu_cache.read_rows(loop.ids[i], 0, loop.gpu_cache.length(loop.ids[i])) == rows_before[i]);
   }
   EXPECT_EQ(loop.gpu_cache.pages_free(), free_before);
-  for (int step = 3; step < 6; ++step) {
-    const std::vector<float> x = loop.hidden(step);
-    loop.gpu_step(x, dout);
-    EXPECT_LT(testing::rel_error(dout.read<float>(loop.size()), loop.cpu_step(x)), 1.5e-2) << "step " << step;
-  }
+  steps_agree(loop, dout, 3, 6);
   loop.expect_caches_agree();
 }
 
@@ -501,11 +502,7 @@ TEST(CudaLayer, NonFiniteHiddenOnReplayedStepThrowsAndStoresNothing) {
     const int64_t pages = 12;
     DecodeLoop loop(heads, 16, {3, 20, 33}, pages);  // 6 steps stay within 3 pages: one key throughout
     Device dout(std::vector<float>(loop.size(), 0.f));
-    for (int step = 0; step < 3; ++step) {  // eager, captured, replayed
-      const std::vector<float> x = loop.hidden(step);
-      loop.gpu_step(x, dout);
-      EXPECT_LT(testing::rel_error(dout.read<float>(loop.size()), loop.cpu_step(x)), 1.5e-2) << "step " << step;
-    }
+    steps_agree(loop, dout, 0, 3);  // eager, captured, replayed
 
     loop.gpu_cache.fill_unused(kNaN);  // the rows a wrong write would land in are NaN: any change shows
     const float sentinel = -12345.5f;
@@ -528,11 +525,7 @@ TEST(CudaLayer, NonFiniteHiddenOnReplayedStepThrowsAndStoresNothing) {
     for (size_t i = 0; i < loop.ids.size(); ++i) EXPECT_EQ(loop.gpu_cache.length(loop.ids[i]), loop.history[i] + 3);
     EXPECT_EQ(loop.gpu_cache.pages_free(), free_before);
 
-    for (int step = 3; step < 6; ++step) {
-      const std::vector<float> x = loop.hidden(step);
-      loop.gpu_step(x, dout);
-      EXPECT_LT(testing::rel_error(dout.read<float>(loop.size()), loop.cpu_step(x)), 1.5e-2) << "step " << step;
-    }
+    steps_agree(loop, dout, 3, 6);
     loop.expect_caches_agree();
   }
 }

@@ -107,9 +107,9 @@ mla::LayerWeights weights_from_tensors(const mla::Config& config, nb::dict tenso
 }
 
 template <class W>
-nb::dict tensors_of(const mla::Config& config, W& w) {
+nb::dict tensors_of(const mla::Config& config, const W& w) {
   nb::dict d;
-  for (Slot& s : slots(config, w)) {
+  for (const Slot& s : slots(config, const_cast<W&>(w))) {  // slots() only takes the fields' addresses; read here
     std::vector<float> data = s.matrix ? s.matrix->data : *s.vector;
     std::vector<size_t> shape(s.shape.begin(), s.shape.end());
     d[s.name.c_str()] = to_numpy(std::move(data), shape);
@@ -152,13 +152,8 @@ void bind_train(nb::module_& m) {
       .def_ro("tokens", &mla::train::Saved::tokens);
   m.def("weights_from_tensors", &weights_from_tensors, "config"_a, "tensors"_a,
         "LayerWeights from a dict of float32 arrays named as in the checkpoint (q_a_proj.weight, ...).");
-  m.def(
-      "weights_to_tensors",
-      [](const mla::LayerWeights& w) {
-        mla::LayerWeights copy = w;
-        return tensors_of(w.config, copy);
-      },
-      "weights"_a, "The layer's tensors as float32 arrays named as in the checkpoint.");
+  m.def("weights_to_tensors", [](const mla::LayerWeights& w) { return tensors_of(w.config, w); }, "weights"_a,
+        "The layer's tensors as float32 arrays named as in the checkpoint.");
   m.def("train_forward", &train_forward, "weights"_a, "hidden"_a, "cu_seqlens"_a, "positions"_a.none() = nb::none());
   m.def("train_backward", &train_backward, "weights"_a, "saved"_a, "d_out"_a);
 }

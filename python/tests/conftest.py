@@ -41,6 +41,22 @@ class Golden:
         self.positions = io["position_ids"]
 
 
+def hf_config(transformers, hidden_size, heads, q_lora_rank, kv_lora_rank, nope, rope, v):
+    """A small transformers DeepseekV3Config (eager attention, interleaved RoPE, YaRN factor 4 over 64 positions,
+    mscale 0.707) with the given attention dimensions."""
+    config = transformers.DeepseekV3Config(
+        hidden_size=hidden_size, num_attention_heads=heads, num_key_value_heads=heads, q_lora_rank=q_lora_rank,
+        kv_lora_rank=kv_lora_rank, qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=v, num_hidden_layers=1,
+        intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+        rope_interleave=True, max_position_embeddings=256, attention_bias=False,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 64, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "mscale": 0.707, "mscale_all_dim": 0.707},
+    )
+    config._attn_implementation = "eager"
+    return config
+
+
 def rel_error(a, b):
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)

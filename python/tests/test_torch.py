@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import mla  # noqa: E402
-from conftest import GOLDEN_CASES, TOLERANCE, Golden, rel_error  # noqa: E402
+from conftest import GOLDEN_CASES, TOLERANCE, Golden, hf_config, rel_error  # noqa: E402
 
 
 def paged_reference(q, kv_cache, block_table, cache_seqlens, dv, scale, causal):
@@ -174,16 +174,7 @@ def test_layer_matches_transformers_deepseek_v3_attention(tmp_path, device):
     from safetensors.torch import save_file
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
-    config = transformers.DeepseekV3Config(
-        hidden_size=192, num_attention_heads=6, num_key_value_heads=6, q_lora_rank=80, kv_lora_rank=64,
-        qk_nope_head_dim=24, qk_rope_head_dim=16, v_head_dim=20, num_hidden_layers=1, intermediate_size=64,
-        moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, rope_interleave=True,
-        max_position_embeddings=256, attention_bias=False,
-        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                         "original_max_position_embeddings": 64, "beta_fast": 32.0, "beta_slow": 1.0,
-                         "mscale": 0.707, "mscale_all_dim": 0.707},
-    )
-    config._attn_implementation = "eager"
+    config = hf_config(transformers, 192, heads=6, q_lora_rank=80, kv_lora_rank=64, nope=24, rope=16, v=20)
     torch.manual_seed(0)
     attn = hf.DeepseekV3Attention(config, layer_idx=0).double().eval()
     with torch.no_grad():

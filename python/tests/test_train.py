@@ -6,7 +6,7 @@ import pytest
 
 import mla
 import mla.train as train
-from conftest import GOLDEN_DIR, Golden, read_safetensors, rel_error
+from conftest import GOLDEN_DIR, Golden, hf_config, read_safetensors, rel_error
 
 GRAD_CASES = ["v3-tiny", "v2lite-tiny", "noyarn", "yarn-ramp", "long-positions"]
 
@@ -50,16 +50,7 @@ def test_module_trains_like_transformers():
     transformers = pytest.importorskip("transformers")
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
-    config = transformers.DeepseekV3Config(
-        hidden_size=64, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=24,
-        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, num_hidden_layers=1, intermediate_size=64,
-        moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, rope_interleave=True,
-        max_position_embeddings=256, attention_bias=False,
-        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                         "original_max_position_embeddings": 64, "beta_fast": 32.0, "beta_slow": 1.0,
-                         "mscale": 0.707, "mscale_all_dim": 0.707},
-    )
-    config._attn_implementation = "eager"
+    config = hf_config(transformers, 64, heads=4, q_lora_rank=32, kv_lora_rank=24, nope=16, rope=8, v=12)
     torch.manual_seed(0)
     ref = hf.DeepseekV3Attention(config, layer_idx=0).float()
     with torch.no_grad():

@@ -11,6 +11,8 @@
 namespace mla {
 namespace {
 
+void validate_weights(const LayerWeights& w, bool finite);  // below
+
 void expect_shape(const TensorRef& t, const std::vector<int64_t>& want, const std::string& dir) {
   if (t.info.shape != want)
     throw Error("checkpoint '" + dir + "': tensor '" + t.info.name + "' has shape " + shape_string(t.info.shape) +
@@ -158,7 +160,7 @@ LayerWeights LayerWeights::load(const Checkpoint& ckpt, const Config& c, int64_t
     w.kv_a_bias = load_vector(ckpt, p + "kv_a_proj_with_mqa.bias", c.latent_dim());
     w.o_bias = load_vector(ckpt, p + "o_proj.bias", D);
   }
-  w.validate();
+  validate_weights(w, /*finite=*/false);  // every tensor was checked finite as it was read
   return w;
 }
 
@@ -192,39 +194,47 @@ LayerWeights LayerWeights::random(const Config& c, uint64_t seed) {
   return w;
 }
 
-void LayerWeights::validate() const {
-  const Config& c = config;
+namespace {
+
+// Shapes against the config, and (finite) every value finite. The loader reads every tensor through
+// check_finite already (naming its file), so it asks for the shapes alone: one pass over the weights, not two.
+void validate_weights(const LayerWeights& w, bool finite) {
+  const Config& c = w.config;
   c.validate();
   const int64_t H = c.num_heads, D = c.hidden_size, dqk = c.qk_head_dim();
   auto check = [&](const Matrix& m, const char* name, int64_t rows, int64_t cols) {
     if (m.rows != rows || m.cols != cols || static_cast<int64_t>(m.data.size()) != rows * cols)
       throw Error(std::string("weights: ") + name + " is " + shape_string(std::vector<int64_t>{m.rows, m.cols}) +
                   ", expected " + shape_string(std::vector<int64_t>{rows, cols}));
-    check_finite(m.data, cols, std::string("weights: ") + name);
+    if (finite) check_finite(m.data, cols, std::string("weights: ") + name);
   };
   auto check_vec = [&](const std::vector<float>& v, const char* name, int64_t n) {
     if (static_cast<int64_t>(v.size()) != n)
       throw Error(std::string("weights: ") + name + " has " + std::to_string(v.size()) + " values, expected " +
                   std::to_string(n));
-    check_finite(v, 0, std::string("weights: ") + name);
+    if (finite) check_finite(v, 0, std::string("weights: ") + name);
   };
   if (c.has_q_lora()) {
-    check(q_a_proj, "q_a_proj", c.q_lora_rank, D);
-    check_vec(q_a_norm, "q_a_layernorm", c.q_lora_rank);
-    check(q_b_proj, "q_b_proj", H * dqk, c.q_lora_rank);
+    check(w.q_a_proj, "q_a_proj", c.q_lora_rank, D);
+    check_vec(w.q_a_norm, "q_a_layernorm", c.q_lora_rank);
+    check(w.q_b_proj, "q_b_proj", H * dqk, c.q_lora_rank);
   } else {
-    check(q_proj, "q_proj", H * dqk, D);
+    check(w.q_proj, "q_proj", H * dqk, D);
   }
-  check(kv_a_proj, "kv_a_proj_with_mqa", c.latent_dim(), D);
-  check_vec(kv_a_norm, "kv_a_layernorm", c.kv_lora_rank);
-  check(kv_b_proj, "kv_b_proj", H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank);
-  check(o_proj, "o_proj", D, H * c.v_head_dim);
+  check(w.kv_a_proj, "kv_a_proj_with_mqa", c.latent_dim(), D);
+  check_vec(w.kv_a_norm, "kv_a_layernorm", c.kv_lora_rank);
+  check(w.kv_b_proj, "kv_b_proj", H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank);
+  check(w.o_proj, "o_proj", D, H * c.v_head_dim);
   if (c.attention_bias) {
-    check_vec(q_bias, "q bias", c.has_q_lora() ? c.q_lora_rank : H * dqk);
-    check_vec(kv_a_bias, "kv_a_proj_with_mqa.bias", c.latent_dim());
-    check_vec(o_bias, "o_proj.bias", D);
+    check_vec(w.q_bias, "q bias", c.has_q_lora() ? c.q_lora_rank : H * dqk);
+    check_vec(w.kv_a_bias, "kv_a_proj_with_mqa.bias", c.latent_dim());
+    check_vec(w.o_bias, "o_proj.bias", D);
   }
 }
+
+}  // namespace
+
+void LayerWeights::validate() const { validate_weights(*this, /*finite=*/true); }
 
 LayerWeights LayerWeights::shard_heads(int64_t rank, int64_t world) const {
   const Config& c = config;
@@ -262,7 +272,7 @@ LayerWeights LayerWeights::shard_heads(int64_t rank, int64_t world) const {
   for (int64_t r = 0; r < o_proj.rows; ++r)
     std::copy_n(o_proj.row(r) + h0 * dv, heads * dv, s.o_proj.data.begin() + r * heads * dv);
   if (!o_bias.empty()) s.o_bias = rank == 0 ? o_bias : std::vector<float>(o_bias.size(), 0.f);
-  s.validate();
+  validate_weights(s, /*finite=*/false);  // slices of weights that were validated (or loaded) already
   return s;
 }
 
