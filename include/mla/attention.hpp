@@ -26,10 +26,16 @@ enum class Path { Auto, Expanded, Absorbed };
 // and fp32 softmax everywhere.
 enum class Precision { F32, BF16 };
 
+// How the layer's cache stores rows. Auto: in the precision's element type (bf16 or f32). FP8: the fp8_ds_mla layout
+// (RowLayout in cache.hpp: 656 bytes a token for V3 instead of 1152), BF16 layers only; the kernels read the
+// dequantised values bf16(fp8 · scale) and compute as over a bf16 cache.
+enum class CacheDtype { Auto, FP8 };
+
 struct LayerOptions {
   std::string device = "cpu";      // "cpu" (fast), "cpu-reference" (scalar loops), "cuda"
   Precision precision = Precision::BF16;
   Path path = Path::Auto;
+  CacheDtype cache_dtype = CacheDtype::Auto;
 };
 
 // New tokens of one sequence in a batch.
@@ -54,8 +60,10 @@ class Attention {
 
   const Config& config() const;
   const LayerOptions& options() const { return options_; }
+  // The dtype of this layer's cache rows: F32 or BF16 (the precision), or F8_E4M3 (cache_dtype FP8).
+  DType cache_dtype() const;
 
-  // A cache whose rows, dtype and device match this layer.
+  // A cache whose rows, dtype (options().cache_dtype) and device match this layer.
   LatentCache make_cache(int64_t num_pages, int64_t page_size = 64, uint64_t page_order_seed = 0) const;
 
   // hidden: [Σ num_tokens, D] f32, the chunks' rows in batch order; out: the same shape. Both in the layer's
@@ -91,6 +99,7 @@ Path choose_path(const Config& config, int64_t new_tokens, int64_t context);
 
 std::string_view path_name(Path p);
 std::string_view precision_name(Precision p);
+std::string_view cache_dtype_name(CacheDtype d);  // "auto", "fp8"
 // The backends compiled into this build and usable on this machine, e.g. {"cpu", "cpu-reference"}.
 std::vector<std::string> available_devices();
 

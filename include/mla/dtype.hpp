@@ -43,5 +43,8 @@ inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
 float f16_to_float(uint16_t h);
 // OCP FP8 E4M3 (the "fn" variant: no infinities, 0x7f/0xff are NaN, max 448).
 float fp8_e4m3_to_float(uint8_t v);
+// float -> FP8 E4M3 bits, round to nearest even, saturating: |x| beyond 448 (infinities too) gives ±448, NaN
+// gives NaN. The rounding of PTX's cvt.rn.satfinite.e4m3x2.f32, bit for bit (tests/test_cuda.cpp checks it).
+uint8_t float_to_fp8_e4m3(float x);
 
 }  // namespace mla

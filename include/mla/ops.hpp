@@ -6,6 +6,7 @@
 #include <string>
 #include <string_view>
 
+#include "mla/cache.hpp"
 #include "mla/dtype.hpp"
 
 namespace mla {
@@ -21,8 +22,11 @@ struct DecodeParams {
   int64_t num_pages = 0;          // pages in kv_cache
   int64_t max_pages = 0;          // block_table row length
   DType dtype = DType::BF16;      // of q, kv_cache and out: BF16, F16 or F32
+  // FlashMLA's is_fp8_kvcache: kv_cache rows in the fp8_ds_mla layout (mla/cache.hpp RowLayout with latent =
+  // head_dim_v, rope = head_dim - head_dim_v: [num_pages, page_size, 1, 656] bytes for 576/512); dtype BF16.
+  bool fp8_kv_cache = false;
   const void* q = nullptr;        // [batch, s_q, h_q, head_dim]
-  const void* kv_cache = nullptr; // [num_pages, page_size, 1, head_dim]
+  const void* kv_cache = nullptr; // [num_pages, page_size, 1, head_dim] of dtype, or of fp8 rows
   const int32_t* block_table = nullptr;    // [batch, max_pages]
   const int32_t* cache_seqlens = nullptr;  // [batch]
   float softmax_scale = 0.f;
@@ -30,6 +34,11 @@ struct DecodeParams {
   void* out = nullptr;            // [batch, s_q, h_q, head_dim_v], dtype
   float* lse = nullptr;           // [batch, h_q, s_q] natural-log sum of exp(scale·logits); may be null
 };
+
+// The layout of one kv_cache row of a decode: head_dim values of dtype, or the fp8_ds_mla row.
+inline RowLayout kv_cache_row(const DecodeParams& p) {
+  return {.dtype = p.fp8_kv_cache ? DType::F8_E4M3 : p.dtype, .latent = p.head_dim_v, .rope = p.head_dim - p.head_dim_v};
+}
 
 // Expanded-form (prefill) attention over variable-length sequences packed along the token axis.
 // Causal is bottom-right aligned: query i of a sequence with n_q queries and n_k keys sees keys
@@ -72,6 +81,7 @@ struct DecodeSchedule {
   int64_t workspace_bytes = 0;  // scratch the run needs (split-KV partials, work list); 0 on the CPU
   int64_t batch = 0, s_q = 0, h_q = 0, head_dim = 0, head_dim_v = 0;  // the shape it was planned for
   DType dtype = DType::BF16;
+  bool fp8_kv_cache = false;
 };
 DecodeSchedule plan_decode_attention(std::string_view device, const DecodeParams& params);
 // `stream` is a cudaStream_t on "cuda" (null: the legacy default stream); ignored on the CPU backends.

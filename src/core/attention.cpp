@@ -21,6 +21,7 @@ std::string_view path_name(Path p) {
 }
 
 std::string_view precision_name(Precision p) { return p == Precision::F32 ? "f32" : "bf16"; }
+std::string_view cache_dtype_name(CacheDtype d) { return d == CacheDtype::FP8 ? "fp8" : "auto"; }
 
 std::vector<std::string> available_devices() {
   std::vector<std::string> names;
@@ -45,6 +46,9 @@ struct Attention::Shared {
 Attention::Attention(const LayerWeights& weights, const LayerOptions& options)
     : options_(options), shared_(std::make_unique<Shared>()) {
   weights.validate();
+  if (options.cache_dtype == CacheDtype::FP8 && options.precision != Precision::BF16)
+    throw InvalidArgument("layer: cache_dtype fp8 needs precision bf16, got " +
+                          std::string(precision_name(options.precision)));
   impl_ = detail::find_backend(options.device).make_layer(weights, options);
   config_ = weights.config;
 }
@@ -53,12 +57,18 @@ Attention::~Attention() = default;
 Attention::Attention(Attention&&) noexcept = default;
 Attention& Attention::operator=(Attention&&) noexcept = default;
 
+DType Attention::cache_dtype() const {
+  if (options_.cache_dtype == CacheDtype::FP8) return DType::F8_E4M3;
+  return options_.precision == Precision::F32 ? DType::F32 : DType::BF16;
+}
+
 LatentCache Attention::make_cache(int64_t num_pages, int64_t page_size, uint64_t page_order_seed) const {
   CacheOptions o;
   o.num_pages = num_pages;
   o.page_size = page_size;
   o.row_width = config_.latent_dim();
-  o.dtype = options_.precision == Precision::F32 ? DType::F32 : DType::BF16;
+  o.rope_width = config_.qk_rope_head_dim;
+  o.dtype = cache_dtype();
   o.device = options_.device;
   o.page_order_seed = page_order_seed;
   return LatentCache(o);
@@ -119,15 +129,20 @@ bool row_finite(const float* row, int64_t n) {
 std::vector<Path> Attention::forward(std::span<const SequenceChunk> batch, const float* hidden, float* out,
                                      LatentCache& cache) {
   const CacheOptions& co = cache.options();
-  const DType want = options_.precision == Precision::F32 ? DType::F32 : DType::BF16;
+  const DType want = cache_dtype();
   if (co.device != options_.device)
     throw InvalidArgument("forward: the cache lives on '" + co.device + "' but the layer on '" + options_.device + "'");
   if (co.row_width != config_.latent_dim())
     throw InvalidArgument("forward: cache rows are " + std::to_string(co.row_width) + " wide, the layer needs " +
                           std::to_string(config_.latent_dim()) + " (kv_lora_rank + qk_rope_head_dim)");
   if (co.dtype != want)
-    throw InvalidArgument("forward: a " + std::string(precision_name(options_.precision)) + " layer needs a " +
+    throw InvalidArgument("forward: a " + std::string(precision_name(options_.precision)) + " layer with cache_dtype " +
+                          std::string(cache_dtype_name(options_.cache_dtype)) + " needs a " +
                           std::string(dtype_name(want)) + " cache, got " + std::string(dtype_name(co.dtype)));
+  if (co.dtype == DType::F8_E4M3 && co.rope_width != config_.qk_rope_head_dim)
+    throw InvalidArgument("forward: the fp8 cache keeps the last " + std::to_string(co.rope_width) +
+                          " values of a row in bf16, the layer's rope part is " +
+                          std::to_string(config_.qk_rope_head_dim) + " (qk_rope_head_dim)");
 
   // Validate every chunk before anything is stored: counts first, then ids, then what the positions hold.
   const int64_t total = checked_total(batch, cache);
@@ -183,7 +198,7 @@ std::vector<Path> Attention::forward(std::span<const SequenceChunk> batch, const
       args.cache = cache.storage();
       args.page_size = co.page_size;
       args.num_pages = co.num_pages;
-      args.cache_dtype = co.dtype;
+      args.cache_row = cache.row_layout();
       impl_->forward(args);
 
       // Finite inputs can still overflow the projections (3e38 does): refuse to store or return such rows.

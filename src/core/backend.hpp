@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "mla/attention.hpp"
+#include "mla/cache.hpp"
 #include "mla/dtype.hpp"
 #include "mla/ops.hpp"
 #include "mla/weights.hpp"
@@ -42,7 +43,7 @@ struct ForwardArgs {
   void* cache = nullptr;            // page pool storage
   int64_t page_size = 0;
   int64_t num_pages = 0;            // pages in the pool
-  DType cache_dtype = DType::BF16;
+  RowLayout cache_row;              // dtype and byte layout of the pool's rows
 };
 
 class LayerImpl {

@@ -7,6 +7,7 @@
 #include <new>
 #include <random>
 #include <cstring>
+#include <limits>
 #include <unordered_map>
 #include <utility>
 
@@ -14,6 +15,76 @@
 #include "mla/error.hpp"
 
 namespace mla {
+
+void store_row(const RowLayout& layout, const float* row, void* dst) {
+  auto* out = static_cast<std::byte*>(dst);
+  if (layout.dtype == DType::F32) {
+    std::memcpy(out, row, static_cast<size_t>(layout.width()) * 4);
+    return;
+  }
+  auto put_bf16 = [](std::byte* at, const float* x, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) {
+      const uint16_t b = float_to_bf16(x[j]);
+      std::memcpy(at + 2 * j, &b, 2);
+    }
+  };
+  if (layout.dtype == DType::BF16) {
+    put_bf16(out, row, layout.width());
+    return;
+  }
+  std::memset(out, 0, static_cast<size_t>(layout.bytes()));
+  for (int64_t g = 0; g < layout.groups(); ++g) {
+    const int64_t j0 = 128 * g, j1 = std::min(layout.latent, j0 + 128);
+    float amax = 0.f;
+    for (int64_t j = j0; j < j1; ++j) amax = std::max(amax, std::fabs(row[j]));  // NaN-blind; NaN stays below
+    bool nan = false;
+    for (int64_t j = j0; j < j1; ++j) nan |= std::isnan(row[j]);
+    const float scale = nan ? std::numeric_limits<float>::quiet_NaN() : amax / 448.0f;
+    if (scale != 0.f)  // zero (or NaN-free underflow): zeros stay; NaN or infinity: stored, so the row reads as such
+      for (int64_t j = j0; j < j1; ++j) out[j] = static_cast<std::byte>(float_to_fp8_e4m3(row[j] / scale));
+    std::memcpy(out + layout.scale_offset() + 4 * g, &scale, 4);
+  }
+  put_bf16(out + layout.rope_offset(), row + layout.latent, layout.rope);
+}
+
+void load_row(const RowLayout& layout, const void* src, float* row) {
+  const auto* in = static_cast<const std::byte*>(src);
+  if (layout.dtype == DType::F32) {
+    std::memcpy(row, in, static_cast<size_t>(layout.width()) * 4);
+    return;
+  }
+  auto get_bf16 = [](const std::byte* at, float* x, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) {
+      uint16_t b;
+      std::memcpy(&b, at + 2 * j, 2);
+      x[j] = bf16_to_float(b);
+    }
+  };
+  if (layout.dtype == DType::BF16) {
+    get_bf16(in, row, layout.width());
+    return;
+  }
+  for (int64_t j = 0; j < layout.latent; ++j) {
+    float scale;
+    std::memcpy(&scale, in + layout.scale_offset() + 4 * (j / 128), 4);
+    row[j] = round_bf16(fp8_e4m3_to_float(static_cast<uint8_t>(in[j])) * scale);
+  }
+  get_bf16(in + layout.rope_offset(), row + layout.latent, layout.rope);
+}
+
+bool row_is_finite(const RowLayout& layout, const void* src) {
+  std::vector<float> row(static_cast<size_t>(layout.width()));
+  load_row(layout, src, row.data());
+  bool finite = true;
+  for (float x : row) finite &= std::isfinite(x);
+  if (layout.dtype == DType::F8_E4M3)  // a saturated value times an infinite scale is caught above; NaN bytes too
+    for (int64_t g = 0; g < layout.groups(); ++g) {
+      float scale;
+      std::memcpy(&scale, static_cast<const std::byte*>(src) + layout.scale_offset() + 4 * g, 4);
+      finite &= std::isfinite(scale);
+    }
+  return finite;
+}
 
 LatentCache::LatentCache(const CacheOptions& options) : options_(options) {
   const int64_t p = options.page_size;
@@ -23,17 +94,24 @@ LatentCache::LatentCache(const CacheOptions& options) : options_(options) {
     throw InvalidArgument("cache: num_pages must be from 1 to 2^31-1, got " + std::to_string(options.num_pages));
   if (options.row_width < 1)
     throw InvalidArgument("cache: row_width must be positive, got " + std::to_string(options.row_width));
-  if (options.dtype != DType::BF16 && options.dtype != DType::F32)
-    throw InvalidArgument("cache: dtype must be BF16 or F32, got " + std::string(dtype_name(options.dtype)));
-  // num_pages · page_size · row_width · dtype size, checked: unchecked, 2^26 · 256 · 2^28 · 4 wrapped to 0 bytes
-  // and fill_unused() then wrote far past the allocation.
-  int64_t bytes = dtype_size(options.dtype);
-  for (int64_t f : {options.row_width, p, options.num_pages})
-    if (__builtin_mul_overflow(bytes, f, &bytes) || bytes > kMaxCacheBytes)
-      throw InvalidArgument("cache: num_pages (" + std::to_string(options.num_pages) + ") x page_size (" +
-                            std::to_string(p) + ") x row_width (" + std::to_string(options.row_width) + ") x " +
-                            std::to_string(dtype_size(options.dtype)) + " bytes exceeds the " +
-                            std::to_string(kMaxCacheBytes) + "-byte limit of one page pool");
+  if (options.dtype != DType::BF16 && options.dtype != DType::F32 && options.dtype != DType::F8_E4M3)
+    throw InvalidArgument("cache: dtype must be BF16, F32 or F8_E4M3, got " + std::string(dtype_name(options.dtype)));
+  if (options.dtype == DType::F8_E4M3 && (options.rope_width < 0 || options.rope_width >= options.row_width))
+    throw InvalidArgument("cache: an F8_E4M3 cache needs rope_width in [0, row_width), got rope_width " +
+                          std::to_string(options.rope_width) + " of row_width " + std::to_string(options.row_width));
+  // num_pages · page_size · row bytes, checked: unchecked, 2^26 · 256 · 2^28 · 4 wrapped to 0 bytes and
+  // fill_unused() then wrote far past the allocation. (A row_width past 2^40 exceeds the limit on its own, and
+  // bounding it first keeps row_bytes() from overflowing.)
+  const auto too_large = [&] {
+    return InvalidArgument("cache: num_pages (" + std::to_string(options.num_pages) + ") x page_size (" +
+                           std::to_string(p) + ") x row_width (" + std::to_string(options.row_width) + ") in " +
+                           std::string(dtype_name(options.dtype)) + " exceeds the " + std::to_string(kMaxCacheBytes) +
+                           "-byte limit of one page pool");
+  };
+  if (options.row_width > (int64_t{1} << 40)) throw too_large();
+  int64_t bytes = row_bytes();
+  for (int64_t f : {p, options.num_pages})
+    if (__builtin_mul_overflow(bytes, f, &bytes) || bytes > kMaxCacheBytes) throw too_large();
   try {
     storage_ = detail::find_backend(options.device).allocate(bytes);
     free_pages_.resize(static_cast<size_t>(options.num_pages));
@@ -178,16 +256,8 @@ std::vector<float> LatentCache::read_rows(SeqId id, int64_t begin, int64_t end) 
     const int64_t run = std::min(end - t, options_.page_size - t % options_.page_size);
     storage_->copy_to_host((page * options_.page_size + t % options_.page_size) * row_bytes(), run * row_bytes(),
                            run_bytes.data());
-    float* dst = out.data() + (t - begin) * w;
-    if (options_.dtype == DType::F32) {
-      std::memcpy(dst, run_bytes.data(), static_cast<size_t>(run * row_bytes()));
-    } else {
-      for (int64_t j = 0; j < run * w; ++j) {
-        uint16_t b;
-        std::memcpy(&b, run_bytes.data() + 2 * j, 2);
-        dst[j] = bf16_to_float(b);
-      }
-    }
+    for (int64_t r = 0; r < run; ++r)
+      load_row(row_layout(), run_bytes.data() + r * row_bytes(), out.data() + (t - begin + r) * w);
     t += run;
   }
   return out;
@@ -200,6 +270,7 @@ int64_t LatentCache::first_non_finite(SeqId id, int64_t begin, int64_t end) cons
     throw InvalidArgument("cache: rows [" + std::to_string(begin) + ", " + std::to_string(end) + ") of sequence " +
                           std::to_string(id) + " with room for " + std::to_string(cap));
   const int64_t w = options_.row_width;
+  const RowLayout layout = row_layout();
   // One copy per run of rows inside a page (one device transfer each for device caches), one pass over it.
   std::vector<std::byte> run_bytes(static_cast<size_t>(std::min(end - begin, options_.page_size) * row_bytes()));
   for (int64_t t = begin; t < end;) {
@@ -212,9 +283,11 @@ int64_t LatentCache::first_non_finite(SeqId id, int64_t begin, int64_t end) cons
       if (options_.dtype == DType::F32) {
         const auto* row = reinterpret_cast<const float*>(run_bytes.data()) + r * w;
         for (int64_t j = 0; j < w; ++j) finite &= std::isfinite(row[j]);
-      } else {
+      } else if (options_.dtype == DType::BF16) {
         const auto* row = reinterpret_cast<const uint16_t*>(run_bytes.data()) + r * w;
         for (int64_t j = 0; j < w; ++j) finite &= (row[j] & 0x7f80) != 0x7f80;  // exponent all ones: inf or NaN
+      } else {
+        finite = row_is_finite(layout, run_bytes.data() + r * row_bytes());
       }
       if (!finite) return t + r;
     }
@@ -225,14 +298,8 @@ int64_t LatentCache::first_non_finite(SeqId id, int64_t begin, int64_t end) cons
 
 void LatentCache::fill_unused(float value) {
   std::vector<std::byte> row(static_cast<size_t>(row_bytes()));
-  for (int64_t j = 0; j < options_.row_width; ++j) {
-    if (options_.dtype == DType::F32) {
-      std::memcpy(row.data() + 4 * j, &value, 4);
-    } else {
-      const uint16_t b = float_to_bf16(value);
-      std::memcpy(row.data() + 2 * j, &b, 2);
-    }
-  }
+  const std::vector<float> values(static_cast<size_t>(options_.row_width), value);
+  store_row(row_layout(), values.data(), row.data());
   std::vector<bool> used(static_cast<size_t>(options_.num_pages * options_.page_size), false);
   for (const auto& [id, s] : sequences_)
     for (int64_t t = 0; t < s.length; ++t)

@@ -1,6 +1,8 @@
 #include "mla/dtype.hpp"
 
 #include <array>
+#include <bit>
+#include <cmath>
 #include <limits>
 #include <string>
 
@@ -75,5 +77,23 @@ float f16_to_float(uint16_t h) {
 }
 
 float fp8_e4m3_to_float(uint8_t v) { return kFp8Table[v]; }
+
+uint8_t float_to_fp8_e4m3(float x) {
+  const uint32_t u = std::bit_cast<uint32_t>(x);
+  const auto sign = static_cast<uint8_t>((u >> 24) & 0x80u);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return sign | 0x7f;  // NaN
+  const float m = std::bit_cast<float>(a);
+  if (m < 0x1p-6f) {
+    // Subnormal range: multiples of 2^-9, found by an exact scaling and a round-half-even to integer (8 is the
+    // smallest normal, 0x08, which the encoding below would also give).
+    return sign | static_cast<uint8_t>(std::nearbyint(m * 512.0f));
+  }
+  // Keep 3 of the 23 mantissa bits, rounding half to even; a carry moves into the exponent on its own.
+  const uint32_t r = a + 0x7ffffu + ((a >> 20) & 1u);
+  const uint32_t exp = (r >> 23) - 120u;  // re-biased from 127 to 7: >= 1 here
+  if (exp > 15u || (exp == 15u && ((r >> 20) & 7u) == 7u)) return sign | 0x7e;  // past 448: saturate
+  return sign | static_cast<uint8_t>((exp << 3) | ((r >> 20) & 7u));
+}
 
 }  // namespace mla

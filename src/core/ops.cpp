@@ -83,7 +83,13 @@ void validate(const detail::Backend& backend, const DecodeParams& p, bool shape_
   check_dtype(op, p.dtype);
   check_scale(op, p.softmax_scale);
   check_elements(op, "q", {p.batch, p.s_q, p.h_q, p.head_dim});
-  check_elements(op, "kv_cache", {p.num_pages, p.page_size, p.head_dim});
+  if (p.fp8_kv_cache) {
+    if (p.dtype != DType::BF16)
+      fail(op, "fp8_kv_cache needs dtype BF16 for q and out, got " + std::string(dtype_name(p.dtype)));
+    check_elements(op, "kv_cache", {p.num_pages, p.page_size, kv_cache_row(p).bytes()});
+  } else {
+    check_elements(op, "kv_cache", {p.num_pages, p.page_size, p.head_dim});
+  }
   check_elements(op, "block_table", {p.batch, p.max_pages});
   if (shape_only) return;
   check_ptr(op, "q", p.q);
@@ -158,6 +164,7 @@ DecodeSchedule plan_decode_attention(std::string_view device, const DecodeParams
   s.device = std::string(backend.name());
   s.batch = p.batch, s.s_q = p.s_q, s.h_q = p.h_q, s.head_dim = p.head_dim, s.head_dim_v = p.head_dim_v;
   s.dtype = p.dtype;
+  s.fp8_kv_cache = p.fp8_kv_cache;
   return s;
 }
 
@@ -182,6 +189,8 @@ const detail::Backend& check_planned(std::string_view device, const DecodeParams
   same("h_q", schedule.h_q, p.h_q);
   same("head_dim", schedule.head_dim, p.head_dim);
   same("head_dim_v", schedule.head_dim_v, p.head_dim_v);
+  if (schedule.fp8_kv_cache != p.fp8_kv_cache)
+    fail(op, std::string("fp8_kv_cache is ") + (p.fp8_kv_cache ? "true" : "false") + ", the schedule's is not");
   if (schedule.dtype != p.dtype)
     fail(op, "dtype " + std::string(dtype_name(p.dtype)) + " differs from the schedule's " +
                  std::string(dtype_name(schedule.dtype)));

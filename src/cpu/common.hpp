@@ -60,22 +60,12 @@ inline int64_t row_index(const int32_t* block_table, int64_t page_size, int64_t 
   return static_cast<int64_t>(block_table[t / page_size]) * page_size + t % page_size;
 }
 
-inline void store_row(void* cache, DType dtype, int64_t width, int64_t index, const float* row) {
-  if (dtype == DType::F32) {
-    std::memcpy(static_cast<float*>(cache) + index * width, row, static_cast<size_t>(width) * 4);
-  } else {
-    uint16_t* dst = static_cast<uint16_t*>(cache) + index * width;
-    for (int64_t j = 0; j < width; ++j) dst[j] = float_to_bf16(row[j]);
-  }
+// Row `index` of a page pool of rows laid out as `layout`.
+inline void* row_at(void* cache, const RowLayout& layout, int64_t index) {
+  return static_cast<std::byte*>(cache) + index * layout.bytes();
 }
-
-inline void load_row(const void* cache, DType dtype, int64_t width, int64_t index, float* row) {
-  if (dtype == DType::F32) {
-    std::memcpy(row, static_cast<const float*>(cache) + index * width, static_cast<size_t>(width) * 4);
-  } else {
-    const uint16_t* src = static_cast<const uint16_t*>(cache) + index * width;
-    for (int64_t j = 0; j < width; ++j) row[j] = bf16_to_float(src[j]);
-  }
+inline const void* row_at(const void* cache, const RowLayout& layout, int64_t index) {
+  return static_cast<const std::byte*>(cache) + index * layout.bytes();
 }
 
 // Throws before anything is stored when an input row holds NaN or infinity.

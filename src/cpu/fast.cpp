@@ -97,6 +97,7 @@ class FastLayer final : public detail::LayerImpl {
   }
 
   void forward(const detail::ForwardArgs& a) override {
+    if (a.cache_row.dtype == DType::F8_E4M3) throw InvalidArgument("forward (cpu): fp8 cache not implemented yet");
     const int64_t N = a.total_tokens, D = c_.hidden_size, H = c_.num_heads, dqk = c_.qk_head_dim();
     check_finite(a.hidden, N, D);
     if (N == 0) return;

@@ -83,12 +83,14 @@ class ReferenceLayer final : public detail::LayerImpl {
       round(x.data(), D);
       q[i] = query(x.data(), chunk.positions[i]);
       const std::vector<float> row = latent_row(x.data(), chunk.positions[i]);
-      store_row(a.cache, a.cache_dtype, W, row_index(chunk.block_table, a.page_size, chunk.cached + i), row.data());
+      store_row(a.cache_row, row.data(),
+                row_at(a.cache, a.cache_row, row_index(chunk.block_table, a.page_size, chunk.cached + i)));
     }
-    // Every key of the sequence, as stored (bf16-rounded in a bf16 cache).
+    // Every key of the sequence, as stored (bf16-rounded in a bf16 cache, dequantised from an fp8 one).
     std::vector<float> keys(static_cast<size_t>(L * W));
     for (int64_t t = 0; t < L; ++t)
-      load_row(a.cache, a.cache_dtype, W, row_index(chunk.block_table, a.page_size, t), keys.data() + t * W);
+      load_row(a.cache_row, row_at(a.cache, a.cache_row, row_index(chunk.block_table, a.page_size, t)),
+               keys.data() + t * W);
 
     std::vector<float> o(static_cast<size_t>(H * c.v_head_dim));
     for (int64_t i = 0; i < n; ++i) {

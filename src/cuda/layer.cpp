@@ -88,7 +88,9 @@ class CudaLayer final : public detail::LayerImpl {
   void forward(const detail::ForwardArgs& a) override {
     std::lock_guard lock(forward_mutex_);
     const int64_t N = a.total_tokens, D = c_.hidden_size;
-    if (a.cache_dtype != dt_) throw InvalidArgument("forward (cuda): cache dtype does not match the layer's precision");
+    if (a.cache_row.dtype == DType::F8_E4M3) throw InvalidArgument("forward (cuda): fp8 cache not implemented yet");
+    if (a.cache_row.dtype != dt_)
+      throw InvalidArgument("forward (cuda): cache dtype does not match the layer's precision");
     if (N == 0) return;
     int device = 0;
     MLA_CUDA_CHECK(cudaGetDevice(&device));
