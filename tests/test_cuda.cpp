@@ -14,6 +14,7 @@
 #include <random>
 #include <cstdlib>
 #include <string>
+#include <tuple>
 
 #include "core/backend.hpp"
 #include "testing.hpp"
@@ -55,6 +56,7 @@ struct GoldenParam {
   std::string name;
   Precision precision;
   Feed feed;
+  CacheDtype cache = CacheDtype::Auto;
 };
 
 class CudaGolden : public ::testing::TestWithParam<GoldenParam> {};
@@ -66,6 +68,7 @@ TEST_P(CudaGolden, MatchesTransformers) {
   LayerOptions opt;
   opt.device = "cuda";
   opt.precision = p.precision;
+  opt.cache_dtype = p.cache;
   Attention layer(g.weights, opt);
   RunOptions run;
   run.page_size = 16;
@@ -74,23 +77,29 @@ TEST_P(CudaGolden, MatchesTransformers) {
   if (p.feed == Feed::Chunked) run.chunk = 7;
   if (p.feed == Feed::Decode) run.decode_after = g.tokens / 2;
   const RunResult r = run_sequences(layer, g.hidden.data(), g.positions.data(), g.batch, g.tokens, run);
-  const double tol = p.precision == Precision::F32 ? 2e-5 : 2e-2;
-  EXPECT_LT(testing::rel_error(r.output, g.output), tol) << "output";
+  const double tol = p.cache == CacheDtype::FP8 ? testing::kGoldenToleranceFp8Cache
+                     : p.precision == Precision::F32 ? 2e-5 : 2e-2;
+  const double out_err = testing::rel_error(r.output, g.output);
+  EXPECT_LT(out_err, tol) << "output";
   EXPECT_LT(testing::rel_error(r.latent, g.latent), tol) << "latent";
+  RecordProperty("output_rel_error", std::to_string(out_err));
 }
 
 std::vector<GoldenParam> golden_params() {
   std::vector<GoldenParam> ps;
   for (const std::string& name : testing::golden_cases())
     for (Precision pr : {Precision::F32, Precision::BF16})
-      for (Feed f : {Feed::OneShot, Feed::Chunked, Feed::Decode}) ps.push_back({name, pr, f});
+      for (Feed f : {Feed::OneShot, Feed::Chunked, Feed::Decode}) {
+        ps.push_back({name, pr, f});
+        if (pr == Precision::BF16) ps.push_back({name, pr, f, CacheDtype::FP8});
+      }
   return ps;
 }
 
 std::string golden_name(const ::testing::TestParamInfo<GoldenParam>& info) {
   const GoldenParam& p = info.param;
-  std::string s = p.name + "_" + std::string(precision_name(p.precision)) + "_" +
-                  (p.feed == Feed::OneShot ? "oneshot" : p.feed == Feed::Chunked ? "chunked" : "decode");
+  std::string s = p.name + "_" + std::string(precision_name(p.precision)) +
+                  (p.cache == CacheDtype::FP8 ? "_fp8cache_" : "_") + (p.feed == Feed::OneShot ? "oneshot" : p.feed == Feed::Chunked ? "chunked" : "decode");
   for (char& ch : s)
     if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
   return s;
@@ -196,6 +205,90 @@ std::string layer_name(const ::testing::TestParamInfo<LayerParam>& info) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CudaLayerVsCpu, ::testing::ValuesIn(layer_params()), layer_name);
+
+// ---- the fp8 cache (fp8_ds_mla rows) ----------------------------------------------------------------------
+
+// The CUDA layer with an fp8 cache against the scalar reference with one, on the production dims: the same
+// dequantised values feed both, so they agree to accumulation order and the odd fp8 step where the two fp32
+// latent rows round differently.
+TEST(CudaLayer, Fp8CacheAgreesWithCpuReference) {
+  SKIP_WITHOUT_GPU();
+  for (const auto& [page, chunk, decode_after, path] :
+       {std::tuple{16, 13, 20, Path::Auto}, std::tuple{64, 0, -1, Path::Expanded}, std::tuple{1, 0, 5, Path::Absorbed}}) {
+    SCOPED_TRACE("page " + std::to_string(page) + " " + std::string(path_name(path)));
+    const Config c = production_dims(3);
+    const LayerWeights w = LayerWeights::random(c, 11);
+    const int64_t B = 2, T = 30;
+    const std::vector<float> hidden = testing::random_values(static_cast<size_t>(B * T * c.hidden_size), 5);
+    std::vector<int64_t> positions(static_cast<size_t>(B * T));
+    for (int64_t i = 0; i < B * T; ++i) positions[i] = 700 * (i / T) + i % T;
+    RunOptions run;
+    run.page_size = page, run.chunk = chunk, run.decode_after = decode_after;
+    run.poison_unused = true, run.page_order_seed = 99;
+    RunResult out[2];
+    for (int i = 0; i < 2; ++i) {
+      LayerOptions o;
+      o.device = i == 0 ? "cuda" : "cpu-reference";
+      o.path = path;
+      o.cache_dtype = CacheDtype::FP8;
+      Attention layer(w, o);
+      out[i] = run_sequences(layer, hidden.data(), positions.data(), B, T, run);
+    }
+    EXPECT_LT(testing::rel_error(out[0].output, out[1].output), 1.5e-2) << "output";
+    EXPECT_LT(testing::rel_error(out[0].latent, out[1].latent), 1.5e-2) << "latent";
+  }
+}
+
+// The CUDA cache writer gives the bytes of mla::store_row. Ternary hidden states and kv_a weights make the
+// projection and the norm's sum of squares exact in any order, so both backends quantise the same fp32 latent
+// values: every fp8 byte and scale must match (the rope values, from two libms' sin/cos, only closely).
+TEST(CudaLayer, Fp8CacheWriterMatchesStoreRow) {
+  SKIP_WITHOUT_GPU();
+  Config c = production_dims(2);
+  LayerWeights w = LayerWeights::random(c, 3);
+  std::mt19937 rng(5);
+  for (float& v : w.kv_a_proj.data) v = static_cast<float>(static_cast<int>(rng() % 3) - 1);
+  const int64_t T = 40;
+  std::vector<float> hidden(static_cast<size_t>(T * c.hidden_size));
+  for (float& v : hidden) v = static_cast<float>(static_cast<int>(rng() % 3) - 1);
+  std::vector<std::vector<uint8_t>> bytes;
+  for (const char* device : {"cuda", "cpu-reference"}) {
+    LayerOptions o;
+    o.device = device;
+    o.cache_dtype = CacheDtype::FP8;
+    o.path = Path::Absorbed;
+    Attention layer(w, o);
+    LatentCache cache = layer.make_cache(4, 16);
+    const SeqId id = cache.add_sequence();
+    std::vector<float> out(hidden.size());
+    const SequenceChunk chunk[] = {{id, T, nullptr}};
+    layer.forward_host(chunk, hidden.data(), out.data(), cache);
+    std::vector<uint8_t> rows;
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t slot = int64_t{cache.block_table(id)[t / 16]} * 16 + t % 16;
+      std::vector<uint8_t> row(static_cast<size_t>(cache.row_bytes()));
+      if (std::string(device) == "cuda")
+        detail::find_backend("cuda").copy_to_host(static_cast<const char*>(cache.storage()) + slot * cache.row_bytes(),
+                                                  cache.row_bytes(), row.data());
+      else
+        std::memcpy(row.data(), static_cast<const char*>(cache.storage()) + slot * cache.row_bytes(), row.size());
+      rows.insert(rows.end(), row.begin(), row.end());
+    }
+    bytes.push_back(std::move(rows));
+  }
+  const RowLayout lay{.dtype = DType::F8_E4M3, .latent = c.kv_lora_rank, .rope = c.qk_rope_head_dim};
+  ASSERT_EQ(bytes[0].size(), bytes[1].size());
+  int64_t differ = 0;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < lay.rope_offset(); ++j) differ += bytes[0][t * lay.bytes() + j] != bytes[1][t * lay.bytes() + j];
+  EXPECT_EQ(differ, 0) << "latent bytes or scales differ";
+  std::vector<float> a(static_cast<size_t>(lay.width())), b(a.size());
+  for (int64_t t = 0; t < T; ++t) {
+    load_row(lay, &bytes[0][t * lay.bytes()], a.data());
+    load_row(lay, &bytes[1][t * lay.bytes()], b.data());
+    for (int64_t j = lay.latent; j < lay.width(); ++j) ASSERT_NEAR(a[j], b[j], 1e-2 * (1 + std::fabs(b[j])));
+  }
+}
 
 TEST(CudaLayer, NonFiniteHiddenThrowsAndStoresNothing) {
   SKIP_WITHOUT_GPU();
@@ -537,6 +630,7 @@ struct DecodeCase {
   std::vector<int32_t> seqlens;  // empty: random in [0, 300)
   DType dtype;
   int64_t head_dim = 576, head_dim_v = 512;
+  bool fp8 = false;  // kv_cache as fp8_ds_mla rows (dtype BF16)
 };
 
 template <class T>
@@ -575,6 +669,15 @@ void run_decode_case(const DecodeCase& dc, uint64_t seed) {
         cache[slot * D + j] = bf16 ? round_bf16(v) : v;
       }
     }
+  // fp8: every slot quantised (unused ones from their NaN rows: NaN scales and bytes), and the reference reads the
+  // dequantised values.
+  const RowLayout fp8_row{.dtype = DType::F8_E4M3, .latent = DV, .rope = D - DV};
+  std::vector<uint8_t> fp8_cache(dc.fp8 ? static_cast<size_t>(num_pages * P * fp8_row.bytes()) : 0);
+  if (dc.fp8)
+    for (int64_t slot = 0; slot < num_pages * P; ++slot) {
+      store_row(fp8_row, &cache[slot * D], &fp8_cache[slot * fp8_row.bytes()]);
+      load_row(fp8_row, &fp8_cache[slot * fp8_row.bytes()], &cache[slot * D]);
+    }
   std::vector<float> q = testing::random_values(static_cast<size_t>(dc.batch * dc.s_q * dc.h_q * D), seed + 2);
   if (bf16)
     for (float& v : q) v = round_bf16(v);
@@ -612,12 +715,14 @@ void run_decode_case(const DecodeCase& dc, uint64_t seed) {
   DecodeParams p;
   p.batch = dc.batch, p.s_q = dc.s_q, p.h_q = dc.h_q, p.head_dim = D, p.head_dim_v = DV;
   p.page_size = P, p.num_pages = num_pages, p.max_pages = max_pages, p.dtype = dc.dtype;
+  p.fp8_kv_cache = dc.fp8;
   p.softmax_scale = scale;
   p.causal = true;
   std::vector<float> got(out_n), lse;
   auto run = [&](auto element) {
     using T = decltype(element);
-    Device dq(encode<T>(q, dc.dtype)), dkv(encode<T>(cache, dc.dtype)), dt(table), ds(seqlens);
+    Device dq(encode<T>(q, dc.dtype)), dt(table), ds(seqlens);
+    Device dkv = dc.fp8 ? Device(fp8_cache) : Device(encode<T>(cache, dc.dtype));
     Device dout(std::vector<T>(out_n, bf16 ? T(0x7fc0) : T(kNaN)));  // poisoned
     Device dlse(std::vector<float>(want_lse.size(), kNaN));
     p.q = dq.data(), p.kv_cache = dkv.data(), p.block_table = static_cast<const int32_t*>(dt.data());
@@ -660,6 +765,23 @@ TEST(CudaDecode, SplitKvAndLongSequences) {
   run_decode_case({1, 1, 128, 64, {4000}, DType::BF16}, 3);       // one long sequence: many splits + combine
   run_decode_case({2, 4, 16, 64, {1013, 3}, DType::BF16}, 4);     // s_q 4, one query sees nothing at length 3
   run_decode_case({5, 1, 128, 16, {2500, 0, 64, 65, 1}, DType::BF16}, 5);
+}
+
+// fp8 rows on every shape the bf16 kernels cover (the sm80 kernel on every GPU, the generic one for small dims).
+TEST(CudaDecode, Fp8Cache) {
+  SKIP_WITHOUT_GPU();
+  uint64_t seed = 500;
+  for (int64_t page : {1, 16, 64, 256})
+    for (int64_t h_q : {1, 16, 64, 128}) {
+      SCOPED_TRACE("page " + std::to_string(page) + " h_q " + std::to_string(h_q));
+      run_decode_case({4, 1, h_q, page, {0, 1, 17, 0}, DType::BF16, 576, 512, true}, seed++);
+      run_decode_case({3, 2, h_q, page, {}, DType::BF16, 576, 512, true}, seed++);
+    }
+  run_decode_case({1, 1, 128, 64, {4000}, DType::BF16, 576, 512, true}, seed++);  // splits + combine
+  run_decode_case({5, 1, 16, 16, {2500, 0, 64, 65, 1}, DType::BF16, 576, 512, true}, seed++);
+  run_decode_case({80, 1, 16, 64, {}, DType::BF16, 576, 512, true}, seed++);
+  run_decode_case({2, 3, 4, 1, {}, DType::BF16, 144, 128, true}, seed++);  // generic kernel, one short scale group
+  run_decode_case({2, 1, 3, 16, {300, 0}, DType::BF16, 200, 136, true}, seed++);
 }
 
 // h_q·s_q <= 16 on Hopper: the sm90 kernel with the rows padded to 64 (taken by batches of 64 sequences and more;

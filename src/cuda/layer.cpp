@@ -88,8 +88,7 @@ class CudaLayer final : public detail::LayerImpl {
   void forward(const detail::ForwardArgs& a) override {
     std::lock_guard lock(forward_mutex_);
     const int64_t N = a.total_tokens, D = c_.hidden_size;
-    if (a.cache_row.dtype == DType::F8_E4M3) throw InvalidArgument("forward (cuda): fp8 cache not implemented yet");
-    if (a.cache_row.dtype != dt_)
+    if (a.cache_row.dtype != dt_ && !(a.cache_row.dtype == DType::F8_E4M3 && dt_ == DType::BF16))
       throw InvalidArgument("forward (cuda): cache dtype does not match the layer's precision");
     if (N == 0) return;
     int device = 0;
@@ -246,6 +245,7 @@ class CudaLayer final : public detail::LayerImpl {
     d.batch = static_cast<int64_t>(l.end - l.begin), d.s_q = a.chunks[l.begin].num_tokens, d.h_q = c_.num_heads;
     d.head_dim = c_.latent_dim(), d.head_dim_v = c_.kv_lora_rank;
     d.page_size = a.page_size, d.num_pages = a.num_pages, d.max_pages = l.max_pages, d.dtype = dt_;
+    d.fp8_kv_cache = a.cache_row.dtype == DType::F8_E4M3;
     d.softmax_scale = k_.softmax_scale;
     d.causal = true;
     return d;
@@ -408,7 +408,7 @@ class CudaLayer final : public detail::LayerImpl {
     ls.gamma = kv_a_norm_.get<float>();
     ls.positions = positions, ls.slots = slots, ls.error_flag = flag;
     ls.tokens = N, ls.d_c = dc, ls.d_rope = dr;
-    ls.cache = a.cache, ls.dtype = dt_, ls.eps = kLatentNormEps;
+    ls.cache = a.cache, ls.dtype = a.cache_row.dtype, ls.fp8 = Fp8Row::of(a.cache_row), ls.eps = kLatentNormEps;
     ls.rope = qf.rope;
     store_latents(ls, stream);
 
@@ -489,7 +489,8 @@ class CudaLayer final : public detail::LayerImpl {
     const int64_t dv = c_.v_head_dim, dc = c_.kv_lora_rank, dqk = dn + dr, dkv = dn + dv, es = dtype_size(dt_);
     const int64_t n = ch.num_tokens, L = ch.cached + n;
     grow(lat_, L * W * es);
-    gather_rows(a.cache, block_table, a.page_size, L, W, lat_.get(), dt_, stream);
+    gather_rows(a.cache, block_table, a.page_size, L, W, lat_.get(), dt_, stream, a.cache_row.dtype,
+                Fp8Row::of(a.cache_row));
     // [L, H·(d_n + d_v)] = lat[:, :d_c] · kv_bᵀ, rounded to the element type (the CPU's rounding point).
     grow(kvx_, L * H * dkv * es);
     GemmArgs g;

@@ -7,6 +7,7 @@
 
 #include "cuda/common/attention.hpp"
 #include "cuda/common/check.hpp"
+#include "cuda/common/fp8_row.cuh"
 #include "cuda/common/types.cuh"
 #include "cuda/sm80/decode/config.h"
 #include "cuda/sm80/prefill/config.h"
@@ -40,9 +41,8 @@ __device__ void attend_row(const T* __restrict__ q, int dqk, int dv, int limit, 
     if (t < limit) {
       const int64_t row = keys.row(t);
       srow[threadIdx.x] = row;
-      const T* k = keys.key(row);
       float dot = 0.f;
-      for (int j = 0; j < dqk; ++j) dot += sq[j] * to_f32<T>(k[j]);
+      for (int j = 0; j < dqk; ++j) dot += sq[j] * keys.key(row, j);
       s = scale * dot;
     }
     const float m_new = fmaxf(m, block_max(s, scratch));
@@ -53,7 +53,7 @@ __device__ void attend_row(const T* __restrict__ q, int dqk, int dv, int limit, 
     __syncthreads();
     for (int j = threadIdx.x; j < dv; j += blockDim.x) {
       float a = acc[j] * alpha;
-      for (int i = 0; i < n; ++i) a += sp[i] * to_f32<T>(keys.value(srow[i])[j]);
+      for (int i = 0; i < n; ++i) a += sp[i] * keys.value(srow[i], j);
       acc[j] = a;
     }
     m = m_new;
@@ -63,25 +63,51 @@ __device__ void attend_row(const T* __restrict__ q, int dqk, int dv, int limit, 
   if (lse && threadIdx.x == 0) *lse = l > 0.f ? m + logf(l) : INFINITY;
 }
 
+// Keys give row(t), the key's element j and the value's element j as floats.
 template <class T>
 struct PagedKeys {
   const T* kv;
   const int32_t* table;
   int page_size, dqk;
   __device__ int64_t row(int t) const { return int64_t{table[t / page_size]} * page_size + t % page_size; }
-  __device__ const T* key(int64_t r) const { return kv + r * dqk; }
-  __device__ const T* value(int64_t r) const { return kv + r * dqk; }  // value = the row's first dv columns
+  __device__ float key(int64_t r, int j) const { return to_f32<T>(kv[r * dqk + j]); }
+  __device__ float value(int64_t r, int j) const { return key(r, j); }  // value = the row's first dv columns
+};
+
+// The same over fp8 rows: bf16(fp8 · scale) for the latent columns, the bf16 rope columns as stored.
+struct Fp8PagedKeys {
+  const uint8_t* kv;
+  const int32_t* table;
+  int page_size;
+  Fp8Row f;
+  __device__ int64_t row(int t) const { return int64_t{table[t / page_size]} * page_size + t % page_size; }
+  __device__ float key(int64_t r, int j) const {
+    const uint8_t* at = kv + r * f.bytes;
+    if (j >= f.latent) return __bfloat162float(reinterpret_cast<const bf16*>(at + f.rope_offset)[j - f.latent]);
+    const float scale = reinterpret_cast<const float*>(at + f.scale_offset)[j / 128];
+    return round_to<bf16>(fp8_dequantize_f32(at[j], scale));
+  }
+  __device__ float value(int64_t r, int j) const { return key(r, j); }
 };
 
 template <class T>
-__global__ void generic_decode_kernel(DecodeParams p) {
+__global__ void generic_decode_kernel(DecodeParams p, Fp8Row fp8) {
   const int r = blockIdx.x, b = blockIdx.y;  // r = i · h_q + h
   const int i = r / p.h_q, h = r % p.h_q;
   const int seqlen = p.cache_seqlens[b];
   const int limit = max(0, p.causal ? seqlen - static_cast<int>(p.s_q - 1 - i) : seqlen);
   const int64_t row = static_cast<int64_t>(b) * p.s_q * p.h_q + r;
-  PagedKeys<T> keys{static_cast<const T*>(p.kv_cache), p.block_table + b * p.max_pages, static_cast<int>(p.page_size),
-                    static_cast<int>(p.head_dim)};
+  const int32_t* table = p.block_table + b * p.max_pages;
+  const int page_size = static_cast<int>(p.page_size);
+  if (p.fp8_kv_cache) {
+    const Fp8PagedKeys keys{static_cast<const uint8_t*>(p.kv_cache), table, page_size, fp8};
+    attend_row<T>(static_cast<const T*>(p.q) + row * p.head_dim, static_cast<int>(p.head_dim),
+                  static_cast<int>(p.head_dim_v), limit, keys, p.softmax_scale,
+                  static_cast<T*>(p.out) + row * p.head_dim_v,
+                  p.lse ? p.lse + (int64_t{b} * p.h_q + h) * p.s_q + i : nullptr);
+    return;
+  }
+  PagedKeys<T> keys{static_cast<const T*>(p.kv_cache), table, page_size, static_cast<int>(p.head_dim)};
   attend_row<T>(static_cast<const T*>(p.q) + row * p.head_dim, static_cast<int>(p.head_dim),
                 static_cast<int>(p.head_dim_v), limit, keys, p.softmax_scale,
                 static_cast<T*>(p.out) + row * p.head_dim_v, p.lse ? p.lse + (int64_t{b} * p.h_q + h) * p.s_q + i : nullptr);
@@ -94,8 +120,8 @@ struct DenseKeys {
   int64_t k_offset;
   int heads, h, dqk, dv;
   __device__ int64_t row(int t) const { return k_offset + t; }
-  __device__ const T* key(int64_t r) const { return k + (r * heads + h) * dqk; }
-  __device__ const T* value(int64_t r) const { return v + (r * heads + h) * dv; }
+  __device__ float key(int64_t r, int j) const { return to_f32<T>(k[(r * heads + h) * dqk + j]); }
+  __device__ float value(int64_t r, int j) const { return to_f32<T>(v[(r * heads + h) * dv + j]); }
 };
 
 template <class T>
@@ -194,10 +220,11 @@ DecodePlan plan_decode(const DecodeParams& p, int num_sms) {
     return plan;
   }
   // The sm90 kernel reads 64-key tiles through a tensor map in boxes of min(page size, 64) rows.
-  const bool sm90_capable = sm90::usable() && p.page_size >= 16;
+  // The fp8 cache has an sm80 kernel only (tiles dequantised through registers), on Hopper too.
+  const bool sm90_capable = sm90::usable() && p.page_size >= 16 && !p.fp8_kv_cache;
   const int64_t rows = p.s_q * p.h_q, bm = sm80::decode::block_rows(static_cast<int>(rows), sm90_capable, p.batch);
   const bool use_sm90 = sm90_capable && bm == 64;
-  plan.kernel = use_sm90 ? "sm90-bf16-576" : "sm80-bf16-576";
+  plan.kernel = p.fp8_kv_cache ? "sm80-fp8-576" : use_sm90 ? "sm90-bf16-576" : "sm80-bf16-576";
   plan.max_work = static_cast<int>(p.batch + num_sms);
   if (plan.max_work * ((rows + bm - 1) / bm) > std::numeric_limits<int32_t>::max() ||
       p.batch * rows > std::numeric_limits<int32_t>::max())  // grid sizes of the split and combine kernels
@@ -220,8 +247,9 @@ void run_decode(const DecodeParams& p, const DecodePlan& plan, void* workspace, 
     const size_t smem = generic_smem(p.head_dim, p.head_dim_v);
     if (smem > 48 * 1024) throw InvalidArgument("decode_attention (cuda): head dims too large for the generic kernel");
     const dim3 grid(static_cast<unsigned>(p.s_q * p.h_q), static_cast<unsigned>(p.batch));
-    if (p.dtype == DType::F32) generic_decode_kernel<float><<<grid, kGenericThreads, smem, stream>>>(p);
-    else generic_decode_kernel<bf16><<<grid, kGenericThreads, smem, stream>>>(p);
+    const Fp8Row fp8 = Fp8Row::of(kv_cache_row(p));
+    if (p.dtype == DType::F32) generic_decode_kernel<float><<<grid, kGenericThreads, smem, stream>>>(p, fp8);
+    else generic_decode_kernel<bf16><<<grid, kGenericThreads, smem, stream>>>(p, fp8);
     MLA_CUDA_LAUNCH_CHECK();
     return;
   }
@@ -231,7 +259,7 @@ void run_decode(const DecodeParams& p, const DecodePlan& plan, void* workspace, 
   k.page_size_log2 = std::countr_zero(static_cast<uint64_t>(p.page_size));
   k.max_pages = static_cast<int>(p.max_pages);
   k.num_pages = p.num_pages;
-  k.q = p.q, k.kv = p.kv_cache, k.block_table = p.block_table, k.seqlens = p.cache_seqlens;
+  k.q = p.q, k.kv = p.kv_cache, k.fp8 = p.fp8_kv_cache, k.block_table = p.block_table, k.seqlens = p.cache_seqlens;
   k.scale_log2 = p.softmax_scale * kLog2e;
   k.causal = p.causal;
   k.out = p.out, k.lse = p.lse;

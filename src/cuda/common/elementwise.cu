@@ -121,6 +121,64 @@ __global__ void store_latents_kernel(LatentStore p) {
   for (int64_t j = threadIdx.x; j < W; j += blockDim.x) row[j] = from_f32<T>(element(j));
 }
 
+// The fp8 twin of store_latents_kernel: the same row values, quantised per 128-group (fp8_row.cuh). Refused as
+// the bf16 path refuses: any non-finite latent value or bf16 rope value flags the row and nothing is written.
+__global__ void store_latents_fp8_kernel(LatentStore p) {
+  __shared__ float scratch[32];
+  if (*p.error_flag != ~0ull) return;
+  const int64_t n = blockIdx.x, W = p.d_c + p.d_rope;
+  const float* kv = p.kv + n * W;
+  auto value = [&](int64_t j) { return kv[j] + (p.bias ? p.bias[j] : 0.f); };
+  float ss = 0.f;
+  for (int64_t j = threadIdx.x; j < p.d_c; j += blockDim.x) ss += value(j) * value(j);
+  ss = block_sum(ss, scratch);
+  const float inv = 1.0f / sqrtf(ss / static_cast<float>(p.d_c) + p.eps);
+  const int64_t position = p.positions[n];
+  auto latent = [&](int64_t j) { return p.gamma[j] * (value(j) * inv); };
+  auto rope = [&](int64_t r) {
+    const int64_t pair = p.d_c + r - (r % 2);
+    return rope_element(value(pair), value(pair + 1), r, position, p.rope);
+  };
+  bool bad = !isfinite(ss);
+  for (int64_t j = threadIdx.x; j < p.d_c; j += blockDim.x) bad |= !isfinite(latent(j));
+  for (int64_t r = threadIdx.x; r < p.d_rope; r += blockDim.x) bad |= !isfinite(round_to<bf16>(rope(r)));
+  if (__syncthreads_or(bad)) {
+    if (threadIdx.x == 0) atomicMin(p.error_flag, kBadLatentRow | static_cast<unsigned long long>(n));
+    return;
+  }
+  auto* row = static_cast<uint8_t*>(p.cache) + p.slots[n] * p.fp8.bytes;
+  for (int g = 0; g * 128 < p.fp8.latent; ++g) {
+    const int j0 = 128 * g, j1 = min(p.fp8.latent, j0 + 128);
+    float amax = 0.f;
+    for (int j = j0 + static_cast<int>(threadIdx.x); j < j1; j += blockDim.x) amax = fmaxf(amax, fabsf(latent(j)));
+    amax = fmaxf(0.f, block_max(amax, scratch));
+    const float scale = __fdiv_rn(amax, 448.0f);
+    for (int j = j0 + static_cast<int>(threadIdx.x); j < j1; j += blockDim.x)
+      row[j] = scale != 0.f ? fp8_quantize(latent(j), scale) : 0;
+    if (threadIdx.x == 0) *reinterpret_cast<float*>(row + p.fp8.scale_offset + 4 * g) = scale;
+  }
+  auto* rope_out = reinterpret_cast<bf16*>(row + p.fp8.rope_offset);
+  for (int r = threadIdx.x; r < p.fp8.rope; r += blockDim.x) rope_out[r] = __float2bfloat16_rn(rope(r));
+  // Padding: after the latent values, and after the rope values.
+  for (int j = p.fp8.latent + static_cast<int>(threadIdx.x); j < p.fp8.scale_offset; j += blockDim.x) row[j] = 0;
+  for (int j = p.fp8.rope_offset + 2 * p.fp8.rope + static_cast<int>(threadIdx.x); j < p.fp8.bytes; j += blockDim.x)
+    row[j] = 0;
+}
+
+// Rows of an fp8 cache, dequantised into bf16 [rows, latent + rope].
+__global__ void gather_fp8_rows_kernel(const uint8_t* __restrict__ cache, const int32_t* __restrict__ block_table,
+                                       int64_t page_size, Fp8Row f, bf16* __restrict__ dst) {
+  const int64_t t = blockIdx.x;
+  const int64_t slot = int64_t{block_table[t / page_size]} * page_size + t % page_size;
+  const uint8_t* row = cache + slot * f.bytes;
+  const auto* scales = reinterpret_cast<const float*>(row + f.scale_offset);
+  const auto* rope = reinterpret_cast<const bf16*>(row + f.rope_offset);
+  bf16* out = dst + t * (f.latent + f.rope);
+  for (int j = threadIdx.x; j < f.latent; j += blockDim.x)
+    out[j] = __float2bfloat16_rn(fp8_dequantize_f32(row[j], scales[j / 128]));
+  for (int r = threadIdx.x; r < f.rope; r += blockDim.x) out[f.latent + r] = rope[r];
+}
+
 template <class T>
 __global__ void gather_rows_kernel(const T* __restrict__ cache, const int32_t* __restrict__ block_table,
                                    int64_t page_size, int64_t width, T* __restrict__ dst) {
@@ -215,13 +273,26 @@ void finish_queries(const QueryFinish& p, cudaStream_t stream) {
 
 void store_latents(const LatentStore& p, cudaStream_t stream) {
   if (p.tokens == 0) return;
+  if (p.dtype == DType::F8_E4M3) {
+    store_latents_fp8_kernel<<<static_cast<unsigned>(p.tokens), 256, 0, stream>>>(p);
+    MLA_CUDA_LAUNCH_CHECK();
+    return;
+  }
   MLA_DISPATCH_TYPE(p.dtype, T, store_latents_kernel<T><<<static_cast<unsigned>(p.tokens), 256, 0, stream>>>(p));
   MLA_CUDA_LAUNCH_CHECK();
 }
 
 void gather_rows(const void* cache, const int32_t* block_table, int64_t page_size, int64_t rows, int64_t width,
-                 void* dst, DType dtype, cudaStream_t stream) {
+                 void* dst, DType dtype, cudaStream_t stream, DType cache_dtype, Fp8Row fp8) {
   if (rows == 0) return;
+  if (cache_dtype == DType::F8_E4M3) {
+    if (dtype != DType::BF16 || fp8.latent + fp8.rope != width)
+      throw InvalidArgument("cuda: an fp8 cache is read into bf16 rows of its own width");
+    gather_fp8_rows_kernel<<<static_cast<unsigned>(rows), 128, 0, stream>>>(
+        static_cast<const uint8_t*>(cache), block_table, page_size, fp8, static_cast<bf16*>(dst));
+    MLA_CUDA_LAUNCH_CHECK();
+    return;
+  }
   MLA_DISPATCH_TYPE(dtype, T, gather_rows_kernel<T><<<static_cast<unsigned>(rows), 128, 0, stream>>>(static_cast<const T*>(cache), block_table, page_size, width, static_cast<T*>(dst)));
   MLA_CUDA_LAUNCH_CHECK();
 }

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "cuda/common/fp8_row.cuh"
 #include "mla/dtype.hpp"
 
 namespace mla::cuda {
@@ -51,16 +52,18 @@ struct LatentStore {
   const int64_t* slots = nullptr;      // [N] cache row index (page · page_size + offset), device
   unsigned long long* error_flag = nullptr;
   int64_t tokens = 0, d_c = 0, d_rope = 0;
-  void* cache = nullptr;               // [num_pages · page_size, d_c + d_r]
-  DType dtype = DType::BF16;
+  void* cache = nullptr;               // [num_pages · page_size, d_c + d_r] of dtype, or fp8 rows
+  DType dtype = DType::BF16;           // F32, BF16, or F8_E4M3 (rows laid out as fp8)
+  Fp8Row fp8;                          // F8_E4M3: the row's byte offsets
   float eps = 1e-6f;
   RopeTable rope;
 };
 void store_latents(const LatentStore& p, cudaStream_t stream);
 
-// dst [L, W] = cache rows 0..L-1 of one sequence (block_table [ceil(L / page_size)], device).
+// dst [L, W] = cache rows 0..L-1 of one sequence (block_table [ceil(L / page_size)], device), in dtype; from an
+// fp8 cache (cache_dtype F8_E4M3, rows `fp8`) dequantised into bf16 (dtype must then be BF16).
 void gather_rows(const void* cache, const int32_t* block_table, int64_t page_size, int64_t rows, int64_t width,
-                 void* dst, DType dtype, cudaStream_t stream);
+                 void* dst, DType dtype, cudaStream_t stream, DType cache_dtype = DType::BF16, Fp8Row fp8 = {});
 
 // Splits expanded rows kv [L, H, d_n + d_v] (lat · kv_bᵀ) into k [L, H, d_qk] = [k_nope | shared rope key
 // from lat [L, W] column d_c] and v [L, H, d_v].

@@ -20,8 +20,13 @@ void launch_split(const Params& p, int smem_limit, cudaStream_t stream) {
     MLA_CUDA_LAUNCH_CHECK();
   };
   constexpr size_t two = sizeof(SharedMemoryPlan<2, kRowGroups>), one = sizeof(SharedMemoryPlan<1, kRowGroups>);
-  if (smem_limit >= static_cast<int>(two)) launch(decode_kernel<2, kRowGroups>, two);
-  else if (smem_limit >= static_cast<int>(one)) launch(decode_kernel<1, kRowGroups>, one);
+  if (smem_limit >= static_cast<int>(two)) {
+    if (p.fp8) launch(decode_kernel<2, kRowGroups, true>, two);
+    else launch(decode_kernel<2, kRowGroups, false>, two);
+  } else if (smem_limit >= static_cast<int>(one)) {
+    if (p.fp8) launch(decode_kernel<1, kRowGroups, true>, one);
+    else launch(decode_kernel<1, kRowGroups, false>, one);
+  }
   else throw InvalidArgument("decode_attention (cuda): the GPU allows " + std::to_string(smem_limit) +
                              " bytes of shared memory per block; the 576/512 kernel needs " + std::to_string(one));
 }
@@ -37,7 +42,8 @@ void run_bf16_576(const Params& params, int num_sms, cudaStream_t stream, bool s
   int device = 0, smem_limit = 0;
   MLA_CUDA_CHECK(cudaGetDevice(&device));
   MLA_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const int bm = block_rows(p.rows, sm90::usable() && p.page_size_log2 >= 4, p.batch), m_blocks = (p.rows + bm - 1) / bm;
+  const bool sm90_capable = sm90::usable() && p.page_size_log2 >= 4 && !p.fp8;
+  const int bm = block_rows(p.rows, sm90_capable, p.batch), m_blocks = (p.rows + bm - 1) / bm;
   p.m_blocks = m_blocks;
   static const bool old_grid = [] {
     const char* v = std::getenv("MLA_CUDA_DECODE_GRID");
@@ -51,7 +57,7 @@ void run_bf16_576(const Params& params, int num_sms, cudaStream_t stream, bool s
     MLA_CUDA_LAUNCH_CHECK();
   }
   if (!attend) return;
-  const bool sm90 = bm == 64 && sm90::usable() && p.page_size_log2 >= 4;
+  const bool sm90 = bm == 64 && sm90_capable;
   if (bm == 16) launch_split<1>(p, smem_limit, stream);
   else if (sm90) launch_split_sm90(p, m_blocks, stream);
   else launch_split<4>(p, smem_limit, stream);

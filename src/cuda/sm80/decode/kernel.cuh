@@ -15,6 +15,7 @@
 #include <cuda_bf16.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "cuda/common/dependent_launch.cuh"
 #include "cuda/sm80/decode/config.h"
@@ -28,7 +29,9 @@ __device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* smem) 
                : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(smem)));
 }
 
-template <int kStages, int kRowGroups>
+// kFp8: the cache holds fp8_ds_mla rows, read through Fp8TileLoader (registers a tile ahead, dequantised into
+// the same bf16 tiles); otherwise bf16 rows by cp.async.
+template <int kStages, int kRowGroups, bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_constant__ Params p) {
   using L = Layout<kRowGroups>;
   constexpr int kBlockM = L::kBlockM;
@@ -57,11 +60,19 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
   }
   const int32_t* table = p.block_table + static_cast<int64_t>(b) * p.max_pages;
   auto offset = [](int row, int col) { return swizzle<kChunksQK>(row, col); };
-  TileLoader loader;
+  std::conditional_t<kFp8, Fp8TileLoader, TileLoader> loader;
   loader.prefetch(p, table, k_begin, seqlen);
-  if (tiles > 0) loader.issue(sm.k[0], p.kv, offset);
-  cp_async_commit();
-  loader.prefetch(p, table, k_begin + kBlockN, seqlen);
+  if constexpr (kFp8) {  // tile 0 into shared memory, tile 1 into registers
+    if (tiles > 0) loader.fetch(p.kv), loader.store(sm.k[0], offset);
+    cp_async_commit();
+    loader.prefetch(p, table, k_begin + kBlockN, seqlen);
+    if (tiles > 1) loader.fetch(p.kv);
+    loader.prefetch(p, table, k_begin + 2 * kBlockN, seqlen);
+  } else {
+    if (tiles > 0) loader.issue(sm.k[0], p.kv, offset);
+    cp_async_commit();
+    loader.prefetch(p, table, k_begin + kBlockN, seqlen);
+  }
 
   // This thread's two rows (C-fragment rows lane/4 and lane/4 + 8 of its warp's 16) and their key limits.
   const int r_local[2] = {16 * mw + lane / 4, 16 * mw + lane / 4 + 8};
@@ -85,9 +96,15 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
     cp_async_wait<0>();
     __syncthreads();  // tile `tile` landed for everyone; everyone is done with tile-1's buffers
     if (kStages == 2 && tile + 1 < tiles) {
-      loader.issue(sm.k[(tile + 1) % 2], p.kv, offset);
-      cp_async_commit();
-      loader.prefetch(p, table, t0 + 2 * kBlockN, seqlen);
+      if constexpr (kFp8) {
+        loader.store(sm.k[(tile + 1) % 2], offset);  // visible after the next __syncthreads
+        if (tile + 2 < tiles) loader.fetch(p.kv);
+        loader.prefetch(p, table, t0 + 3 * kBlockN, seqlen);
+      } else {
+        loader.issue(sm.k[(tile + 1) % 2], p.kv, offset);
+        cp_async_commit();
+        loader.prefetch(p, table, t0 + 2 * kBlockN, seqlen);
+      }
     }
     const uint16_t* sK = sm.k[tile % kStages];
     if constexpr (kQInRegisters) {
@@ -197,9 +214,15 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
     }
     if (kStages == 1 && tile + 1 < tiles) {
       __syncthreads();
-      loader.issue(sm.k[0], p.kv, offset);
-      cp_async_commit();
-      loader.prefetch(p, table, t0 + 2 * kBlockN, seqlen);
+      if constexpr (kFp8) {
+        loader.store(sm.k[0], offset);
+        if (tile + 2 < tiles) loader.fetch(p.kv);
+        loader.prefetch(p, table, t0 + 3 * kBlockN, seqlen);
+      } else {
+        loader.issue(sm.k[0], p.kv, offset);
+        cp_async_commit();
+        loader.prefetch(p, table, t0 + 2 * kBlockN, seqlen);
+      }
     }
   }
   cp_async_wait<0>();
