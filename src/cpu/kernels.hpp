@@ -8,6 +8,8 @@
 #include <string_view>
 #include <vector>
 
+#include "mla/cache.hpp"
+
 namespace mla::cpu {
 
 // The variants, lowest first. What bf16 operands cost on each:
@@ -39,6 +41,12 @@ void from_bf16(const uint16_t* x, float* y, int64_t n);
 // y = f32(bf16(x)): x rounded to the nearest bf16, kept as f32 (y may be x). The bf16 layer on a CPU without
 // a bf16 dot product holds its activations this way, so its GEMMs multiply exactly the values a bf16 GEMM would.
 void round_bf16_values(const float* x, float* y, int64_t n);
+
+// One row of an FP8 cache (layout.dtype F8_E4M3, the fp8_ds_mla row of mla/cache.hpp) as its width() values:
+// the latent values dequantised to bf16(fp8 · scale), the rope values as stored. As bf16 bits, or as floats;
+// bit for bit mla::load_row (NaN lanes: NaN, payload aside).
+void fp8_row_to_bf16(const RowLayout& layout, const void* row, uint16_t* y);
+void fp8_row_to_float(const RowLayout& layout, const void* row, float* y);
 
 // One step of the online softmax over a block of keys for one query row:
 //   s[0, n): raw dot products; keys j >= visible are masked out (causal).

@@ -191,7 +191,6 @@ void decode(const DecodeParams& p) {
     std::vector<T> kv(static_cast<size_t>(kKeyBlock * d));
     std::vector<float> panels(std::is_same_v<T, float> ? kv.size() : 0);
     const RowLayout layout = kv_cache_row(p);
-    std::vector<float> wide(static_cast<size_t>(d));
 #pragma omp for schedule(dynamic)
     for (size_t s = 0; s < splits.size(); ++s) {
       const auto [b, k_begin, k_end] = splits[s];
@@ -202,15 +201,12 @@ void decode(const DecodeParams& p) {
       if constexpr (std::is_same_v<T, float>) lanes.emplace(&q[b * M * d], M, d, dv);
       for (int64_t k0 = k_begin; k0 < k_end; k0 += kKeyBlock) {
         const int64_t kb = std::min(kKeyBlock, k_end - k0);
-        if (p.fp8_kv_cache) {  // dequantised row by row (bf16 values, so exactly representable in T)
+        if (p.fp8_kv_cache) {  // dequantised row by row to bf16(fp8 · scale), exactly load_row's values, as T
           for (int64_t t = k0; t < k0 + kb; ++t) {
             const int64_t slot = static_cast<int64_t>(table[t / P]) * P + t % P;
-            load_row(layout, static_cast<const std::byte*>(p.kv_cache) + slot * layout.bytes(), wide.data());
-            T* dst = &kv[(t - k0) * d];
-            if constexpr (std::is_same_v<T, uint16_t>)
-              for (int64_t j = 0; j < d; ++j) dst[j] = float_to_bf16(wide[j]);
-            else
-              std::copy_n(wide.data(), d, dst);
+            const void* row = static_cast<const std::byte*>(p.kv_cache) + slot * layout.bytes();
+            if constexpr (std::is_same_v<T, uint16_t>) fp8_row_to_bf16(layout, row, &kv[(t - k0) * d]);
+            else fp8_row_to_float(layout, row, &kv[(t - k0) * d]);
           }
         } else {
           for (int64_t t = k0; t < k0 + kb;) {  // gather rows [k0, k0 + kb), one page-contiguous run at a time
