@@ -666,5 +666,36 @@ TEST(Kernels, Fp8RowRandomRowsMatchLoadRow) {
   }
 }
 
+// mqa_pack_fp8 (dequantised in registers on AVX-512) == fp8_row_to_float then mqa_pack, bit for bit, for n < 16
+// rows and latent widths that are not multiples of 16 (one block straddles latent and rope).
+TEST(Kernels, MqaPackFp8EqualsDequantiseThenPack) {
+  for (auto [dc, dr] : {std::pair<int64_t, int64_t>{512, 64}, {136, 64}, {40, 8}, {7, 3}}) {
+    const RowLayout lay{.dtype = DType::F8_E4M3, .latent = dc, .rope = dr};
+    const int64_t d = lay.width();
+    for (int n : {16, 5}) {
+      std::vector<std::byte> bytes(static_cast<size_t>(n * lay.bytes()));
+      const void* rows[16];
+      const float* frows[16];
+      std::vector<float> deq(static_cast<size_t>(n * d));
+      for (int i = 0; i < n; ++i) {
+        auto row = testing::random_values(static_cast<size_t>(d), 70 + i + n, std::ldexp(1.f, i - 4));
+        if (i == 2) row[0] = 1e5f;  // subnormal codes for the rest of its group
+        store_row(lay, row.data(), &bytes[i * lay.bytes()]);
+        if (i == 3) bytes[i * lay.bytes() + 1] = std::byte{0x7f};  // a NaN code
+        rows[i] = &bytes[i * lay.bytes()];
+        cpu::fp8_row_to_float(lay, rows[i], &deq[i * d]);
+        frows[i] = &deq[i * d];
+      }
+      std::vector<float> want(static_cast<size_t>(d * 16), -1.f), got(want.size(), -2.f);
+      cpu::mqa_pack(frows, n, d, want.data());
+      cpu::mqa_pack_fp8(lay, rows, n, got.data());
+      for (size_t k = 0; k < want.size(); ++k)
+        ASSERT_TRUE(std::bit_cast<uint32_t>(want[k]) == std::bit_cast<uint32_t>(got[k]) ||
+                    (std::isnan(want[k]) && std::isnan(got[k])))
+            << "dc " << dc << " n " << n << " at " << k << ": " << want[k] << " vs " << got[k];
+    }
+  }
+}
+
 }  // namespace
 }  // namespace mla

@@ -343,9 +343,7 @@ class FastLayer final : public detail::LayerImpl {
       for (int64_t k = 0; k < W; ++k) qT[((r / kL) * W + k) * kL + r % kL] = qa[r * W + k];
     int32_t visible[kL];
     const TW* rows[kL];
-    const float* deq_rows[kL];
     const bool dequantise = fp8(a);
-    Buf<float> deq(dequantise ? static_cast<size_t>(kL * W) : 0);  // fp8: 16 rows dequantised, then packed
     const RowLayout& layout = a.cache_row;
     const auto row_bytes = static_cast<size_t>(dequantise ? layout.bytes() : W * static_cast<int64_t>(sizeof(TW)));
     const auto* cache = static_cast<const char*>(a.cache);
@@ -362,12 +360,10 @@ class FastLayer final : public detail::LayerImpl {
           for (size_t at = 0; at < row_bytes; at += 64) __builtin_prefetch(row + at);
         }
         if constexpr (kBf16)
-          if (dequantise) {
-            for (int i = 0; i < n_rows; ++i) {
-              fp8_row_to_float(layout, rows[i], &deq[i * W]);
-              deq_rows[i] = &deq[i * W];
-            }
-            mqa_pack(deq_rows, n_rows, W, &kvp[t0 * W]);
+          if (dequantise) {  // dequantised as they are packed
+            const void* raw[kL];
+            std::copy_n(rows, n_rows, raw);
+            mqa_pack_fp8(layout, raw, n_rows, &kvp[t0 * W]);
             continue;
           }
         mqa_pack(rows, n_rows, W, &kvp[t0 * W]);
