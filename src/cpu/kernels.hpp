@@ -84,7 +84,7 @@ void mqa_block(const MqaBlock& p);
 void mqa_pack(const uint16_t* const* rows, int n, int64_t d, float* panel);
 void mqa_pack(const float* const* rows, int n, int64_t d, float* panel);
 // The same from n <= 16 fp8_ds_mla rows (layout.dtype F8_E4M3, d = layout.width()): the values of
-// fp8_row_to_float, dequantised in registers on AVX-512 (elsewhere row by row, then packed).
+// fp8_row_to_float, each row dequantised into a per-thread buffer and then packed.
 void mqa_pack_fp8(const RowLayout& layout, const void* const* rows, int n, float* panel);
 
 // C[M,N] = A[M,K]·B[N,K]ᵀ + beta·C (nt) or A[M,K]·B[K,N] + beta·C (nn), f32 A, bf16 B, row-major with leading
