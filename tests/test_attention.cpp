@@ -532,9 +532,10 @@ TEST(Attention, Fp8CacheSeveralKeyBlocksMatchesReference) {
     const int64_t extra[] = {T0};
     rc.reserve(ids, extra);
     for (int64_t t = 0; t < T0; ++t)
-      std::memcpy(static_cast<std::byte*>(rc.storage()) + (rc.block_table(rid)[t / 16] * 16 + t % 16) * rc.row_bytes(),
-                  static_cast<const std::byte*>(fc.storage()) + (fc.block_table(fid)[t / 16] * 16 + t % 16) * fc.row_bytes(),
-                  static_cast<size_t>(fc.row_bytes()));
+      std::memcpy(
+          static_cast<std::byte*>(rc.storage()) + (rc.block_table(rid)[t / 16] * 16 + t % 16) * rc.row_bytes(),
+          static_cast<const std::byte*>(fc.storage()) + (fc.block_table(fid)[t / 16] * 16 + t % 16) * fc.row_bytes(),
+          static_cast<size_t>(fc.row_bytes()));
     rc.commit(rid, T0);
     fc.fill_unused(std::nanf(""));
     rc.fill_unused(std::nanf(""));

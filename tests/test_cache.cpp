@@ -476,11 +476,11 @@ TEST(CacheFp8, TiesRoundToEvenAndSaturate) {
     EXPECT_EQ(float_to_fp8_e4m3(std::nextafter(mid, 1e9f)), c + 1) << c;
   }
   // Subnormals: multiples of 2^-9; below half of the smallest, zero.
-  EXPECT_EQ(float_to_fp8_e4m3(0x1p-10f), 0x00);        // tie between 0 and 2^-9: even (0)
-  EXPECT_EQ(float_to_fp8_e4m3(3 * 0x1p-10f), 0x02);    // tie between 1 and 2: even (2)
+  EXPECT_EQ(float_to_fp8_e4m3(0x1p-10f), 0x00);      // tie between 0 and 2^-9: even (0)
+  EXPECT_EQ(float_to_fp8_e4m3(3 * 0x1p-10f), 0x02);  // tie between 1 and 2: even (2)
   EXPECT_EQ(float_to_fp8_e4m3(1e-30f), 0x00);
   EXPECT_EQ(float_to_fp8_e4m3(-1e-30f), 0x80);
-  EXPECT_EQ(float_to_fp8_e4m3(0x1p-149f), 0x00);       // the smallest f32 subnormal
+  EXPECT_EQ(float_to_fp8_e4m3(0x1p-149f), 0x00);  // the smallest f32 subnormal
   EXPECT_EQ(float_to_fp8_e4m3(7 * 0x1p-9f), 0x07);
   // Past 448 (the largest finite), infinities too: ±448. 464 is the midpoint to the missing 480.
   constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -608,9 +608,18 @@ TEST(CacheFp8, FirstNonFinite) {
   const std::vector<std::function<void(std::byte*)>> poisons = {
       [&](std::byte* r) { r[130] = std::byte{0x7f}; },
       [&](std::byte* r) { r[3] = std::byte{0xff}; },
-      [&](std::byte* r) { const float s = kNaN; std::memcpy(r + lay.scale_offset() + 4, &s, 4); },
-      [&](std::byte* r) { const float s = std::numeric_limits<float>::infinity(); std::memcpy(r + lay.scale_offset(), &s, 4); },
-      [&](std::byte* r) { const uint16_t b = 0x7fc0; std::memcpy(r + lay.rope_offset() + 2 * 7, &b, 2); },
+      [&](std::byte* r) {
+        const float s = kNaN;
+        std::memcpy(r + lay.scale_offset() + 4, &s, 4);
+      },
+      [&](std::byte* r) {
+        const float s = std::numeric_limits<float>::infinity();
+        std::memcpy(r + lay.scale_offset(), &s, 4);
+      },
+      [&](std::byte* r) {
+        const uint16_t b = 0x7fc0;
+        std::memcpy(r + lay.rope_offset() + 2 * 7, &b, 2);
+      },
       [&](std::byte* r) {
         const float s = 1e38f;
         std::memcpy(r + lay.scale_offset(), &s, 4);

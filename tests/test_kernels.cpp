@@ -626,8 +626,21 @@ void put_scale(const RowLayout& lay, std::vector<std::byte>& bytes, int64_t g, f
 // the overflow threshold and past it, infinite and NaN scales, negative zero.
 TEST(Kernels, Fp8RowEveryCodeAndScale) {
   const RowLayout lay{.dtype = DType::F8_E4M3, .latent = 256, .rope = 24};
-  const float scales[] = {1.f, 0.0123f, 0.f, -0.f, 1e-40f, 3e-39f, 0x1p-133f, 2.3e-38f, 7.5e35f, 1e38f,
-                          std::numeric_limits<float>::max(), kInf, -kInf, std::nanf(""), 1.f / 448.f};
+  const float scales[] = {1.f,
+                          0.0123f,
+                          0.f,
+                          -0.f,
+                          1e-40f,
+                          3e-39f,
+                          0x1p-133f,
+                          2.3e-38f,
+                          7.5e35f,
+                          1e38f,
+                          std::numeric_limits<float>::max(),
+                          kInf,
+                          -kInf,
+                          std::nanf(""),
+                          1.f / 448.f};
   std::vector<std::byte> bytes(static_cast<size_t>(lay.bytes()));
   const auto rope = testing::random_values(static_cast<size_t>(lay.rope), 5, 100.f);
   for (float s0 : scales)
@@ -653,7 +666,7 @@ TEST(Kernels, Fp8RowRandomRowsMatchLoadRow) {
       const std::string what = "dc " + std::to_string(dc) + " trial " + std::to_string(trial);
       auto row = testing::random_values(static_cast<size_t>(lay.width()), 300 + trial, std::ldexp(1.f, trial - 15));
       if (trial % 3 == 0) std::fill(row.begin(), row.begin() + std::min<int64_t>(dc, 128), 0.f);  // zero group
-      if (trial % 4 == 1) row[0] = 1e4f * std::ldexp(1.f, trial - 15);                        // outlier: subnormal codes
+      if (trial % 4 == 1) row[0] = 1e4f * std::ldexp(1.f, trial - 15);  // outlier: subnormal codes
       store_row(lay, row.data(), bytes.data());
       expect_fp8_row_matches(lay, bytes, what + " stored");
       // Arbitrary bytes: every code, random scales of any magnitude (finite).

@@ -446,7 +446,7 @@ TEST(DecodeAttention, Fp8CacheEqualsBf16DecodeOfDequantisedRows) {
               const int64_t slot = int64_t{table[b * max_pages + t / P]} * P + t % P;
               // Rows of varied magnitude; every fifth has an outlier that pushes its group's others to subnormal codes.
               std::vector<float> row = testing::random_values(static_cast<size_t>(d), seed * 1000 + b * 400 + t,
-                                                               std::ldexp(1.f, static_cast<int>(t % 7) - 3));
+                                                              std::ldexp(1.f, static_cast<int>(t % 7) - 3));
               if (t % 5 == 0) row[static_cast<size_t>(t % dv)] *= 300.f;
               store_row(lay, row.data(), &fp8[slot * lay.bytes()]);
               load_row(lay, &fp8[slot * lay.bytes()], &deq[slot * d]);
@@ -463,8 +463,9 @@ TEST(DecodeAttention, Fp8CacheEqualsBf16DecodeOfDequantisedRows) {
           DecodeParams p8 = p, p16 = p;
           p8.fp8_kv_cache = true, p8.kv_cache = fp8.data(), p8.out = out8.data(), p8.lse = lse8.data();
           p16.kv_cache = bf16.data(), p16.out = out16.data(), p16.lse = lse16.data();
-          const std::string what = "h_q=" + std::to_string(h_q) + " s_q=" + std::to_string(s_q) + " page=" +
-                                   std::to_string(P) + " d=" + std::to_string(d) + (p.causal ? " causal" : "");
+          const std::string what = "h_q=" + std::to_string(h_q) + " s_q=" + std::to_string(s_q) +
+                                   " page=" + std::to_string(P) + " d=" + std::to_string(d) +
+                                   (p.causal ? " causal" : "");
           for (const std::string& dev : kDevices) {
             decode_attention(dev, p8);
             decode_attention(dev, p16);
@@ -486,9 +487,9 @@ TEST(DecodeAttention, Fp8CacheEqualsBf16DecodeOfDequantisedRows) {
                   return acc;
                 };
                 const int64_t L = lens[b], visible = p.causal ? L - (s_q - 1 - i) : L;
-                reference_row(visible, dv, p.softmax_scale, logit,
-                              [&](int64_t t, int64_t j) { return double{key(t)[j]}; },
-                              &want[((b * s_q + i) * h_q + h) * dv], want_lse[(b * h_q + h) * s_q + i]);
+                reference_row(
+                    visible, dv, p.softmax_scale, logit, [&](int64_t t, int64_t j) { return double{key(t)[j]}; },
+                    &want[((b * s_q + i) * h_q + h) * dv], want_lse[(b * h_q + h) * s_q + i]);
               }
           expect_close(out8.values(), want, tolerance(DType::BF16), what);
           expect_lse(lse8, want_lse, what);

@@ -268,8 +268,9 @@ int run_bench(const BenchArgs& a) {
         c8.reserve({&sr, 1}, {&extra, 1});
         const RowLayout lay = c8.row_layout();
         for (int64_t t = 0; t < L - 1; ++t)
-          store_row(lay, &ctx_rows[static_cast<size_t>(t * c.latent_dim())],
-                    static_cast<std::byte*>(c8.storage()) + (c8.block_table(sr)[t / 64] * 64 + t % 64) * c8.row_bytes());
+          store_row(
+              lay, &ctx_rows[static_cast<size_t>(t * c.latent_dim())],
+              static_cast<std::byte*>(c8.storage()) + (c8.block_table(sr)[t / 64] * 64 + t % 64) * c8.row_bytes());
         c8.commit(sr, L - 1);
       }
       auto decode8 = [&] {
@@ -369,11 +370,12 @@ int run_bench(const BenchArgs& a) {
   }
   if (fp8.layers > 0) {
     const int64_t L = a.context;
-    std::printf("\nFP8 cache (fp8_ds_mla, %lld B a token) against the bf16 cache (%lld B), decode ctx %lld, bf16 layer, "
-                "absorbed, %d layers in turn (best of two interleaved medians each):\n",
-                static_cast<long long>(RowLayout{.dtype = DType::F8_E4M3, .latent = c.kv_lora_rank,
-                                                 .rope = c.qk_rope_head_dim}.bytes()),
-                static_cast<long long>(c.latent_dim() * 2), static_cast<long long>(L), fp8.layers);
+    std::printf(
+        "\nFP8 cache (fp8_ds_mla, %lld B a token) against the bf16 cache (%lld B), decode ctx %lld, bf16 layer, "
+        "absorbed, %d layers in turn (best of two interleaved medians each):\n",
+        static_cast<long long>(
+            RowLayout{.dtype = DType::F8_E4M3, .latent = c.kv_lora_rank, .rope = c.qk_rope_head_dim}.bytes()),
+        static_cast<long long>(c.latent_dim() * 2), static_cast<long long>(L), fp8.layers);
     std::printf("  %-32s %10.3f ms  bf16 cache   %10.3f ms  fp8 cache   %.2fx\n", "decode step (whole layer)",
                 fp8.step_bf16 * 1e3, fp8.step_fp8 * 1e3, fp8.step_bf16 / fp8.step_fp8);
     std::printf("  %-32s %10.3f ms  bf16 cache   %10.3f ms  fp8 cache   %.2fx\n", "attention alone (decode op)",

@@ -173,8 +173,10 @@ class FastLayer final : public detail::LayerImpl {
           rope_angles(chunk.positions[i], k_, cos_a.data(), sin_a.data());
           rope_apply(row + dc, c_.qk_rope_head_dim, cos_a.data(), sin_a.data());
           const int64_t slot = row_index(chunk.block_table, a.page_size, chunk.cached + i);
-          if (fp8(a)) store_row(a.cache_row, row, row_at(a.cache, a.cache_row, slot));  // from the f32 row
-          else to_operand<TW, TW>(row, static_cast<TW*>(a.cache) + slot * W, W);
+          if (fp8(a))
+            store_row(a.cache_row, row, row_at(a.cache, a.cache_row, slot));  // from the f32 row
+          else
+            to_operand<TW, TW>(row, static_cast<TW*>(a.cache) + slot * W, W);
         }
       });
   }
@@ -191,8 +193,10 @@ class FastLayer final : public detail::LayerImpl {
       if (fp8(a)) {
         for (int64_t t = t0; t < t1; ++t) {
           const void* row = row_at(a.cache, a.cache_row, row_index(chunk.block_table, a.page_size, t));
-          if constexpr (std::is_same_v<TA, uint16_t>) fp8_row_to_bf16(a.cache_row, row, dst + (t - t0) * W);
-          else fp8_row_to_float(a.cache_row, row, dst + (t - t0) * W);
+          if constexpr (std::is_same_v<TA, uint16_t>)
+            fp8_row_to_bf16(a.cache_row, row, dst + (t - t0) * W);
+          else
+            fp8_row_to_float(a.cache_row, row, dst + (t - t0) * W);
         }
         return;
       }
@@ -352,8 +356,8 @@ class FastLayer final : public detail::LayerImpl {
       for (int64_t t0 = 0; t0 < kb; t0 += kL) {  // gather and pack (widened) panels of 16 rows
         const int n_rows = static_cast<int>(std::min<int64_t>(kL, kb - t0));
         for (int i = 0; i < n_rows; ++i)
-          rows[i] = reinterpret_cast<const TW*>(
-              cache + row_index(chunk.block_table, a.page_size, k0 + t0 + i) * static_cast<int64_t>(row_bytes));
+          rows[i] = reinterpret_cast<const TW*>(cache + row_index(chunk.block_table, a.page_size, k0 + t0 + i) *
+                                                            static_cast<int64_t>(row_bytes));
         // The next panel's rows start coming from memory while this one is transposed.
         for (int64_t t = t0 + kL; t < std::min(kb, t0 + 2 * kL); ++t) {
           const char* row = cache + row_index(chunk.block_table, a.page_size, k0 + t) * static_cast<int64_t>(row_bytes);

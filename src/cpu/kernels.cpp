@@ -118,12 +118,13 @@ void gemv_nn_scalar(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda
   }
 }
 
-
 void fp8_scaled_scalar(const uint8_t* x, int64_t n, float scale, uint16_t* yb, float* yf) {
   for (int64_t i = 0; i < n; ++i) {
     const uint16_t b = float_to_bf16(fp8_e4m3_to_float(x[i]) * scale);
-    if (yb) yb[i] = b;
-    else yf[i] = bf16_to_float(b);
+    if (yb)
+      yb[i] = b;
+    else
+      yf[i] = bf16_to_float(b);
   }
 }
 
@@ -138,15 +139,23 @@ void fp8_row(const RowLayout& layout, const void* row, uint16_t* yb, float* yf) 
     float* f = yb ? nullptr : yf + j0;
     switch (isa()) {
       case Isa::Avx512Bf16:
-      case Isa::Avx512: avx512::fp8_scaled(in + j0, n, scale, b, f); break;
-      case Isa::Avx2: avx2::fp8_scaled(in + j0, n, scale, b, f); break;
-      case Isa::Scalar: fp8_scaled_scalar(in + j0, n, scale, b, f); break;
+      case Isa::Avx512:
+        avx512::fp8_scaled(in + j0, n, scale, b, f);
+        break;
+      case Isa::Avx2:
+        avx2::fp8_scaled(in + j0, n, scale, b, f);
+        break;
+      case Isa::Scalar:
+        fp8_scaled_scalar(in + j0, n, scale, b, f);
+        break;
     }
   }
   // The rope values: bf16 at a 4-byte aligned offset of the row.
   const auto* rope = reinterpret_cast<const uint16_t*>(in + layout.rope_offset());
-  if (yb) std::memcpy(yb + layout.latent, rope, static_cast<size_t>(layout.rope) * 2);
-  else from_bf16(rope, yf + layout.latent, layout.rope);
+  if (yb)
+    std::memcpy(yb + layout.latent, rope, static_cast<size_t>(layout.rope) * 2);
+  else
+    from_bf16(rope, yf + layout.latent, layout.rope);
 }
 
 }  // namespace

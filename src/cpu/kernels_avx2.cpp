@@ -179,8 +179,10 @@ MLA_AVX2 void fp8_scaled(const uint8_t* x, int64_t n, float scale, uint16_t* yb,
       alignas(32) uint32_t bits[8];
       _mm256_store_si256(reinterpret_cast<__m256i*>(bits), r);
       for (int64_t j = 0; j < n - i; ++j) {
-        if (yb) yb[i + j] = static_cast<uint16_t>(bits[j] >> 16);
-        else std::memcpy(yf + i + j, &bits[j], 4);
+        if (yb)
+          yb[i + j] = static_cast<uint16_t>(bits[j] >> 16);
+        else
+          std::memcpy(yf + i + j, &bits[j], 4);
       }
     }
   }

@@ -186,8 +186,10 @@ MLA_AVX512 void fp8_scaled(const uint8_t* x, int64_t n, float scale, uint16_t* y
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 k = tail_mask(n - i);
     const __m512i r = round_bf16_bits(_mm512_mul_ps(load_fp8(x + i, k), s));
-    if (yb) _mm256_mask_storeu_epi16(yb + i, k, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
-    else _mm512_mask_storeu_ps(yf + i, k, _mm512_castsi512_ps(r));
+    if (yb)
+      _mm256_mask_storeu_epi16(yb + i, k, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+    else
+      _mm512_mask_storeu_ps(yf + i, k, _mm512_castsi512_ps(r));
   }
 }
 

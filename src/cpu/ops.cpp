@@ -210,8 +210,10 @@ void decode(const DecodeParams& p) {
           for (int64_t t = k0; t < k0 + kb; ++t) {
             const int64_t slot = static_cast<int64_t>(table[t / P]) * P + t % P;
             const void* row = static_cast<const std::byte*>(p.kv_cache) + slot * layout.bytes();
-            if constexpr (std::is_same_v<T, uint16_t>) fp8_row_to_bf16(layout, row, &kv[(t - k0) * d]);
-            else fp8_row_to_float(layout, row, &kv[(t - k0) * d]);
+            if constexpr (std::is_same_v<T, uint16_t>)
+              fp8_row_to_bf16(layout, row, &kv[(t - k0) * d]);
+            else
+              fp8_row_to_float(layout, row, &kv[(t - k0) * d]);
           }
         } else {
           for (int64_t t = k0; t < k0 + kb;) {  // gather rows [k0, k0 + kb), one page-contiguous run at a time
