@@ -623,7 +623,7 @@ void put_scale(const RowLayout& lay, std::vector<std::byte>& bytes, int64_t g, f
 
 // Every one of the 256 codes under scales that exercise every corner: 1, an ordinary scale, 0 (an all-zero
 // group), subnormal scales (subnormal products, which bf16 keeps and VCVTNEPS2BF16 would flush), products near
-// the overflow threshold and past it, infinite and NaN scales, negative zero.
+// the overflow threshold and past it, infinite and NaN scales, negative zero and negative scales.
 TEST(Kernels, Fp8RowEveryCodeAndScale) {
   const RowLayout lay{.dtype = DType::F8_E4M3, .latent = 256, .rope = 24};
   const float scales[] = {1.f,
@@ -640,7 +640,13 @@ TEST(Kernels, Fp8RowEveryCodeAndScale) {
                           kInf,
                           -kInf,
                           std::nanf(""),
-                          1.f / 448.f};
+                          1.f / 448.f,
+                          0x1p-116f,  // the edges of the AVX-512 table route (kernels_avx512.cpp, fp8_scaled)
+                          0x1.fffffep-117f,
+                          0x1p118f,
+                          0x1.000002p118f,
+                          0x1.7654p-100f,
+                          -0.5f};
   std::vector<std::byte> bytes(static_cast<size_t>(lay.bytes()));
   const auto rope = testing::random_values(static_cast<size_t>(lay.rope), 5, 100.f);
   for (float s0 : scales)
