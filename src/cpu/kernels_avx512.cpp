@@ -204,15 +204,15 @@ MLA_AVX512 void fp8_scaled(const uint8_t* x, int64_t n, float scale, uint16_t* y
   const __m512 table = _mm512_castsi512_ps(round_bf16_bits(_mm512_mul_ps(_mm512_cvtepi32_ps(lane), s)));
   // 2^(max(e, 1) − 10) for e = 0..15, then the same negated (index bit 4: the sign).
   const __m512 pow_pos = _mm512_scalef_ps(
-      _mm512_set1_ps(1.0f), _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_max_epi32(lane, _mm512_set1_epi32(1)),
-                                                                _mm512_set1_epi32(10))));
+      _mm512_set1_ps(1.0f),
+      _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_max_epi32(lane, _mm512_set1_epi32(1)), _mm512_set1_epi32(10))));
   const __m512 pow_neg = _mm512_sub_ps(_mm512_setzero_ps(), pow_pos);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 k = tail_mask(n - i);
     const __m512i b = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, x + i));
     const __m512i m = _mm512_and_si512(b, _mm512_set1_epi32(7));
-    const __m512i sig = _mm512_mask_or_epi32(m, _mm512_test_epi32_mask(b, _mm512_set1_epi32(0x78)), m,
-                                             _mm512_set1_epi32(8));
+    const __m512i sig =
+        _mm512_mask_or_epi32(m, _mm512_test_epi32_mask(b, _mm512_set1_epi32(0x78)), m, _mm512_set1_epi32(8));
     const __m512i se = _mm512_and_si512(_mm512_srli_epi32(b, 3), _mm512_set1_epi32(0x1f));
     __m512 v = _mm512_mul_ps(_mm512_permutexvar_ps(sig, table), _mm512_permutex2var_ps(pow_pos, se, pow_neg));
     const __mmask16 nan =
