@@ -412,10 +412,10 @@ TEST(DecodeAttention, Fp8CacheEqualsBf16DecodeOfDequantisedRows) {
     int64_t d, dv;
   };
   for (Dims dims : {Dims{576, 512}, Dims{200, 136}})
-    for (int64_t h_q : {1, 16, 20})
+    for (int64_t h_q : {1, 16})
       for (int64_t s_q : {1, 2})
         for (int64_t P : {1, 16, 64}) {
-          if (dims.d != 576 && h_q == 20) continue;
+          if (dims.d != 576 && P == 64) continue;  // for time
           ++seed;
           std::mt19937_64 rng(seed);
           std::vector<int32_t> lens = random_lengths(rng, 3, P, 260);
