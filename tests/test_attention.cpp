@@ -470,6 +470,131 @@ TEST(Attention, FillUnusedBeforeEachCall) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// FP8 cache (cache_dtype FP8, bf16 layers): the fast backend writes the bytes store_row writes and reads exactly
+// load_row's values, so it agrees with the scalar reference to accumulation order (and the odd fp8 code that a
+// different f32 accumulation of kv_a flips), on both paths, every page size and feed, with NaN in unused slots.
+
+LayerOptions fp8_opts(const char* device, Path path) {
+  LayerOptions o = opts(device, Precision::BF16, path);
+  o.cache_dtype = CacheDtype::FP8;
+  return o;
+}
+
+TEST(Attention, Fp8CacheFastMatchesReference) {
+  // Five heads with a q projection and plain rope; two heads without one, d_c 136: a short second scale group.
+  const Shape shapes[] = {kShapes[2], {"h2_noq_dc136_dr16", 64, 2, 0, 136, 16, 16, 24, true}};
+  struct Feed {
+    const char* name;
+    int64_t page_size, chunk, decode_after;
+  };
+  const Feed feeds[] = {{"oneshot_p1", 1, 0, -1}, {"chunked_p16", 16, 19, -1}, {"decode_p64", 64, 0, 36}};
+  double worst = 0;
+  for (const Shape& s : shapes) {
+    const LayerWeights w = LayerWeights::random(small_config(s.D, s.H, s.dq, s.dc, s.dn, s.dr, s.dv, s.yarn), 11);
+    const int64_t T = 44;
+    const auto hidden = testing::random_values(static_cast<size_t>(T * s.D), 21);
+    for (Path path : {Path::Expanded, Path::Absorbed}) {
+      Attention fast(w, fp8_opts("cpu", path)), ref(w, fp8_opts("cpu-reference", path));
+      for (const Feed& f : feeds) {
+        SCOPED_TRACE(::testing::Message() << s.name << " " << path_name(path) << " " << f.name);
+        RunOptions ro;
+        ro.chunk = f.chunk, ro.page_size = f.page_size, ro.decode_after = f.decode_after, ro.page_order_seed = 9;
+        const RunResult b = run_sequences(ref, hidden.data(), nullptr, 1, T, ro);
+        ro.poison_unused = true;  // NaN in every unused slot before each call must never reach an output
+        const RunResult a = run_sequences(fast, hidden.data(), nullptr, 1, T, ro);
+        const double err = rel_error(a.output, b.output);
+        EXPECT_LT(err, 5e-3);
+        EXPECT_LT(rel_error(a.latent, b.latent), 5e-3);
+        worst = std::max(worst, err);
+      }
+    }
+  }
+  report("fp8_fast_vs_reference_worst", worst);
+}
+
+// The same over several key blocks (600 keys: 256-key blocks on both paths' gathers and the lanes kernel's
+// panels), decode after a prefill, against the bf16 layer over a bf16 cache holding the same dequantised rows:
+// the fast backend reads exactly those values, so only the new tokens' own rows (fp8 against bf16) differ.
+TEST(Attention, Fp8CacheSeveralKeyBlocksMatchesReference) {
+  const Shape s = kShapes[1];
+  const LayerWeights w = LayerWeights::random(small_config(s.D, s.H, s.dq, s.dc, s.dn, s.dr, s.dv, s.yarn), 12);
+  const int64_t T0 = 592, n = 8, D = s.D;
+  const auto hidden = testing::random_values(static_cast<size_t>((T0 + n) * D), 22);
+  for (Path path : {Path::Expanded, Path::Absorbed}) {
+    SCOPED_TRACE(path_name(path));
+    Attention fast(w, fp8_opts("cpu", path)), ref(w, fp8_opts("cpu-reference", path));
+    LatentCache fc = fast.make_cache(64, 16, 5), rc = ref.make_cache(64, 16, 0);
+    const SeqId fid = fc.add_sequence();
+    step(fast, fc, fid, hidden.data(), T0);
+    // The reference gets the fast backend's stored bytes (whole pages, same table order).
+    const SeqId rid = rc.add_sequence();
+    const SeqId ids[] = {rid};
+    const int64_t extra[] = {T0};
+    rc.reserve(ids, extra);
+    for (int64_t t = 0; t < T0; ++t)
+      std::memcpy(
+          static_cast<std::byte*>(rc.storage()) + (rc.block_table(rid)[t / 16] * 16 + t % 16) * rc.row_bytes(),
+          static_cast<const std::byte*>(fc.storage()) + (fc.block_table(fid)[t / 16] * 16 + t % 16) * fc.row_bytes(),
+          static_cast<size_t>(fc.row_bytes()));
+    rc.commit(rid, T0);
+    fc.fill_unused(std::nanf(""));
+    rc.fill_unused(std::nanf(""));
+    std::vector<float> a, b;
+    for (int64_t i = 0; i < n; ++i) {  // decode one token at a time
+      const auto oa = step(fast, fc, fid, hidden.data() + (T0 + i) * D, 1);
+      const auto ob = step(ref, rc, rid, hidden.data() + (T0 + i) * D, 1);
+      a.insert(a.end(), oa.begin(), oa.end());
+      b.insert(b.end(), ob.begin(), ob.end());
+    }
+    const double err = rel_error(a, b);
+    EXPECT_LT(err, 5e-3);
+    report(std::string("fp8_blocks_") + std::string(path_name(path)), err);
+  }
+}
+
+// FP8 against BF16 on a V3-shaped layer (kv_lora_rank 512, rope 64, nope 128, v 128; 4 heads instead of 128 and
+// narrower hidden and q_lora sizes, for time) whose kv_a_layernorm has a realistic spread: most channels near 1, a few
+// outliers 8-16x larger, so each 128-group's scale is set by its outliers as in real checkpoints. Both against
+// the float64 reference; the FP8 error is reported and bounded by the 5e-2.
+// (Suite AttentionAccuracy: not rerun per kernel variant.)
+TEST(AttentionAccuracy, Fp8CacheV3Shape) {
+  const Config cfg = small_config(256, 4, 128, 512, 128, 64, 128);
+  LayerWeights w = LayerWeights::random(cfg, 41);
+  const auto noise = testing::random_values(w.kv_a_norm.size(), 42);
+  for (size_t j = 0; j < w.kv_a_norm.size(); ++j)
+    w.kv_a_norm[j] = (0.6f + 0.5f * std::fabs(noise[j])) * (j % 61 == 7 ? 8.f + 8.f * std::fabs(noise[j]) : 1.f);
+  const int64_t T = 48, D = cfg.hidden_size;
+  const auto hidden = testing::random_values(static_cast<size_t>(T * D), 43);
+  std::vector<int64_t> pos(T);
+  for (int64_t i = 0; i < T; ++i) pos[i] = i;
+  const testing::RefResult f64 = testing::reference_forward(w, hidden.data(), pos.data(), T);
+  RunOptions ro;
+  ro.page_size = 64;
+  ro.decode_after = 32;  // prefill 32, then 16 decode steps over the fp8 rows
+  for (Path path : {Path::Expanded, Path::Absorbed}) {
+    SCOPED_TRACE(path_name(path));
+    Attention bf16(w, opts("cpu", Precision::BF16, path)), fp8(w, fp8_opts("cpu", path));
+    const RunResult rb = run_sequences(bf16, hidden.data(), nullptr, 1, T, ro);
+    const RunResult rf = run_sequences(fp8, hidden.data(), nullptr, 1, T, ro);
+    const double err_bf16 = testing::rel_error_f64(rb.output, f64.output);
+    const double err_fp8 = testing::rel_error_f64(rf.output, f64.output);
+    const double lat_fp8 = testing::rel_error_f64(rf.latent, f64.latent);
+    const double fp8_vs_bf16 = rel_error(rf.output, rb.output);
+    EXPECT_LT(err_bf16, 2e-2);
+    EXPECT_LT(err_fp8, 5e-2);
+    EXPECT_LT(lat_fp8, 5e-2);
+    EXPECT_GT(err_fp8, err_bf16);  // the fp8 rows are really read (a bf16 fallback would not lose accuracy)
+    const std::string p(path_name(path));
+    report("v3shape_bf16_vs_f64_" + p, err_bf16);
+    report("v3shape_fp8_vs_f64_" + p, err_fp8);
+    report("v3shape_fp8_latent_vs_f64_" + p, lat_fp8);
+    report("v3shape_fp8_vs_bf16_" + p, fp8_vs_bf16);
+    std::cout << "  V3-shaped, " << p << ": output rel. error vs float64: bf16 cache " << err_bf16 << ", fp8 cache "
+              << err_fp8 << " (latent " << lat_fp8 << "); fp8 vs bf16 " << fp8_vs_bf16 << "\n";
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // The float64 reference and the negative controls
 
 TEST(NegativeControls, F64ReferenceMatchesEveryGolden) {

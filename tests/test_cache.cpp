@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <numeric>
 #include <set>
@@ -440,6 +441,239 @@ TEST(Cache, ForwardOutOfPagesChangesNothing) {
     const auto all = cache.read_rows(a, 0, 8);
     EXPECT_EQ(std::vector<float>(all.begin(), all.begin() + 5 * W), rows);
   }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The FP8 cache format (mla/cache.hpp RowLayout, mla/dtype.hpp float_to_fp8_e4m3)
+
+TEST(CacheFp8, EveryCodeRoundTrips) {
+  for (int c = 0; c < 256; ++c) {
+    const auto code = static_cast<uint8_t>(c);
+    const float f = fp8_e4m3_to_float(code);
+    if ((c & 0x7f) == 0x7f) {  // S.1111.111: the only NaNs, and they stay NaN
+      EXPECT_TRUE(std::isnan(f)) << c;
+      EXPECT_EQ(float_to_fp8_e4m3(f) & 0x7f, 0x7f) << c;
+      continue;
+    }
+    EXPECT_TRUE(std::isfinite(f)) << c;
+    EXPECT_EQ(float_to_fp8_e4m3(f), code) << c << " = " << f;  // 0x80 is -0 and comes back as 0x80
+  }
+  EXPECT_EQ(fp8_e4m3_to_float(0x7e), 448.f);
+  EXPECT_EQ(fp8_e4m3_to_float(0x01), 0x1p-9f);  // smallest subnormal
+  EXPECT_EQ(fp8_e4m3_to_float(0x08), 0x1p-6f);  // smallest normal
+}
+
+TEST(CacheFp8, TiesRoundToEvenAndSaturate) {
+  // Between every two neighbouring positive codes: the midpoint goes to the even code (the code's last bit is
+  // the mantissa's), anything above or below it to the nearer one; the same mirrored for negative values.
+  for (int c = 0; c < 0x7e; ++c) {
+    const float lo = fp8_e4m3_to_float(static_cast<uint8_t>(c)), hi = fp8_e4m3_to_float(static_cast<uint8_t>(c + 1));
+    const float mid = (lo + hi) / 2;  // exact: both are short binary fractions
+    const int even = c % 2 == 0 ? c : c + 1;
+    EXPECT_EQ(float_to_fp8_e4m3(mid), even) << c;
+    EXPECT_EQ(float_to_fp8_e4m3(-mid), 0x80 | even) << c;
+    EXPECT_EQ(float_to_fp8_e4m3(std::nextafter(mid, 0.f)), c) << c;
+    EXPECT_EQ(float_to_fp8_e4m3(std::nextafter(mid, 1e9f)), c + 1) << c;
+  }
+  // Subnormals: multiples of 2^-9; below half of the smallest, zero.
+  EXPECT_EQ(float_to_fp8_e4m3(0x1p-10f), 0x00);      // tie between 0 and 2^-9: even (0)
+  EXPECT_EQ(float_to_fp8_e4m3(3 * 0x1p-10f), 0x02);  // tie between 1 and 2: even (2)
+  EXPECT_EQ(float_to_fp8_e4m3(1e-30f), 0x00);
+  EXPECT_EQ(float_to_fp8_e4m3(-1e-30f), 0x80);
+  EXPECT_EQ(float_to_fp8_e4m3(0x1p-149f), 0x00);  // the smallest f32 subnormal
+  EXPECT_EQ(float_to_fp8_e4m3(7 * 0x1p-9f), 0x07);
+  // Past 448 (the largest finite), infinities too: ±448. 464 is the midpoint to the missing 480.
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  for (float big : {448.f, 449.f, 464.f, 480.f, 1e6f, 3.4e38f, kInf}) {
+    EXPECT_EQ(float_to_fp8_e4m3(big), 0x7e) << big;
+    EXPECT_EQ(float_to_fp8_e4m3(-big), 0xfe) << big;
+  }
+  EXPECT_EQ(float_to_fp8_e4m3(kNaN) & 0x7f, 0x7f);
+  EXPECT_EQ(float_to_fp8_e4m3(-kNaN) & 0x7f, 0x7f);
+}
+
+TEST(CacheFp8, RowLayoutBytes) {
+  const RowLayout v3{.dtype = DType::F8_E4M3, .latent = 512, .rope = 64};
+  EXPECT_EQ(v3.groups(), 4);
+  EXPECT_EQ(v3.scale_offset(), 512);
+  EXPECT_EQ(v3.rope_offset(), 528);
+  EXPECT_EQ(v3.bytes(), 656);
+  const RowLayout odd{.dtype = DType::F8_E4M3, .latent = 136, .rope = 64};  // a short second group
+  EXPECT_EQ(odd.groups(), 2);
+  EXPECT_EQ(odd.scale_offset(), 144);  // 136 padded to 16
+  EXPECT_EQ(odd.rope_offset(), 152);
+  EXPECT_EQ(odd.bytes(), 288);  // 152 + 128 = 280, padded to 16
+  EXPECT_EQ((RowLayout{.dtype = DType::BF16, .latent = 576, .rope = 0}.bytes()), 1152);
+  CacheOptions o;
+  o.num_pages = 2, o.page_size = 16, o.row_width = 576, o.dtype = DType::F8_E4M3, o.rope_width = 64;
+  const LatentCache c(o);
+  EXPECT_EQ(c.row_bytes(), 656);
+  EXPECT_EQ(c.page_bytes(), 16 * 656);
+}
+
+// store_row then load_row: within the e4m3 bound, per value. With y = x / scale (scale = amax/448, so |y| <= 448
+// up to one rounding), e4m3 keeps 3 mantissa bits: |q − y| <= 2^-4·|y| for normal y (half an ulp of 2^-3 relative
+// to the binade's bottom) and <= 2^-10 in the subnormal range (spacing 2^-9). The dequantised value rounds
+// q·scale to bf16 (8 bits: 2^-9 relative), and the division and product add 2^-24 each. So
+//   |load − x| <= 2^-4·|x| + 2^-10·scale + 2^-9·|load| + tiny,  and per group <= amax·(2^-4 + 2^-9·(1 + 2^-4) +
+// 2^-10/448) < 0.0645·amax; the rope values are bf16-rounded (2^-9 relative).
+TEST(CacheFp8, StoreLoadRoundTripWithinBound) {
+  for (auto [dc, dr] : {std::pair<int64_t, int64_t>{512, 64}, {136, 64}, {40, 8}}) {
+    const RowLayout lay{.dtype = DType::F8_E4M3, .latent = dc, .rope = dr};
+    std::vector<std::byte> bytes(static_cast<size_t>(lay.bytes()));
+    std::vector<float> back(static_cast<size_t>(lay.width()));
+    double worst_rel_to_amax = 0;
+    for (int trial = 0; trial < 40; ++trial) {
+      const float mag = std::ldexp(1.f, trial % 20 - 10);  // group amax from 2^-10 to 2^9
+      std::vector<float> row = testing::random_values(static_cast<size_t>(lay.width()), 100 + trial, mag);
+      if (trial % 5 == 0) row[static_cast<size_t>(trial % dc)] *= 37.f;  // one outlier per group now and then
+      if (trial % 7 == 0) row[1] = 1e-6f * mag;                          // a subnormal after scaling
+      store_row(lay, row.data(), bytes.data());
+      load_row(lay, bytes.data(), back.data());
+      for (int64_t g = 0; g < lay.groups(); ++g) {
+        const int64_t j0 = 128 * g, j1 = std::min(dc, j0 + 128);
+        float amax = 0;
+        for (int64_t j = j0; j < j1; ++j) amax = std::max(amax, std::fabs(row[j]));
+        const float scale = amax / 448.f;
+        float stored_scale;
+        std::memcpy(&stored_scale, bytes.data() + lay.scale_offset() + 4 * g, 4);
+        EXPECT_EQ(stored_scale, scale);
+        for (int64_t j = j0; j < j1; ++j) {
+          const double x = row[j], y = back[j], err = std::fabs(y - x);
+          const double bound = 0x1p-4 * std::fabs(x) + 0x1p-10 * scale + 0x1p-9 * std::fabs(y) + 1e-6 * amax;
+          EXPECT_LE(err, bound) << "dc " << dc << " j " << j << " x " << x << " got " << y;
+          EXPECT_LE(err, 0.0645 * amax) << j;
+          worst_rel_to_amax = std::max(worst_rel_to_amax, err / amax);
+          EXPECT_EQ(y, round_bf16(y));  // a bf16 value
+        }
+      }
+      for (int64_t j = dc; j < lay.width(); ++j) EXPECT_EQ(back[j], round_bf16(row[j]));
+    }
+    RecordProperty("worst_error_over_amax_dc" + std::to_string(dc), std::to_string(worst_rel_to_amax));
+    EXPECT_GT(worst_rel_to_amax, 0.01);  // the bound is not vacuous: e4m3 errors of a few percent do occur
+  }
+}
+
+TEST(CacheFp8, AllZeroGroupStoresZeros) {
+  const RowLayout lay{.dtype = DType::F8_E4M3, .latent = 256, .rope = 16};
+  std::vector<float> row = testing::random_values(static_cast<size_t>(lay.width()), 7);
+  std::fill(row.begin() + 128, row.begin() + 256, 0.f);  // group 1 all zero
+  row[5] = 0.f;
+  std::vector<std::byte> bytes(static_cast<size_t>(lay.bytes()), std::byte{0xaa});
+  store_row(lay, row.data(), bytes.data());
+  for (int64_t j = 128; j < 256; ++j) EXPECT_EQ(bytes[j], std::byte{0}) << j;
+  float scale1 = -1;
+  std::memcpy(&scale1, bytes.data() + lay.scale_offset() + 4, 4);
+  EXPECT_EQ(scale1, 0.f);
+  EXPECT_EQ(bytes[5], std::byte{0});
+  for (int64_t j = lay.rope_offset() + 2 * lay.rope; j < lay.bytes(); ++j) EXPECT_EQ(bytes[j], std::byte{0});  // pad
+  std::vector<float> back(static_cast<size_t>(lay.width()), kNaN);
+  load_row(lay, bytes.data(), back.data());
+  for (int64_t j = 128; j < 256; ++j) EXPECT_EQ(back[j], 0.f) << j;
+  EXPECT_EQ(back[5], 0.f);
+  EXPECT_TRUE(row_is_finite(lay, bytes.data()));
+}
+
+LatentCache make_fp8(int64_t pages, int64_t page_size, int64_t dc, int64_t dr, uint64_t seed = 0) {
+  CacheOptions o;
+  o.num_pages = pages, o.page_size = page_size, o.row_width = dc + dr, o.dtype = DType::F8_E4M3;
+  o.rope_width = dr, o.page_order_seed = seed;
+  return LatentCache(o);
+}
+
+std::byte* fp8_slot(LatentCache& c, SeqId id, int64_t t) {
+  const int64_t P = c.options().page_size;
+  return static_cast<std::byte*>(c.storage()) + (c.block_table(id)[t / P] * P + t % P) * c.row_bytes();
+}
+
+// Tokens [0, n) of a new sequence stored with store_row from random rows; returns the id.
+SeqId add_fp8_rows(LatentCache& c, int64_t n, uint64_t seed) {
+  const SeqId id = c.add_sequence();
+  const SeqId ids[] = {id};
+  const int64_t extra[] = {n};
+  c.reserve(ids, extra);
+  for (int64_t t = 0; t < n; ++t) {
+    const auto row = testing::random_values(static_cast<size_t>(c.options().row_width), seed + t, 3.f);
+    store_row(c.row_layout(), row.data(), fp8_slot(c, id, t));
+  }
+  c.commit(id, n);
+  return id;
+}
+
+TEST(CacheFp8, FirstNonFinite) {
+  const int64_t dc = 136, dr = 8;
+  const RowLayout lay{.dtype = DType::F8_E4M3, .latent = dc, .rope = dr};
+  // Each way a stored row can be non-finite: a NaN code, a NaN or infinite scale, a NaN rope value, and a
+  // finite code times a finite scale that overflows (saturated 448 x 1e38).
+  const std::vector<std::function<void(std::byte*)>> poisons = {
+      [&](std::byte* r) { r[130] = std::byte{0x7f}; },
+      [&](std::byte* r) { r[3] = std::byte{0xff}; },
+      [&](std::byte* r) {
+        const float s = kNaN;
+        std::memcpy(r + lay.scale_offset() + 4, &s, 4);
+      },
+      [&](std::byte* r) {
+        const float s = std::numeric_limits<float>::infinity();
+        std::memcpy(r + lay.scale_offset(), &s, 4);
+      },
+      [&](std::byte* r) {
+        const uint16_t b = 0x7fc0;
+        std::memcpy(r + lay.rope_offset() + 2 * 7, &b, 2);
+      },
+      [&](std::byte* r) {
+        const float s = 1e38f;
+        std::memcpy(r + lay.scale_offset(), &s, 4);
+        r[0] = std::byte{0x7e};
+      },
+  };
+  for (size_t k = 0; k < poisons.size(); ++k) {
+    SCOPED_TRACE(k);
+    LatentCache c = make_fp8(4, 4, dc, dr, 3);
+    const SeqId id = add_fp8_rows(c, 9, 50);
+    EXPECT_EQ(c.first_non_finite(id, 0, 9), -1);
+    poisons[k](fp8_slot(c, id, 6));
+    EXPECT_EQ(c.first_non_finite(id, 0, 9), 6);
+    EXPECT_EQ(c.first_non_finite(id, 0, 6), -1);
+    EXPECT_EQ(c.first_non_finite(id, 6, 7), 6);
+    EXPECT_THROW(c.first_non_finite(id, 0, 17), InvalidArgument);  // past capacity
+  }
+}
+
+TEST(CacheFp8, FillUnusedPoisonsOnlyUnusedSlots) {
+  const int64_t P = 4, pages = 9, dc = 136, dr = 8;
+  LatentCache c = make_fp8(pages, P, dc, dr, 3);
+  const SeqId a = add_fp8_rows(c, 6, 10), b = add_fp8_rows(c, 1, 20);
+  const auto rows_a = c.read_rows(a, 0, 6), rows_b = c.read_rows(b, 0, 1);
+  const SeqId e = c.add_sequence();
+  const SeqId ids[] = {e};
+  const int64_t ex[] = {3};
+  c.reserve(ids, ex);  // reserved but unused
+  c.fill_unused(kNaN);
+  EXPECT_EQ(c.read_rows(a, 0, 6), rows_a);
+  EXPECT_EQ(c.read_rows(b, 0, 1), rows_b);
+  EXPECT_EQ(c.first_non_finite(a, 0, 6), -1);
+  EXPECT_EQ(c.first_non_finite(a, 0, 8), 6);  // the rest of a's second page
+  EXPECT_EQ(c.first_non_finite(e, 0, 4), 0);
+  std::set<int64_t> used;
+  for (int64_t t = 0; t < 6; ++t) used.insert(c.block_table(a)[t / P] * P + t % P);
+  used.insert(c.block_table(b)[0] * P);
+  const RowLayout lay = c.row_layout();
+  std::vector<float> row(static_cast<size_t>(lay.width()));
+  int64_t nan_slots = 0;
+  for (int64_t slot = 0; slot < pages * P; ++slot) {
+    const auto* r = static_cast<const std::byte*>(c.storage()) + slot * lay.bytes();
+    load_row(lay, r, row.data());
+    int64_t nans = 0;
+    for (float v : row) nans += std::isnan(v);
+    if (used.count(slot)) {
+      EXPECT_EQ(nans, 0) << "slot " << slot;
+    } else {
+      EXPECT_EQ(nans, lay.width()) << "slot " << slot;  // every value, latent and rope, reads as NaN
+      EXPECT_FALSE(row_is_finite(lay, r));
+      ++nan_slots;
+    }
+  }
+  EXPECT_EQ(nan_slots, pages * P - 7);
 }
 
 }  // namespace

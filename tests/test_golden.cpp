@@ -59,8 +59,7 @@ std::vector<Param> all_params() {
       for (Precision pr : {Precision::F32, Precision::BF16})
         for (Feed f : {Feed::OneShot, Feed::Chunked, Feed::Decode}) {
           ps.push_back({name, dev, pr, f});
-          if (pr == Precision::BF16 && std::string(dev) == "cpu-reference")
-            ps.push_back({name, dev, pr, f, CacheDtype::FP8});
+          if (pr == Precision::BF16) ps.push_back({name, dev, pr, f, CacheDtype::FP8});
         }
   return ps;
 }

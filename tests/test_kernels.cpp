@@ -595,5 +595,126 @@ TEST(Kernels, FastLayerMatchesReferenceOnThisIsa) {
   }
 }
 
+// ---- fp8 cache rows (fp8_row_to_bf16 / fp8_row_to_float) against load_row, bit for bit ----
+
+// Compares one dequantised row with load_row's: equal bits, or both NaN.
+void expect_fp8_row_matches(const RowLayout& lay, const std::vector<std::byte>& bytes, const std::string& what) {
+  std::vector<float> want(static_cast<size_t>(lay.width())), got_f(want.size(), -7.f);
+  std::vector<uint16_t> got_b(want.size(), 0x1234);
+  load_row(lay, bytes.data(), want.data());
+  cpu::fp8_row_to_float(lay, bytes.data(), got_f.data());
+  cpu::fp8_row_to_bf16(lay, bytes.data(), got_b.data());
+  int bad = 0;
+  for (size_t j = 0; j < want.size() && bad < 5; ++j) {
+    const float w = want[j], f = got_f[j], b = bf16_to_float(got_b[j]);
+    const bool ok = std::isnan(w) ? std::isnan(f) && std::isnan(b)
+                                  : std::bit_cast<uint32_t>(f) == std::bit_cast<uint32_t>(w) &&
+                                        got_b[j] == static_cast<uint16_t>(std::bit_cast<uint32_t>(w) >> 16);
+    if (!ok) {
+      ++bad;
+      ADD_FAILURE() << what << " column " << j << ": load_row " << w << ", float " << f << ", bf16 " << b;
+    }
+  }
+}
+
+void put_scale(const RowLayout& lay, std::vector<std::byte>& bytes, int64_t g, float s) {
+  std::memcpy(bytes.data() + lay.scale_offset() + 4 * g, &s, 4);
+}
+
+// Every one of the 256 codes under scales that exercise every corner: 1, an ordinary scale, 0 (an all-zero
+// group), subnormal scales (subnormal products, which bf16 keeps and VCVTNEPS2BF16 would flush), products near
+// the overflow threshold and past it, infinite and NaN scales, negative zero and negative scales.
+TEST(Kernels, Fp8RowEveryCodeAndScale) {
+  const RowLayout lay{.dtype = DType::F8_E4M3, .latent = 256, .rope = 24};
+  const float scales[] = {1.f,
+                          0.0123f,
+                          0.f,
+                          -0.f,
+                          1e-40f,
+                          3e-39f,
+                          0x1p-133f,
+                          2.3e-38f,
+                          7.5e35f,
+                          1e38f,
+                          std::numeric_limits<float>::max(),
+                          kInf,
+                          -kInf,
+                          std::nanf(""),
+                          1.f / 448.f,
+                          0x1p-116f,  // the edges of the AVX-512 table route (kernels_avx512.cpp, fp8_scaled)
+                          0x1.fffffep-117f,
+                          0x1p118f,
+                          0x1.000002p118f,
+                          0x1.7654p-100f,
+                          -0.5f};
+  std::vector<std::byte> bytes(static_cast<size_t>(lay.bytes()));
+  const auto rope = testing::random_values(static_cast<size_t>(lay.rope), 5, 100.f);
+  for (float s0 : scales)
+    for (float s1 : {1.f, 1e-40f}) {
+      for (int c = 0; c < 256; ++c) bytes[static_cast<size_t>(c)] = static_cast<std::byte>(c ^ (s1 == 1.f ? 0 : 0x5a));
+      put_scale(lay, bytes, 0, s0);
+      put_scale(lay, bytes, 1, s1);
+      for (int64_t j = 0; j < lay.rope; ++j) {
+        const uint16_t b = j == 3 ? 0x7fc1 : j == 4 ? 0xff80 : j == 5 ? 0x0001 : float_to_bf16(rope[j]);
+        std::memcpy(bytes.data() + lay.rope_offset() + 2 * j, &b, 2);
+      }
+      expect_fp8_row_matches(lay, bytes, "scale " + std::to_string(s0) + "/" + std::to_string(s1));
+    }
+}
+
+// Random rows as the layer writes them (store_row of random latents, incl. all-zero groups, saturated values
+// and subnormal codes) and random bytes, on layouts whose groups and tails are not multiples of the vector width.
+TEST(Kernels, Fp8RowRandomRowsMatchLoadRow) {
+  for (auto [dc, dr] : {std::pair<int64_t, int64_t>{512, 64}, {136, 64}, {48, 16}, {7, 3}, {129, 2}, {200, 0}}) {
+    const RowLayout lay{.dtype = DType::F8_E4M3, .latent = dc, .rope = dr};
+    std::vector<std::byte> bytes(static_cast<size_t>(lay.bytes()));
+    for (int trial = 0; trial < 30; ++trial) {
+      const std::string what = "dc " + std::to_string(dc) + " trial " + std::to_string(trial);
+      auto row = testing::random_values(static_cast<size_t>(lay.width()), 300 + trial, std::ldexp(1.f, trial - 15));
+      if (trial % 3 == 0) std::fill(row.begin(), row.begin() + std::min<int64_t>(dc, 128), 0.f);  // zero group
+      if (trial % 4 == 1) row[0] = 1e4f * std::ldexp(1.f, trial - 15);  // outlier: subnormal codes
+      store_row(lay, row.data(), bytes.data());
+      expect_fp8_row_matches(lay, bytes, what + " stored");
+      // Arbitrary bytes: every code, random scales of any magnitude (finite).
+      const auto noise = testing::random_values(bytes.size(), 900 + trial);
+      for (size_t i = 0; i < static_cast<size_t>(lay.scale_offset()); ++i)
+        bytes[i] = static_cast<std::byte>(static_cast<int>((noise[i] + 1.f) * 128.f) & 0xff);
+      for (int64_t g = 0; g < lay.groups(); ++g) put_scale(lay, bytes, g, std::ldexp(noise[g] + 1.5f, trial * 9 - 140));
+      expect_fp8_row_matches(lay, bytes, what + " random bytes");
+    }
+  }
+}
+
+// mqa_pack_fp8 (dequantised in registers on AVX-512) == fp8_row_to_float then mqa_pack, bit for bit, for n < 16
+// rows and latent widths that are not multiples of 16 (one block straddles latent and rope).
+TEST(Kernels, MqaPackFp8EqualsDequantiseThenPack) {
+  for (auto [dc, dr] : {std::pair<int64_t, int64_t>{512, 64}, {136, 64}, {40, 8}, {7, 3}}) {
+    const RowLayout lay{.dtype = DType::F8_E4M3, .latent = dc, .rope = dr};
+    const int64_t d = lay.width();
+    for (int n : {16, 5}) {
+      std::vector<std::byte> bytes(static_cast<size_t>(n * lay.bytes()));
+      const void* rows[16];
+      const float* frows[16];
+      std::vector<float> deq(static_cast<size_t>(n * d));
+      for (int i = 0; i < n; ++i) {
+        auto row = testing::random_values(static_cast<size_t>(d), 70 + i + n, std::ldexp(1.f, i - 4));
+        if (i == 2) row[0] = 1e5f;  // subnormal codes for the rest of its group
+        store_row(lay, row.data(), &bytes[i * lay.bytes()]);
+        if (i == 3) bytes[i * lay.bytes() + 1] = std::byte{0x7f};  // a NaN code
+        rows[i] = &bytes[i * lay.bytes()];
+        cpu::fp8_row_to_float(lay, rows[i], &deq[i * d]);
+        frows[i] = &deq[i * d];
+      }
+      std::vector<float> want(static_cast<size_t>(d * 16), -1.f), got(want.size(), -2.f);
+      cpu::mqa_pack(frows, n, d, want.data());
+      cpu::mqa_pack_fp8(lay, rows, n, got.data());
+      for (size_t k = 0; k < want.size(); ++k)
+        ASSERT_TRUE(std::bit_cast<uint32_t>(want[k]) == std::bit_cast<uint32_t>(got[k]) ||
+                    (std::isnan(want[k]) && std::isnan(got[k])))
+            << "dc " << dc << " n " << n << " at " << k << ": " << want[k] << " vs " << got[k];
+    }
+  }
+}
+
 }  // namespace
 }  // namespace mla

@@ -399,6 +399,103 @@ TEST(PrefillAttention, RejectsBadParameters) {
   bad([](PrefillFixture& f) { f.p.softmax_scale = -1.f; }, {"softmax_scale"});
 }
 
+// ---- fp8 cache (DecodeParams::fp8_kv_cache) ----
+
+// The fp8 decode computes exactly what the bf16 decode computes over a bf16 cache holding the dequantised rows
+// bf16(fp8 · scale): both gather the same values into the same blocks and splits, so out and lse are equal bit
+// for bit (only the gather differs). Random shapes, s_q 1 and 2, causal or not, lengths with zeros and page
+// edges, permuted pages, NaN rows in every unused slot of both caches; plus a double loop over the dequantised
+// rows as an independent check.
+TEST(DecodeAttention, Fp8CacheEqualsBf16DecodeOfDequantisedRows) {
+  uint64_t seed = 500;
+  struct Dims {
+    int64_t d, dv;
+  };
+  for (Dims dims : {Dims{576, 512}, Dims{200, 136}})
+    for (int64_t h_q : {1, 16})
+      for (int64_t s_q : {1, 2})
+        for (int64_t P : {1, 16, 64}) {
+          if (dims.d != 576 && P == 64) continue;  // for time
+          ++seed;
+          std::mt19937_64 rng(seed);
+          std::vector<int32_t> lens = random_lengths(rng, 3, P, 260);
+          lens[seed % 3] = 0;
+          const int64_t B = 3, d = dims.d, dv = dims.dv;
+          const RowLayout lay{.dtype = DType::F8_E4M3, .latent = dv, .rope = d - dv};
+          int64_t max_pages = 1, used_pages = 0;
+          for (int32_t L : lens) {
+            max_pages = std::max<int64_t>(max_pages, (L + P - 1) / P + 1);
+            used_pages += (L + P - 1) / P;
+          }
+          const int64_t num_pages = used_pages + 2;
+          std::vector<int32_t> order(static_cast<size_t>(num_pages));
+          std::iota(order.begin(), order.end(), 0);
+          std::shuffle(order.begin(), order.end(), rng);
+          std::vector<int32_t> table(static_cast<size_t>(B * max_pages), -1);
+          int64_t next = 0;
+          for (int64_t b = 0; b < B; ++b)
+            for (int64_t j = 0; j < (lens[b] + P - 1) / P; ++j) table[b * max_pages + j] = order[next++];
+          // Both caches NaN everywhere, then the stored rows: fp8 from store_row, bf16 from load_row of those bytes.
+          std::vector<std::byte> fp8(static_cast<size_t>(num_pages * P * lay.bytes()));
+          const std::vector<float> nan_row(static_cast<size_t>(d), kNaN);
+          for (int64_t slot = 0; slot < num_pages * P; ++slot) store_row(lay, nan_row.data(), &fp8[slot * lay.bytes()]);
+          std::vector<uint16_t> bf16(static_cast<size_t>(num_pages * P * d), 0x7fc0);
+          std::vector<float> deq(static_cast<size_t>(num_pages * P * d), kNaN);
+          for (int64_t b = 0; b < B; ++b)
+            for (int64_t t = 0; t < lens[b]; ++t) {
+              const int64_t slot = int64_t{table[b * max_pages + t / P]} * P + t % P;
+              // Rows of varied magnitude; every fifth has an outlier that pushes its group's others to subnormal codes.
+              std::vector<float> row = testing::random_values(static_cast<size_t>(d), seed * 1000 + b * 400 + t,
+                                                              std::ldexp(1.f, static_cast<int>(t % 7) - 3));
+              if (t % 5 == 0) row[static_cast<size_t>(t % dv)] *= 300.f;
+              store_row(lay, row.data(), &fp8[slot * lay.bytes()]);
+              load_row(lay, &fp8[slot * lay.bytes()], &deq[slot * d]);
+              for (int64_t j = 0; j < d; ++j) bf16[slot * d + j] = float_to_bf16(deq[slot * d + j]);
+            }
+          Array q(DType::BF16, testing::random_values(static_cast<size_t>(B * s_q * h_q * d), seed + 2));
+          Array out8(DType::BF16, static_cast<size_t>(B * s_q * h_q * dv)), out16 = out8;
+          std::vector<float> lse8(static_cast<size_t>(B * h_q * s_q), kNaN), lse16 = lse8;
+          DecodeParams p;
+          p.batch = B, p.s_q = s_q, p.h_q = h_q, p.head_dim = d, p.head_dim_v = dv;
+          p.page_size = P, p.num_pages = num_pages, p.max_pages = max_pages, p.dtype = DType::BF16;
+          p.q = q.data(), p.block_table = table.data(), p.cache_seqlens = lens.data();
+          p.softmax_scale = 0.07f, p.causal = seed % 2 == 0;
+          DecodeParams p8 = p, p16 = p;
+          p8.fp8_kv_cache = true, p8.kv_cache = fp8.data(), p8.out = out8.data(), p8.lse = lse8.data();
+          p16.kv_cache = bf16.data(), p16.out = out16.data(), p16.lse = lse16.data();
+          const std::string what = "h_q=" + std::to_string(h_q) + " s_q=" + std::to_string(s_q) +
+                                   " page=" + std::to_string(P) + " d=" + std::to_string(d) +
+                                   (p.causal ? " causal" : "");
+          for (const std::string& dev : kDevices) {
+            decode_attention(dev, p8);
+            decode_attention(dev, p16);
+            EXPECT_EQ(out8.bits, out16.bits) << dev << " " << what;
+            for (size_t i = 0; i < lse8.size(); ++i)
+              EXPECT_EQ(std::bit_cast<uint32_t>(lse8[i]), std::bit_cast<uint32_t>(lse16[i])) << dev << " " << what;
+          }
+          // Independently: a double loop over the dequantised rows (one page size, for time).
+          if (P != 16) continue;
+          std::vector<double> want(out8.f32.size()), want_lse(lse8.size());
+          for (int64_t b = 0; b < B; ++b)
+            for (int64_t i = 0; i < s_q; ++i)
+              for (int64_t h = 0; h < h_q; ++h) {
+                const float* qr = &q.f32[((b * s_q + i) * h_q + h) * d];
+                auto key = [&](int64_t t) { return &deq[(int64_t{table[b * max_pages + t / P]} * P + t % P) * d]; };
+                auto logit = [&](int64_t t) {
+                  double acc = 0;
+                  for (int64_t j = 0; j < d; ++j) acc += double{qr[j]} * key(t)[j];
+                  return acc;
+                };
+                const int64_t L = lens[b], visible = p.causal ? L - (s_q - 1 - i) : L;
+                reference_row(
+                    visible, dv, p.softmax_scale, logit, [&](int64_t t, int64_t j) { return double{key(t)[j]}; },
+                    &want[((b * s_q + i) * h_q + h) * dv], want_lse[(b * h_q + h) * s_q + i]);
+              }
+          expect_close(out8.values(), want, tolerance(DType::BF16), what);
+          expect_lse(lse8, want_lse, what);
+        }
+}
+
 }  // namespace
 }  // namespace mla
 

@@ -177,6 +177,13 @@ int run_bench(const BenchArgs& a) {
     int layers;
   };
   std::vector<Row> rows;
+  // The FP8 cache beside the bf16 one, same shape and run: the absorbed decode step of the bf16 layer, and its
+  // attention alone (decode_attention over the same caches, the step's q̂ rows), with each cache dtype.
+  struct Fp8Rows {
+    double step_bf16 = 0, step_fp8 = 0, attn_bf16 = 0, attn_fp8 = 0;
+    double bytes_bf16 = 0, bytes_fp8 = 0;
+    int layers = 0;
+  } fp8;
   const size_t l3 = l3_bytes();
   const LayerWeights w = LayerWeights::random(c, 1);
   for (Precision prec : {Precision::BF16, Precision::F32}) {
@@ -243,6 +250,71 @@ int run_bench(const BenchArgs& a) {
                       std::string("decode ctx ") + std::to_string(L) + ", " + (latent ? "latent" : "re-expand") +
                           ", " + pn,
                       L, td * 1e3, 0, bytes, layers});
+      if (prec != Precision::BF16 || !latent) continue;
+
+      // The same step with an FP8 cache: each layer's cache holds the bf16 cache's rows quantised with store_row
+      // (the rows the fp8 layer would write differ only in being quantised from f32 instead of bf16 values).
+      LayerOptions o8 = o2;
+      o8.cache_dtype = CacheDtype::FP8;
+      std::vector<std::unique_ptr<Attention>> dl8;
+      std::vector<LatentCache> caches8;
+      const std::vector<float> ctx_rows = cache.read_rows(s, 0, L - 1);
+      for (int r = 0; r < layers; ++r) {
+        dl8.push_back(std::make_unique<Attention>(w, o8));
+        caches8.push_back(dl8.back()->make_cache(pages, 64));
+        LatentCache& c8 = caches8.back();
+        const SeqId sr = c8.add_sequence();
+        const int64_t extra = L - 1;
+        c8.reserve({&sr, 1}, {&extra, 1});
+        const RowLayout lay = c8.row_layout();
+        for (int64_t t = 0; t < L - 1; ++t)
+          store_row(
+              lay, &ctx_rows[static_cast<size_t>(t * c.latent_dim())],
+              static_cast<std::byte*>(c8.storage()) + (c8.block_table(sr)[t / 64] * 64 + t % 64) * c8.row_bytes());
+        c8.commit(sr, L - 1);
+      }
+      auto decode8 = [&] {
+        const int r = next++ % layers;
+        dl8[r]->forward({&step, 1}, x.data(), out.data(), caches8[r]);
+        caches8[r].truncate(s, L - 1);
+      };
+      for (int r = 0; r < layers; ++r) decode8();
+      // Interleaved halves, so that a slower spell of the shared machine hits both.
+      const int n8 = reps * 5 * layers;
+      const double a1 = median_seconds(n8 / 2, decode), b1 = median_seconds(n8 / 2, decode8);
+      const double a2 = median_seconds(n8 / 2, decode), b2 = median_seconds(n8 / 2, decode8);
+      fp8.step_bf16 = std::min(a1, a2), fp8.step_fp8 = std::min(b1, b2), fp8.layers = layers;
+      fp8.bytes_bf16 = bytes;
+      fp8.bytes_fp8 = weight_bytes(m, elt) + static_cast<double>((L - 1) * caches8[0].row_bytes());
+
+      // Attention alone: the absorbed MQA of one decode step (h_q = heads, s_q = 1, 576/512) as decode_attention
+      // over each layer's cache in turn, bf16 and fp8.
+      const int64_t Wd = c.latent_dim(), H = c.num_heads;
+      std::vector<uint16_t> qb(static_cast<size_t>(H * Wd)), ob(static_cast<size_t>(H * c.kv_lora_rank));
+      const std::vector<float> qf = [&] {
+        std::vector<float> v(static_cast<size_t>(H * Wd));
+        for (size_t i = 0; i < v.size(); ++i) v[i] = static_cast<float>((i * 2654435761u) % 2001) / 1000.f - 1.f;
+        return v;
+      }();
+      for (size_t i = 0; i < qf.size(); ++i) qb[i] = float_to_bf16(qf[i]);
+      const int32_t len = static_cast<int32_t>(L - 1);
+      auto op = [&](bool use_fp8) {
+        const int r = next++ % layers;
+        const LatentCache& cc = use_fp8 ? caches8[r] : caches[r];
+        const auto table = cc.block_table(s);
+        DecodeParams p;
+        p.batch = 1, p.s_q = 1, p.h_q = H, p.head_dim = Wd, p.head_dim_v = c.kv_lora_rank, p.page_size = 64;
+        p.num_pages = pages, p.max_pages = static_cast<int64_t>(table.size()), p.dtype = DType::BF16;
+        p.fp8_kv_cache = use_fp8, p.q = qb.data(), p.kv_cache = cc.storage(), p.block_table = table.data();
+        p.cache_seqlens = &len, p.softmax_scale = 0.07f, p.out = ob.data();
+        decode_attention(a.device, p);
+      };
+      auto op16 = [&] { op(false); };
+      auto op8 = [&] { op(true); };
+      for (int r = 0; r < layers; ++r) op16(), op8();
+      const double c1 = median_seconds(n8 / 2, op16), d1 = median_seconds(n8 / 2, op8);
+      const double c2 = median_seconds(n8 / 2, op16), d2 = median_seconds(n8 / 2, op8);
+      fp8.attn_bf16 = std::min(c1, c2), fp8.attn_fp8 = std::min(d1, d2);
     }
   }
 
@@ -295,6 +367,31 @@ int run_bench(const BenchArgs& a) {
                            {"fraction_of_copy_bandwidth", gb / copy},
                            {"fraction_of_read_bandwidth", gb / read}});
     }
+  }
+  if (fp8.layers > 0) {
+    const int64_t L = a.context;
+    std::printf(
+        "\nFP8 cache (fp8_ds_mla, %lld B a token) against the bf16 cache (%lld B), decode ctx %lld, bf16 layer, "
+        "absorbed, %d layers in turn (best of two interleaved medians each):\n",
+        static_cast<long long>(
+            RowLayout{.dtype = DType::F8_E4M3, .latent = c.kv_lora_rank, .rope = c.qk_rope_head_dim}.bytes()),
+        static_cast<long long>(c.latent_dim() * 2), static_cast<long long>(L), fp8.layers);
+    std::printf("  %-32s %10.3f ms  bf16 cache   %10.3f ms  fp8 cache   %.2fx\n", "decode step (whole layer)",
+                fp8.step_bf16 * 1e3, fp8.step_fp8 * 1e3, fp8.step_bf16 / fp8.step_fp8);
+    std::printf("  %-32s %10.3f ms  bf16 cache   %10.3f ms  fp8 cache   %.2fx\n", "attention alone (decode op)",
+                fp8.attn_bf16 * 1e3, fp8.attn_fp8 * 1e3, fp8.attn_bf16 / fp8.attn_fp8);
+    std::printf("  bytes a step: %.1f MB (bf16 cache) and %.1f MB (fp8), of which weights %.1f MB\n",
+                fp8.bytes_bf16 / 1e6, fp8.bytes_fp8 / 1e6, weight_bytes(m, 2) / 1e6);
+    j["fp8_cache"] = {{"context", L},
+                      {"layers_in_turn", fp8.layers},
+                      {"step_ms_bf16_cache", fp8.step_bf16 * 1e3},
+                      {"step_ms_fp8_cache", fp8.step_fp8 * 1e3},
+                      {"step_speedup", fp8.step_bf16 / fp8.step_fp8},
+                      {"attention_ms_bf16_cache", fp8.attn_bf16 * 1e3},
+                      {"attention_ms_fp8_cache", fp8.attn_fp8 * 1e3},
+                      {"attention_speedup", fp8.attn_bf16 / fp8.attn_fp8},
+                      {"step_bytes_bf16_cache", fp8.bytes_bf16},
+                      {"step_bytes_fp8_cache", fp8.bytes_fp8}};
   }
   if (!a.json.empty()) {  // written whole or not at all
     const std::string tmp = a.json + ".tmp";

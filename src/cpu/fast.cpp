@@ -97,7 +97,8 @@ class FastLayer final : public detail::LayerImpl {
   }
 
   void forward(const detail::ForwardArgs& a) override {
-    if (a.cache_row.dtype == DType::F8_E4M3) throw InvalidArgument("forward (cpu): fp8 cache not implemented yet");
+    if (!kBf16 && a.cache_row.dtype == DType::F8_E4M3)  // attention.cpp refuses this combination first
+      throw InvalidArgument("forward (cpu): an fp8 cache needs a bf16 layer");
     const int64_t N = a.total_tokens, D = c_.hidden_size, H = c_.num_heads, dqk = c_.qk_head_dim();
     check_finite(a.hidden, N, D);
     if (N == 0) return;
@@ -172,14 +173,33 @@ class FastLayer final : public detail::LayerImpl {
           rope_angles(chunk.positions[i], k_, cos_a.data(), sin_a.data());
           rope_apply(row + dc, c_.qk_rope_head_dim, cos_a.data(), sin_a.data());
           const int64_t slot = row_index(chunk.block_table, a.page_size, chunk.cached + i);
-          to_operand<TW, TW>(row, static_cast<TW*>(a.cache) + slot * W, W);
+          if (fp8(a))
+            store_row(a.cache_row, row, row_at(a.cache, a.cache_row, slot));  // from the f32 row
+          else
+            to_operand<TW, TW>(row, static_cast<TW*>(a.cache) + slot * W, W);
         }
       });
   }
 
-  // Copies cache rows [t0, t1) of a sequence into dst [t1-t0, W], widened to f32 in the widening layer.
+  // True when the cache rows are fp8_ds_mla rows (bf16 layer only): every read dequantises them to
+  // bf16(fp8 · scale), the values load_row gives, so the attention computes as over a bf16 cache holding them.
+  static bool fp8(const detail::ForwardArgs& a) { return kBf16 && a.cache_row.dtype == DType::F8_E4M3; }
+
+  // Copies cache rows [t0, t1) of a sequence into dst [t1-t0, W], widened to f32 in the widening layer
+  // (dequantised from an fp8 cache, to bf16 bits or to floats).
   void gather(const detail::ForwardArgs& a, const detail::ChunkPlan& chunk, int64_t t0, int64_t t1, TA* dst) const {
     const int64_t W = c_.latent_dim();
+    if constexpr (kBf16)
+      if (fp8(a)) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const void* row = row_at(a.cache, a.cache_row, row_index(chunk.block_table, a.page_size, t));
+          if constexpr (std::is_same_v<TA, uint16_t>)
+            fp8_row_to_bf16(a.cache_row, row, dst + (t - t0) * W);
+          else
+            fp8_row_to_float(a.cache_row, row, dst + (t - t0) * W);
+        }
+        return;
+      }
     const TW* cache = static_cast<const TW*>(a.cache);
     for (int64_t t = t0; t < t1;) {
       const int64_t slot = row_index(chunk.block_table, a.page_size, t);
@@ -327,18 +347,29 @@ class FastLayer final : public detail::LayerImpl {
       for (int64_t k = 0; k < W; ++k) qT[((r / kL) * W + k) * kL + r % kL] = qa[r * W + k];
     int32_t visible[kL];
     const TW* rows[kL];
-    const TW* cache = static_cast<const TW*>(a.cache);
+    const bool dequantise = fp8(a);
+    const RowLayout& layout = a.cache_row;
+    const auto row_bytes = static_cast<size_t>(dequantise ? layout.bytes() : W * static_cast<int64_t>(sizeof(TW)));
+    const auto* cache = static_cast<const char*>(a.cache);
     for (int64_t b; (b = next++) < blocks;) {
       const int64_t k0 = b * kKeyBlock, kb = std::min(kKeyBlock, L - k0);
       for (int64_t t0 = 0; t0 < kb; t0 += kL) {  // gather and pack (widened) panels of 16 rows
         const int n_rows = static_cast<int>(std::min<int64_t>(kL, kb - t0));
-        for (int i = 0; i < n_rows; ++i) rows[i] = cache + row_index(chunk.block_table, a.page_size, k0 + t0 + i) * W;
+        for (int i = 0; i < n_rows; ++i)
+          rows[i] = reinterpret_cast<const TW*>(cache + row_index(chunk.block_table, a.page_size, k0 + t0 + i) *
+                                                            static_cast<int64_t>(row_bytes));
         // The next panel's rows start coming from memory while this one is transposed.
         for (int64_t t = t0 + kL; t < std::min(kb, t0 + 2 * kL); ++t) {
-          const auto* row =
-              reinterpret_cast<const char*>(cache + row_index(chunk.block_table, a.page_size, k0 + t) * W);
-          for (size_t at = 0; at < W * sizeof(TW); at += 64) __builtin_prefetch(row + at);
+          const char* row = cache + row_index(chunk.block_table, a.page_size, k0 + t) * static_cast<int64_t>(row_bytes);
+          for (size_t at = 0; at < row_bytes; at += 64) __builtin_prefetch(row + at);
         }
+        if constexpr (kBf16)
+          if (dequantise) {  // dequantised as they are packed
+            const void* raw[kL];
+            std::copy_n(rows, n_rows, raw);
+            mqa_pack_fp8(layout, raw, n_rows, &kvp[t0 * W]);
+            continue;
+          }
         mqa_pack(rows, n_rows, W, &kvp[t0 * W]);
       }
       for (int64_t g = 0; g < groups; ++g) {

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <string_view>
 
@@ -117,6 +118,46 @@ void gemv_nn_scalar(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda
   }
 }
 
+void fp8_scaled_scalar(const uint8_t* x, int64_t n, float scale, uint16_t* yb, float* yf) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t b = float_to_bf16(fp8_e4m3_to_float(x[i]) * scale);
+    if (yb)
+      yb[i] = b;
+    else
+      yf[i] = bf16_to_float(b);
+  }
+}
+
+// fp8_row_to_bf16 / fp8_row_to_float: one group of up to 128 values and one scale at a time.
+void fp8_row(const RowLayout& layout, const void* row, uint16_t* yb, float* yf) {
+  const auto* in = static_cast<const uint8_t*>(row);
+  for (int64_t g = 0; g < layout.groups(); ++g) {
+    const int64_t j0 = 128 * g, n = std::min<int64_t>(128, layout.latent - j0);
+    float scale;
+    std::memcpy(&scale, in + layout.scale_offset() + 4 * g, 4);
+    uint16_t* b = yb ? yb + j0 : nullptr;
+    float* f = yb ? nullptr : yf + j0;
+    switch (isa()) {
+      case Isa::Avx512Bf16:
+      case Isa::Avx512:
+        avx512::fp8_scaled(in + j0, n, scale, b, f);
+        break;
+      case Isa::Avx2:
+        avx2::fp8_scaled(in + j0, n, scale, b, f);
+        break;
+      case Isa::Scalar:
+        fp8_scaled_scalar(in + j0, n, scale, b, f);
+        break;
+    }
+  }
+  // The rope values: bf16 at a 4-byte aligned offset of the row.
+  const auto* rope = reinterpret_cast<const uint16_t*>(in + layout.rope_offset());
+  if (yb)
+    std::memcpy(yb + layout.latent, rope, static_cast<size_t>(layout.rope) * 2);
+  else
+    from_bf16(rope, yf + layout.latent, layout.rope);
+}
+
 }  // namespace
 
 std::vector<Isa> supported_isas() {
@@ -179,6 +220,9 @@ void round_bf16_values(const float* x, float* y, int64_t n) {
       for (int64_t i = 0; i < n; ++i) y[i] = round_bf16(x[i]);
   }
 }
+
+void fp8_row_to_bf16(const RowLayout& layout, const void* row, uint16_t* y) { fp8_row(layout, row, y, nullptr); }
+void fp8_row_to_float(const RowLayout& layout, const void* row, float* y) { fp8_row(layout, row, nullptr, y); }
 
 float online_softmax_step(const float* s, int64_t n, int64_t visible, float scale, float& m, float& l, float* pf,
                           uint16_t* pb, bool round_p) {

@@ -8,6 +8,8 @@
 #include <string_view>
 #include <vector>
 
+#include "mla/cache.hpp"
+
 namespace mla::cpu {
 
 // The variants, lowest first. What bf16 operands cost on each:
@@ -39,6 +41,12 @@ void from_bf16(const uint16_t* x, float* y, int64_t n);
 // y = f32(bf16(x)): x rounded to the nearest bf16, kept as f32 (y may be x). The bf16 layer on a CPU without
 // a bf16 dot product holds its activations this way, so its GEMMs multiply exactly the values a bf16 GEMM would.
 void round_bf16_values(const float* x, float* y, int64_t n);
+
+// One row of an FP8 cache (layout.dtype F8_E4M3, the fp8_ds_mla row of mla/cache.hpp) as its width() values:
+// the latent values dequantised to bf16(fp8 · scale), the rope values as stored. As bf16 bits, or as floats;
+// bit for bit mla::load_row (NaN lanes: NaN, payload aside).
+void fp8_row_to_bf16(const RowLayout& layout, const void* row, uint16_t* y);
+void fp8_row_to_float(const RowLayout& layout, const void* row, float* y);
 
 // One step of the online softmax over a block of keys for one query row:
 //   s[0, n): raw dot products; keys j >= visible are masked out (causal).
@@ -75,6 +83,9 @@ void mqa_block(const MqaBlock& p);
 // One panel [d, 16] of mqa_block's kv from n <= 16 rows of d elements (bf16 widened, or f32); rows >= n are zeros.
 void mqa_pack(const uint16_t* const* rows, int n, int64_t d, float* panel);
 void mqa_pack(const float* const* rows, int n, int64_t d, float* panel);
+// The same from n <= 16 fp8_ds_mla rows (layout.dtype F8_E4M3, d = layout.width()): the values of
+// fp8_row_to_float, each row dequantised into a per-thread buffer and then packed.
+void mqa_pack_fp8(const RowLayout& layout, const void* const* rows, int n, float* panel);
 
 // C[M,N] = A[M,K]·B[N,K]ᵀ + beta·C (nt) or A[M,K]·B[K,N] + beta·C (nn), f32 A, bf16 B, row-major with leading
 // dimensions in elements; for a few rows M (decode). Each bf16 weight is widened in registers as it streams in,

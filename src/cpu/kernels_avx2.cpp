@@ -128,6 +128,18 @@ MLA_AVX2 void nn_cols(int64_t M, int64_t K, const float* A, int64_t lda, const u
   }
 }
 
+// 8 fp8 e4m3 codes decoded to f32 as fp8_e4m3_to_float (see kernels_avx512.cpp, load_fp8).
+MLA_AVX2 inline __m256 load_fp8(const uint8_t* x) {
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x)));
+  const __m256i a = _mm256_and_si256(b, _mm256_set1_epi32(0x7f));
+  const __m256 normal = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(a, 20), _mm256_set1_epi32(120 << 23)));
+  const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(1.0f / 512.0f));
+  __m256 f = _mm256_blendv_ps(normal, sub, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), a)));
+  f = _mm256_or_ps(f, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x80)), 24)));
+  return _mm256_blendv_ps(f, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()),
+                          _mm256_castsi256_ps(_mm256_cmpeq_epi32(a, _mm256_set1_epi32(0x7f))));
+}
+
 }  // namespace
 
 MLA_AVX2 void to_bf16(const float* x, uint16_t* y, int64_t n) {
@@ -146,6 +158,34 @@ MLA_AVX2 void round_bf16_values(const float* x, float* y, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_castsi256_ps(round_bf16_bits(_mm256_loadu_ps(x + i))));
   for (; i < n; ++i) y[i] = round_bf16(x[i]);
+}
+
+MLA_AVX2 void fp8_scaled(const uint8_t* x, int64_t n, float scale, uint16_t* yb, float* yf) {
+  const __m256 s = _mm256_set1_ps(scale);
+  for (int64_t i = 0; i < n; i += 8) {
+    uint8_t tail[8] = {};
+    const uint8_t* src = x + i;
+    if (n - i < 8) src = static_cast<const uint8_t*>(std::memcpy(tail, x + i, static_cast<size_t>(n - i)));
+    const __m256i r = round_bf16_bits(_mm256_mul_ps(load_fp8(src), s));
+    if (n - i >= 8) {
+      if (yb) {
+        const __m256i h = _mm256_srli_epi32(r, 16);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(yb + i),
+                         _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), 0x08)));
+      } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(yf + i), r);
+      }
+    } else {
+      alignas(32) uint32_t bits[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(bits), r);
+      for (int64_t j = 0; j < n - i; ++j) {
+        if (yb)
+          yb[i + j] = static_cast<uint16_t>(bits[j] >> 16);
+        else
+          std::memcpy(yf + i + j, &bits[j], 4);
+      }
+    }
+  }
 }
 
 MLA_AVX2 float softmax(const float* s, int64_t n, int64_t visible, float scale, float& m, float& l, float* pf,

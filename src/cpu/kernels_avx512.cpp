@@ -143,6 +143,21 @@ MLA_AVX512 void nn_tile(int64_t K, const float* A, int64_t lda, const uint16_t* 
     }
 }
 
+// n fp8 e4m3 codes (fewer than 16 under k) decoded to f32 exactly as fp8_e4m3_to_float: normal codes by moving
+// exponent and mantissa into place (re-biased from 7 to 127), subnormal ones as mantissa · 2^-9 (no denormal f32
+// ever enters an instruction, so DAZ cannot change the result), S.1111.111 as the quiet NaN.
+MLA_AVX512 inline __m512 load_fp8(const uint8_t* x, __mmask16 k) {
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, x));
+  const __m512i a = _mm512_and_si512(b, _mm512_set1_epi32(0x7f));
+  const __m512 normal = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(a, 20), _mm512_set1_epi32(120 << 23)));
+  const __m512 sub = _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(1.0f / 512.0f));
+  __m512 f = _mm512_mask_mov_ps(normal, _mm512_cmplt_epi32_mask(a, _mm512_set1_epi32(8)), sub);
+  f = _mm512_castsi512_ps(
+      _mm512_or_si512(_mm512_castps_si512(f), _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24)));
+  return _mm512_mask_mov_ps(f, _mm512_cmpeq_epi32_mask(a, _mm512_set1_epi32(0x7f)),
+                            _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
+}
+
 }  // namespace
 
 MLA_AVX512 void to_bf16(const float* x, uint16_t* y, int64_t n) {
@@ -163,6 +178,50 @@ MLA_AVX512 void round_bf16_values(const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 k = tail_mask(n - i);
     _mm512_mask_storeu_ps(y + i, k, _mm512_castsi512_ps(round_bf16_bits(_mm512_maskz_loadu_ps(k, x + i))));
+  }
+}
+
+// Dequantisation by two 16-entry tables. An e4m3 code is ±I · 2^E with I its 4-bit integer significand (m, or
+// 8 + m for a normal exponent e) and E = max(e, 1) − 10. While every product stays a normal f32 (a positive
+// scale in [2^-116, 2^118]: |I · scale| and |q · scale| then lie in [2^-125, 2^127]), scaling by 2^E commutes
+// with both roundings, so bf16(f32(q · scale)) = ±bf16(f32(I · scale)) · 2^E: one table of the 16 values
+// bf16(I · scale) per group, one of ±2^E indexed by sign and exponent, one exact product, nothing left to round.
+// Other scales (0, subnormal, huge, negative, infinite, NaN) take the direct route. Bit for bit load_row.
+MLA_AVX512 void fp8_scaled(const uint8_t* x, int64_t n, float scale, uint16_t* yb, float* yf) {
+  const __m512 s = _mm512_set1_ps(scale);
+  if (!(scale >= 0x1p-116f && scale <= 0x1p118f)) {
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 k = tail_mask(n - i);
+      const __m512i r = round_bf16_bits(_mm512_mul_ps(load_fp8(x + i, k), s));
+      if (yb)
+        _mm256_mask_storeu_epi16(yb + i, k, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+      else
+        _mm512_mask_storeu_ps(yf + i, k, _mm512_castsi512_ps(r));
+    }
+    return;
+  }
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512 table = _mm512_castsi512_ps(round_bf16_bits(_mm512_mul_ps(_mm512_cvtepi32_ps(lane), s)));
+  // 2^(max(e, 1) − 10) for e = 0..15, then the same negated (index bit 4: the sign).
+  const __m512 pow_pos = _mm512_scalef_ps(
+      _mm512_set1_ps(1.0f),
+      _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_max_epi32(lane, _mm512_set1_epi32(1)), _mm512_set1_epi32(10))));
+  const __m512 pow_neg = _mm512_sub_ps(_mm512_setzero_ps(), pow_pos);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = tail_mask(n - i);
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, x + i));
+    const __m512i m = _mm512_and_si512(b, _mm512_set1_epi32(7));
+    const __m512i sig =
+        _mm512_mask_or_epi32(m, _mm512_test_epi32_mask(b, _mm512_set1_epi32(0x78)), m, _mm512_set1_epi32(8));
+    const __m512i se = _mm512_and_si512(_mm512_srli_epi32(b, 3), _mm512_set1_epi32(0x1f));
+    __m512 v = _mm512_mul_ps(_mm512_permutexvar_ps(sig, table), _mm512_permutex2var_ps(pow_pos, se, pow_neg));
+    const __mmask16 nan =
+        _mm512_cmpeq_epi32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7f)), _mm512_set1_epi32(0x7f));
+    v = _mm512_mask_mov_ps(v, nan, _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
+    if (yb)
+      _mm256_mask_storeu_epi16(yb + i, k, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+    else
+      _mm512_mask_storeu_ps(yf + i, k, v);
   }
 }
 

@@ -191,7 +191,6 @@ void decode(const DecodeParams& p) {
     std::vector<T> kv(static_cast<size_t>(kKeyBlock * d));
     std::vector<float> panels(std::is_same_v<T, float> ? kv.size() : 0);
     const RowLayout layout = kv_cache_row(p);
-    std::vector<float> wide(static_cast<size_t>(d));
 #pragma omp for schedule(dynamic)
     for (size_t s = 0; s < splits.size(); ++s) {
       const auto [b, k_begin, k_end] = splits[s];
@@ -202,15 +201,19 @@ void decode(const DecodeParams& p) {
       if constexpr (std::is_same_v<T, float>) lanes.emplace(&q[b * M * d], M, d, dv);
       for (int64_t k0 = k_begin; k0 < k_end; k0 += kKeyBlock) {
         const int64_t kb = std::min(kKeyBlock, k_end - k0);
-        if (p.fp8_kv_cache) {  // dequantised row by row (bf16 values, so exactly representable in T)
+        // An fp8 cache is dequantised to bf16(fp8 · scale), exactly load_row's values: with f32 operands straight
+        // into the panels below, with bf16 ones row by row into the block.
+        const bool fp8_panels = p.fp8_kv_cache && std::is_same_v<T, float>;
+        if (fp8_panels) {
+          // packed from the cache rows below
+        } else if (p.fp8_kv_cache) {
           for (int64_t t = k0; t < k0 + kb; ++t) {
             const int64_t slot = static_cast<int64_t>(table[t / P]) * P + t % P;
-            load_row(layout, static_cast<const std::byte*>(p.kv_cache) + slot * layout.bytes(), wide.data());
-            T* dst = &kv[(t - k0) * d];
+            const void* row = static_cast<const std::byte*>(p.kv_cache) + slot * layout.bytes();
             if constexpr (std::is_same_v<T, uint16_t>)
-              for (int64_t j = 0; j < d; ++j) dst[j] = float_to_bf16(wide[j]);
+              fp8_row_to_bf16(layout, row, &kv[(t - k0) * d]);
             else
-              std::copy_n(wide.data(), d, dst);
+              fp8_row_to_float(layout, row, &kv[(t - k0) * d]);
           }
         } else {
           for (int64_t t = k0; t < k0 + kb;) {  // gather rows [k0, k0 + kb), one page-contiguous run at a time
@@ -225,8 +228,17 @@ void decode(const DecodeParams& p) {
         };
         if constexpr (std::is_same_v<T, float>) {
           for (int64_t t0 = 0; t0 < kb; t0 += kMqaLanes) {  // widened rows into 16-key panels
-            const float* rows[kMqaLanes];
             const int n = static_cast<int>(std::min<int64_t>(kMqaLanes, kb - t0));
+            if (fp8_panels) {
+              const void* rows[kMqaLanes];
+              for (int i = 0; i < n; ++i) {
+                const int64_t t = k0 + t0 + i, slot = static_cast<int64_t>(table[t / P]) * P + t % P;
+                rows[i] = static_cast<const std::byte*>(p.kv_cache) + slot * layout.bytes();
+              }
+              mqa_pack_fp8(layout, rows, n, &panels[t0 * d]);
+              continue;
+            }
+            const float* rows[kMqaLanes];
             for (int i = 0; i < n; ++i) rows[i] = &kv[(t0 + i) * d];
             mqa_pack(rows, n, d, &panels[t0 * d]);
           }
