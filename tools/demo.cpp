@@ -90,6 +90,10 @@ int run_demo(const DemoArgs& a) {
   const auto start = Clock::now();
   const Config config = Config::preset("v2-lite");
   const int64_t D = config.hidden_size, W = config.latent_dim();
+  LayerOptions opt;  // checked before anything is printed
+  opt.device = a.device;
+  opt.precision = parse_precision(a.dtype);
+  opt.cache_dtype = parse_cache_dtype(a.cache_dtype, opt.precision);
   std::printf("mla demo: one DeepSeek-V2-Lite attention layer (D=%lld, %lld heads, latent %lld+%lld), random weights,"
               " %s on %s%s\n", (long long)D, (long long)config.num_heads, (long long)config.kv_lora_rank,
               (long long)config.qk_rope_head_dim, a.dtype.c_str(), a.device.c_str(),
@@ -99,10 +103,6 @@ int run_demo(const DemoArgs& a) {
     std::fflush(stdout);
   }
   const LayerWeights weights = LayerWeights::random(config, a.seed);
-  LayerOptions opt;
-  opt.device = a.device;
-  opt.precision = parse_precision(a.dtype);
-  opt.cache_dtype = parse_cache_dtype(a.cache_dtype, opt.precision);
   const bool fp8 = opt.cache_dtype == CacheDtype::FP8;
   const int steps = fp8 ? 5 : 4;
   Attention layer(weights, opt);
@@ -163,6 +163,9 @@ int run_demo(const DemoArgs& a) {
 
   // 5. (fp8) The same generation over a bf16 cache: what quantising the cache costs in accuracy. The first token
   // sees the prompt's rows only; later ones also feed their own outputs back, so differences grow.
+  // e4m3 keeps 3 mantissa bits: rows move by about 3% (relative), outputs by a few 1e-2. A bound well above that
+  // catches a broken quantiser or a kernel that reads the rows wrongly, not the rounding itself.
+  constexpr double fp8_tol = 1e-1;
   double fp8_first = 0, fp8_all = 0;
   if (fp8) {
     LayerOptions bf16_opt = opt;
@@ -193,8 +196,8 @@ int run_demo(const DemoArgs& a) {
   std::printf("  speedup                 %8.1fx  (outputs agree to %.1e: %s)\n", slow.seconds / latent.seconds, gen_err,
               gen_err < gen_tol ? "match" : "MISMATCH");
   if (fp8)
-    std::printf("  fp8 cache vs bf16 cache %8.1e  rel. difference of the first generated token (%.1e over all)\n",
-                fp8_first, fp8_all);
+    std::printf("  fp8 cache vs bf16 cache %8.1e  rel. difference of the first generated token (%.1e over all; "
+                "e4m3 rounding, a few 1e-2 expected): %s\n", fp8_first, fp8_all, fp8_first < fp8_tol ? "ok" : "MISMATCH");
   std::printf("  cache bytes per token per layer: latent %lld B (%s), expanded K/V %lld B (%.1fx), plain MHA %lld B (%.1fx)\n",
               (long long)row_bytes, fp8 ? "fp8" : a.dtype.c_str(), (long long)(m.expanded_cache_values_per_token * elt),
               static_cast<double>(m.expanded_cache_values_per_token) / W, (long long)(m.mha_cache_values_per_token * elt),
@@ -209,7 +212,7 @@ int run_demo(const DemoArgs& a) {
               static_cast<double>(other_bytes * config.num_layers * (a.prompt + a.generate)) / 1e6, fp8 ? "bf16" : "fp8",
               static_cast<double>(m.expanded_cache_values_per_token * elt * config.num_layers * (a.prompt + a.generate)) / 1e6);
   std::printf("  total time %.1f s\n", seconds_since(start));
-  const bool ok = out_err < tol && cache_err < tol && gen_err < gen_tol;
+  const bool ok = out_err < tol && cache_err < tol && gen_err < gen_tol && fp8_first < fp8_tol;
   if (!ok) std::printf("demo FAILED: a comparison did not match\n");
   return ok ? 0 : 2;
 }
