@@ -200,8 +200,9 @@ int run_demo(const DemoArgs& a) {
                 "e4m3 rounding, a few 1e-2 expected): %s\n", fp8_first, fp8_all, fp8_first < fp8_tol ? "ok" : "MISMATCH");
   std::printf("  cache bytes per token per layer: latent %lld B (%s), expanded K/V %lld B (%.1fx), plain MHA %lld B (%.1fx)\n",
               (long long)row_bytes, fp8 ? "fp8" : a.dtype.c_str(), (long long)(m.expanded_cache_values_per_token * elt),
-              static_cast<double>(m.expanded_cache_values_per_token) / W, (long long)(m.mha_cache_values_per_token * elt),
-              static_cast<double>(m.mha_cache_values_per_token) / W);
+              static_cast<double>(m.expanded_cache_values_per_token * elt) / row_bytes,
+              (long long)(m.mha_cache_values_per_token * elt),
+              static_cast<double>(m.mha_cache_values_per_token * elt) / row_bytes);
   std::printf("  latent cache in fp8 (--cache-dtype fp8) %lld B vs bf16 %lld B per token per layer: %.2fx smaller\n",
               (long long)fp8_row.bytes(), (long long)(W * 2), static_cast<double>(W * 2) / fp8_row.bytes());
   const int64_t other_bytes = fp8 ? W * 2 : fp8_row.bytes();
