@@ -64,8 +64,8 @@ int run_forward(const ForwardArgs& a) {
       {"output", DType::F32, {B, T, c.hidden_size}, r.output.data()},
       {"latent", DType::F32, {B, T, c.latent_dim()}, r.latent.data()},
   };
-  write_safetensors(a.output, out, {{"producer", "mla forward"}, {"dtype", a.dtype}, {"path", a.path},
-                                         {"cache_dtype", a.cache_dtype}});
+  write_safetensors(a.output, out,
+                    {{"producer", "mla forward"}, {"dtype", a.dtype}, {"path", a.path}, {"cache_dtype", a.cache_dtype}});
   std::cerr << "mla forward: " << B << "x" << T << " tokens, " << r.calls << " calls, wrote " << a.output << "\n";
   return 0;
 }
