@@ -294,10 +294,97 @@ TEST_F(Cli, InfoPrintsDerivedConstants) {
   EXPECT_EQ(m.code, 0) << m.output;
 }
 
+// --cache-dtype fp8: the cache bytes of one token and of --context tokens, beside bf16 (V3: 656 B against 1152 B;
+// v3-tiny's 80 + 64 values: 80 e4m3 + one scale + 64 bf16 = 212 bytes, padded to 224).
+TEST_F(Cli, InfoPrintsFp8CacheBytes) {
+  const Result r = run("info --preset v3 --context 4096 --cache-dtype fp8");
+  ASSERT_EQ(r.code, 0) << r.output;
+  for (const char* want : {"latent cache at context 4096 (--cache-dtype fp8", "512 e4m3 @0 | 4 fp32 scales @512 | "
+                           "64 bf16 rope @528 | zero pad to 656 B", "latent (MLA)   fp8        656 B",
+                           "one token      656 B", "4096 tokens    2686976 B (2.69 MB)", "163.91 MB",
+                           "same in bf16   4718592 B (4.72 MB)", "287.83 MB", "1.76x smaller"})
+    EXPECT_NE(r.output.find(want), std::string::npos) << want << " not in\n" << r.output;
+  const Result a = run("info --preset v2-lite --context 1000");
+  ASSERT_EQ(a.code, 0) << a.output;
+  for (const char* want : {"latent cache at context 1000 (--cache-dtype auto", "1000 tokens    1152000 B (1.15 MB)",
+                           "same in fp8    656000 B (656.0 KB)"})
+    EXPECT_NE(a.output.find(want), std::string::npos) << want << " not in\n" << a.output;
+  EXPECT_EQ(a.output.find("fp32 scales"), std::string::npos) << a.output;
+  const Result m = run("info --model " + testing::golden_dir("v3-tiny").string() + " --context 10 --cache-dtype fp8");
+  ASSERT_EQ(m.code, 0) << m.output;
+  EXPECT_NE(m.output.find("80 e4m3 @0 | 1 fp32 scales @80 | 64 bf16 rope @84 | zero pad to 224 B"), std::string::npos)
+      << m.output;
+  EXPECT_NE(m.output.find("10 tokens      2240 B"), std::string::npos) << m.output;
+}
+
+// A bad --cache-dtype is one error line naming the option and the values it takes, for every command that has it;
+// fp8 with an f32 layer names both options. Nothing is written.
+TEST_F(Cli, CacheDtypeRejectsBadValues) {
+  const auto g = testing::golden_dir("v3-tiny");
+  const std::string forward =
+      "forward --model " + g.string() + " --input " + (g / "io.safetensors").string() + " --output " + out();
+  for (const std::string& cmd : {std::string("info"), std::string("demo"), forward}) {
+    for (const char* bad : {"bf16", "fp9", "FP8", "''"}) {
+      SCOPED_TRACE(cmd + " --cache-dtype " + bad);
+      const Result r = run(cmd + " --cache-dtype " + bad);
+      EXPECT_EQ(r.code, 1) << r.output;
+      EXPECT_EQ(std::count(r.output.begin(), r.output.end(), '\n'), 1) << r.output;
+      for (const char* want : {"error: ", "--cache-dtype", "auto", "fp8"})
+        EXPECT_NE(r.output.find(want), std::string::npos) << want << " not in " << r.output;
+    }
+  }
+  for (const std::string& cmd : {std::string("demo --dtype f32"), forward + " --dtype f32"}) {
+    const Result r = run(cmd + " --cache-dtype fp8");
+    EXPECT_EQ(r.code, 1) << r.output;
+    EXPECT_EQ(std::count(r.output.begin(), r.output.end(), '\n'), 1) << r.output;
+    EXPECT_NE(r.output.find("error: --cache-dtype fp8 needs --dtype bf16"), std::string::npos) << r.output;
+  }
+  expect_no_output();
+}
+
+// forward with an fp8 cache (on cpu-reference: the fast CPU layer's fp8 path lands separately) agrees with the
+// float64 goldens within the fp8-cache bound in every feed mode, and its latent output is the dequantised rows, not
+// the bf16 ones.
+TEST_F(Cli, ForwardWithFp8CacheMatchesGoldens) {
+  for (const std::string name : {"v3-tiny", "v2lite-tiny"}) {
+    const auto g = testing::golden_dir(name);
+    const std::string base = "forward --model " + g.string() + " --input " + (g / "io.safetensors").string() +
+                             " --output " + out() + " --dtype bf16 --device cpu-reference";
+    ASSERT_EQ(run(base).code, 0);
+    const std::vector<float> bf16_latent = SafetensorsFile(out()).read_f32("latent");
+    for (const std::string extra : {"", "--chunk 5", "--decode-after 3 --page-size 1"}) {
+      SCOPED_TRACE(name + " " + extra);
+      const Result r = run(base + " --cache-dtype fp8 " + extra);
+      ASSERT_EQ(r.code, 0) << r.output;
+      SafetensorsFile o(out()), ref(g / "io.safetensors");
+      const double out_err = testing::rel_error(o.read_f32("output"), ref.read_f32("output"));
+      const double lat_err = testing::rel_error(o.read_f32("latent"), ref.read_f32("latent"));
+      EXPECT_LT(out_err, testing::kGoldenToleranceFp8Cache);
+      EXPECT_LT(lat_err, testing::kGoldenToleranceFp8Cache);
+      EXPECT_GT(testing::rel_error(o.read_f32("latent"), bf16_latent), 1e-3) << "the rows were not quantised";
+      std::printf("  %s %s: output rel. error %.3e, latent %.3e\n", name.c_str(), extra.c_str(), out_err, lat_err);
+    }
+  }
+}
+
+// The demo with an fp8 cache (cpu-reference, small): its comparisons hold, it generates again over a bf16 cache and
+// prints how far the outputs moved, and it shows the fp8 bytes beside bf16.
+TEST_F(Cli, DemoWithFp8Cache) {
+  const Result r = run("demo --device cpu-reference --cache-dtype fp8 --prompt 8 --generate 2 --chunk 4");
+  ASSERT_EQ(r.code, 0) << r.output;
+  EXPECT_EQ(r.output.find("MISMATCH"), std::string::npos) << r.output;
+  for (const char* want : {"fp8 cache", "[5/5] generate the same tokens with a bf16 cache", "fp8 cache vs bf16 cache",
+                           "latent 656 B (fp8)", "656 B vs bf16 1152 B per token per layer: 1.76x smaller"})
+    EXPECT_NE(r.output.find(want), std::string::npos) << want << " not in\n" << r.output;
+}
+
 TEST_F(Cli, DemoRunsAndMatches) {
   const Result r = run("demo --prompt 96 --generate 4 --chunk 40");
   ASSERT_EQ(r.code, 0) << r.output;
   EXPECT_NE(r.output.find("speedup"), std::string::npos);
+  // The fp8 cache's bytes beside bf16 (the demo's own cache is bf16 here).
+  EXPECT_NE(r.output.find("656 B vs bf16 1152 B per token per layer"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("[4/4]"), std::string::npos) << r.output;
   EXPECT_EQ(r.output.find("MISMATCH"), std::string::npos) << r.output;
   // It says which kernels it ran and how fast this CPU's GEMM is, so that a slow machine explains itself.
   EXPECT_NE(r.output.find("kernels: " + cpu::kernel_isa()), std::string::npos) << r.output;

@@ -10,17 +10,17 @@ namespace mla::tools {
 
 struct ForwardArgs {
   std::string model, input, output;
-  std::string dtype = "f32", path = "auto", device = "cpu";
+  std::string dtype = "f32", path = "auto", device = "cpu", cache_dtype = "auto";
   int64_t layer = 0, chunk = 0, decode_after = -1, page_size = 64;
 };
 
 struct InfoArgs {
-  std::string preset, model;
+  std::string preset, model, cache_dtype = "auto";
   int64_t context = 4096;
 };
 
 struct DemoArgs {
-  std::string device = "cpu", dtype = "bf16";
+  std::string device = "cpu", dtype = "bf16", cache_dtype = "auto";
   int64_t prompt = 1024, generate = 64, chunk = 128, page_size = 64;
   uint64_t seed = 1;
 };
@@ -46,5 +46,7 @@ double gemm_rate_gflops(bool bf16, int64_t n, int reps);
 // Parsing helpers shared by the subcommands; throw mla::InvalidArgument naming the flag.
 Precision parse_precision(const std::string& s);
 Path parse_path(const std::string& s);
+// "auto" or "fp8" (--cache-dtype); fp8 with a non-bf16 --dtype throws naming both options.
+CacheDtype parse_cache_dtype(const std::string& s, Precision precision);
 
 }  // namespace mla::tools

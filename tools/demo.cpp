@@ -1,6 +1,8 @@
 // `mla demo`: a V2-Lite-shaped layer with random weights, no files needed. Prefills a prompt, checks chunked
 // prefill against one-shot, then generates tokens twice: with the latent cache (absorbed form) and by
-// re-expanding the whole cache every step (what the PyTorch reference does), and compares the two.
+// re-expanding the whole cache every step (what the PyTorch reference does), and compares the two. With
+// --cache-dtype fp8 the layer keeps an fp8 cache (docs/mla.md, "FP8 cache") and a fifth step generates the same
+// tokens with a bf16 cache to show how far quantising the cache moves the outputs.
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -88,22 +90,26 @@ int run_demo(const DemoArgs& a) {
   const auto start = Clock::now();
   const Config config = Config::preset("v2-lite");
   const int64_t D = config.hidden_size, W = config.latent_dim();
+  LayerOptions opt;  // checked before anything is printed
+  opt.device = a.device;
+  opt.precision = parse_precision(a.dtype);
+  opt.cache_dtype = parse_cache_dtype(a.cache_dtype, opt.precision);
   std::printf("mla demo: one DeepSeek-V2-Lite attention layer (D=%lld, %lld heads, latent %lld+%lld), random weights,"
-              " %s on %s\n", (long long)D, (long long)config.num_heads, (long long)config.kv_lora_rank,
-              (long long)config.qk_rope_head_dim, a.dtype.c_str(), a.device.c_str());
+              " %s on %s%s\n", (long long)D, (long long)config.num_heads, (long long)config.kv_lora_rank,
+              (long long)config.qk_rope_head_dim, a.dtype.c_str(), a.device.c_str(),
+              a.cache_dtype == "fp8" ? ", fp8 cache" : "");
   if (a.device == "cpu") {
     std::printf("  kernels: %s\n  GEMM: %s\n", isa_summary().c_str(), cpu::gemm_library_name().c_str());
     std::fflush(stdout);
   }
   const LayerWeights weights = LayerWeights::random(config, a.seed);
-  LayerOptions opt;
-  opt.device = a.device;
-  opt.precision = parse_precision(a.dtype);
+  const bool fp8 = opt.cache_dtype == CacheDtype::FP8;
+  const int steps = fp8 ? 5 : 4;
   Attention layer(weights, opt);
   const std::vector<float> prompt = random_hidden(a.prompt, D, a.seed + 1);
 
   // 1. One-shot prefill.
-  std::printf("[1/4] prefill %lld tokens in one call ...\n", (long long)a.prompt);
+  std::printf("[1/%d] prefill %lld tokens in one call ...\n", steps, (long long)a.prompt);
   std::fflush(stdout);
   const int64_t pages = (a.prompt + a.generate + a.page_size - 1) / a.page_size + 1;
   LatentCache one = layer.make_cache(pages, a.page_size);
@@ -125,7 +131,7 @@ int run_demo(const DemoArgs& a) {
   }
 
   // 2. Chunked prefill must equal one-shot, outputs and cache rows.
-  std::printf("[2/4] prefill again in chunks of %lld and compare ...\n", (long long)a.chunk);
+  std::printf("[2/%d] prefill again in chunks of %lld and compare ...\n", steps, (long long)a.chunk);
   LatentCache chunked = layer.make_cache(pages, a.page_size, /*page_order_seed=*/7);
   const SeqId s2 = chunked.add_sequence();
   std::vector<float> out2(out1.size());
@@ -144,19 +150,43 @@ int run_demo(const DemoArgs& a) {
   LayerOptions expanded_opt = opt;
   expanded_opt.path = Path::Expanded;
   Attention reexpand(weights, expanded_opt);
-  std::printf("[3/4] generate %lld tokens with the latent cache (absorbed form) ...\n", (long long)a.generate);
+  std::printf("[3/%d] generate %lld tokens with the latent cache (absorbed form) ...\n", steps, (long long)a.generate);
   std::fflush(stdout);
   const Generation latent = generate(layer, layer, prompt, a.prompt, a.generate, a.page_size, "latent cache");
   std::printf("      %.2f ms/token, %.1f tokens/s\n", latent.seconds * 1e3 / a.generate, a.generate / latent.seconds);
-  std::printf("[4/4] generate the same tokens re-expanding the cache every step ...\n");
+  std::printf("[4/%d] generate the same tokens re-expanding the cache every step ...\n", steps);
   std::fflush(stdout);
   const Generation slow = generate(layer, reexpand, prompt, a.prompt, a.generate, a.page_size, "re-expanding");
   std::printf("      %.2f ms/token, %.1f tokens/s\n", slow.seconds * 1e3 / a.generate, a.generate / slow.seconds);
   const double gen_err = rel_error(latent.outputs, slow.outputs);
   const double gen_tol = opt.precision == Precision::F32 ? 1e-4 : 5e-2;
 
+  // 5. (fp8) The same generation over a bf16 cache: what quantising the cache costs in accuracy. The first token
+  // sees the prompt's rows only; later ones also feed their own outputs back, so differences grow.
+  // e4m3 keeps 3 mantissa bits: rows move by about 3% (relative), outputs by a few 1e-2. A bound well above that
+  // catches a broken quantiser or a kernel that reads the rows wrongly, not the rounding itself.
+  constexpr double fp8_tol = 1e-1;
+  double fp8_first = 0, fp8_all = 0;
+  if (fp8) {
+    LayerOptions bf16_opt = opt;
+    bf16_opt.cache_dtype = CacheDtype::Auto;
+    Attention bf16_layer(weights, bf16_opt);
+    std::printf("[5/5] generate the same tokens with a bf16 cache and compare ...\n");
+    std::fflush(stdout);
+    const Generation bf16 = generate(bf16_layer, bf16_layer, prompt, a.prompt, a.generate, a.page_size, "bf16 cache");
+    const std::vector<float> first_fp8(latent.outputs.begin(), latent.outputs.begin() + D);
+    const std::vector<float> first_bf16(bf16.outputs.begin(), bf16.outputs.begin() + D);
+    fp8_first = rel_error(first_fp8, first_bf16);
+    fp8_all = rel_error(latent.outputs, bf16.outputs);
+    std::printf("      %.2f ms/token with the bf16 cache; fp8 vs bf16 cache outputs: rel. difference %.2e at the "
+                "first token, %.2e over all %lld\n", bf16.seconds * 1e3 / a.generate, fp8_first, fp8_all,
+                (long long)a.generate);
+  }
+
   const CostModel m = CostModel::of(config);
   const int elt = opt.precision == Precision::F32 ? 4 : 2;
+  const RowLayout fp8_row{.dtype = DType::F8_E4M3, .latent = config.kv_lora_rank, .rope = config.qk_rope_head_dim};
+  const int64_t row_bytes = fp8 ? fp8_row.bytes() : W * elt;  // of the cache this demo's layer kept
   std::printf("\nsummary\n");
   if (a.device == "cpu") std::printf("  CPU kernels             %s\n", isa_summary().c_str());
   std::printf("  prefill                 %8.0f tokens/s, %.1f GFLOP/s\n", a.prompt / prefill_s,
@@ -165,16 +195,25 @@ int run_demo(const DemoArgs& a) {
   std::printf("  generate, re-expanding  %8.1f tokens/s\n", a.generate / slow.seconds);
   std::printf("  speedup                 %8.1fx  (outputs agree to %.1e: %s)\n", slow.seconds / latent.seconds, gen_err,
               gen_err < gen_tol ? "match" : "MISMATCH");
-  std::printf("  cache bytes per token per layer: latent %lld B, expanded K/V %lld B (%.1fx), plain MHA %lld B (%.1fx)\n",
-              (long long)(W * elt), (long long)(m.expanded_cache_values_per_token * elt),
-              static_cast<double>(m.expanded_cache_values_per_token) / W, (long long)(m.mha_cache_values_per_token * elt),
-              static_cast<double>(m.mha_cache_values_per_token) / W);
-  std::printf("  whole model (%lld layers) at %lld tokens: latent %.1f MB, expanded %.1f MB\n", (long long)config.num_layers,
-              (long long)(a.prompt + a.generate),
-              static_cast<double>(W * elt * config.num_layers * (a.prompt + a.generate)) / 1e6,
+  if (fp8)
+    std::printf("  fp8 cache vs bf16 cache %8.1e  rel. difference of the first generated token (%.1e over all; "
+                "e4m3 rounding, a few 1e-2 expected): %s\n", fp8_first, fp8_all, fp8_first < fp8_tol ? "ok" : "MISMATCH");
+  std::printf("  cache bytes per token per layer: latent %lld B (%s), expanded K/V %lld B (%.1fx), plain MHA %lld B (%.1fx)\n",
+              (long long)row_bytes, fp8 ? "fp8" : a.dtype.c_str(), (long long)(m.expanded_cache_values_per_token * elt),
+              static_cast<double>(m.expanded_cache_values_per_token * elt) / row_bytes,
+              (long long)(m.mha_cache_values_per_token * elt),
+              static_cast<double>(m.mha_cache_values_per_token * elt) / row_bytes);
+  std::printf("  latent cache in fp8 (--cache-dtype fp8) %lld B vs bf16 %lld B per token per layer: %.2fx smaller\n",
+              (long long)fp8_row.bytes(), (long long)(W * 2), static_cast<double>(W * 2) / fp8_row.bytes());
+  const int64_t other_bytes = fp8 ? W * 2 : fp8_row.bytes();
+  std::printf("  whole model (%lld layers) at %lld tokens: latent %.1f MB (%s; %.1f MB in %s), expanded %.1f MB\n",
+              (long long)config.num_layers, (long long)(a.prompt + a.generate),
+              static_cast<double>(row_bytes * config.num_layers * (a.prompt + a.generate)) / 1e6,
+              fp8 ? "fp8" : a.dtype.c_str(),
+              static_cast<double>(other_bytes * config.num_layers * (a.prompt + a.generate)) / 1e6, fp8 ? "bf16" : "fp8",
               static_cast<double>(m.expanded_cache_values_per_token * elt * config.num_layers * (a.prompt + a.generate)) / 1e6);
   std::printf("  total time %.1f s\n", seconds_since(start));
-  const bool ok = out_err < tol && cache_err < tol && gen_err < gen_tol;
+  const bool ok = out_err < tol && cache_err < tol && gen_err < gen_tol && fp8_first < fp8_tol;
   if (!ok) std::printf("demo FAILED: a comparison did not match\n");
   return ok ? 0 : 2;
 }

@@ -19,6 +19,15 @@ Path parse_path(const std::string& s) {
   throw InvalidArgument("--path must be auto, expanded or absorbed, got '" + s + "'");
 }
 
+CacheDtype parse_cache_dtype(const std::string& s, Precision precision) {
+  if (s != "auto" && s != "fp8") throw InvalidArgument("--cache-dtype must be auto or fp8, got '" + s + "'");
+  if (s == "auto") return CacheDtype::Auto;
+  if (precision != Precision::BF16)
+    throw InvalidArgument("--cache-dtype fp8 needs --dtype bf16 (the fp8 cache stores a bf16 layer's rows), got --dtype " +
+                          std::string(precision_name(precision)));
+  return CacheDtype::FP8;
+}
+
 int run_forward(const ForwardArgs& a) {
   const LayerWeights weights = LayerWeights::load(a.model, a.layer);
   const Config& c = weights.config;
@@ -43,6 +52,7 @@ int run_forward(const ForwardArgs& a) {
   opt.device = a.device;
   opt.precision = parse_precision(a.dtype);
   opt.path = parse_path(a.path);
+  opt.cache_dtype = parse_cache_dtype(a.cache_dtype, opt.precision);
   Attention layer(weights, opt);
   RunOptions run;
   run.chunk = a.chunk;
@@ -54,7 +64,8 @@ int run_forward(const ForwardArgs& a) {
       {"output", DType::F32, {B, T, c.hidden_size}, r.output.data()},
       {"latent", DType::F32, {B, T, c.latent_dim()}, r.latent.data()},
   };
-  write_safetensors(a.output, out, {{"producer", "mla forward"}, {"dtype", a.dtype}, {"path", a.path}});
+  write_safetensors(a.output, out,
+                    {{"producer", "mla forward"}, {"dtype", a.dtype}, {"path", a.path}, {"cache_dtype", a.cache_dtype}});
   std::cerr << "mla forward: " << B << "x" << T << " tokens, " << r.calls << " calls, wrote " << a.output << "\n";
   return 0;
 }

@@ -23,6 +23,11 @@ int main(int argc, char** argv) {
   using namespace mla::tools;
   const auto tokens = CLI::Range(int64_t{1}, kMaxTokens);
   const auto page_size = CLI::Range(int64_t{1}, kMaxPageSize);
+  // --cache-dtype of forward, info and demo: how the latent cache stores rows (docs/mla.md, "FP8 cache").
+  const auto cache_dtype = CLI::IsMember({"auto", "fp8"});
+  const char* cache_dtype_help =
+      "Latent cache rows: auto (the --dtype's element type) or fp8 (fp8_ds_mla: e4m3 latent with one fp32 scale per "
+      "128 values, bf16 rope; 656 B a token for V3 instead of 1152; needs bf16)";
   CLI::App app{"mla: DeepSeek Multi-head Latent Attention (one layer), exactly as real checkpoints expect"};
   app.require_subcommand(1);
 
@@ -38,15 +43,17 @@ int main(int argc, char** argv) {
   f->add_option("--path", fwd.path, "Attention form")->check(CLI::IsMember({"auto", "expanded", "absorbed"}))->capture_default_str();
   f->add_option("--page-size", fwd.page_size, "Cache page size (power of two, 1..256)")->check(page_size)->capture_default_str();
   f->add_option("--device", fwd.device, "Backend: cpu, cpu-reference, cuda")->capture_default_str();
+  f->add_option("--cache-dtype", fwd.cache_dtype, cache_dtype_help)->check(cache_dtype)->capture_default_str();
 
   InfoArgs info;
   auto* i = app.add_subcommand("info", "Cache bytes, FLOPs per token and derived constants of a preset or checkpoint");
   auto* ip = i->add_option("--preset", info.preset, "v2-lite, v2, v3");
   auto* im = i->add_option("--model", info.model, "Checkpoint folder");
   ip->excludes(im);
-  i->add_option("--context", info.context, "Context length for the per-token attention FLOPs")
+  i->add_option("--context", info.context, "Context length for the per-token attention FLOPs and the cache bytes")
       ->check(CLI::Range(int64_t{1}, kMaxContext))
       ->capture_default_str();
+  i->add_option("--cache-dtype", info.cache_dtype, cache_dtype_help)->check(cache_dtype)->capture_default_str();
 
   DemoArgs demo;
   auto* d = app.add_subcommand("demo", "Prefill, check chunked == one-shot, generate with the latent cache vs re-expanding it");
@@ -57,6 +64,11 @@ int main(int argc, char** argv) {
   d->add_option("--chunk", demo.chunk, "Chunk size for the chunked prefill")->check(tokens)->capture_default_str();
   d->add_option("--page-size", demo.page_size)->check(page_size)->capture_default_str();
   d->add_option("--seed", demo.seed)->capture_default_str();
+  d->add_option("--cache-dtype", demo.cache_dtype,
+                "auto, or fp8: the demo's layer keeps an fp8 cache, and a last step generates with a bf16 cache and "
+                "prints how far the outputs move")
+      ->check(cache_dtype)
+      ->capture_default_str();
 
   BenchArgs bench;
   auto* b = app.add_subcommand("bench", "Benchmark prefill and decode against this machine's GEMM and copy ceilings");

@@ -5,6 +5,8 @@
 * :class:`Attention`: one MLA layer; call it on hidden states with a :class:`LatentCache`.
 * :func:`decode_with_kvcache` (FlashMLA's ``flash_mla_with_kvcache``) and :func:`prefill` (varlen expanded
   attention): the kernels as functions over NumPy arrays or PyTorch tensors.
+* :func:`quantize_fp8_kvcache`, :func:`dequantize_fp8_kvcache`: cache rows to and from the fp8_ds_mla bytes of
+  an fp8 cache (``decode_with_kvcache(..., is_fp8_kvcache=True)``, ``LatentCache(dtype="fp8")``).
 
 Errors: bad arguments raise ValueError, wrong dtypes TypeError, a missing folder FileNotFoundError, a full
 cache :class:`OutOfPages` (a RuntimeError), other library errors RuntimeError; messages come from the library.
@@ -14,7 +16,8 @@ MLA_NO_TORCH=1 to skip importing torch).
 import os as _os
 
 from . import _mla
-from ._api import Attention, DecodeSchedule, LatentCache, decode_with_kvcache, prefill, run_sequences
+from ._api import (Attention, DecodeSchedule, LatentCache, decode_with_kvcache, dequantize_fp8_kvcache, prefill,
+                   quantize_fp8_kvcache, run_sequences)
 from ._mla import Config, LayerWeights, OutOfPages, available_devices
 
 __version__ = "0.1.0"
@@ -28,7 +31,9 @@ __all__ = [
     "available_devices",
     "DecodeSchedule",
     "decode_with_kvcache",
+    "dequantize_fp8_kvcache",
     "prefill",
+    "quantize_fp8_kvcache",
     "run_sequences",
 ]
 

@@ -106,12 +106,16 @@ def decode_with_kvcache(
     softmax_scale: Optional[float] = None,
     causal: bool = False,
     schedule: Optional[DecodeSchedule] = None,
+    is_fp8_kvcache: bool = False,
 ) -> Tuple[ArrayLike, ArrayLike]:
     """Absorbed-form MLA decode over a paged latent cache: FlashMLA's ``flash_mla_with_kvcache``.
 
     Args:
         q: ``[batch, s_q, h_q, head_dim]`` float32, float16 or (torch) bfloat16.
-        kv_cache: ``[num_pages, page_size, 1, head_dim]``, q's dtype; page_size any power of two.
+        kv_cache: ``[num_pages, page_size, 1, head_dim]``, q's dtype; page_size any power of two. With
+            ``is_fp8_kvcache=True``: ``[num_pages, page_size, 1, row_bytes]`` uint8 (or torch.float8_e4m3fn, read
+            as its bytes) of fp8_ds_mla rows, 656 bytes for head_dim 576 / head_dim_v 512 (docs/mla.md, "FP8 cache";
+            :func:`quantize_fp8_kvcache` writes them).
         block_table: ``[batch, max_pages]`` int32 page indices.
         cache_seqlens: ``[batch]`` int32 tokens per sequence.
         head_dim_v: value width; the value is the first ``head_dim_v`` columns of each cache row (512 for MLA).
@@ -120,6 +124,9 @@ def decode_with_kvcache(
         causal: with ``s_q > 1``, query i sees keys ``t < seqlen - (s_q - 1 - i)`` (bottom-right aligned).
         schedule: a :class:`DecodeSchedule` to keep the split-KV work list between calls of one step (CUDA tensors;
             FlashMLA's ``tile_scheduler_metadata``). Without one, every call computes it (one more small kernel).
+        is_fp8_kvcache: FlashMLA's argument: ``kv_cache`` holds fp8_ds_mla rows (the first ``head_dim_v`` values as
+            float8 e4m3 with one float32 scale per 128, the rest bf16). Needs torch tensors with q in bfloat16
+            (NumPy has no bfloat16). The result equals a bf16 decode over :func:`dequantize_fp8_kvcache`'s rows.
 
     Returns:
         ``(out, lse)``: out ``[batch, s_q, h_q, head_dim_v]`` in q's dtype, lse ``[batch, h_q, s_q]`` float32
@@ -130,10 +137,13 @@ def decode_with_kvcache(
         ValueError: wrong shapes, bad block-table entries or lengths (the message names the batch index).
         TypeError: unsupported or mismatched dtypes, mixed frameworks.
     """
+    fp8 = bool(is_fp8_kvcache)
     if _is_torch(q):
         from . import _torch_ops
 
         _check_torch("decode_with_kvcache", kv_cache=kv_cache, block_table=block_table, cache_seqlens=cache_seqlens)
+        if fp8 and kv_cache.dtype == getattr(_torch_module(), "float8_e4m3fn", None):
+            kv_cache = kv_cache.view(_torch_module().uint8)  # FlashMLA's own quantiser returns the rows in this dtype
         if q.dim() != 4:
             raise ValueError(f"decode_with_kvcache: q must be 4-D [batch, s_q, h_q, head_dim], got shape "
                              f"{list(q.shape)}")
@@ -141,10 +151,13 @@ def decode_with_kvcache(
         head_dim_v = _check_head_dim_v("decode_with_kvcache", head_dim_v, q.shape[-1])
         if schedule is not None and q.is_cuda:
             return _torch_ops.scheduled_decode(q, kv_cache, block_table, cache_seqlens, int(head_dim_v), scale,
-                                               bool(causal), schedule)
+                                               bool(causal), schedule, fp8)
         return _torch_ops.decode_with_kvcache(q, kv_cache, block_table, cache_seqlens, int(head_dim_v), scale,
-                                              bool(causal))
+                                              bool(causal), fp8)
     op = "decode_with_kvcache"
+    if fp8:
+        raise TypeError(f"{op}: is_fp8_kvcache=True needs q in bfloat16, which NumPy has no dtype for; pass torch "
+                        "tensors (q.bfloat16(), kv_cache as torch.uint8)")
     q = _as_numpy(q, "q", op)
     kv_cache, block_table, cache_seqlens = (_as_numpy(a, n, op) for a, n in (
         (kv_cache, "kv_cache"), (block_table, "block_table"), (cache_seqlens, "cache_seqlens")))
@@ -200,6 +213,89 @@ def prefill(
     return out, lse
 
 
+def _fp8_host_array(x: Any, name: str, op: str, want_uint8: bool):
+    """(array, is_torch): x as a C-contiguous CPU array, float32 for rows or uint8 for fp8 rows."""
+    if _is_torch(x):
+        torch = _torch_module()
+        if x.device.type != "cpu":
+            raise ValueError(f"{op}: {name} must be a CPU tensor, got one on {x.device} (call .cpu() first)")
+        x = x.detach()
+        if want_uint8:
+            if x.dtype == getattr(torch, "float8_e4m3fn", None):
+                x = x.view(torch.uint8)
+            if x.dtype != torch.uint8:
+                raise TypeError(f"{op}: {name} must be uint8 (fp8_ds_mla rows), got {x.dtype}")
+            return x.contiguous(), True
+        if not torch.is_floating_point(x):
+            raise TypeError(f"{op}: {name} must be a float tensor, got {x.dtype}")
+        return x.to(torch.float32).contiguous(), True
+    a = np.asarray(x)
+    if want_uint8:
+        if a.dtype != np.uint8:
+            raise TypeError(f"{op}: {name} must be uint8 (fp8_ds_mla rows), got {a.dtype}")
+        return np.asarray(a, order="C"), False
+    if a.dtype.kind != "f":
+        raise TypeError(f"{op}: {name} must hold floats, got {a.dtype}")
+    return np.asarray(a, dtype=np.float32, order="C"), False  # (ascontiguousarray would make a scalar 1-D)
+
+
+def _fp8_row_bytes(op: str, head_dim: int, head_dim_v: int) -> int:
+    if head_dim_v < 1 or head_dim_v > head_dim:
+        raise ValueError(f"{op}: head_dim_v must be in [1, head_dim = {head_dim}] (the first head_dim_v values are "
+                         f"quantised, the rest kept in bf16), got {head_dim_v}")
+    return _mla.fp8_row_bytes(head_dim, head_dim_v)
+
+
+def quantize_fp8_kvcache(rows: ArrayLike, head_dim_v: int = 512) -> ArrayLike:
+    """Cache rows ``[..., head_dim]`` (float; converted to float32 first) as fp8_ds_mla bytes ``[..., row_bytes]``
+    uint8: the ``kv_cache`` of ``decode_with_kvcache(..., is_fp8_kvcache=True)`` when given
+    ``[num_pages, page_size, 1, 576]`` rows (656 bytes a row).
+
+    The first ``head_dim_v`` values of a row are quantised to float8 e4m3 with one float32 scale per group of 128
+    (scale = amax / 448, round to nearest even, saturating); the rest (the rope part) is stored in bf16. The bytes
+    are those :class:`LatentCache` and the layers store (``mla::store_row``); the CUDA cache writer produces the
+    same bytes from the same floats. CPU arrays only; NumPy in, NumPy out; torch in, torch out.
+    """
+    op = "quantize_fp8_kvcache"
+    x, torch_in = _fp8_host_array(rows, "rows", op, want_uint8=False)
+    if x.ndim < 1:
+        raise ValueError(f"{op}: rows must have at least one dim [..., head_dim], got a scalar")
+    head_dim = int(x.shape[-1])
+    nbytes = _fp8_row_bytes(op, head_dim, int(head_dim_v))
+    lead = tuple(x.shape[:-1])
+    flat = x.reshape(-1, head_dim)
+    if torch_in:
+        out = _torch_module().empty((flat.shape[0], nbytes), dtype=_torch_module().uint8)
+    else:
+        out = np.empty((flat.shape[0], nbytes), dtype=np.uint8)
+    _mla.quantize_fp8_rows(flat, out, int(head_dim_v))
+    return out.reshape(lead + (nbytes,))
+
+
+def dequantize_fp8_kvcache(kv_cache: ArrayLike, head_dim: int = 576, head_dim_v: int = 512) -> ArrayLike:
+    """fp8_ds_mla rows ``[..., row_bytes]`` (uint8, or torch.float8_e4m3fn read as bytes) back to float32
+    ``[..., head_dim]``: latent values ``bf16(fp8 * scale)``, rope values as stored (bf16).
+
+    These are exactly the values every decode and layer computes with (all exactly representable in bfloat16), so
+    a bf16 decode over them equals ``decode_with_kvcache(..., is_fp8_kvcache=True)`` over the bytes. Built on
+    ``mla::load_row``. CPU arrays only; NumPy in, NumPy out; torch in, torch out.
+    """
+    op = "dequantize_fp8_kvcache"
+    x, torch_in = _fp8_host_array(kv_cache, "kv_cache", op, want_uint8=True)
+    nbytes = _fp8_row_bytes(op, int(head_dim), int(head_dim_v))
+    if x.ndim < 1 or x.shape[-1] != nbytes:
+        raise ValueError(f"{op}: kv_cache's last dim must be {nbytes}, the bytes of one fp8_ds_mla row of head_dim "
+                         f"{head_dim} with head_dim_v {head_dim_v}, got shape {list(x.shape)}")
+    lead = tuple(x.shape[:-1])
+    flat = x.reshape(-1, nbytes)
+    if torch_in:
+        out = _torch_module().empty((flat.shape[0], int(head_dim)), dtype=_torch_module().float32)
+    else:
+        out = np.empty((flat.shape[0], int(head_dim)), dtype=np.float32)
+    _mla.dequantize_fp8_rows(flat, out, int(head_dim_v))
+    return out.reshape(lead + (int(head_dim),))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The cache
 
@@ -207,21 +303,23 @@ def prefill(
 class LatentCache:
     """The paged latent cache: per token one row ``[RMSNorm(c) | RoPE(k_pe)]`` (576 values for DeepSeek models).
 
-    Storage is ``[num_pages, page_size, row_width]`` in ``dtype`` ("bf16" or "f32") on ``device``; each sequence
-    owns a block table of page indices. ``Attention.make_cache`` builds one that matches a layer.
+    Storage is ``[num_pages, page_size, row_bytes]`` bytes of ``dtype`` rows on ``device``; each sequence owns a
+    block table of page indices. ``Attention.make_cache`` builds one that matches a layer.
 
     Args:
         num_pages: pages in the pool.
         page_size: tokens per page, a power of two from 1 to 256.
         row_width: values per row (kv_lora_rank + qk_rope_head_dim).
-        dtype: "bf16" or "f32" (an f32 layer needs an f32 cache, a bf16 layer a bf16 one).
+        dtype: "bf16", "f32" (an f32 layer needs an f32 cache, a bf16 layer a bf16 one) or "fp8" (the fp8_ds_mla
+            rows of a bf16 layer with ``cache_dtype="fp8"``: 656 bytes a row instead of 1152 for 576 values).
         device: "cpu", "cpu-reference" or "cuda".
         page_order_seed: 0 hands pages out in order; otherwise in a random order from this seed.
+        rope_width: "fp8" only: the last ``rope_width`` values of a row (qk_rope_head_dim) are kept in bf16.
     """
 
     def __init__(self, num_pages: int, page_size: int = 64, row_width: int = 576, dtype: str = "bf16",
-                 device: str = "cpu", page_order_seed: int = 0) -> None:
-        self._impl = _mla.LatentCache(num_pages, page_size, row_width, dtype, device, page_order_seed)
+                 device: str = "cpu", page_order_seed: int = 0, rope_width: int = 64) -> None:
+        self._impl = _mla.LatentCache(num_pages, page_size, row_width, dtype, device, page_order_seed, rope_width)
 
     @classmethod
     def _wrap(cls, impl: "_mla.LatentCache") -> "LatentCache":
@@ -265,7 +363,8 @@ class LatentCache:
         self._impl.fill_unused(value)
 
     def read(self, seq: int, begin: int = 0, end: Optional[int] = None) -> np.ndarray:
-        """Rows ``[begin, end)`` of a sequence as a float32 NumPy array ``[end - begin, row_width]`` (a copy)."""
+        """Rows ``[begin, end)`` of a sequence as a float32 NumPy array ``[end - begin, row_width]`` (a copy;
+        dequantised from an fp8 cache)."""
         return self._impl.read(seq, begin, end)
 
     def block_table(self, seq: int) -> np.ndarray:
@@ -293,7 +392,8 @@ class LatentCache:
 
         ``framework="numpy"`` gives a NumPy array (host caches only); a bf16 cache comes as uint16 (the bf16
         bit patterns) since NumPy has no bfloat16. ``framework="torch"`` gives a torch tensor (bfloat16 for a
-        bf16 cache, on the cache's device). The view keeps the cache alive.
+        bf16 cache, on the cache's device). An fp8 cache is uint8 ``[num_pages, page_size, 1, row_bytes]`` in both:
+        the ``kv_cache`` of ``decode_with_kvcache(..., is_fp8_kvcache=True)``. The view keeps the cache alive.
         """
         if framework == "numpy":
             if not self.device.startswith("cpu"):
@@ -322,11 +422,32 @@ class LatentCache:
 
     @property
     def dtype(self) -> str:
+        """"bf16", "f32" or "fp8"."""
         return self._impl.dtype
 
     @property
     def device(self) -> str:
         return self._impl.device
+
+    @property
+    def rope_width(self) -> int:
+        """Values at the end of a row kept in bf16 by an fp8 cache (0 for bf16 and f32 caches)."""
+        return self._impl.rope_width
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one token's row: 1152 for 576 bf16 values, 656 for the fp8_ds_mla row of 512 + 64."""
+        return self._impl.row_bytes
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page: page_size * row_bytes."""
+        return self._impl.page_bytes
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole page pool: num_pages * page_bytes."""
+        return self.num_pages * self.page_bytes
 
     def __repr__(self) -> str:
         return (f"mla.LatentCache(num_pages={self.num_pages}, page_size={self.page_size}, row_width={self.row_width}, "
@@ -346,30 +467,34 @@ class Attention:
         device: "cpu" (fast), "cpu-reference" (scalar loops) or "cuda" (when built with CUDA).
         dtype: "bf16" (bf16 weights, activations and cache; fp32 accumulation and softmax) or "f32".
         path: "auto" (per sequence, the cheaper of the two forms), "expanded" or "absorbed".
+        cache_dtype: "auto" (the cache stores rows in ``dtype``) or "fp8" (bf16 layers only: fp8_ds_mla rows, 656
+            bytes a token instead of 1152 for DeepSeek shapes; the layer computes with the dequantised rows exactly
+            as over a bf16 cache holding them; docs/mla.md, "FP8 cache").
 
     Threads: one layer may be called from several threads at once as long as each thread uses its own
     :class:`LatentCache` (a cache is not thread-safe). Calls release the GIL; on the CPU they run in parallel and
     give bit for bit the results of the same calls made one after another; on CUDA the layer serialises them.
     """
 
-    def __init__(self, weights: LayerWeights, device: str = "cpu", dtype: str = "bf16", path: str = "auto") -> None:
-        self._impl = _mla.Attention(weights, device, dtype, path)
+    def __init__(self, weights: LayerWeights, device: str = "cpu", dtype: str = "bf16", path: str = "auto",
+                 cache_dtype: str = "auto") -> None:
+        self._impl = _mla.Attention(weights, device, dtype, path, cache_dtype)
         self._local = threading.local()
 
     @classmethod
     def from_pretrained(cls, pretrained_dir: Union[str, os.PathLike], layer: int = 0, device: str = "cpu",
-                        dtype: str = "bf16", path: str = "auto") -> "Attention":
+                        dtype: str = "bf16", path: str = "auto", cache_dtype: str = "auto") -> "Attention":
         """Loads layer ``layer`` of a Hugging Face DeepSeek checkpoint folder (config.json + safetensors, single
         file or sharded; BF16, F16, F32 or FP8 E4M3 with block scales). Only that layer's tensors are read."""
-        return cls(LayerWeights.load(os.fspath(pretrained_dir), layer), device, dtype, path)
+        return cls(LayerWeights.load(os.fspath(pretrained_dir), layer), device, dtype, path, cache_dtype)
 
     @classmethod
     def random(cls, config: Union[Config, str], seed: int = 0, device: str = "cpu", dtype: str = "bf16",
-               path: str = "auto") -> "Attention":
+               path: str = "auto", cache_dtype: str = "auto") -> "Attention":
         """A layer with deterministic random weights of checkpoint-like scale; ``config`` may be a preset name."""
         if isinstance(config, str):
             config = Config.preset(config)
-        return cls(LayerWeights.random(config, seed), device, dtype, path)
+        return cls(LayerWeights.random(config, seed), device, dtype, path, cache_dtype)
 
     @property
     def config(self) -> Config:
@@ -388,12 +513,17 @@ class Attention:
         return self._impl.path
 
     @property
+    def cache_dtype(self) -> str:
+        """"auto" or "fp8" (the rows of :meth:`make_cache`'s caches)."""
+        return self._impl.cache_dtype
+
+    @property
     def last_paths(self) -> list:
         """The form ("expanded" or "absorbed") the calling thread's last successful call used for each sequence."""
         return list(getattr(self._local, "paths", []))
 
     def make_cache(self, num_pages: int, page_size: int = 64, page_order_seed: int = 0) -> LatentCache:
-        """A cache whose row width, dtype and device match this layer."""
+        """A cache whose row width, dtype (fp8 with ``cache_dtype="fp8"``) and device match this layer."""
         return LatentCache._wrap(self._impl.make_cache(num_pages, page_size, page_order_seed))
 
     def __call__(self, hidden: ArrayLike, cache: LatentCache, positions: Optional[ArrayLike] = None, *,
@@ -476,7 +606,7 @@ class Attention:
     def __repr__(self) -> str:
         c = self.config
         return (f"mla.Attention(config='{c.name}', hidden_size={c.hidden_size}, num_heads={c.num_heads}, "
-                f"device='{self.device}', dtype='{self.dtype}', path='{self.path}')")
+                f"device='{self.device}', dtype='{self.dtype}', path='{self.path}', cache_dtype='{self.cache_dtype}')")
 
 
 def run_sequences(layer: Attention, hidden: np.ndarray, positions: Optional[np.ndarray] = None, *, chunk: int = 0,

@@ -14,7 +14,7 @@ Tensor = torch.Tensor
 
 
 def _decode_impl(q: Tensor, kv_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor, head_dim_v: int,
-                 softmax_scale: float, causal: bool) -> Tuple[Tensor, Tensor]:
+                 softmax_scale: float, causal: bool, is_fp8_kvcache: bool = False) -> Tuple[Tensor, Tensor]:
     if q.dim() != 4:
         raise ValueError(f"decode_with_kvcache: q must be 4-D [batch, s_q, h_q, head_dim], got shape {list(q.shape)}")
     b, s_q, h_q, _ = q.shape
@@ -22,51 +22,54 @@ def _decode_impl(q: Tensor, kv_cache: Tensor, block_table: Tensor, cache_seqlens
     lse = torch.empty((b, h_q, s_q), dtype=torch.float32, device=q.device)
     args = [t.detach().contiguous() for t in (q, kv_cache, block_table, cache_seqlens)]
     if not q.is_cuda:
-        _mla.decode(*args, out, lse, head_dim_v, softmax_scale, causal)
+        _mla.decode(*args, out, lse, head_dim_v, softmax_scale, causal, is_fp8_kvcache=is_fp8_kvcache)
         return out, lse
     # CUDA: the planned run on torch's current stream with a workspace from torch's allocator: nothing is
     # allocated or synchronised inside, so the call can be captured in a torch.cuda.CUDAGraph.
     with torch.cuda.device(q.device):
         nbytes = _mla.decode_workspace_bytes(b, s_q, h_q, q.shape[3], head_dim_v, kv_cache.shape[1],
-                                             str(q.dtype).replace("torch.", ""), "cuda")
+                                             str(q.dtype).replace("torch.", ""), "cuda", is_fp8_kvcache)
         workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=q.device)
         _mla.decode(*args, out, lse, head_dim_v, softmax_scale, causal, workspace=workspace,
-                    stream=torch.cuda.current_stream().cuda_stream)
+                    stream=torch.cuda.current_stream().cuda_stream, is_fp8_kvcache=is_fp8_kvcache)
     return out, lse
 
 
 def _decode_scheduled_impl(q: Tensor, kv_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor, workspace: Tensor,
-                           head_dim_v: int, softmax_scale: float, causal: bool, splits_ready: bool
-                           ) -> Tuple[Tensor, Tensor]:
+                           head_dim_v: int, softmax_scale: float, causal: bool, splits_ready: bool,
+                           is_fp8_kvcache: bool = False) -> Tuple[Tensor, Tensor]:
     b, s_q, h_q, _ = q.shape
     out = torch.empty((b, s_q, h_q, max(head_dim_v, 0)), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h_q, s_q), dtype=torch.float32, device=q.device)
     args = [t.detach().contiguous() for t in (q, kv_cache, block_table, cache_seqlens)]
     with torch.cuda.device(q.device):
         _mla.decode(*args, out, lse, head_dim_v, softmax_scale, causal, workspace=workspace,
-                    stream=torch.cuda.current_stream().cuda_stream, splits_ready=splits_ready)
+                    stream=torch.cuda.current_stream().cuda_stream, splits_ready=splits_ready,
+                    is_fp8_kvcache=is_fp8_kvcache)
     return out, lse
 
 
 def scheduled_decode(q: Tensor, kv_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor, head_dim_v: int,
-                     softmax_scale: float, causal: bool, schedule) -> Tuple[Tensor, Tensor]:
+                     softmax_scale: float, causal: bool, schedule, is_fp8_kvcache: bool = False
+                     ) -> Tuple[Tensor, Tensor]:
     """decode_with_kvcache with a DecodeSchedule: the first call for a shape writes the work list into the
     schedule's workspace, later ones reuse it (splits_ready)."""
     if q.dim() != 4:
         raise ValueError(f"decode_with_kvcache: q must be 4-D [batch, s_q, h_q, head_dim], got shape {list(q.shape)}")
     b, s_q, h_q, d = q.shape
-    key = (b, s_q, h_q, d, head_dim_v, kv_cache.shape[1], block_table.shape[1], q.dtype, q.device, bool(causal))
+    key = (b, s_q, h_q, d, head_dim_v, kv_cache.shape[1], block_table.shape[1], q.dtype, q.device, bool(causal),
+           bool(is_fp8_kvcache))
     ready = schedule._key == key
     if not ready:
         with torch.cuda.device(q.device):
             nbytes = _mla.decode_workspace_bytes(b, s_q, h_q, d, head_dim_v, kv_cache.shape[1],
-                                                 str(q.dtype).replace("torch.", ""), "cuda")
+                                                 str(q.dtype).replace("torch.", ""), "cuda", is_fp8_kvcache)
         ws = schedule._workspace
         if ws is None or ws.device != q.device or ws.numel() < nbytes:
             schedule._workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=q.device)
         schedule._key = None  # set again only once the work list is written
     out = decode_with_kvcache_scheduled(q, kv_cache, block_table, cache_seqlens, schedule._workspace, head_dim_v,
-                                        softmax_scale, causal, ready)
+                                        softmax_scale, causal, ready, is_fp8_kvcache)
     schedule._key = key
     return out
 
@@ -97,11 +100,12 @@ if registered:
 
     @torch.library.custom_op("mla::decode_with_kvcache", mutates_args=())
     def decode_with_kvcache(q: Tensor, kv_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor,
-                            head_dim_v: int, softmax_scale: float, causal: bool) -> Tuple[Tensor, Tensor]:
-        return _decode_impl(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal)
+                            head_dim_v: int, softmax_scale: float, causal: bool,
+                            is_fp8_kvcache: bool = False) -> Tuple[Tensor, Tensor]:
+        return _decode_impl(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8_kvcache)
 
     @decode_with_kvcache.register_fake
-    def _decode_fake(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal):
+    def _decode_fake(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, is_fp8_kvcache=False):
         torch._check(q.dim() == 4, lambda: "decode_with_kvcache: q must be 4-D [batch, s_q, h_q, head_dim]")
         b, s_q, h_q, _ = q.shape
         return q.new_empty((b, s_q, h_q, head_dim_v)), q.new_empty((b, h_q, s_q), dtype=torch.float32)
@@ -109,13 +113,13 @@ if registered:
     @torch.library.custom_op("mla::decode_with_kvcache_scheduled", mutates_args=("workspace",))
     def decode_with_kvcache_scheduled(q: Tensor, kv_cache: Tensor, block_table: Tensor, cache_seqlens: Tensor,
                                       workspace: Tensor, head_dim_v: int, softmax_scale: float, causal: bool,
-                                      splits_ready: bool) -> Tuple[Tensor, Tensor]:
+                                      splits_ready: bool, is_fp8_kvcache: bool = False) -> Tuple[Tensor, Tensor]:
         return _decode_scheduled_impl(q, kv_cache, block_table, cache_seqlens, workspace, head_dim_v, softmax_scale,
-                                      causal, splits_ready)
+                                      causal, splits_ready, is_fp8_kvcache)
 
     @decode_with_kvcache_scheduled.register_fake
     def _decode_scheduled_fake(q, kv_cache, block_table, cache_seqlens, workspace, head_dim_v, softmax_scale, causal,
-                               splits_ready):
+                               splits_ready, is_fp8_kvcache=False):
         b, s_q, h_q, _ = q.shape
         return q.new_empty((b, s_q, h_q, head_dim_v)), q.new_empty((b, h_q, s_q), dtype=torch.float32)
 

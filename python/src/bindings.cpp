@@ -115,9 +115,11 @@ Array ro(const OutArray& a) { return Array(a); }
 // planned run: no allocation, no host synchronisation, launched on the caller's stream (CUDA-graph capturable).
 // splits_ready: the workspace already holds the split-KV work list of an earlier planned run with the same shapes and
 // cache_seqlens (FlashMLA's reused metadata); only the attention and combine kernels run.
+// fp8_kv_cache (FlashMLA's is_fp8_kvcache): kv is uint8 [num_pages, page_size, 1, row bytes] of fp8_ds_mla rows
+// (mla/cache.hpp RowLayout with latent = head_dim_v, rope = head_dim - head_dim_v) and q, out are bfloat16.
 void decode(Array q, Array kv, Array block_table, Array seqlens, OutArray out_w, std::optional<OutArray> lse_w,
             int64_t head_dim_v, double softmax_scale, bool causal, std::string device,
-            std::optional<OutArray> workspace_w, uintptr_t stream, bool splits_ready) {
+            std::optional<OutArray> workspace_w, uintptr_t stream, bool splits_ready, bool fp8_kv_cache) {
   constexpr const char* op = "decode_with_kvcache";
   const Array out = ro(out_w);
   expect_ndim(q, 4, op, "q", "[batch, s_q, h_q, head_dim]");
@@ -125,14 +127,27 @@ void decode(Array q, Array kv, Array block_table, Array seqlens, OutArray out_w,
   expect_ndim(block_table, 2, op, "block_table", "[batch, max_pages]");
   expect_ndim(seqlens, 1, op, "cache_seqlens", "[batch]");
   const mla::DType dt = float_dtype(q, op, "q");
-  if (float_dtype(kv, op, "kv_cache") != dt)
+  const int64_t b = q.shape(0), s_q = q.shape(1), h_q = q.shape(2), d = q.shape(3);
+  if (fp8_kv_cache) {
+    if (dt != mla::DType::BF16)
+      throw nb::type_error((std::string(op) + ": is_fp8_kvcache=True needs q in bfloat16 (the fp8 rows are read as "
+                            "bf16 values), got " + dtype_str(q.dtype())).c_str());
+    expect_dtype(kv, nb::dtype<uint8_t>(), op, "kv_cache", "uint8 with is_fp8_kvcache=True (fp8_ds_mla rows)");
+  } else if (float_dtype(kv, op, "kv_cache") != dt) {
     throw nb::type_error((std::string(op) + ": kv_cache must have q's dtype " + dtype_str(q.dtype()) + ", got " +
                           dtype_str(kv.dtype())).c_str());
+  }
   expect_dtype(block_table, nb::dtype<int32_t>(), op, "block_table", "int32");
   expect_dtype(seqlens, nb::dtype<int32_t>(), op, "cache_seqlens", "int32");
-  const int64_t b = q.shape(0), s_q = q.shape(1), h_q = q.shape(2), d = q.shape(3);
   expect_dim(kv, 2, 1, op, "kv_cache", "KV heads; MLA has one latent head");
-  expect_dim(kv, 3, d, op, "kv_cache", "head_dim, as q");
+  if (!fp8_kv_cache) {
+    expect_dim(kv, 3, d, op, "kv_cache", "head_dim, as q");
+  } else if (head_dim_v >= 1 && head_dim_v <= d) {  // otherwise the library names head_dim_v
+    const mla::RowLayout row{.dtype = mla::DType::F8_E4M3, .latent = head_dim_v, .rope = d - head_dim_v};
+    const std::string what = "bytes of one fp8_ds_mla row of head_dim " + std::to_string(d) + ", head_dim_v " +
+                             std::to_string(head_dim_v);
+    expect_dim(kv, 3, row.bytes(), op, "kv_cache", what.c_str());
+  }
   expect_dim(block_table, 0, b, op, "block_table", "batch, as q");
   expect_dim(seqlens, 0, b, op, "cache_seqlens", "batch, as q");
   expect_ndim(out, 4, op, "out", "[batch, s_q, h_q, head_dim_v]");
@@ -149,6 +164,7 @@ void decode(Array q, Array kv, Array block_table, Array seqlens, OutArray out_w,
   mla::DecodeParams p;
   p.batch = b, p.s_q = s_q, p.h_q = h_q, p.head_dim = d, p.head_dim_v = head_dim_v;
   p.page_size = kv.shape(1), p.num_pages = kv.shape(0), p.max_pages = block_table.shape(1), p.dtype = dt;
+  p.fp8_kv_cache = fp8_kv_cache;
   p.q = q.data(), p.kv_cache = kv.data(), p.block_table = static_cast<const int32_t*>(block_table.data());
   p.cache_seqlens = static_cast<const int32_t*>(seqlens.data());
   p.softmax_scale = static_cast<float>(softmax_scale), p.causal = causal, p.out = out_w.data();
@@ -190,8 +206,10 @@ void decode(Array q, Array kv, Array block_table, Array seqlens, OutArray out_w,
 
 // Bytes of scratch the planned decode needs for this shape on this device (0 on the CPU).
 int64_t decode_workspace_bytes(int64_t batch, int64_t s_q, int64_t h_q, int64_t head_dim, int64_t head_dim_v,
-                               int64_t page_size, const std::string& dtype, const std::string& device) {
+                               int64_t page_size, const std::string& dtype, const std::string& device,
+                               bool fp8_kv_cache) {
   mla::DecodeParams p;
+  p.fp8_kv_cache = fp8_kv_cache;
   p.batch = batch, p.s_q = s_q, p.h_q = h_q, p.head_dim = head_dim, p.head_dim_v = head_dim_v;
   p.page_size = page_size, p.num_pages = 1, p.max_pages = 1, p.softmax_scale = 1.f;
   if (dtype == "bfloat16") p.dtype = mla::DType::BF16;
@@ -199,6 +217,68 @@ int64_t decode_workspace_bytes(int64_t batch, int64_t s_q, int64_t h_q, int64_t 
   else if (dtype == "float32") p.dtype = mla::DType::F32;
   else throw nb::type_error(("decode_workspace_bytes: unsupported dtype " + dtype).c_str());
   return mla::plan_decode_attention(device, p).workspace_bytes;
+}
+
+// ---- fp8_ds_mla rows on the host (mla::store_row / mla::load_row, the bytes the layers and the CUDA writer store) ----
+
+mla::RowLayout fp8_layout(const char* op, int64_t head_dim, int64_t head_dim_v) {
+  if (head_dim_v < 1 || head_dim_v > head_dim)
+    throw mla::InvalidArgument(std::string(op) + ": head_dim_v must be in [1, head_dim = " + std::to_string(head_dim) +
+                               "] (the first head_dim_v values are quantised, the rest kept in bf16), got " +
+                               std::to_string(head_dim_v));
+  return {.dtype = mla::DType::F8_E4M3, .latent = head_dim_v, .rope = head_dim - head_dim_v};
+}
+
+int64_t fp8_row_bytes(int64_t head_dim, int64_t head_dim_v) {
+  return fp8_layout("fp8_row_bytes", head_dim, head_dim_v).bytes();
+}
+
+// rows: float32 [n, head_dim] host; out: uint8 [n, row bytes] host.
+void quantize_fp8_rows(Array rows, OutArray out_w, int64_t head_dim_v) {
+  constexpr const char* op = "quantize_fp8_kvcache";
+  const Array out = ro(out_w);
+  expect_dtype(rows, nb::dtype<float>(), op, "rows", "float32");
+  expect_dtype(out, nb::dtype<uint8_t>(), op, "out", "uint8");
+  expect_ndim(rows, 2, op, "rows", "[rows, head_dim]");
+  const mla::RowLayout layout = fp8_layout(op, static_cast<int64_t>(rows.shape(1)), head_dim_v);
+  expect_ndim(out, 2, op, "out", "[rows, row bytes]");
+  expect_dim(out, 0, rows.shape(0), op, "out", "rows");
+  expect_dim(out, 1, layout.bytes(), op, "out", "bytes of one fp8_ds_mla row");
+  for (auto [a, name] : {std::pair<const Array*, const char*>{&rows, "rows"}, {&out, "out"}}) {
+    if (a->device_type() != nb::device::cpu::value)
+      throw mla::InvalidArgument(std::string(op) + ": " + name + " must be in host memory (a CPU tensor)");
+    expect_contiguous(*a, op, name);
+  }
+  const auto* src = static_cast<const float*>(rows.data());
+  auto* dst = static_cast<std::byte*>(out_w.data());
+  const int64_t n = rows.shape(0), w = layout.width(), bytes = layout.bytes();
+  nb::gil_scoped_release release;
+  for (int64_t r = 0; r < n; ++r) mla::store_row(layout, src + r * w, dst + r * bytes);
+}
+
+// kv: uint8 [n, row bytes] host; out: float32 [n, head_dim] host.
+void dequantize_fp8_rows(Array kv, OutArray out_w, int64_t head_dim_v) {
+  constexpr const char* op = "dequantize_fp8_kvcache";
+  const Array out = ro(out_w);
+  expect_dtype(kv, nb::dtype<uint8_t>(), op, "kv_cache", "uint8 (fp8_ds_mla rows)");
+  expect_dtype(out, nb::dtype<float>(), op, "out", "float32");
+  expect_ndim(kv, 2, op, "kv_cache", "[rows, row bytes]");
+  expect_ndim(out, 2, op, "out", "[rows, head_dim]");
+  const mla::RowLayout layout = fp8_layout(op, static_cast<int64_t>(out.shape(1)), head_dim_v);
+  const std::string what = "bytes of one fp8_ds_mla row of head_dim " + std::to_string(layout.width()) +
+                           ", head_dim_v " + std::to_string(head_dim_v);
+  expect_dim(kv, 1, layout.bytes(), op, "kv_cache", what.c_str());
+  expect_dim(out, 0, kv.shape(0), op, "out", "rows");
+  for (auto [a, name] : {std::pair<const Array*, const char*>{&kv, "kv_cache"}, {&out, "out"}}) {
+    if (a->device_type() != nb::device::cpu::value)
+      throw mla::InvalidArgument(std::string(op) + ": " + name + " must be in host memory (a CPU tensor)");
+    expect_contiguous(*a, op, name);
+  }
+  const auto* src = static_cast<const std::byte*>(kv.data());
+  auto* dst = static_cast<float*>(out_w.data());
+  const int64_t n = kv.shape(0), w = layout.width(), bytes = layout.bytes();
+  nb::gil_scoped_release release;
+  for (int64_t r = 0; r < n; ++r) mla::load_row(layout, src + r * bytes, dst + r * w);
 }
 
 // cu_seqlens in host memory, or on q's CUDA device (read there by the kernel, see mla::PrefillParams); stream: a
@@ -293,21 +373,35 @@ mla::Path parse_path(const std::string& s) {
 mla::DType parse_cache_dtype(const std::string& s) {
   if (s == "bf16" || s == "bfloat16") return mla::DType::BF16;
   if (s == "f32" || s == "float32") return mla::DType::F32;
-  throw mla::InvalidArgument("cache dtype must be 'bf16' or 'f32', got '" + s + "'");
+  if (s == "fp8") return mla::DType::F8_E4M3;
+  throw mla::InvalidArgument("LatentCache: dtype must be 'bf16', 'f32' or 'fp8', got '" + s + "'");
+}
+
+const char* cache_dtype_str(mla::DType d) {
+  return d == mla::DType::F32 ? "f32" : d == mla::DType::F8_E4M3 ? "fp8" : "bf16";
+}
+
+mla::CacheDtype parse_layer_cache_dtype(const std::string& s) {
+  if (s == "auto") return mla::CacheDtype::Auto;
+  if (s == "fp8") return mla::CacheDtype::FP8;
+  throw mla::InvalidArgument("Attention: cache_dtype must be 'auto' or 'fp8', got '" + s + "'");
 }
 
 bool host_device(const std::string& device) { return device.rfind("cpu", 0) == 0; }
 
-// The cache's page pool as an array of framework F that keeps the Python cache object alive.
+// The cache's page pool as an array of framework F that keeps the Python cache object alive. An fp8 cache is
+// uint8 [num_pages, page_size, 1, row_bytes] (the fp8_ds_mla rows, is_fp8_kvcache's layout).
 template <class F>
 nb::ndarray<F> storage_view(nb::handle self, bool bf16_as_uint16) {
   auto& c = nb::cast<mla::LatentCache&>(self);
   const mla::CacheOptions& o = c.options();
+  const bool fp8 = o.dtype == mla::DType::F8_E4M3;
   const nb::dlpack::dtype dt = o.dtype == mla::DType::F32 ? nb::dtype<float>()
+                               : fp8 ? nb::dtype<uint8_t>()
                                : bf16_as_uint16 ? nb::dtype<uint16_t>()
                                : nb::dlpack::dtype{static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat), 16, 1};
   const size_t shape[4] = {static_cast<size_t>(o.num_pages), static_cast<size_t>(o.page_size), 1,
-                           static_cast<size_t>(o.row_width)};
+                           static_cast<size_t>(fp8 ? c.row_bytes() : o.row_width)};
   const int dev = host_device(o.device) ? nb::device::cpu::value : nb::device::cuda::value;
   return nb::ndarray<F>(c.storage(), 4, shape, self, nullptr, dt, dev);
 }
@@ -475,14 +569,15 @@ NB_MODULE(_mla, m) {
   nb::class_<mla::LatentCache>(m, "LatentCache")
       .def("__init__",
            [](mla::LatentCache* self, int64_t num_pages, int64_t page_size, int64_t row_width, const std::string& dtype,
-              const std::string& device, uint64_t seed) {
+              const std::string& device, uint64_t seed, int64_t rope_width) {
              mla::CacheOptions o;
              o.num_pages = num_pages, o.page_size = page_size, o.row_width = row_width;
              o.dtype = parse_cache_dtype(dtype), o.device = device, o.page_order_seed = seed;
+             o.rope_width = rope_width;
              new (self) mla::LatentCache(o);
            },
            "num_pages"_a, "page_size"_a = 64, "row_width"_a = 576, "dtype"_a = "bf16", "device"_a = "cpu",
-           "page_order_seed"_a = 0)
+           "page_order_seed"_a = 0, "rope_width"_a = 64)
       .def("add_sequence", &mla::LatentCache::add_sequence)
       .def("free_sequence", &mla::LatentCache::free_sequence, "seq"_a)
       .def("__contains__", &mla::LatentCache::contains, "seq"_a)
@@ -519,23 +614,29 @@ NB_MODULE(_mla, m) {
       .def_prop_ro("pages_free", &mla::LatentCache::pages_free)
       .def_prop_ro("page_size", [](const mla::LatentCache& c) { return c.options().page_size; })
       .def_prop_ro("row_width", [](const mla::LatentCache& c) { return c.options().row_width; })
-      .def_prop_ro("dtype", [](const mla::LatentCache& c) { return c.options().dtype == mla::DType::F32 ? "f32" : "bf16"; })
+      .def_prop_ro("dtype", [](const mla::LatentCache& c) { return cache_dtype_str(c.options().dtype); })
+      .def_prop_ro("rope_width", [](const mla::LatentCache& c) { return c.row_layout().rope; })
+      .def_prop_ro("row_bytes", &mla::LatentCache::row_bytes)
+      .def_prop_ro("page_bytes", &mla::LatentCache::page_bytes)
       .def_prop_ro("device", [](const mla::LatentCache& c) { return c.options().device; });
 
   nb::class_<mla::Attention>(m, "Attention")
       .def("__init__",
            [](mla::Attention* self, const mla::LayerWeights& w, const std::string& device, const std::string& dtype,
-              const std::string& path) {
+              const std::string& path, const std::string& cache_dtype) {
              mla::LayerOptions o;
              o.device = device, o.precision = parse_dtype(dtype), o.path = parse_path(path);
+             o.cache_dtype = parse_layer_cache_dtype(cache_dtype);
              nb::gil_scoped_release release;
              new (self) mla::Attention(w, o);
            },
-           "weights"_a, "device"_a = "cpu", "dtype"_a = "bf16", "path"_a = "auto")
+           "weights"_a, "device"_a = "cpu", "dtype"_a = "bf16", "path"_a = "auto", "cache_dtype"_a = "auto")
       .def_prop_ro("config", &mla::Attention::config)
       .def_prop_ro("device", [](const mla::Attention& a) { return a.options().device; })
       .def_prop_ro("dtype", [](const mla::Attention& a) { return std::string(mla::precision_name(a.options().precision)); })
       .def_prop_ro("path", [](const mla::Attention& a) { return std::string(mla::path_name(a.options().path)); })
+      .def_prop_ro("cache_dtype",
+                   [](const mla::Attention& a) { return std::string(mla::cache_dtype_name(a.options().cache_dtype)); })
       .def_prop_ro("last_paths",
                    [](const mla::Attention& a) {
                      std::vector<std::string> v;
@@ -549,9 +650,13 @@ NB_MODULE(_mla, m) {
 
   m.def("decode", &decode, "q"_a, "kv_cache"_a, "block_table"_a, "cache_seqlens"_a, "out"_a, "lse"_a.none(),
         "head_dim_v"_a, "softmax_scale"_a, "causal"_a, "device"_a = "", "workspace"_a.none() = nb::none(),
-        "stream"_a = 0, "splits_ready"_a = false);
+        "stream"_a = 0, "splits_ready"_a = false, "is_fp8_kvcache"_a = false);
   m.def("decode_workspace_bytes", &decode_workspace_bytes, "batch"_a, "s_q"_a, "h_q"_a, "head_dim"_a, "head_dim_v"_a,
-        "page_size"_a, "dtype"_a, "device"_a);
+        "page_size"_a, "dtype"_a, "device"_a, "is_fp8_kvcache"_a = false);
+  m.def("fp8_row_bytes", &fp8_row_bytes, "head_dim"_a, "head_dim_v"_a,
+        "Bytes of one fp8_ds_mla cache row of head_dim values whose first head_dim_v are quantised (656 for 576, 512).");
+  m.def("quantize_fp8_rows", &quantize_fp8_rows, "rows"_a, "out"_a, "head_dim_v"_a);
+  m.def("dequantize_fp8_rows", &dequantize_fp8_rows, "kv_cache"_a, "out"_a, "head_dim_v"_a);
   m.def("prefill", &prefill, "q"_a, "k"_a, "v"_a, "cu_seqlens_q"_a, "cu_seqlens_k"_a, "out"_a, "lse"_a.none(),
         "softmax_scale"_a, "causal"_a, "device"_a = "", "stream"_a = 0);
   bind_train(m);

@@ -81,7 +81,7 @@ def test_standalone_cache_matches_a_layer():
     s = cache.add_sequence()
     layer(np.ones((3, 2048), np.float32), cache, sequences=s)
     assert cache.length(s) == 3
-    with pytest.raises(ValueError, match="a bf16 layer needs a BF16 cache"):
+    with pytest.raises(ValueError, match="a bf16 layer with cache_dtype auto needs a BF16 cache, got F32"):
         layer(np.ones((3, 2048), np.float32), mla.LatentCache(4, dtype="f32"), sequences=0)
 
 

@@ -148,3 +148,87 @@ def test_decode_schedule_is_reused_across_calls_and_graph_replays():
     sched.reset()
     out2, _ = mla.decode_with_kvcache(q, kv, table, seqlens2, 512, schedule=sched)
     assert torch.equal(out2, mla.decode_with_kvcache(q, kv, table, seqlens2, 512)[0])
+
+
+# ---- the FP8 cache (is_fp8_kvcache): the same fp8_ds_mla bytes decoded on the GPU and on the CPU ----
+
+
+def fp8_paged(lengths, page_size, h_q, s_q, seed):
+    """fp8 rows (quantised on the CPU; NaN rows in unused slots), their block table and lengths, bf16 queries."""
+    rows, table, seqlens = paged_tensors(lengths, page_size, 576, torch.float32, seed=seed)
+    kv8 = mla.quantize_fp8_kvcache(rows)
+    g = torch.Generator().manual_seed(seed + 1)
+    q = (torch.rand(len(lengths), s_q, h_q, 576, generator=g) * 2 - 1).bfloat16()
+    return q, kv8, table, seqlens
+
+
+@pytest.mark.parametrize("h_q, s_q, page_size", [(128, 1, 64), (128, 2, 64), (16, 1, 16), (3, 4, 256), (64, 1, 1)])
+def test_decode_fp8_cuda_matches_cpu(h_q, s_q, page_size):
+    q, kv8, table, seqlens = fp8_paged([0, 100, 1025, 5, 300], page_size, h_q, s_q, seed=h_q * 7 + s_q)
+    causal = s_q > 1
+    want, want_lse = mla.decode_with_kvcache(q, kv8, table, seqlens, 512, causal=causal, is_fp8_kvcache=True)
+    out, lse = mla.decode_with_kvcache(q.cuda(), kv8.cuda(), table.cuda(), seqlens.cuda(), 512, causal=causal,
+                                       is_fp8_kvcache=True)
+    assert out.is_cuda and out.dtype == torch.bfloat16 and out.shape == (5, s_q, h_q, 512)
+    assert rel_error(out.float().cpu().numpy(), want.float().numpy()) < 1e-2
+    # and against float64 over the dequantised rows (the CPU result equals a bf16 decode over them)
+    deq = mla.dequantize_fp8_kvcache(kv8)
+    ref, ref_lse = paged_reference(q, deq, table, seqlens, 512, 576**-0.5, causal)
+    assert rel_error(out.float().cpu().numpy(), ref.numpy()) < 2e-2
+    lse = lse.cpu()
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    finite = ~torch.isinf(want_lse)
+    torch.testing.assert_close(lse[finite], want_lse[finite], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite], rtol=1e-3, atol=1e-3)
+
+
+def test_decode_fp8_cuda_schedule_and_graph():
+    """The planned fp8 decode (DecodeSchedule, CUDA graph) gives the bits of a plain fp8 call."""
+    q, kv8, table, seqlens = fp8_paged([4096, 17, 1000, 64], 64, 128, 1, seed=5)
+    q, kv8, table, seqlens = q.cuda(), kv8.cuda(), table.cuda(), seqlens.cuda()
+    want, want_lse = mla.decode_with_kvcache(q, kv8, table, seqlens, 512, is_fp8_kvcache=True)
+    sched = mla.DecodeSchedule()
+    for _ in range(2):
+        out, lse = mla.decode_with_kvcache(q, kv8, table, seqlens, 512, schedule=sched, is_fp8_kvcache=True)
+        assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gout, glse = mla.decode_with_kvcache(q, kv8, table, seqlens, 512, schedule=sched, is_fp8_kvcache=True)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(gout, want) and torch.equal(glse, want_lse)
+
+
+def test_fp8_latent_cache_on_cuda_is_a_decode_kv_cache():
+    """LatentCache(dtype="fp8", device="cuda") views as uint8 [num_pages, page_size, 1, 656] on the GPU; rows
+    written into it decode as the same bytes do on the CPU."""
+    q, kv8, table, seqlens = fp8_paged([70, 3], 16, 16, 1, seed=3)
+    cache = mla.LatentCache(num_pages=kv8.shape[0], page_size=16, dtype="fp8", device="cuda")
+    view = cache.kv_cache("torch")
+    assert view.is_cuda and view.dtype == torch.uint8 and view.shape == kv8.shape
+    assert (cache.row_bytes, cache.nbytes) == (656, kv8.numel())
+    view.copy_(kv8.cuda())
+    want, _ = mla.decode_with_kvcache(q, kv8, table, seqlens, 512, is_fp8_kvcache=True)
+    out, _ = mla.decode_with_kvcache(q.cuda(), view, table.cuda(), seqlens.cuda(), 512, is_fp8_kvcache=True)
+    assert rel_error(out.float().cpu().numpy(), want.float().numpy()) < 1e-2
+
+
+def test_cuda_layer_with_fp8_cache_matches_cpu_reference():
+    """The CUDA layer with cache_dtype="fp8" against the float64 goldens (the fp8-cache bound, 5e-2) and against the
+    cpu-reference layer with an fp8 cache."""
+    from conftest import GOLDEN_CASES, Golden
+
+    for name in GOLDEN_CASES:
+        g = Golden(name)
+        outs = {}
+        for device in ("cpu-reference", "cuda"):
+            layer = mla.Attention.from_pretrained(g.dir, device=device, dtype="bf16", cache_dtype="fp8")
+            cache = layer.make_cache(num_pages=64, page_size=16)
+            assert cache.dtype == "fp8"
+            seqs = [cache.add_sequence() for _ in range(g.hidden.shape[0])]
+            hidden = torch.from_numpy(g.hidden)
+            if device == "cuda":
+                hidden = hidden.cuda()
+            outs[device] = layer(hidden, cache, torch.from_numpy(g.positions), sequences=seqs).cpu().numpy()
+        assert rel_error(outs["cuda"], g.output) < 5e-2, name
+        assert rel_error(outs["cuda"], outs["cpu-reference"]) < 2e-2, name
