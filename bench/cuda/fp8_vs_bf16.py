@@ -1,0 +1,75 @@
+"""mla's decode over an fp8 cache against the same decode over a bf16 cache, same run, same rows (the bf16 cache
+holds the fp8 rows dequantised), each side's call captured 20 times in one CUDA graph, replays interleaved.
+
+    PYTHONPATH=<mla package> python3 bench/cuda/fp8_vs_bf16.py
+"""
+import statistics
+
+import torch
+
+import mla
+
+ROWS = [  # name, batch, s_q, h_q, s_k
+    ("b128 s_k8192 h16", 128, 1, 16, 8192),
+    ("b128 s_k32768 h16", 128, 1, 16, 32768),
+    ("b8 s_k4096 h16", 8, 1, 16, 4096),
+    ("b64 s_q2 s_k8192 h16", 64, 2, 16, 8192),
+    ("b128 s_k8192 h128", 128, 1, 128, 8192),
+    ("b1 s_k65536 h128", 1, 1, 128, 65536),
+]
+PAGE = 64
+POOL = 4096  # pages: 172 MB of fp8 rows, 302 MB of bf16
+
+
+def graph_of(fn, reps=20):
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    return g
+
+
+def time_graph(g, reps=20):
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    g.replay()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / reps
+
+
+def main():
+    torch.manual_seed(0)
+    # One pool of random rows (far larger than L2) that every row's block tables draw pages from.
+    rows = torch.randn(POOL, PAGE, 1, 576) * 0.5
+    fp8 = mla.quantize_fp8_kvcache(rows).cuda()
+    bf16 = mla.dequantize_fp8_kvcache(fp8.cpu()).to(torch.bfloat16).cuda()
+    print(f"{'row':24} {'bf16 ms':>9} {'fp8 ms':>9} {'fp8 speedup':>11} {'max |diff|':>10}")
+    for name, b, s_q, h_q, s_k in ROWS:
+        pages = (s_k + PAGE - 1) // PAGE
+        table = torch.randint(0, POOL, (b, pages), device="cuda", dtype=torch.int32)
+        seqlens = torch.full((b,), s_k, device="cuda", dtype=torch.int32)
+        q = (torch.randn(b, s_q, h_q, 576, device="cuda") * 0.5).to(torch.bfloat16)
+        outs = {}
+
+        def call(kv, is_fp8, key):
+            def f():
+                outs[key] = mla.decode_with_kvcache(q, kv, table, seqlens, 512, causal=True, is_fp8_kvcache=is_fp8)
+            return f
+
+        gb, gf = graph_of(call(bf16, False, "bf16")), graph_of(call(fp8, True, "fp8"))
+        tb, tf = [], []
+        for _ in range(10):
+            tb.append(time_graph(gb))
+            tf.append(time_graph(gf))
+        diff = (outs["bf16"][0].float() - outs["fp8"][0].float()).abs().max().item()
+        mb, mf = statistics.median(tb), statistics.median(tf)
+        print(f"{name:24} {mb:9.4f} {mf:9.4f} {mb / mf:10.2f}x {diff:10.2e}")
+
+
+if __name__ == "__main__":
+    main()
