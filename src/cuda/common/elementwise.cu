@@ -92,17 +92,30 @@ __global__ void __launch_bounds__(kRopeThreads) rope_queries_kernel(QueryFinish 
   }
 }
 
+// Token blockIdx.x's projected latent row (+ bias) and its RMSNorm statistics, shared by both cache writers.
+struct LatentRowNorm {
+  const float* kv;
+  const float* bias;
+  float ss, inv;  // sum of squares of the d_c latent values, 1 / sqrt(mean + eps)
+  __device__ float value(int64_t j) const { return kv[j] + (bias ? bias[j] : 0.f); }
+};
+__device__ __forceinline__ LatentRowNorm latent_row_norm(const LatentStore& p, float* scratch) {
+  LatentRowNorm r{p.kv + int64_t{blockIdx.x} * (p.d_c + p.d_rope), p.bias, 0.f, 0.f};
+  float ss = 0.f;
+  for (int64_t j = threadIdx.x; j < p.d_c; j += blockDim.x) ss += r.value(j) * r.value(j);
+  r.ss = block_sum(ss, scratch);
+  r.inv = 1.0f / sqrtf(r.ss / static_cast<float>(p.d_c) + p.eps);
+  return r;
+}
+
 template <class T>
 __global__ void store_latents_kernel(LatentStore p) {
   __shared__ float scratch[32];
   if (*p.error_flag != ~0ull) return;  // a non-finite input: the cache must stay as it was
   const int64_t n = blockIdx.x, W = p.d_c + p.d_rope;
-  const float* kv = p.kv + n * W;
-  auto value = [&](int64_t j) { return kv[j] + (p.bias ? p.bias[j] : 0.f); };
-  float ss = 0.f;
-  for (int64_t j = threadIdx.x; j < p.d_c; j += blockDim.x) ss += value(j) * value(j);
-  ss = block_sum(ss, scratch);
-  const float inv = 1.0f / sqrtf(ss / static_cast<float>(p.d_c) + p.eps);
+  const LatentRowNorm norm = latent_row_norm(p, scratch);
+  auto value = [&](int64_t j) { return norm.value(j); };
+  const float ss = norm.ss, inv = norm.inv;
   const int64_t position = p.positions[n];
   auto element = [&](int64_t j) {
     if (j < p.d_c) return p.gamma[j] * (value(j) * inv);
@@ -126,13 +139,10 @@ __global__ void store_latents_kernel(LatentStore p) {
 __global__ void store_latents_fp8_kernel(LatentStore p) {
   __shared__ float scratch[32];
   if (*p.error_flag != ~0ull) return;
-  const int64_t n = blockIdx.x, W = p.d_c + p.d_rope;
-  const float* kv = p.kv + n * W;
-  auto value = [&](int64_t j) { return kv[j] + (p.bias ? p.bias[j] : 0.f); };
-  float ss = 0.f;
-  for (int64_t j = threadIdx.x; j < p.d_c; j += blockDim.x) ss += value(j) * value(j);
-  ss = block_sum(ss, scratch);
-  const float inv = 1.0f / sqrtf(ss / static_cast<float>(p.d_c) + p.eps);
+  const int64_t n = blockIdx.x;
+  const LatentRowNorm norm = latent_row_norm(p, scratch);
+  auto value = [&](int64_t j) { return norm.value(j); };
+  const float ss = norm.ss, inv = norm.inv;
   const int64_t position = p.positions[n];
   auto latent = [&](int64_t j) { return p.gamma[j] * (value(j) * inv); };
   auto rope = [&](int64_t r) {

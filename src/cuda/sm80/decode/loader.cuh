@@ -14,14 +14,15 @@ namespace mla::cuda::sm80::decode {
 
 static_assert(kThreads == 4 * kBlockN && kChunksQK % 4 == 0, "4 threads per key row");
 
-struct TileLoader {
+// The key row of a tile a thread loads (4 threads per row) and its cache slot in the next tile to load.
+struct TileRow {
   int row, lane4;          // key row of the tile, and which of the row's 4 threads
   int64_t slot = 0;        // cache row of this thread's key in the next tile to issue
   bool valid = false;
 
-  __device__ __forceinline__ TileLoader() : row(threadIdx.x / 4), lane4(threadIdx.x % 4) {}
+  __device__ __forceinline__ TileRow() : row(threadIdx.x / 4), lane4(threadIdx.x % 4) {}
 
-  // Looks up the page of key t0 + row (a global load; issue well before `issue`).
+  // Looks up the page of key t0 + row (a global load; issue well before the tile's loads).
   __device__ __forceinline__ void prefetch(const Params& p, const int32_t* table, int t0, int seqlen) {
     const int t = t0 + row;
     valid = t < seqlen;
@@ -30,7 +31,9 @@ struct TileLoader {
       slot = (static_cast<int64_t>(table[t >> p.page_size_log2]) << p.page_size_log2) + (t & page_mask);
     }
   }
+};
 
+struct TileLoader : TileRow {
   // cp.async of this thread's 18 chunks; `offset(row, col)` places element (row, col) in shared memory.
   template <class Offset>
   __device__ __forceinline__ void issue(uint16_t* sK, const void* kv, Offset offset) const {
@@ -51,23 +54,9 @@ struct TileLoader {
 constexpr int kFp8RowBytes = 656, kFp8ScaleOffset = 512, kFp8RopeOffset = 528;
 static_assert(kHeadDimV == 4 * 128 && kHeadDim - kHeadDimV == 4 * 16, "one latent group and 16 rope values per thread");
 
-struct Fp8TileLoader {
-  int row, lane4;
-  int64_t slot = 0;
-  bool valid = false;
+struct Fp8TileLoader : TileRow {
   uint4 latent[8], rope[2];  // the fetched tile row part: 128 fp8 bytes, 16 bf16
   float scale = 0.f;
-
-  __device__ __forceinline__ Fp8TileLoader() : row(threadIdx.x / 4), lane4(threadIdx.x % 4) {}
-
-  __device__ __forceinline__ void prefetch(const Params& p, const int32_t* table, int t0, int seqlen) {
-    const int t = t0 + row;
-    valid = t < seqlen;
-    if (valid) {
-      const int page_mask = (1 << p.page_size_log2) - 1;
-      slot = (static_cast<int64_t>(table[t >> p.page_size_log2]) << p.page_size_log2) + (t & page_mask);
-    }
-  }
 
   __device__ __forceinline__ void fetch(const void* kv) {
     if (!valid) {  // rows past the sequence become zeros, never the slot's bytes
