@@ -108,11 +108,14 @@ struct Matmul {
 class MatmulCache {
  public:
   std::shared_ptr<const Matmul> get(const Key& k) {
-    {
-      std::shared_lock lock(mu_);
-      if (auto it = map_.find(k); it != map_.end()) return it->second;
-    }
-    auto m = create(k);  // outside the lock: creation is slow and oneDNN is thread-safe here
+    if (auto m = find(k)) return m;
+    // One creator at a time, outside the map's lock so that hits never wait for a creation. oneDNN 2.6's own
+    // primitive cache races when two threads create primitives at once (ThreadSanitizer reports its key compare
+    // against another creator's fresh allocation, inside libdnnl); serialising creation also means a shape asked
+    // for by several threads at once is built once.
+    std::lock_guard create_lock(create_mu_);
+    if (auto m = find(k)) return m;
+    auto m = create(k);
     std::unique_lock lock(mu_);
     if (map_.size() >= kMaxEntries) map_.clear();
     return map_.try_emplace(k, std::move(m)).first->second;
@@ -142,7 +145,14 @@ class MatmulCache {
         Matmul{dnnl::matmul(pd), pd.src_desc(), pd.weights_desc(), pd.dst_desc(), pd.scratchpad_desc()});
   }
 
+  std::shared_ptr<const Matmul> find(const Key& k) {
+    std::shared_lock lock(mu_);
+    auto it = map_.find(k);
+    return it == map_.end() ? nullptr : it->second;
+  }
+
   static constexpr size_t kMaxEntries = 4096;
+  std::mutex create_mu_;
   std::shared_mutex mu_;
   std::unordered_map<Key, std::shared_ptr<const Matmul>, KeyHash> map_;
 };
