@@ -767,7 +767,8 @@ TEST(CudaDecode, SplitKvAndLongSequences) {
   run_decode_case({5, 1, 128, 16, {2500, 0, 64, 65, 1}, DType::BF16}, 5);
 }
 
-// fp8 rows on every shape the bf16 kernels cover (the sm80 kernel on every GPU, the generic one for small dims).
+// fp8 rows on every shape the bf16 kernels cover (on Hopper the sm90 kernel with its dequantising producer for
+// 64-row blocks and pages of 16 and up, the sm80 kernel elsewhere, the generic one for small dims).
 TEST(CudaDecode, Fp8Cache) {
   SKIP_WITHOUT_GPU();
   uint64_t seed = 500;
@@ -797,6 +798,10 @@ TEST(CudaDecode, SmallHeadsPaddedOnSm90) {
       run_decode_case({3, 2, (h_q + 1) / 2, page, {}, DType::BF16}, seed++);
     }
   run_decode_case({2, 1, 16, 64, {5000, 3}, DType::BF16}, seed++);  // split-KV and combine on the padded rows
+  for (int64_t page : {16, 64}) {  // and over fp8 rows (the dequantising producer warpgroup)
+    run_decode_case({4, 1, 16, page, {0, 1, 17, 0}, DType::BF16, 576, 512, true}, seed++);
+    run_decode_case({3, 2, 3, page, {}, DType::BF16, 576, 512, true}, seed++);
+  }
   unsetenv("MLA_CUDA_DECODE_SM90_SMALL");
   run_decode_case({80, 1, 16, 64, {}, DType::BF16}, seed++);  // 80 sequences: padded without the knob
   run_decode_case({64, 2, 8, 16, {}, DType::BF16}, seed++);
@@ -809,6 +814,8 @@ TEST(CudaDecode, PortablePathOnHopper) {
   run_decode_case({3, 2, 63, 16, {}, DType::BF16}, 21);
   run_decode_case({2, 1, 128, 64, {3000, 5}, DType::BF16}, 22);
   run_decode_case({4, 1, 126, 256, {0, 1, 17, 700}, DType::BF16}, 23);
+  run_decode_case({3, 2, 63, 16, {}, DType::BF16, 576, 512, true}, 24);  // fp8 rows through registers
+  run_decode_case({2, 1, 128, 64, {3000, 5}, DType::BF16, 576, 512, true}, 25);
   unsetenv("MLA_CUDA_DISABLE_SM90");
 }
 

@@ -24,7 +24,8 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
 }  // namespace
 
 CUtensorMap make_tensor_map(const void* base, int rank, const uint64_t* dims, const uint64_t* strides,
-                            const uint32_t* box, const std::string& what) {
+                            const uint32_t* box, const std::string& what, CUtensorMapDataType type,
+                            CUtensorMapSwizzle swizzle) {
   if (reinterpret_cast<uintptr_t>(base) % 16 != 0) throw InvalidArgument(what + " must be 16-byte aligned");
   for (int i = 0; i + 1 < rank; ++i)
     if (strides[i] % 16 != 0 || strides[i] == 0)
@@ -35,9 +36,8 @@ CUtensorMap make_tensor_map(const void* base, int rank, const uint64_t* dims, co
   for (int i = 0; i < rank; ++i) d[i] = dims[i], b[i] = box[i];
   for (int i = 0; i + 1 < rank; ++i) s[i] = strides[i];
   CUtensorMap map;
-  const CUresult r = encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, static_cast<cuuint32_t>(rank),
-                                    const_cast<void*>(base), d, s, b, e, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                                    CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+  const CUresult r = encode_tiled()(&map, type, static_cast<cuuint32_t>(rank), const_cast<void*>(base), d, s, b, e,
+                                    CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                                     CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) throw InvalidArgument(what + ": cuTensorMapEncodeTiled failed (CUresult " + std::to_string(r) + ")");
   return map;

@@ -56,7 +56,7 @@ struct Params {
   int64_t num_pages = 0;                      // pages in kv (the sm90 kernel's tensor map spans them all)
   const void* q = nullptr;                    // [batch, rows, 576] bf16
   const void* kv = nullptr;                   // [num_pages, page_size, 576] bf16, or fp8_ds_mla rows (656 bytes)
-  bool fp8 = false;                           // kv holds fp8 rows (the sm80 kernel reads them; sm90 does not)
+  bool fp8 = false;                           // kv holds fp8 rows
   const int32_t* block_table = nullptr;       // [batch, max_pages]
   const int32_t* seqlens = nullptr;           // [batch]
   float scale_log2 = 0.f;                     // softmax scale · log2(e)

@@ -42,7 +42,7 @@ void run_bf16_576(const Params& params, int num_sms, cudaStream_t stream, bool s
   int device = 0, smem_limit = 0;
   MLA_CUDA_CHECK(cudaGetDevice(&device));
   MLA_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const bool sm90_capable = sm90::usable() && p.page_size_log2 >= 4 && !p.fp8;
+  const bool sm90_capable = sm90::usable() && p.page_size_log2 >= 4;
   const int bm = block_rows(p.rows, sm90_capable, p.batch), m_blocks = (p.rows + bm - 1) / bm;
   p.m_blocks = m_blocks;
   static const bool old_grid = [] {

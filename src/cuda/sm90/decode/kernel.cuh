@@ -17,6 +17,16 @@
 // The wgmma waits sit where ptxas can see that no in-flight accumulator is touched on any path (each pair ends
 // with wait_group 0; the variants of the last pairs are separate instantiations): otherwise ptxas serialises
 // every wgmma (warning C7514).
+//
+// fp8 cache rows (fp8_ds_mla, mla/cache.hpp): a third, producer warpgroup dequantises. The thread that would
+// load latent block j (columns 64j..64j+63) copies its 64 × 64 fp8 bytes by TMA into the upper half of the
+// block's own 8 KB (and, with block 0, the tile's per-128-column scales into `scales`), completing on
+// `landed`; the producer waits there, reads the bytes into registers, meets its warpgroup (rows 32..63 of the
+// bf16 block overwrite the fp8 bytes), writes bf16(fp8 · scale) in the swizzled layout and arrives on the
+// block's barrier, which the consumers wait on exactly as on a bf16 TMA copy. The rope block is bf16 in the row
+// and arrives by TMA as before. The producer takes the tiles in order; a block's copy is only ever issued once
+// the S of the tile two back, which waited for all of that tile's blocks, is done, so the order cannot deadlock.
+// The producer keeps 40 registers, the consumers 232 (setmaxnreg; neither spills).
 #pragma once
 
 #include <cuda.h>
@@ -26,6 +36,7 @@
 #include <cstdint>
 
 #include "cuda/common/dependent_launch.cuh"
+#include "cuda/common/fp8_row.cuh"
 #include "cuda/sm80/decode/config.h"
 #include "cuda/sm80/mma.cuh"
 #include "cuda/sm90/tma.cuh"
@@ -42,23 +53,44 @@ using sm80::decode::Params;
 using sm80::decode::SequenceSchedule;
 
 constexpr int kBlockM = 64;
-constexpr int kThreads = 256;
 constexpr int kBlockElems = 64 * 64;           // one [64 rows][64 columns] 128-byte-swizzle block
 constexpr int kBlocks = kHeadDim / 64;         // 9: V_L = blocks 0-3, V_R = 4-7, rope = 8
 constexpr uint32_t kBlockBytes = kBlockElems * 2;
 constexpr float kMaxInit = -1e30f;             // finite, so that exp2(m_old - m_new) is never inf - inf
+constexpr int kLatentBlocks = 8;               // fp8 rows: blocks 0-7 dequantised, block 8 (rope) bf16
+constexpr uint32_t kFp8BlockBytes = 64 * 64;   // fp8 bytes of one latent block, staged at its upper half
+constexpr uint32_t kScaleBytes = kBlockN * 16; // [64 keys][4] fp32 scales of a tile
+
+template <int kBoxRows_, bool kFp8_>
+struct Cache {
+  static constexpr int kBoxRows = kBoxRows_;  // rows per tensor copy: min(page size, 64)
+  static constexpr int kBoxes = kBlockN / kBoxRows;
+  static constexpr bool kFp8 = kFp8_;
+  static constexpr int kThreads = kFp8 ? 384 : 256;  // + the dequantising producer warpgroup
+};
+
+// What the tensor copies read. bf16 rows: `kv` is [rows, 576]. fp8 rows: `kv` is the rope columns [rows, 64]
+// (bf16, swizzled like a bf16 block), `latent` the e4m3 bytes [rows, 512] (unswizzled), `scales` [rows, 4] fp32.
+struct TensorMaps {
+  CUtensorMap kv, latent, scales;
+};
 
 struct SharedMemoryPlan {
   uint16_t q[kBlockM * kHeadDim];     // [9 blocks][64 rows][64]
   uint16_t k[2][kBlockN * kHeadDim];  // K0, K1: [9 blocks][64 keys][64]; block 8 holds P once S is done
+  float scales[2][kBlockN][4];        // fp8 rows: the scales of the tile in K0, K1 (128-byte aligned for TMA)
   float m[kBlockM];                   // running row max (log2 domain, scaled)
   float scale0[kBlockM], scale1[kBlockM];
   float l[2][kBlockM];
   uint64_t bar[2][kBlocks];           // one per K block
+  uint64_t landed[2][kLatentBlocks];  // fp8 rows: a latent block's bytes have landed (then bar: dequantised)
 };
 constexpr size_t kSmemBytes = sizeof(SharedMemoryPlan) + 1024;  // + room to align the base to 1024 bytes
 
-enum NamedBarrier : int { kScale0Ready = 1, kScale1Ready = 2, kP0Ready = 3, kO1Issued = 4, kWarpgroupOwn = 5 };
+enum NamedBarrier : int {
+  kScale0Ready = 1, kScale1Ready = 2, kP0Ready = 3, kO1Issued = 4, kWarpgroupOwn = 5,  // + wg: 5, 6
+  kDequantise = 7, kEpilogue = 8
+};
 
 // Element offset of (row, col) in a tile of 64-column swizzle blocks.
 __device__ __forceinline__ int blocked(int row, int col) {
@@ -80,7 +112,7 @@ __device__ __forceinline__ void fence_operands(uint32_t (&r)[4][4]) {
 // What both warpgroups' pair steps need; one per thread.
 struct Context {
   SharedMemoryPlan* sm;
-  const CUtensorMap* map;
+  const TensorMaps* maps;
   const int32_t* table;
   int page_log2, seqlen, k_begin, tiles;
   int wg, idx, lane;  // warpgroup, thread within it, lane
@@ -100,14 +132,78 @@ __device__ __forceinline__ void tile_rows(const Context& c, int tile, int (&rows
   }
 }
 
-// One thread: tensor copies of K block `block` of a tile into buffer `buf`.
-template <int kBoxRows>
-__device__ __forceinline__ void load_block(const Context& c, int buf, int block, const int (&rows)[kBlockN / kBoxRows]) {
+// One thread: tensor copies of K block `block` of a tile into buffer `buf` (fp8 rows: a latent block's bytes
+// into the block's upper half for the producer, with the tile's scales alongside block 0).
+template <class Cache>
+__device__ __forceinline__ void load_block(const Context& c, int buf, int block, const int (&rows)[Cache::kBoxes]) {
+  uint16_t* dst = c.sm->k[buf] + block * kBlockElems;
+  if (Cache::kFp8 && block < kLatentBlocks) {
+    uint64_t* landed = &c.sm->landed[buf][block];
+    mbarrier_arrive_expect_tx(landed, kFp8BlockBytes + (block == 0 ? kScaleBytes : 0));
+    auto* staged = reinterpret_cast<uint8_t*>(dst) + kFp8BlockBytes;
+#pragma unroll
+    for (int j = 0; j < Cache::kBoxes; ++j) {
+      tma_load_2d(staged + j * Cache::kBoxRows * 64, &c.maps->latent, landed, block * 64, rows[j]);
+      if (block == 0) tma_load_2d(&c.sm->scales[buf][j * Cache::kBoxRows][0], &c.maps->scales, landed, 0, rows[j]);
+    }
+    return;
+  }
   uint64_t* bar = &c.sm->bar[buf][block];
   mbarrier_arrive_expect_tx(bar, kBlockBytes);
-  uint16_t* dst = c.sm->k[buf] + block * kBlockElems;
+  const int column = Cache::kFp8 ? 0 : block * 64;  // fp8 rows: the rope map holds only block 8's columns
 #pragma unroll
-  for (int j = 0; j < kBlockN / kBoxRows; ++j) tma_load_2d(dst + j * kBoxRows * 64, c.map, bar, block * 64, rows[j]);
+  for (int j = 0; j < Cache::kBoxes; ++j)
+    tma_load_2d(dst + j * Cache::kBoxRows * 64, &c.maps->kv, bar, column, rows[j]);
+}
+
+// The producer warpgroup of the fp8 kernel (see the top of this file): dequantises latent blocks 0-7 of every
+// tile in order, two blocks per step (one barrier and one proxy fence for both). Thread i takes 16 columns
+// (16i mod 64..) of rows i/4 and 32 + i/4 of each block, so that each quarter-warp reads 128 contiguous staged
+// bytes and writes 8 distinct 16-byte chunks of two swizzled rows.
+constexpr int kDequantBlocks = 2;
+static_assert(kLatentBlocks % kDequantBlocks == 0 && 128 % (64 * kDequantBlocks) == 0, "a step's blocks share a scale");
+__device__ __forceinline__ void dequantise_tiles(SharedMemoryPlan& sm, int tiles) {
+  const int i = threadIdx.x - 256, quarter = i % 4, row0 = i / 4;
+  for (int t = 0; t < tiles; ++t) {
+    const int buf = t & 1, parity = (t >> 1) & 1;
+#pragma unroll 1
+    for (int first = 0; first < kLatentBlocks; first += kDequantBlocks) {
+      uint4 v[kDequantBlocks][2];
+      float scale[2];  // the two blocks of a step share their 128-column group
+#pragma unroll
+      for (int j = 0; j < kDequantBlocks; ++j) {
+        const auto* staged = reinterpret_cast<const uint4*>(
+            reinterpret_cast<const uint8_t*>(sm.k[buf] + (first + j) * kBlockElems) + kFp8BlockBytes);
+        mbarrier_wait(&sm.landed[buf][first + j], parity);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) v[j][h] = staged[(row0 + 32 * h) * 4 + quarter];
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) scale[h] = sm.scales[buf][row0 + 32 * h][first / 2];
+      named_sync(kDequantise, 128);  // every staged byte read before rows 32.. overwrite them
+#pragma unroll
+      for (int j = 0; j < kDequantBlocks; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t w[4] = {v[j][h].x, v[j][h].y, v[j][h].z, v[j][h].w};
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            uint32_t out[4];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+              const __nv_bfloat162 pair =
+                  fp8x2_dequantize(static_cast<uint16_t>(w[2 * half + k / 2] >> (16 * (k % 2))), scale[h]);
+              out[k] = *reinterpret_cast<const uint32_t*>(&pair);
+            }
+            *reinterpret_cast<uint4*>(sm.k[buf] + blocked(row0 + 32 * h, 64 * (first + j) + 16 * quarter + 8 * half)) =
+                make_uint4(out[0], out[1], out[2], out[3]);
+          }
+        }
+      fence_proxy_async();  // generic-proxy writes, read by wgmma
+#pragma unroll
+      for (int j = 0; j < kDequantBlocks; ++j) mbarrier_arrive(&sm.bar[buf][first + j]);
+    }
+  }
 }
 
 // Issues S = Q·K[buf]ᵀ over blocks [kFirst, kLast), each once its copy has landed; one commit group per block.
@@ -233,12 +329,12 @@ __device__ __forceinline__ void zero_tail(const Context& c, int buf, int half, i
 }
 
 // Warpgroup 0's part of the pair (tile t, t + 1). On entry s = S of tile t; on exit s = S of tile t + 2.
-template <bool kHas1, bool kNext0, int kBoxRows>
+template <bool kHas1, bool kNext0, class Cache>
 __device__ __forceinline__ void pair_wg0(const Context& c, int t, float (&s)[32], float (&o)[128], float (&l)[2],
                                          int& parity0) {
   const int t0 = c.k_begin + t * kBlockN;
-  int rows0[kBlockN / kBoxRows], rows1[kBlockN / kBoxRows];
-  if (kNext0) tile_rows<kBoxRows>(c, t + 2, rows0), tile_rows<kBoxRows>(c, t + 3, rows1);
+  int rows0[Cache::kBoxes], rows1[Cache::kBoxes];
+  if (kNext0) tile_rows<Cache::kBoxRows>(c, t + 2, rows0), tile_rows<Cache::kBoxRows>(c, t + 3, rows1);
 
   float mx[2], m_new[2], scale0[2], sum[2];
   mask_and_max(s, c, t0, mx);
@@ -270,7 +366,7 @@ __device__ __forceinline__ void pair_wg0(const Context& c, int t, float (&s)[32]
   named_sync(kScale1Ready, 256);
   if (kNext0 && c.idx == 0)
 #pragma unroll
-    for (int block = 0; block < 4; ++block) load_block<kBoxRows>(c, 0, block, rows0);
+    for (int block = 0; block < 4; ++block) load_block<Cache>(c, 0, block, rows0);
   float scale1[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) scale1[i] = c.sm->scale1[c.r[i]];
@@ -299,8 +395,8 @@ __device__ __forceinline__ void pair_wg0(const Context& c, int t, float (&s)[32]
     wgmma_wait<4>();  // O_L += P1·V1_L done: K1's blocks 0-3 and 8 are free
     if (c.idx == 0 && t + 3 < c.tiles) {
 #pragma unroll
-      for (int block = 0; block < 4; ++block) load_block<kBoxRows>(c, 1, block, rows1);
-      load_block<kBoxRows>(c, 1, 8, rows1);
+      for (int block = 0; block < 4; ++block) load_block<Cache>(c, 1, block, rows1);
+      load_block<Cache>(c, 1, 8, rows1);
     }
     issue_s<4, kBlocks>(s, c, 0, parity0);
     parity0 ^= 1;
@@ -311,13 +407,13 @@ __device__ __forceinline__ void pair_wg0(const Context& c, int t, float (&s)[32]
 }
 
 // Warpgroup 1's part of the pair (tile t, t + 1). On entry s = S of tile t + 1; on exit s = S of tile t + 3.
-template <bool kHas1, bool kNext0, bool kNext1, int kBoxRows>
+template <bool kHas1, bool kNext0, bool kNext1, class Cache>
 __device__ __forceinline__ void pair_wg1(const Context& c, int t, float (&s)[32], float (&o)[128], float (&l)[2],
                                          int& parity1) {
   const int t0 = c.k_begin + t * kBlockN, t1 = t0 + kBlockN;
-  int rows0[kBlockN / kBoxRows], rows1[kBlockN / kBoxRows];
-  if (kNext0) tile_rows<kBoxRows>(c, t + 2, rows0);
-  if (kNext1) tile_rows<kBoxRows>(c, t + 3, rows1);
+  int rows0[Cache::kBoxes], rows1[Cache::kBoxes];
+  if (kNext0) tile_rows<Cache::kBoxRows>(c, t + 2, rows0);
+  if (kNext1) tile_rows<Cache::kBoxRows>(c, t + 3, rows1);
   uint32_t pa[4][4];
 
   named_sync(kScale0Ready, 256);
@@ -367,13 +463,13 @@ __device__ __forceinline__ void pair_wg1(const Context& c, int t, float (&s)[32]
     wgmma_wait<1>();  // O_R += P1·V1_R done: K1's blocks 4-7 are free
     if (c.idx == 0)
 #pragma unroll
-      for (int block = 4; block < 8; ++block) load_block<kBoxRows>(c, 1, block, rows1);
+      for (int block = 4; block < 8; ++block) load_block<Cache>(c, 1, block, rows1);
   }
   if (kNext0) {
     wgmma_wait<0>();  // O_R += P0·V0_R done: K0's blocks 4-8 are free
     if (c.idx == 0)
 #pragma unroll
-      for (int block = 4; block < kBlocks; ++block) load_block<kBoxRows>(c, 0, block, rows0);
+      for (int block = 4; block < kBlocks; ++block) load_block<Cache>(c, 0, block, rows0);
   }
   if (kNext1) {
     fence_operands(s);
@@ -386,9 +482,9 @@ __device__ __forceinline__ void pair_wg1(const Context& c, int t, float (&s)[32]
   fence_operands(pa);
 }
 
-template <int kBoxRows>
-__global__ void __launch_bounds__(kThreads, 1)
-    seesaw_kernel(const __grid_constant__ Params p, const __grid_constant__ CUtensorMap kv_map) {
+template <class Cache>
+__global__ void __launch_bounds__(Cache::kThreads, 1)
+    seesaw_kernel(const __grid_constant__ Params p, const __grid_constant__ TensorMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ unsigned char smem_raw[];
   auto& sm = *reinterpret_cast<SharedMemoryPlan*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
@@ -403,7 +499,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (m0 >= p.rows) return;
 
   Context c;
-  c.sm = &sm, c.map = &kv_map;
+  c.sm = &sm, c.maps = &maps;
   c.table = p.block_table + static_cast<int64_t>(b) * p.max_pages;
   c.page_log2 = p.page_size_log2;
   c.seqlen = p.seqlens[b];
@@ -424,11 +520,15 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
-      for (int block = 0; block < kBlocks; ++block) mbarrier_init(&sm.bar[i][block], 1);
+      for (int block = 0; block < kBlocks; ++block) {
+        // fp8 rows: the producer warpgroup's 128 threads complete a latent block, a copy the rope block.
+        mbarrier_init(&sm.bar[i][block], Cache::kFp8 && block < kLatentBlocks ? 128 : 1);
+        if (Cache::kFp8 && block < kLatentBlocks) mbarrier_init(&sm.landed[i][block], 1);
+      }
     fence_barrier_init();
   }
   const auto* gQ = static_cast<const uint16_t*>(p.q) + (static_cast<int64_t>(b) * p.rows + m0) * kHeadDim;
-  for (int i = threadIdx.x; i < kBlockM * kChunksQK; i += kThreads) {
+  for (int i = threadIdx.x; i < kBlockM * kChunksQK; i += Cache::kThreads) {
     const int row = i / kChunksQK, chunk = i % kChunksQK;
     const bool valid = m0 + row < p.rows;
     sm80::cp_async_16(sm.q + blocked(row, chunk * 8), valid ? gQ + row * kHeadDim + chunk * 8 : gQ, valid);
@@ -437,16 +537,24 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x < kBlockM) sm.m[threadIdx.x] = kMaxInit;
   __syncthreads();  // barriers initialised
   if (threadIdx.x == 0) {
-    int rows[kBlockN / kBoxRows];
+    int rows[Cache::kBoxes];
     for (int tile = 0; tile < min(c.tiles, 2); ++tile) {
-      tile_rows<kBoxRows>(c, tile, rows);
+      tile_rows<Cache::kBoxRows>(c, tile, rows);
 #pragma unroll
-      for (int block = 0; block < kBlocks; ++block) load_block<kBoxRows>(c, tile, block, rows);
+      for (int block = 0; block < kBlocks; ++block) load_block<Cache>(c, tile, block, rows);
     }
   }
   sm80::cp_async_wait<0>();
   fence_proxy_async();  // Q written through the generic proxy, read by wgmma
   __syncthreads();
+  if constexpr (Cache::kFp8) {
+    if (c.wg == 2) {
+      set_max_registers_dec<40>();
+      dequantise_tiles(sm, c.tiles);
+      return;
+    }
+    set_max_registers_inc<232>();
+  }
 
   float o[128];  // O[64 rows, this warpgroup's 256 columns]: o[4j + e] = column chunk j, fragment element e
 #pragma unroll
@@ -463,9 +571,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       parity0 = 1;
     }
     int t = 0;
-    for (; t + 2 < c.tiles; t += 2) pair_wg0<true, true, kBoxRows>(c, t, s, o, l, parity0);
-    if (t + 1 < c.tiles) pair_wg0<true, false, kBoxRows>(c, t, s, o, l, parity0);
-    else if (t < c.tiles) pair_wg0<false, false, kBoxRows>(c, t, s, o, l, parity0);
+    for (; t + 2 < c.tiles; t += 2) pair_wg0<true, true, Cache>(c, t, s, o, l, parity0);
+    if (t + 1 < c.tiles) pair_wg0<true, false, Cache>(c, t, s, o, l, parity0);
+    else if (t < c.tiles) pair_wg0<false, false, Cache>(c, t, s, o, l, parity0);
   } else {
     int parity1 = 0;
     if (c.tiles > 1) {
@@ -476,14 +584,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       parity1 = 1;
     }
     int t = 0;
-    for (; t + 3 < c.tiles; t += 2) pair_wg1<true, true, true, kBoxRows>(c, t, s, o, l, parity1);
+    for (; t + 3 < c.tiles; t += 2) pair_wg1<true, true, true, Cache>(c, t, s, o, l, parity1);
     if (t + 2 < c.tiles) {
-      pair_wg1<true, true, false, kBoxRows>(c, t, s, o, l, parity1);
-      pair_wg1<false, false, false, kBoxRows>(c, t + 2, s, o, l, parity1);
+      pair_wg1<true, true, false, Cache>(c, t, s, o, l, parity1);
+      pair_wg1<false, false, false, Cache>(c, t + 2, s, o, l, parity1);
     } else if (t + 1 < c.tiles) {
-      pair_wg1<true, false, false, kBoxRows>(c, t, s, o, l, parity1);
+      pair_wg1<true, false, false, Cache>(c, t, s, o, l, parity1);
     } else if (t < c.tiles) {
-      pair_wg1<false, false, false, kBoxRows>(c, t, s, o, l, parity1);
+      pair_wg1<false, false, false, Cache>(c, t, s, o, l, parity1);
     }
   }
 
@@ -493,7 +601,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
     if (c.lane % 4 == 0) sm.l[c.wg][c.r[i]] = l[i];
   }
-  __syncthreads();
+  named_sync(kEpilogue, 256);  // the two consumer warpgroups (an fp8 producer has left)
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int r = m0 + c.r[i];
