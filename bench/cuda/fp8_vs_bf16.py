@@ -2,7 +2,10 @@
 holds the fp8 rows dequantised), each side's call captured 20 times in one CUDA graph, replays interleaved.
 
     PYTHONPATH=<mla package> python3 bench/cuda/fp8_vs_bf16.py
+
+MLA_BENCH_ONLY=<substring> keeps the rows whose name contains it (as scripts/gpu.sh does).
 """
+import os
 import statistics
 
 import torch
@@ -49,7 +52,10 @@ def main():
     fp8 = mla.quantize_fp8_kvcache(rows).cuda()
     bf16 = mla.dequantize_fp8_kvcache(fp8.cpu()).to(torch.bfloat16).cuda()
     print(f"{'row':24} {'bf16 ms':>9} {'fp8 ms':>9} {'fp8 speedup':>11} {'max |diff|':>10}")
+    only = os.environ.get("MLA_BENCH_ONLY", "")
     for name, b, s_q, h_q, s_k in ROWS:
+        if only not in name:
+            continue
         pages = (s_k + PAGE - 1) // PAGE
         table = torch.randint(0, POOL, (b, pages), device="cuda", dtype=torch.int32)
         seqlens = torch.full((b,), s_k, device="cuda", dtype=torch.int32)

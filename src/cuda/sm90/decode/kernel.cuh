@@ -156,6 +156,22 @@ __device__ __forceinline__ void load_block(const Context& c, int buf, int block,
     tma_load_2d(dst + j * Cache::kBoxRows * 64, &c.maps->kv, bar, column, rows[j]);
 }
 
+// Shared-memory accesses by 32-bit address (generic pointers into the plan cost a 64-bit address computation and
+// a generic-to-shared conversion per access).
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ float lds32f(uint32_t addr) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(v) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ void sts128(uint32_t addr, uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+  asm volatile("st.shared.v4.b32 [%0], {%1,%2,%3,%4};\n" ::"r"(addr), "r"(a), "r"(b), "r"(c), "r"(d) : "memory");
+}
+
 // The producer warpgroup of the fp8 kernel (see the top of this file): dequantises latent blocks 0-7 of every
 // tile in order, two blocks per step (one barrier and one proxy fence for both). Thread i takes 16 columns
 // (16i mod 64..) of rows i/4 and 32 + i/4 of each block, so that each quarter-warp reads 128 contiguous staged
@@ -164,22 +180,31 @@ constexpr int kDequantBlocks = 2;
 static_assert(kLatentBlocks % kDequantBlocks == 0 && 128 % (64 * kDequantBlocks) == 0, "a step's blocks share a scale");
 __device__ __forceinline__ void dequantise_tiles(SharedMemoryPlan& sm, int tiles) {
   const int i = threadIdx.x - 256, quarter = i % 4, row0 = i / 4;
+  // Byte offsets within a tile buffer (block 0) and within a buffer's scales, for rows row0 and row0 + 32.
+  uint32_t read[2], write[2][2], scale_at[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = row0 + 32 * h;
+    read[h] = kFp8BlockBytes + row * 64 + quarter * 16;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) write[h][half] = 2 * blocked(row, 16 * quarter + 8 * half);
+    scale_at[h] = row * 16;
+  }
   for (int t = 0; t < tiles; ++t) {
     const int buf = t & 1, parity = (t >> 1) & 1;
+    const uint32_t tile = sm80::smem_addr(sm.k[buf]), scales = sm80::smem_addr(sm.scales[buf]);
 #pragma unroll 1
     for (int first = 0; first < kLatentBlocks; first += kDequantBlocks) {
       uint4 v[kDequantBlocks][2];
-      float scale[2];  // the two blocks of a step share their 128-column group
+      float scale[2];  // the blocks of a step share their 128-column group
 #pragma unroll
       for (int j = 0; j < kDequantBlocks; ++j) {
-        const auto* staged = reinterpret_cast<const uint4*>(
-            reinterpret_cast<const uint8_t*>(sm.k[buf] + (first + j) * kBlockElems) + kFp8BlockBytes);
         mbarrier_wait(&sm.landed[buf][first + j], parity);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) v[j][h] = staged[(row0 + 32 * h) * 4 + quarter];
+        for (int h = 0; h < 2; ++h) v[j][h] = lds128(tile + (first + j) * kBlockBytes + read[h]);
       }
 #pragma unroll
-      for (int h = 0; h < 2; ++h) scale[h] = sm.scales[buf][row0 + 32 * h][first / 2];
+      for (int h = 0; h < 2; ++h) scale[h] = lds32f(scales + scale_at[h] + first / 2 * 4);
       named_sync(kDequantise, 128);  // every staged byte read before rows 32.. overwrite them
 #pragma unroll
       for (int j = 0; j < kDequantBlocks; ++j)
@@ -195,8 +220,7 @@ __device__ __forceinline__ void dequantise_tiles(SharedMemoryPlan& sm, int tiles
                   fp8x2_dequantize(static_cast<uint16_t>(w[2 * half + k / 2] >> (16 * (k % 2))), scale[h]);
               out[k] = *reinterpret_cast<const uint32_t*>(&pair);
             }
-            *reinterpret_cast<uint4*>(sm.k[buf] + blocked(row0 + 32 * h, 64 * (first + j) + 16 * quarter + 8 * half)) =
-                make_uint4(out[0], out[1], out[2], out[3]);
+            sts128(tile + (first + j) * kBlockBytes + write[h][half], out[0], out[1], out[2], out[3]);
           }
         }
       fence_proxy_async();  // generic-proxy writes, read by wgmma
