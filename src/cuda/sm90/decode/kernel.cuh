@@ -26,7 +26,7 @@
 // block's barrier, which the consumers wait on exactly as on a bf16 TMA copy. The rope block is bf16 in the row
 // and arrives by TMA as before. The producer takes the tiles in order; a block's copy is only ever issued once
 // the S of the tile two back, which waited for all of that tile's blocks, is done, so the order cannot deadlock.
-// The producer keeps 40 registers, the consumers 232 (setmaxnreg; neither spills).
+// The producer keeps 72 registers, the consumers 216 (setmaxnreg; neither spills in the loop).
 #pragma once
 
 #include <cuda.h>
@@ -173,12 +173,17 @@ __device__ __forceinline__ void sts128(uint32_t addr, uint32_t a, uint32_t b, ui
 }
 
 // The producer warpgroup of the fp8 kernel (see the top of this file): dequantises latent blocks 0-7 of every
-// tile in order, two blocks per step (one barrier and one proxy fence for both). Thread i takes 16 columns
+// tile in order, four blocks a step (one barrier and one proxy fence for all four). Thread i takes 16 columns
 // (16i mod 64..) of rows i/4 and 32 + i/4 of each block, so that each quarter-warp reads 128 contiguous staged
 // bytes and writes 8 distinct 16-byte chunks of two swizzled rows.
-constexpr int kDequantBlocks = 2;
-static_assert(kLatentBlocks % kDequantBlocks == 0 && 128 % (64 * kDequantBlocks) == 0, "a step's blocks share a scale");
+// Registers after setmaxnreg (384 threads launch with 168 each, 64512 in all: 128 · 72 + 256 · 216): enough for the
+// producer to hold four blocks at once, and the consumers still do not spill (same-run A/B on the H200,
+// bench/results/2026-12-01-h200-fp8-sm90.md: 40/232 with two blocks a step was 7% slower; 96/200 with eight spills).
+constexpr int kProducerRegisters = 72, kConsumerRegisters = 216;
+constexpr int kDequantBlocks = 4;
+static_assert(kLatentBlocks % kDequantBlocks == 0 && kDequantBlocks % 2 == 0, "steps of whole scale groups");
 __device__ __forceinline__ void dequantise_tiles(SharedMemoryPlan& sm, int tiles) {
+  constexpr int kGroups = kDequantBlocks / 2;  // 128-column scale groups a step covers
   const int i = threadIdx.x - 256, quarter = i % 4, row0 = i / 4;
   // Byte offsets within a tile buffer (block 0) and within a buffer's scales, for rows row0 and row0 + 32.
   uint32_t read[2], write[2][2], scale_at[2];
@@ -196,7 +201,7 @@ __device__ __forceinline__ void dequantise_tiles(SharedMemoryPlan& sm, int tiles
 #pragma unroll 1
     for (int first = 0; first < kLatentBlocks; first += kDequantBlocks) {
       uint4 v[kDequantBlocks][2];
-      float scale[2];  // the blocks of a step share their 128-column group
+      float scale[kGroups][2];
 #pragma unroll
       for (int j = 0; j < kDequantBlocks; ++j) {
         mbarrier_wait(&sm.landed[buf][first + j], parity);
@@ -204,7 +209,9 @@ __device__ __forceinline__ void dequantise_tiles(SharedMemoryPlan& sm, int tiles
         for (int h = 0; h < 2; ++h) v[j][h] = lds128(tile + (first + j) * kBlockBytes + read[h]);
       }
 #pragma unroll
-      for (int h = 0; h < 2; ++h) scale[h] = lds32f(scales + scale_at[h] + first / 2 * 4);
+      for (int g = 0; g < kGroups; ++g)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) scale[g][h] = lds32f(scales + scale_at[h] + (first / 2 + g) * 4);
       named_sync(kDequantise, 128);  // every staged byte read before rows 32.. overwrite them
 #pragma unroll
       for (int j = 0; j < kDequantBlocks; ++j)
@@ -217,7 +224,7 @@ __device__ __forceinline__ void dequantise_tiles(SharedMemoryPlan& sm, int tiles
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
               const __nv_bfloat162 pair =
-                  fp8x2_dequantize(static_cast<uint16_t>(w[2 * half + k / 2] >> (16 * (k % 2))), scale[h]);
+                  fp8x2_dequantize(static_cast<uint16_t>(w[2 * half + k / 2] >> (16 * (k % 2))), scale[j / 2][h]);
               out[k] = *reinterpret_cast<const uint32_t*>(&pair);
             }
             sts128(tile + (first + j) * kBlockBytes + write[h][half], out[0], out[1], out[2], out[3]);
@@ -573,11 +580,11 @@ __global__ void __launch_bounds__(Cache::kThreads, 1)
   __syncthreads();
   if constexpr (Cache::kFp8) {
     if (c.wg == 2) {
-      set_max_registers_dec<40>();
+      set_max_registers_dec<kProducerRegisters>();
       dequantise_tiles(sm, c.tiles);
       return;
     }
-    set_max_registers_inc<232>();
+    set_max_registers_inc<kConsumerRegisters>();
   }
 
   float o[128];  // O[64 rows, this warpgroup's 256 columns]: o[4j + e] = column chunk j, fragment element e
