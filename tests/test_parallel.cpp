@@ -1,16 +1,20 @@
-// Multi-GPU arithmetic that needs no GPU:
+// Multi-GPU arithmetic that needs no GPU (tests/test_nccl.cpp runs it over NCCL):
 // - tensor parallelism over heads without a transport (LayerWeights::shard_heads): the per-rank layers' outputs
 //   summed equal the whole layer's, on prefill and on decode steps after it, every rank's cache rows are the
 //   whole layer's bit for bit, and head counts that do not divide are refused by name;
 // - context parallelism: merge_attention of the decodes over each rank's pages equals the decode over the whole
 //   cache (round-robin and contiguous pages, 2 to 4 ranks, empty shares and empty sequences), its handling of
-//   parts that saw no key and of NaN, and its validation.
+//   parts that saw no key and of NaN, and its validation;
+// - a build without CUDA says so when asked for a communicator.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <string>
+#include <vector>
 
+#include "mla/parallel.hpp"
 #include "split_cache.hpp"
 #include "testing.hpp"
 
@@ -148,6 +152,10 @@ TEST(MergeAttention, SharesOfACacheMergeToTheWholeDecode) {
                          (split == testing::Split::RoundRobinPages ? " round-robin" : " contiguous") + " world " +
                          std::to_string(world) + " s_q " + std::to_string(s_q));
             testing::SplitCache c = testing::make_split_cache(dt, 5, s_q, 72, 64, 16, lens, world, split, 7 + world);
+            if (split == testing::Split::RoundRobinPages)  // the fixture's shares are the library's
+              for (int64_t r = 0; r < world; ++r)
+                for (int64_t b = 0; b < c.batch; ++b)
+                  ASSERT_EQ(c.rank_lens[r][b], context_parallel_length(c.lens[b], 16, r, world));
             merge_equals_whole(device, c);
           }
 }
@@ -215,6 +223,50 @@ TEST(MergeAttention, RejectsBadParametersByName) {
   expect(b, {"lse_parts", "null"});
   b = m, b.out = parts.data() + 4;
   expect(b, {"out must not overlap out_parts"});
+}
+
+TEST(ContextParallel, RoundRobinPagesShareEveryToken) {
+  for (int64_t page : {1, 16, 64})
+    for (int64_t world : {1, 2, 3, 8})
+      for (int64_t L : {0, 1, 15, 16, 17, 64, 129, 1000, 4096}) {
+        int64_t sum = 0;
+        for (int64_t r = 0; r < world; ++r) {
+          int64_t owned = 0;  // brute force: the tokens of the pages j with j % world == r
+          for (int64_t t = 0; t < L; ++t) owned += (t / page) % world == r;
+          EXPECT_EQ(context_parallel_length(L, page, r, world), owned) << L << " " << page << " " << r << "/" << world;
+          sum += owned;
+        }
+        EXPECT_EQ(sum, L);
+      }
+  testing::expect_throw_with<InvalidArgument>([] { context_parallel_length(5, 16, 2, 2); }, {"rank 2", "[0, 2)"});
+  testing::expect_throw_with<InvalidArgument>([] { context_parallel_length(5, 16, 0, 0); }, {"world size"});
+}
+
+#ifdef MLA_TEST_WITH_CUDA
+TEST(Communicator, NoGpuSaysSo) {
+  const std::vector<std::string> devices = available_devices();
+  if (std::find(devices.begin(), devices.end(), "cuda") != devices.end()) GTEST_SKIP() << "this machine has a GPU";
+  const int zero[] = {0};
+  testing::expect_throw_with<InvalidArgument>([&] { Communicator::local(zero); },
+                                              {"device 0 does not exist", "0 usable GPUs"});
+}
+#else
+TEST(Communicator, ABuildWithoutCudaSaysSo) {
+  const int devices[] = {0};
+  testing::expect_throw_with<Error>([&] { Communicator::local(devices); },
+                                    {"no CUDA support", "NCCL", "MLA_WITH_CUDA"});
+  testing::expect_throw_with<Error>([&] { Communicator::wrap(nullptr); }, {"no CUDA support"});
+  testing::expect_throw_with<Error>([&] { Communicator::group_start(); }, {"no CUDA support"});
+}
+#endif
+
+TEST(TensorParallel, LayerWithACommunicatorNeedsCuda) {
+  // No communicator can exist without CUDA, but the layer's check comes first: a reference to any address will do.
+  const LayerWeights w = LayerWeights::random(testing::small_config(32, 4, 16, 16, 8, 8, 8), 1);
+  LayerOptions o;
+  o.device = "cpu";
+  o.communicator = reinterpret_cast<const Communicator*>(&w);
+  testing::expect_throw_with<InvalidArgument>([&] { Attention(w, o); }, {"tensor parallelism", "cuda", "cpu"});
 }
 
 }  // namespace
