@@ -82,6 +82,13 @@ if(MLA_BUILD_TOOLS AND EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/tools/bench_cuda.cu)
   target_link_libraries(mla_bench_cuda_main PRIVATE mla CUDA::cudart nlohmann_json::nlohmann_json)
 endif()
 
+# The multi-GPU benchmark (NCCL; scripts/gpu.sh nccl-bench): plain C++ over the public API and the CUDA runtime.
+if(MLA_BUILD_TOOLS)
+  add_executable(mla_bench_parallel ${CMAKE_CURRENT_SOURCE_DIR}/bench/cuda/parallel.cpp)
+  set_target_properties(mla_bench_parallel PROPERTIES OUTPUT_NAME mla-bench-parallel)
+  target_link_libraries(mla_bench_parallel PRIVATE mla CUDA::cudart nlohmann_json::nlohmann_json Threads::Threads)
+endif()
+
 # mla_cli is defined after this file is included: attach the benchmark objects once the directory is done.
 function(_mla_cuda_attach_cli)
   if(TARGET mla_cli AND TARGET mla_bench_cuda)
