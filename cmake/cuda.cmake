@@ -82,9 +82,14 @@ if(MLA_BUILD_TOOLS AND EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/tools/bench_cuda.cu)
   target_link_libraries(mla_bench_cuda_main PRIVATE mla CUDA::cudart nlohmann_json::nlohmann_json)
 endif()
 
-# The multi-GPU benchmark (NCCL; scripts/gpu.sh nccl-bench): plain C++ over the public API and the CUDA runtime.
+# The multi-GPU benchmark (NCCL; scripts/gpu.sh nccl): plain C++ over the public API and the CUDA runtime, as its own
+# program and behind `mla bench --device cuda --tp N`.
 if(MLA_BUILD_TOOLS)
-  add_executable(mla_bench_parallel ${CMAKE_CURRENT_SOURCE_DIR}/bench/cuda/parallel.cpp)
+  add_library(mla_bench_parallel_obj OBJECT ${CMAKE_CURRENT_SOURCE_DIR}/bench/cuda/parallel.cpp)
+  target_include_directories(mla_bench_parallel_obj PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/include)
+  target_link_libraries(mla_bench_parallel_obj PRIVATE CUDA::cudart nlohmann_json::nlohmann_json)
+  add_executable(mla_bench_parallel ${CMAKE_CURRENT_SOURCE_DIR}/bench/cuda/parallel_main.cpp
+                                    $<TARGET_OBJECTS:mla_bench_parallel_obj>)
   set_target_properties(mla_bench_parallel PROPERTIES OUTPUT_NAME mla-bench-parallel)
   target_link_libraries(mla_bench_parallel PRIVATE mla CUDA::cudart nlohmann_json::nlohmann_json Threads::Threads)
 endif()
@@ -93,6 +98,10 @@ endif()
 function(_mla_cuda_attach_cli)
   if(TARGET mla_cli AND TARGET mla_bench_cuda)
     target_sources(mla_cli PRIVATE $<TARGET_OBJECTS:mla_bench_cuda>)
+    if(TARGET mla_bench_parallel_obj)
+      target_sources(mla_cli PRIVATE $<TARGET_OBJECTS:mla_bench_parallel_obj>)
+      target_compile_definitions(mla_cli PRIVATE MLA_CLI_HAS_PARALLEL_BENCH)
+    endif()
     target_link_libraries(mla_cli PRIVATE CUDA::cudart)
     target_compile_definitions(mla_cli PRIVATE MLA_CLI_HAS_CUDA_BENCH)
   endif()

@@ -1,5 +1,7 @@
 // Multi-GPU benchmark for the GPU machine (issue 12; docs/parallel.md), one process driving N GPUs:
-//   mla-bench-parallel [--ranks N] [--quick] [--json PATH]      (NCCL_NVLS_ENABLE=0 is set here)
+//   mla-bench-parallel [--ranks N] [--quick] [--json PATH]      (bench/cuda/parallel_main.cpp)
+//   mla bench --device cuda --tp N [--cp N] [--quick] [--json PATH]
+// NCCL_NVLS_ENABLE=0 is set here before the communicators exist.
 // In one run: (a) NCCL's own bus bandwidth for all-reduce and all-gather, at round sizes and at the sizes the
 // steps below send; (b) the V3 layer (random weights, bf16, page 64) on one GPU and with its heads split over N
 // (LayerOptions::communicator): prefill T=16384 (4096 with --quick) and a decode step b=32 ctx 4096, replayed from
@@ -30,14 +32,13 @@
 
 #include "mla/mla.hpp"
 
+namespace mla::tools {
 namespace {
 
-using mla::Communicator;
-
-#define BENCH_CHECK(call)                                                                                    \
-  do {                                                                                                       \
-    const cudaError_t e_ = (call);                                                                           \
-    if (e_ != cudaSuccess) throw mla::Error(std::string("bench: ") + #call + ": " + cudaGetErrorString(e_)); \
+#define BENCH_CHECK(call)                                                                               \
+  do {                                                                                                  \
+    const cudaError_t e_ = (call);                                                                      \
+    if (e_ != cudaSuccess) throw Error(std::string("bench: ") + #call + ": " + cudaGetErrorString(e_)); \
   } while (0)
 
 struct Dev {
@@ -114,9 +115,9 @@ double collective_us(std::vector<Communicator>& comms, bool all_reduce, int64_t 
         const int64_t count = bytes / 4;
         auto call = [&] {
           if (all_reduce)
-            comms[r].all_reduce_sum(buf.p, buf.p, count, mla::DType::F32, s);
+            comms[r].all_reduce_sum(buf.p, buf.p, count, DType::F32, s);
           else
-            comms[r].all_gather(buf.as<float>() + r * (count / n), buf.p, count / n, mla::DType::F32, s);
+            comms[r].all_gather(buf.as<float>() + r * (count / n), buf.p, count / n, DType::F32, s);
         };
         for (int i = 0; i < warm; ++i) call();
         for (int i = 0; i < reps; ++i) {
@@ -180,25 +181,25 @@ struct LayerCase {
 };
 
 // Milliseconds per forward of `c` with `ranks` ranks (comms null: one GPU, no communicator).
-double layer_ms(const mla::LayerWeights& w, std::vector<Communicator>* comms, const LayerCase& c, bool quick) {
+double layer_ms(const LayerWeights& w, std::vector<Communicator>* comms, const LayerCase& c, bool quick) {
   const int ranks = comms ? static_cast<int>(comms->size()) : 1;
   const int64_t D = w.config.hidden_size, N = c.batch * c.new_tokens;
   struct Rank {
-    std::unique_ptr<mla::Attention> layer;
-    std::unique_ptr<mla::LatentCache> cache;
-    std::vector<mla::SeqId> ids;
-    std::vector<mla::SequenceChunk> chunks;
+    std::unique_ptr<Attention> layer;
+    std::unique_ptr<LatentCache> cache;
+    std::vector<SeqId> ids;
+    std::vector<SequenceChunk> chunks;
     std::unique_ptr<Dev> hidden, out;
   };
   std::vector<Rank> rs(static_cast<size_t>(ranks));
   auto setup = [&](int r) {
     Rank& k = rs[static_cast<size_t>(r)];
-    mla::LayerOptions o;
+    LayerOptions o;
     o.device = "cuda";
     if (comms) o.communicator = &(*comms)[static_cast<size_t>(r)];
-    k.layer = std::make_unique<mla::Attention>(w, o);
+    k.layer = std::make_unique<Attention>(w, o);
     const int64_t pages = c.batch * ((c.context + c.new_tokens + 63) / 64 + 1);
-    k.cache = std::make_unique<mla::LatentCache>(k.layer->make_cache(pages, 64, 9));
+    k.cache = std::make_unique<LatentCache>(k.layer->make_cache(pages, 64, 9));
     BENCH_CHECK(cudaMemset(k.cache->storage(), 0x3c, static_cast<size_t>(pages * k.cache->page_bytes())));
     for (int64_t b = 0; b < c.batch; ++b) {
       k.ids.push_back(k.cache->add_sequence());
@@ -206,7 +207,7 @@ double layer_ms(const mla::LayerWeights& w, std::vector<Communicator>* comms, co
     }
     std::vector<int64_t> extra(static_cast<size_t>(c.batch), c.context + c.new_tokens);
     k.cache->reserve(k.ids, extra);
-    for (mla::SeqId id : k.ids) k.cache->commit(id, c.context);
+    for (SeqId id : k.ids) k.cache->commit(id, c.context);
     std::vector<float> h(static_cast<size_t>(N * D));
     std::mt19937 rng(4);
     std::uniform_real_distribution<float> u(-1.f, 1.f);
@@ -217,7 +218,7 @@ double layer_ms(const mla::LayerWeights& w, std::vector<Communicator>* comms, co
   };
   auto step = [&](int r, int) {
     Rank& k = rs[static_cast<size_t>(r)];
-    for (mla::SeqId id : k.ids) k.cache->truncate(id, c.context);
+    for (SeqId id : k.ids) k.cache->truncate(id, c.context);
     k.layer->forward(k.chunks, k.hidden->as<float>(), k.out->as<float>(), *k.cache);
   };
   const bool prefill = c.new_tokens > 1;
@@ -234,7 +235,7 @@ nlohmann::json bench_layer(std::vector<Communicator>& comms, bool quick) {
   const int n = static_cast<int>(comms.size());
   std::printf("\n(b) one V3 attention layer (D 7168, H 128), bf16, random weights: 1 GPU vs TP=%d\n", n);
   std::printf("%-34s %10s %10s %8s\n", "work", "1 GPU ms", "TP ms", "ratio");
-  const mla::LayerWeights w = mla::LayerWeights::random(mla::Config::preset("v3"), 1);
+  const LayerWeights w = LayerWeights::random(Config::preset("v3"), 1);
   nlohmann::json out = nlohmann::json::array();
   const std::vector<LayerCase> cases{{quick ? "prefill b=1 T=4096" : "prefill b=1 T=16384", 1, quick ? 4096 : 16384, 0},
                                      {"decode step b=32 ctx=4096 (graph)", 32, 1, 4095}};
@@ -264,15 +265,15 @@ nlohmann::json bench_context_parallel(std::vector<Communicator>& comms, bool qui
     const int ranks = cp ? n : 1;
     struct Rank {
       std::unique_ptr<Dev> q, kv, table, lens, out, lse, ws;
-      mla::DecodeParams p;
-      mla::ContextParallelPlan plan;
+      DecodeParams p;
+      ContextParallelPlan plan;
       cudaStream_t stream = nullptr;
       cudaGraphExec_t exec = nullptr;
     };
     std::vector<Rank> rs(static_cast<size_t>(ranks));
     auto setup = [&](int r) {
       Rank& k = rs[static_cast<size_t>(r)];
-      const int64_t len = cp ? mla::context_parallel_length(ctx, P, r, ranks) : ctx;
+      const int64_t len = cp ? context_parallel_length(ctx, P, r, ranks) : ctx;
       const int64_t pages = (len + P - 1) / P, num_pages = B * pages;
       std::vector<int32_t> table(static_cast<size_t>(B * pages)),
           lens(static_cast<size_t>(B), static_cast<int32_t>(len));
@@ -287,21 +288,21 @@ nlohmann::json bench_context_parallel(std::vector<Communicator>& comms, bool qui
       BENCH_CHECK(cudaMemcpy(k.lens->p, lens.data(), lens.size() * 4, cudaMemcpyHostToDevice));
       k.out = std::make_unique<Dev>(static_cast<size_t>(B * H * dv * 2));
       k.lse = std::make_unique<Dev>(static_cast<size_t>(B * H * 4));
-      mla::DecodeParams& p = k.p;
+      DecodeParams& p = k.p;
       p.batch = B, p.s_q = 1, p.h_q = H, p.head_dim = d, p.head_dim_v = dv, p.page_size = P;
-      p.num_pages = num_pages, p.max_pages = pages, p.dtype = mla::DType::BF16;
+      p.num_pages = num_pages, p.max_pages = pages, p.dtype = DType::BF16;
       p.q = k.q->p, p.kv_cache = k.kv->p, p.block_table = k.table->as<int32_t>(),
       p.cache_seqlens = k.lens->as<int32_t>();
       p.softmax_scale = 0.0417f, p.causal = true;
       p.out = k.out->p, p.lse = k.lse->as<float>();
       BENCH_CHECK(cudaStreamCreateWithFlags(&k.stream, cudaStreamNonBlocking));
       int64_t ws_bytes = 0;
-      mla::DecodeSchedule single;
+      DecodeSchedule single;
       if (cp) {
-        k.plan = mla::plan_context_parallel_decode(comms[static_cast<size_t>(r)], p);
+        k.plan = plan_context_parallel_decode(comms[static_cast<size_t>(r)], p);
         ws_bytes = k.plan.workspace_bytes;
       } else {
-        single = mla::plan_decode_attention("cuda", p);
+        single = plan_decode_attention("cuda", p);
         ws_bytes = single.workspace_bytes;
       }
       k.ws = std::make_unique<Dev>(static_cast<size_t>(ws_bytes));
@@ -309,9 +310,9 @@ nlohmann::json bench_context_parallel(std::vector<Communicator>& comms, bool qui
       cudaGraph_t g = nullptr;
       BENCH_CHECK(cudaStreamBeginCapture(k.stream, cudaStreamCaptureModeThreadLocal));
       if (cp)
-        mla::context_parallel_decode(comms[static_cast<size_t>(r)], p, k.plan, k.ws->p, k.stream);
+        context_parallel_decode(comms[static_cast<size_t>(r)], p, k.plan, k.ws->p, k.stream);
       else
-        mla::decode_attention("cuda", p, single, k.ws->p, k.stream);
+        decode_attention("cuda", p, single, k.ws->p, k.stream);
       BENCH_CHECK(cudaStreamEndCapture(k.stream, &g));
       BENCH_CHECK(cudaGraphInstantiate(&k.exec, g, 0));
       cudaGraphDestroy(g);
@@ -350,52 +351,34 @@ nlohmann::json bench_context_parallel(std::vector<Communicator>& comms, bool qui
 
 }  // namespace
 
-int main(int argc, char** argv) {
+// ranks 0: every GPU of the machine. Throws Error when fewer than 2 GPUs can take part.
+int bench_parallel(int ranks, const std::string& json, bool quick) {
   setenv("NCCL_NVLS_ENABLE", "0", 1);  // NVLink multicast stays off on the lent machines
-  int ranks = 0;
-  bool quick = false;
-  std::string json;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--quick")
-      quick = true;
-    else if (a == "--json" && i + 1 < argc)
-      json = argv[++i];
-    else if (a == "--ranks" && i + 1 < argc)
-      ranks = std::atoi(argv[++i]);
-    else {
-      std::fprintf(stderr, "usage: mla-bench-parallel [--ranks N] [--quick] [--json PATH]\n");
-      return 2;
-    }
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) count = 0;  // no driver or no GPU
+  if (ranks == 0) ranks = count;
+  if (ranks < 2 || ranks > count)
+    throw InvalidArgument("bench (parallel): needs 2 or more GPUs (" + std::to_string(ranks) +
+                          " ranks asked for, this machine has " + std::to_string(count) + ")");
+  std::vector<int> devices(static_cast<size_t>(ranks));
+  std::iota(devices.begin(), devices.end(), 0);
+  std::vector<Communicator> comms = Communicator::local(devices);
+  cudaDeviceProp prop{};
+  BENCH_CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("mla bench (parallel): %d x %s%s, NCCL_NVLS_ENABLE=0\n", ranks, prop.name, quick ? " (quick)" : "");
+  nlohmann::json j;
+  j["device"] = prop.name;
+  j["ranks"] = ranks;
+  j["quick"] = quick;
+  j["nccl"] = bench_nccl(comms, quick);
+  j["layer"] = bench_layer(comms, quick);
+  j["context_parallel_decode"] = bench_context_parallel(comms, quick);
+  if (!json.empty()) {
+    std::ofstream f(json);
+    if (!f) throw Error("bench: cannot write " + json);
+    f << j.dump(2) << "\n";
   }
-  try {
-    int count = 0;
-    if (cudaGetDeviceCount(&count) != cudaSuccess) count = 0;  // no driver or no GPU
-    if (ranks == 0) ranks = count;
-    if (ranks < 2 || ranks > count)
-      throw mla::InvalidArgument("mla-bench-parallel: needs 2 or more GPUs (--ranks " + std::to_string(ranks) +
-                                 ", this machine has " + std::to_string(count) + ")");
-    std::vector<int> devices(static_cast<size_t>(ranks));
-    std::iota(devices.begin(), devices.end(), 0);
-    std::vector<Communicator> comms = Communicator::local(devices);
-    cudaDeviceProp prop{};
-    BENCH_CHECK(cudaGetDeviceProperties(&prop, 0));
-    std::printf("mla-bench-parallel: %d x %s%s, NCCL_NVLS_ENABLE=0\n", ranks, prop.name, quick ? " (quick)" : "");
-    nlohmann::json j;
-    j["device"] = prop.name;
-    j["ranks"] = ranks;
-    j["quick"] = quick;
-    j["nccl"] = bench_nccl(comms, quick);
-    j["layer"] = bench_layer(comms, quick);
-    j["context_parallel_decode"] = bench_context_parallel(comms, quick);
-    if (!json.empty()) {
-      std::ofstream f(json);
-      if (!f) throw mla::Error("bench: cannot write " + json);
-      f << j.dump(2) << "\n";
-    }
-    return 0;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "mla-bench-parallel: %s\n", e.what());
-    return 1;
-  }
+  return 0;
 }
+
+}  // namespace mla::tools
