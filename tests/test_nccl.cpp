@@ -102,6 +102,7 @@ TEST(Communicator, LocalRanksAndCollectives) {
     ASSERT_EQ(comms.size(), static_cast<size_t>(world));
     const int64_t n = 1000;
     std::vector<std::unique_ptr<DeviceBuf>> sum, gathered;
+    std::vector<cudaStream_t> streams(static_cast<size_t>(world));
     for (int r = 0; r < world; ++r) {
       EXPECT_EQ(comms[r].rank(), r);
       EXPECT_EQ(comms[r].world(), world);
@@ -113,15 +114,21 @@ TEST(Communicator, LocalRanksAndCollectives) {
       sum.push_back(std::make_unique<DeviceBuf>(mine));  // reduced in place
       gathered.push_back(std::make_unique<DeviceBuf>(world * n * sizeof(float)));
       check(cudaMemcpy(gathered.back()->get<float>() + r * n, mine.data(), n * 4, cudaMemcpyHostToDevice));
+      check(cudaStreamCreate(&streams[r]));  // each rank's calls on a stream of its own device
     }
     // One thread issues every rank's calls: the group API makes that legal (without it the first call would wait
     // for ranks not yet issued).
     Communicator::group_start();
     for (int r = 0; r < world; ++r) {
-      comms[r].all_reduce_sum(sum[r]->ptr, sum[r]->ptr, n, DType::F32, nullptr);
-      comms[r].all_gather(gathered[r]->get<float>() + r * n, gathered[r]->ptr, n, DType::F32, nullptr);
+      comms[r].all_reduce_sum(sum[r]->ptr, sum[r]->ptr, n, DType::F32, streams[r]);
+      comms[r].all_gather(gathered[r]->get<float>() + r * n, gathered[r]->ptr, n, DType::F32, streams[r]);
     }
     Communicator::group_end();
+    for (int r = 0; r < world; ++r) {
+      check(cudaSetDevice(r));
+      check(cudaStreamSynchronize(streams[r]));
+      check(cudaStreamDestroy(streams[r]));
+    }
     for (int r = 0; r < world; ++r) {
       check(cudaSetDevice(r));
       std::vector<float> s(n), g(world * n);
