@@ -6,8 +6,12 @@
 # identical tensors in CUDA graphs (bench/cuda/vs_anchors.py). The short tables come last; full logs and JSON go to
 # $OUT (default ./gpu-out).
 #
-#   scripts/gpu.sh [all|test|bench|profile] [--quick]
+#   scripts/gpu.sh [all|test|bench|profile|nccl] [--quick]
 #
+# nccl: only the multi-GPU tests (tests/test_nccl.cpp: communicator, tensor- and context-parallel runs against one
+# GPU; the two-GPU tests skip on one GPU), then, with 2+ GPUs, the multi-GPU benchmark (mla-bench-parallel:
+# NCCL bus bandwidth, TP layer prefill/decode and CP decode against one GPU, same run; $OUT/parallel.json), all with
+# NCCL_NVLS_ENABLE=0 (NVLink multicast stays off). `all` and `test` run the multi-GPU tests too.
 # profile: Nsight Compute (clocks left alone) on the first sm90 decode and prefill launches of the quick bench.
 # MLA_BENCH_ONLY=<substring> limits every benchmark table to the rows whose name contains it.
 # MLA_NCU_CASE=<row name substring> adds Nsight Compute sections of mla's and the anchors' decode kernels on that row
@@ -55,14 +59,31 @@ cmake -S . -B build-gpu $gen -DCMAKE_BUILD_TYPE=Release -DMLA_WITH_CUDA=ON -DMLA
   -DPython_EXECUTABLE="$(command -v python3)" -DMLA_CUDA_GENCODE=90a -DMLA_CUDA_VERBOSE_PTXAS=ON \
   -DCMAKE_PREFIX_PATH="$root/usr" >"$LOGS/build.log" 2>&1 ||
   { tail -40 "$LOGS/build.log"; exit 1; }
-cmake --build build-gpu -j12 >>"$LOGS/build.log" 2>&1 || { grep -B2 -A12 -E "error|Error" "$LOGS/build.log" | head -80; exit 1; }
+targets=""
+[[ "$what" == nccl ]] && targets="--target test_nccl mla_bench_parallel"  # no Python, no single-GPU benchmark
+cmake --build build-gpu -j12 $targets >>"$LOGS/build.log" 2>&1 || { grep -B2 -A12 -E "error|Error" "$LOGS/build.log" | head -80; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
 grep -A2 -E "Compiling entry function '.*(decode_kernel|prefill_kernel)" "$LOGS/build.log" | grep -E "registers|spill" | head -6
 # The Python package from this build: its .py files beside the extension the build made.
 site=$PWD/build-gpu/site
-rm -rf "$site" && mkdir -p "$site" && cp -r python/mla "$site/" && cp build-gpu/python/mla/_mla*.so "$site/mla/"
+[[ "$what" != nccl ]] && rm -rf "$site" && mkdir -p "$site" && cp -r python/mla "$site/" && cp build-gpu/python/mla/_mla*.so "$site/mla/"
 
 status=0
+export NCCL_NVLS_ENABLE=0  # NVLink multicast off on the lent machines (docs/parallel.md)
+if [[ "$what" == all || "$what" == test || "$what" == nccl ]]; then
+  nvidia-smi topo -m 2>/dev/null | head -6
+  t0=$(date +%s)
+  timeout "${MLA_NCCL_TEST_TIMEOUT:-300}" stdbuf -oL ./build-gpu/tests/test_nccl >"$LOGS/test_nccl.log" 2>&1; rc=$?
+  grep -E "FAILED|Failure|error|PASSED|SKIPPED \]|tests from .* ran" "$LOGS/test_nccl.log" | head -40
+  (( rc == 124 )) && { echo "test_nccl timed out; last lines:"; tail -3 "$LOGS/test_nccl.log"; }
+  echo "test_nccl: rc $rc, $(( $(date +%s) - t0 )) s"
+  (( rc != 0 )) && status=1
+fi
+if [[ "$what" == nccl ]] && (( $(nvidia-smi -L | wc -l) >= 2 )); then
+  timeout "${MLA_NCCL_BENCH_TIMEOUT:-300}" ./build-gpu/mla-bench-parallel $quick --json "$OUT/parallel.json" \
+    >"$OUT/parallel.txt" 2>&1 || status=1
+  cat "$OUT/parallel.txt"
+fi
 if [[ "$what" == all || "$what" == test ]]; then
   t0=$(date +%s)
   # A hung kernel must not eat the whole call: each step has a time limit (rc 124).

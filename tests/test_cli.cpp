@@ -452,5 +452,26 @@ TEST_F(Cli, BenchReportsItsCeilings) {
   EXPECT_EQ(rows, 6);
 }
 
+// --tp / --cp: refused by name where they cannot run (not cuda, counts that differ, a build or machine without
+// the GPUs); with 2+ GPUs they run the multi-GPU benchmark, which scripts/gpu.sh nccl runs instead.
+TEST_F(Cli, BenchTpCpRefusedWhereTheyCannotRun) {
+  Result r = run("bench --tp 2");
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("need --device cuda"), std::string::npos) << r.output;
+  r = run("bench --device cuda --tp 2 --cp 4");
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("give one count"), std::string::npos) << r.output;
+  r = run("bench --device cuda --tp 0");
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("--tp"), std::string::npos) << r.output;
+  const std::vector<std::string> devices = available_devices();
+  if (std::find(devices.begin(), devices.end(), "cuda") != devices.end()) return;  // would run the benchmark
+  r = run("bench --device cuda --cp 2");
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_TRUE(r.output.find("no CUDA support") != std::string::npos ||
+              r.output.find("needs 2 or more GPUs") != std::string::npos)
+      << r.output;
+}
+
 }  // namespace
 }  // namespace mla

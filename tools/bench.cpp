@@ -24,6 +24,11 @@ namespace mla::tools {
 int bench_cuda(const std::string& json_path, bool quick);
 }
 #endif
+#ifdef MLA_CLI_HAS_PARALLEL_BENCH
+namespace mla::tools {
+int bench_parallel(int ranks, const std::string& json, bool quick);
+}
+#endif
 
 namespace mla::tools {
 
@@ -137,6 +142,18 @@ double weight_bytes(const CostModel& m, int elt) {
 }  // namespace
 
 int run_bench(const BenchArgs& a) {
+  if (a.tp > 1 || a.cp > 1) {
+    if (a.device != "cuda") throw InvalidArgument("bench --tp / --cp: multi-GPU runs need --device cuda");
+    // One rank count for both tables: a TP x CP grid of communicators is not built (docs/parallel.md).
+    if (a.tp > 1 && a.cp > 1 && a.tp != a.cp)
+      throw InvalidArgument("bench --tp " + std::to_string(a.tp) + " --cp " + std::to_string(a.cp) +
+                            ": TP and CP are measured over the same GPUs; give one count");
+#ifdef MLA_CLI_HAS_PARALLEL_BENCH
+    return bench_parallel(static_cast<int>(std::max(a.tp, a.cp)), a.json, a.quick);
+#else
+    throw InvalidArgument("bench --tp / --cp: this build has no CUDA support (configure with -DMLA_WITH_CUDA=ON)");
+#endif
+  }
   if (a.device == "cuda") {
 #ifdef MLA_CLI_HAS_CUDA_BENCH
     return bench_cuda(a.json, a.quick);

@@ -31,6 +31,7 @@ struct BenchArgs {
   bool quick = false;
   int64_t prefill_tokens = 1024, context = 4096, repeats = 0;
   int64_t decode_layers = 0;  // 0: enough that weights and caches exceed 2 x L3
+  int64_t tp = 1, cp = 1;     // > 1 (cuda): the multi-GPU benchmark over that many GPUs (bench/cuda/parallel.cpp)
 };
 
 int run_forward(const ForwardArgs& args);

@@ -82,6 +82,12 @@ int main(int argc, char** argv) {
                 "Layers (own weights and cache) that decode steps rotate over (0: enough to exceed 2 x L3; 1: one "
                 "layer, which a large L3 may hold)")
       ->check(CLI::Range(int64_t{0}, int64_t{4096}));
+  b->add_option("--tp", bench.tp, "cuda: heads split over this many GPUs (NCCL), beside one GPU in the same run")
+      ->check(CLI::Range(int64_t{1}, int64_t{64}))
+      ->capture_default_str();
+  b->add_option("--cp", bench.cp, "cuda: decode over a cache spread over this many GPUs (NCCL), beside one GPU")
+      ->check(CLI::Range(int64_t{1}, int64_t{64}))
+      ->capture_default_str();
   b->add_flag("--quick", bench.quick, "Fewer repetitions");
 
   try {

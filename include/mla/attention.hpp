@@ -16,6 +16,7 @@ namespace mla {
 namespace detail {
 class LayerImpl;
 }
+class Communicator;  // mla/parallel.hpp
 
 // Expanded: per-head K and V are expanded from the latent rows (prefill-shaped work, compute-bound).
 // Absorbed: queries are absorbed into the latent space, MQA over the 576-wide rows (decode-shaped work).
@@ -36,6 +37,15 @@ struct LayerOptions {
   Precision precision = Precision::BF16;
   Path path = Path::Auto;
   CacheDtype cache_dtype = CacheDtype::Auto;
+  // Tensor parallelism over heads ("cuda" only; docs/parallel.md): this layer is rank r = communicator->rank() of
+  // W = communicator->world(). Give it the whole layer's weights: it keeps heads [H·r/W, H·(r+1)/W)
+  // (LayerWeights::shard_heads; W must divide H) and the replicated q_a / kv_a projections and norms, and sums the
+  // ranks' o_proj partials with an NCCL all-reduce inside forward(), adding o_proj's bias once after the sum, so
+  // every rank's out is the whole layer's output and every rank's cache the whole layer's rows. Every rank must
+  // make the same calls (same batches, same hidden states) with device communicator->device() current; a rank
+  // that throws before its all-reduce (bad arguments) leaves the others waiting in it. Not owned: it must
+  // outlive the layer.
+  const Communicator* communicator = nullptr;
 };
 
 // New tokens of one sequence in a batch.

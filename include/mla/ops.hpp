@@ -40,6 +40,29 @@ inline RowLayout kv_cache_row(const DecodeParams& p) {
   return {.dtype = p.fp8_kv_cache ? DType::F8_E4M3 : p.dtype, .latent = p.head_dim_v, .rope = p.head_dim - p.head_dim_v};
 }
 
+// Merge of `parts` decode results over disjoint sets of keys (split-KV, context parallelism: each part attended
+// over a slice of a sequence's keys). Per query row, with lse = ln Σ_p exp(lse_p):
+//   out = Σ_p exp(lse_p − lse) · out_p
+// computed in fp32 (subtracting the largest lse_p first), rounded to dtype once. A part with an infinite lse_p saw
+// no key: +inf is decode_attention's marker for that, −inf is ln 0; its out_p is never read (it may hold anything,
+// NaN included) and its weight is 0. A row that no part saw a key for gives out = 0 and lse = +inf, exactly as
+// decode_attention over the union of the keys. A NaN lse_p propagates to that row's out and lse. The shapes are
+// decode_attention's, with the parts stacked in front (what an all-gather of every rank's out and lse gives).
+struct MergeParams {
+  int64_t parts = 0;
+  int64_t batch = 0, s_q = 1, h_q = 0;
+  int64_t head_dim_v = 512;
+  DType dtype = DType::BF16;         // of out_parts and out: BF16, F16 or F32 (BF16 or F32 on "cuda")
+  const void* out_parts = nullptr;   // [parts, batch, s_q, h_q, head_dim_v]
+  const float* lse_parts = nullptr;  // [parts, batch, h_q, s_q]
+  void* out = nullptr;               // [batch, s_q, h_q, head_dim_v]; must not overlap out_parts
+  float* lse = nullptr;              // [batch, h_q, s_q]; may be null
+};
+
+// Throws mla::InvalidArgument naming the parameter. `stream`: a cudaStream_t on "cuda" (null: the legacy default
+// stream; asynchronous, allocates nothing, capturable in a CUDA graph); ignored on the CPU.
+void merge_attention(std::string_view device, const MergeParams& params, void* stream = nullptr);
+
 // Expanded-form (prefill) attention over variable-length sequences packed along the token axis.
 // Causal is bottom-right aligned: query i of a sequence with n_q queries and n_k keys sees keys
 // t <= n_k − n_q + i.

@@ -8,6 +8,7 @@
 
 #include "core/backend.hpp"
 #include "mla/error.hpp"
+#include "mla/parallel.hpp"
 
 namespace mla {
 
@@ -49,7 +50,16 @@ Attention::Attention(const LayerWeights& weights, const LayerOptions& options)
   if (options.cache_dtype == CacheDtype::FP8 && options.precision != Precision::BF16)
     throw InvalidArgument("layer: cache_dtype fp8 needs precision bf16, got " +
                           std::string(precision_name(options.precision)));
-  impl_ = detail::find_backend(options.device).make_layer(weights, options);
+  if (const Communicator* comm = options.communicator) {
+    if (options.device != "cuda")
+      throw InvalidArgument("layer: tensor parallelism (LayerOptions::communicator) needs device \"cuda\", got \"" +
+                            options.device + "\"");
+    LayerWeights shard = weights.shard_heads(comm->rank(), comm->world());
+    shard.o_bias = weights.o_bias;  // added once, after the all-reduce, on every rank
+    impl_ = detail::find_backend(options.device).make_layer(shard, options);
+  } else {
+    impl_ = detail::find_backend(options.device).make_layer(weights, options);
+  }
   config_ = weights.config;
 }
 

@@ -78,6 +78,7 @@ class Backend {
   virtual void split_decode_attention(const DecodeParams& params, const DecodeSchedule& schedule, void* workspace,
                                       void* stream) const = 0;
   virtual void prefill_attention(const PrefillParams& params, void* stream) const = 0;
+  virtual void merge_attention(const MergeParams& params, void* stream) const = 0;
 };
 
 // Throws mla::InvalidArgument naming the available backends for an unknown or unavailable name.

@@ -149,6 +149,26 @@ void validate(const detail::Backend& backend, const PrefillParams& p) {
   check_cu_seqlens(op, "cu_seqlens_k", p.cu_seqlens_k, p.batch, p.total_k, "total_k");
 }
 
+void validate(const MergeParams& p) {
+  constexpr std::string_view op = "merge_attention";
+  check_dim(op, "parts", p.parts);
+  check_dim(op, "batch", p.batch);
+  check_dim(op, "s_q", p.s_q);
+  check_dim(op, "h_q", p.h_q);
+  check_dim(op, "head_dim_v", p.head_dim_v);
+  check_dtype(op, p.dtype);
+  check_elements(op, "out_parts", {p.parts, p.batch, p.s_q, p.h_q, p.head_dim_v});
+  check_ptr(op, "out_parts", p.out_parts);
+  check_ptr(op, "lse_parts", p.lse_parts);
+  check_ptr(op, "out", p.out);
+  // A kernel writing one row of out while another row's threads still read out_parts would race.
+  const auto at = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr); };
+  const auto out_bytes = static_cast<uintptr_t>(p.batch * p.s_q * p.h_q * p.head_dim_v * dtype_size(p.dtype));
+  const uintptr_t parts_bytes = out_bytes * static_cast<uintptr_t>(p.parts);
+  if (at(p.out) < at(p.out_parts) + parts_bytes && at(p.out_parts) < at(p.out) + out_bytes)
+    fail(op, "out must not overlap out_parts");
+}
+
 }  // namespace
 
 void decode_attention(std::string_view device, const DecodeParams& p) {
@@ -209,6 +229,12 @@ void decode_attention(std::string_view device, const DecodeParams& p, const Deco
 void split_decode_attention(std::string_view device, const DecodeParams& p, const DecodeSchedule& schedule,
                             void* workspace, void* stream) {
   check_planned(device, p, schedule, workspace).split_decode_attention(p, schedule, workspace, stream);
+}
+
+void merge_attention(std::string_view device, const MergeParams& p, void* stream) {
+  const detail::Backend& backend = detail::find_backend(device);
+  validate(p);
+  backend.merge_attention(p, stream);
 }
 
 void prefill_attention(std::string_view device, const PrefillParams& p) { prefill_attention(device, p, nullptr); }

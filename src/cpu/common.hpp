@@ -92,6 +92,7 @@ class HostBackend : public detail::Backend {
   }
   void split_decode_attention(const DecodeParams&, const DecodeSchedule&, void*, void*) const override {}
   void prefill_attention(const PrefillParams& p, void* /*stream*/) const override { cpu::prefill_attention(p); }
+  void merge_attention(const MergeParams& p, void* /*stream*/) const override { cpu::merge_attention(p); }
 };
 
 }  // namespace mla::cpu

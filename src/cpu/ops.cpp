@@ -331,6 +331,45 @@ void prefill(const PrefillParams& p) {
 
 }  // namespace
 
+// One query row at a time, plain loops: the reference the CUDA kernel is tested against (the work is
+// parts · rows · head_dim_v multiply-adds, nothing worth a faster path).
+void merge_attention(const MergeParams& p) {
+  const int64_t rows = p.batch * p.s_q * p.h_q, dv = p.head_dim_v;
+  std::vector<float> part(static_cast<size_t>(dv)), acc(static_cast<size_t>(dv));
+  for (int64_t row = 0; row < rows; ++row) {
+    // out row = (b, i, h); its lse sits at (b, h, i)
+    const int64_t b = row / (p.s_q * p.h_q), i = row / p.h_q % p.s_q, h = row % p.h_q;
+    const int64_t lse_at = (b * p.h_q + h) * p.s_q + i;
+    float m = -kInf;
+    bool nan = false;
+    for (int64_t k = 0; k < p.parts; ++k) {
+      const float l = p.lse_parts[k * rows + lse_at];
+      nan |= std::isnan(l);
+      if (std::isfinite(l)) m = std::max(m, l);
+    }
+    std::fill(acc.begin(), acc.end(), 0.f);
+    float lse = kInf;  // no part saw a key: decode_attention's marker
+    if (nan) {
+      std::fill(acc.begin(), acc.end(), std::numeric_limits<float>::quiet_NaN());
+      lse = std::numeric_limits<float>::quiet_NaN();
+    } else if (m != -kInf) {
+      float sum = 0.f;
+      for (int64_t k = 0; k < p.parts; ++k) {
+        const float l = p.lse_parts[k * rows + lse_at];
+        if (!std::isfinite(l)) continue;  // saw no key: out_p is not read
+        const float w = std::exp(l - m);
+        sum += w;
+        load(p.out_parts, p.dtype, (k * rows + row) * dv, dv, part.data());
+        for (int64_t j = 0; j < dv; ++j) acc[j] += w * part[j];
+      }
+      for (int64_t j = 0; j < dv; ++j) acc[j] /= sum;
+      lse = m + std::log(sum);
+    }
+    store(acc.data(), dv, p.dtype, p.out, row * dv);
+    if (p.lse) p.lse[lse_at] = lse;
+  }
+}
+
 void decode_attention(const DecodeParams& p) {
   if (p.dtype == DType::BF16 && bf16_operands()) decode<uint16_t>(p);
   else decode<float>(p);

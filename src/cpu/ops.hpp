@@ -9,5 +9,6 @@ void decode_attention(const DecodeParams& params);
 // Plan of the CPU decode: kernel "cpu", no workspace (the run is decode_attention(params)).
 DecodeSchedule plan_decode_attention(const DecodeParams& params);
 void prefill_attention(const PrefillParams& params);
+void merge_attention(const MergeParams& params);
 
 }  // namespace mla::cpu

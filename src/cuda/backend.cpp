@@ -64,6 +64,9 @@ class CudaBackend final : public detail::Backend {
     validate(p);
     run_prefill(p, static_cast<cudaStream_t>(stream));
   }
+  void merge_attention(const MergeParams& p, void* stream) const override {
+    run_merge(p, static_cast<cudaStream_t>(stream));
+  }
 
  private:
   // The plan of this call, which must be the one the caller's schedule was made from.

@@ -16,6 +16,7 @@
 #include "cuda/common/device_memory.hpp"
 #include "cuda/common/elementwise.hpp"
 #include "cuda/common/gemm.hpp"
+#include "mla/parallel.hpp"
 
 namespace mla::cuda {
 namespace {
@@ -47,7 +48,8 @@ class CudaLayer final : public detail::LayerImpl {
  public:
   CudaLayer(const LayerWeights& w, const LayerOptions& o)
       : c_(w.config), k_(DerivedConstants::compute(w.config)),
-        dt_(o.precision == Precision::F32 ? DType::F32 : DType::BF16) {
+        dt_(o.precision == Precision::F32 ? DType::F32 : DType::BF16), comm_(o.communicator) {
+    check_device("layer");  // the weights are uploaded to the current device
     auto weight = [&](const Matrix& m) {
       return dt_ == DType::F32 ? upload(m.data) : upload(to_bf16(m.data));
     };
@@ -91,8 +93,7 @@ class CudaLayer final : public detail::LayerImpl {
     if (a.cache_row.dtype != dt_ && !(a.cache_row.dtype == DType::F8_E4M3 && dt_ == DType::BF16))
       throw InvalidArgument("forward (cuda): cache dtype does not match the layer's precision");
     if (N == 0) return;
-    int device = 0;
-    MLA_CUDA_CHECK(cudaGetDevice(&device));
+    const int device = check_device("forward");
     cudaStream_t stream = stream_for(device);
 
     // A forward that threw after its upload was issued (a kernel or GEMM refused a shape) did not reach the
@@ -419,8 +420,23 @@ class CudaLayer final : public detail::LayerImpl {
     // leaves the caller's out as it was. The bias rides on that pass, so it costs no pass of its own.
     grow(y_, N * D * 4);
     linear(o_.get(), N, H * dv, o_weight_.get(), D, y_.get(), DType::F32, stream);
+    // Tensor parallelism: y holds this rank's heads' share of o_proj; the sum over ranks is the layer's y. In
+    // fp32 (N·D·4 bytes), the rounding point of the single-GPU layer; in place, on this stream (so inside the
+    // decode step's CUDA graph). The bias below is then added once.
+    if (comm_) comm_->all_reduce_sum(y_.get(), y_.get(), N * D, DType::F32, stream);
     check_rows_finite(y_.get<float>(), has_o_bias_ ? o_bias_.get<float>() : nullptr, N, D, flag, stream);
     commit_rows(y_.get<float>(), has_o_bias_ ? o_bias_.get<float>() : nullptr, flag, N, D, a.out, stream);
+  }
+
+  // The current device; with a communicator, it must be the rank's (its weights, caches and peers live there).
+  int check_device(const char* op) const {
+    int device = 0;
+    MLA_CUDA_CHECK(cudaGetDevice(&device));
+    if (comm_ && device != comm_->device())
+      throw InvalidArgument(std::string(op) + " (cuda): tensor-parallel rank " + std::to_string(comm_->rank()) +
+                            " runs on device " + std::to_string(comm_->device()) + ", but the current device is " +
+                            std::to_string(device) + " (cudaSetDevice first)");
+    return device;
   }
 
   // y [rows, out] = x [rows, in] · Wᵀ with W [out, in] in the layer's dtype.
@@ -531,6 +547,7 @@ class CudaLayer final : public detail::LayerImpl {
   Config c_;
   DerivedConstants k_;
   DType dt_;
+  const Communicator* comm_;  // tensor parallelism: the o_proj all-reduce; null for a single-GPU layer
   int num_sms_ = 0;
   Gemm gemm_;
   DeviceArray q_proj_, q_a_, q_b_, kv_a_, kv_b_, o_weight_;

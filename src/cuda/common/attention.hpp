@@ -57,6 +57,9 @@ std::string prefill_kernel_name(const PrefillParams& p);
 bool prefill_is_fast(const PrefillParams& p);
 void run_prefill(const PrefillParams& p, cudaStream_t stream, const PrefillLayout* layout = nullptr);
 
+// merge_attention (src/cuda/common/merge.cu): parameters already checked by src/core/ops.cpp; F16 refused by name.
+void run_merge(const MergeParams& p, cudaStream_t stream);
+
 // Throw mla::InvalidArgument naming the parameter.
 void validate(const DecodeParams& p);
 void validate_shape(const DecodeParams& p);  // the same without the pointer checks (plans)
