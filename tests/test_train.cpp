@@ -331,6 +331,12 @@ TEST(Train, RejectsBadArgumentsByName) {
       const train::ForwardResultF32 r = train::forward(w, hidden, std::vector<int32_t>{0, 3});
       expect_error([&] { train::backward(w, r.saved, std::vector<float>(16, 0.f)); }, "d_out has 16 values");
       expect_error([&] { train::backward(w, r.saved, nan_d_out); }, "train::backward: d_out[1, 1] is not finite");
+      train::SavedF32 cut = r.saved;
+      cut.lse.pop_back();
+      expect_error([&] { train::backward(w, cut, std::vector<float>(3 * 16, 0.f)); }, "saved.lse has 5 values");
+      cut = r.saved;
+      cut.cu_seqlens = {0, 2};
+      expect_error([&] { train::backward(w, cut, std::vector<float>(3 * 16, 0.f)); }, "cu_seqlens ends at 2");
     } else {
       const train::ForwardResult r = train::forward_reference(w, hidden, std::vector<int32_t>{0, 3});
       expect_error([&] { train::backward_reference(w, r.saved, std::vector<float>(16, 0.f)); }, "d_out has 16 values");

@@ -102,8 +102,9 @@ def _functions_of(key: int):
 def _register_ops(torch):
     """torch.ops.mla.train_attention and its backward as custom operators (torch >= 2.4), with fake
     implementations and the autograd formula registered, so that torch.compile traces a module's forward and
-    backward without running them. The backward recomputes the forward (no state is kept between the two
-    operators)."""
+    backward without running them. On the fast path the forward operator also returns what the backward needs
+    (the C++ SavedF32 as flat tensors, marked non-differentiable); on the reference path those are empty and the
+    backward recomputes the forward."""
     from typing import List
 
     Tensor = torch.Tensor
@@ -111,41 +112,64 @@ def _register_ops(torch):
     def positions_or_none(positions: Tensor):
         return positions.cpu().numpy() if positions.numel() else None
 
+    def saved_sizes(layer: int, tokens: int) -> List[int]:
+        """Lengths of the saved tensors after out: positions, then _mla.train_saved_to_arrays' float arrays."""
+        c, _, reference = _LAYERS[layer]
+        if reference:
+            return [0] * 10
+        H, dq, dn, dr, dv, dc = (c.num_heads, c.q_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim,
+                                 c.v_head_dim, c.kv_lora_rank)
+        return [tokens, tokens * dq, tokens * dq, tokens * H * (dn + dr), tokens * dc, tokens * dc, tokens * dr,
+                tokens * H * (dn + dv), tokens * H, tokens * H * dv]
+
     @torch.library.custom_op("mla::train_attention", mutates_args=())
     def train_attention(hidden: Tensor, cu_seqlens: Tensor, positions: Tensor, layer: int,
-                        params: List[Tensor]) -> Tensor:
+                        params: List[Tensor]) -> List[Tensor]:
         fwd, _ = _functions_of(layer)
-        out, _ = fwd(_weights_of(layer, params), hidden.detach().cpu().numpy(), cu_seqlens.cpu().numpy(),
-                     positions_or_none(positions))
-        return torch.from_numpy(out).to(hidden.device)
+        out, saved = fwd(_weights_of(layer, params), hidden.detach().cpu().numpy(), cu_seqlens.cpu().numpy(),
+                         positions_or_none(positions))
+        if _LAYERS[layer][2]:
+            state = [torch.empty(0, dtype=torch.int64)] + [torch.empty(0) for _ in range(9)]
+        else:
+            state = [torch.from_numpy(a) for a in _mla.train_saved_to_arrays(saved)]
+        return [torch.from_numpy(out).to(hidden.device)] + state
 
     @train_attention.register_fake
     def _(hidden, cu_seqlens, positions, layer, params):
-        return torch.empty_like(hidden)
+        sizes = saved_sizes(layer, hidden.shape[0])
+        return ([torch.empty_like(hidden), hidden.new_empty(sizes[0], dtype=torch.int64)] +
+                [hidden.new_empty(n) for n in sizes[1:]])
 
     @torch.library.custom_op("mla::train_attention_backward", mutates_args=())
     def train_attention_backward(d_out: Tensor, hidden: Tensor, cu_seqlens: Tensor, positions: Tensor, layer: int,
-                                 params: List[Tensor]) -> List[Tensor]:
+                                 params: List[Tensor], state: List[Tensor]) -> List[Tensor]:
         weights = _weights_of(layer, params)
         fwd, bwd = _functions_of(layer)
-        _, saved = fwd(weights, hidden.detach().cpu().numpy(), cu_seqlens.cpu().numpy(), positions_or_none(positions))
+        x = np.ascontiguousarray(hidden.detach().cpu().numpy())
+        cu = np.ascontiguousarray(cu_seqlens.cpu().numpy(), dtype=np.int32)
+        if _LAYERS[layer][2]:
+            _, saved = fwd(weights, x, cu, positions_or_none(positions))
+        else:
+            saved = _mla.train_saved_from_arrays(x, cu, state[0].numpy(), [t.numpy() for t in state[1:]])
         d_hidden, grads = bwd(weights, saved, d_out.detach().cpu().numpy())
         names = _LAYERS[layer][1]
         return [torch.from_numpy(d_hidden)] + [torch.from_numpy(grads[n]) for n in names]
 
     @train_attention_backward.register_fake
-    def _(d_out, hidden, cu_seqlens, positions, layer, params):
+    def _(d_out, hidden, cu_seqlens, positions, layer, params, state):
         return [torch.empty_like(hidden)] + [torch.empty_like(p) for p in params]
 
     def setup_context(ctx, inputs, output):
         hidden, cu_seqlens, positions, layer, params = inputs
-        ctx.save_for_backward(hidden, cu_seqlens, positions, *params)
-        ctx.layer = layer
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(hidden, cu_seqlens, positions, *params, *output[1:])
+        ctx.layer, ctx.params = layer, len(params)
 
-    def backward(ctx, d_out):
-        hidden, cu_seqlens, positions, *params = ctx.saved_tensors
-        grads = torch.ops.mla.train_attention_backward(d_out, hidden, cu_seqlens, positions, ctx.layer, params)
-        return grads[0], None, None, None, list(grads[1:])
+    def backward(ctx, grads):
+        hidden, cu_seqlens, positions, *rest = ctx.saved_tensors
+        params, state = rest[:ctx.params], rest[ctx.params:]
+        g = torch.ops.mla.train_attention_backward(grads[0], hidden, cu_seqlens, positions, ctx.layer, params, state)
+        return g[0], None, None, None, list(g[1:])
 
     train_attention.register_autograd(backward, setup_context=setup_context)
     return torch.ops.mla.train_attention
@@ -205,7 +229,7 @@ def _module_class():
                 B, T, D = hidden.shape
                 cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32)
                 pos = torch.empty(0, dtype=torch.int64) if positions is None else torch.as_tensor(positions).reshape(-1)
-                return op(hidden.reshape(B * T, D), cu, pos, self._layer, self._params()).reshape(B, T, D)
+                return op(hidden.reshape(B * T, D), cu, pos, self._layer, self._params())[0].reshape(B, T, D)
             if hidden.dim() != 2:
                 raise ValueError("MultiheadLatentAttention: hidden must be [B, T, D] or [T, D], "
                                  f"got {list(hidden.shape)}")
@@ -217,7 +241,7 @@ def _module_class():
                 pos = torch.empty(0, dtype=torch.int64)
             else:
                 pos = torch.as_tensor(positions, dtype=torch.int64)
-            return op(hidden, cu, pos, self._layer, self._params())
+            return op(hidden, cu, pos, self._layer, self._params())[0]
 
         def _params(self):
             return [self.get_parameter(n) for n in self._tensor_names]

@@ -6,7 +6,9 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
+#include <iterator>
 #include <optional>
 #include <set>
 #include <string>
@@ -160,6 +162,48 @@ std::pair<NumpyF32, nb::dict> train_backward(const mla::LayerWeights& w, const m
   return {to_numpy(std::move(r.d_hidden), {T, D}), grads};
 }
 
+// The fast path's saved state as flat arrays and back: the torch operators (mla/train.py) pass only tensors from
+// the forward to the backward. Order: positions (int64 [T]), then the float arrays of kSavedFields.
+using SavedField = std::vector<float> mla::train::SavedF32::*;
+constexpr std::pair<const char*, SavedField> kSavedFields[] = {{"qa", &mla::train::SavedF32::qa},
+                                                               {"qa_normed", &mla::train::SavedF32::qa_normed},
+                                                               {"q", &mla::train::SavedF32::q},
+                                                               {"c", &mla::train::SavedF32::c},
+                                                               {"c_normed", &mla::train::SavedF32::c_normed},
+                                                               {"k_rope", &mla::train::SavedF32::k_rope},
+                                                               {"kv", &mla::train::SavedF32::kv},
+                                                               {"lse", &mla::train::SavedF32::lse},
+                                                               {"o", &mla::train::SavedF32::o}};
+
+nb::list saved_to_arrays(const mla::train::SavedF32& s) {
+  nb::list out;
+  auto* pos = new std::vector<int64_t>(s.positions);
+  nb::capsule owner(pos, [](void* p) noexcept { delete static_cast<std::vector<int64_t>*>(p); });
+  const size_t T = pos->size();
+  out.append(nb::ndarray<nb::numpy, int64_t>(pos->data(), 1, &T, owner));
+  for (const auto& [name, field] : kSavedFields) {
+    std::vector<float> copy = s.*field;
+    const size_t n = copy.size();
+    out.append(to_numpy(std::move(copy), {n}));
+  }
+  return out;
+}
+
+// Sizes are checked by train::backward.
+mla::train::SavedF32 saved_from_arrays(F32 hidden, I32 cu_seqlens, I64 positions, const std::vector<F32>& arrays) {
+  if (arrays.size() != std::size(kSavedFields))
+    throw mla::InvalidArgument("train saved state: " + std::to_string(arrays.size()) + " arrays, expected " +
+                               std::to_string(std::size(kSavedFields)));
+  mla::train::SavedF32 s;
+  s.tokens = static_cast<int64_t>(positions.size());
+  s.cu_seqlens.assign(cu_seqlens.data(), cu_seqlens.data() + cu_seqlens.size());
+  s.positions.assign(positions.data(), positions.data() + positions.size());
+  s.x.assign(hidden.data(), hidden.data() + hidden.size());
+  for (size_t i = 0; i < arrays.size(); ++i)
+    s.*kSavedFields[i].second = std::vector<float>(arrays[i].data(), arrays[i].data() + arrays[i].size());
+  return s;
+}
+
 }  // namespace
 
 void bind_train(nb::module_& m) {
@@ -178,4 +222,11 @@ void bind_train(nb::module_& m) {
   m.def("train_forward_fast", &train_forward<float>, "weights"_a, "hidden"_a, "cu_seqlens"_a,
         "positions"_a.none() = nb::none());
   m.def("train_backward_fast", &train_backward<float>, "weights"_a, "saved"_a, "d_out"_a);
+  m.def(
+      "train_saved_to_arrays", &saved_to_arrays, "saved"_a,
+      "A TrainSavedF32 as arrays: positions (int64), then qa, qa_normed, q, c, c_normed, k_rope, kv, lse, o (float32, "
+      "flat).");
+  m.def("train_saved_from_arrays", &saved_from_arrays, "hidden"_a, "cu_seqlens"_a, "positions"_a, "arrays"_a,
+        "A TrainSavedF32 from forward's hidden and cu_seqlens and train_saved_to_arrays' arrays (train_backward_fast "
+        "checks their sizes).");
 }

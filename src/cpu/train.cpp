@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <iterator>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -129,6 +131,32 @@ cpu::train::AttentionShape attention_shape(const Config& c, const DerivedConstan
           .scale = k.softmax_scale};
 }
 
+// The saved state's sizes against the config and its token count: backward reads every array whole, and a state
+// assembled by hand (the Python operators rebuild it from tensors) must not make it read past one.
+void check_saved(const Config& c, const SavedF32& s) {
+  constexpr const char* op = "train::backward";
+  const int64_t T = s.tokens, H = c.num_heads, dq = c.has_q_lora() ? c.q_lora_rank : 0, dc = c.kv_lora_rank;
+  const int64_t dr = c.qk_rope_head_dim, dn = c.qk_nope_head_dim, dv = c.v_head_dim;
+  detail::check_lengths(s.cu_seqlens, T, op);
+  const std::pair<const char*, int64_t> sizes[] = {{"positions", static_cast<int64_t>(s.positions.size())},
+                                                   {"qa", static_cast<int64_t>(s.qa.size())},
+                                                   {"qa_normed", static_cast<int64_t>(s.qa_normed.size())},
+                                                   {"q", static_cast<int64_t>(s.q.size())},
+                                                   {"c", static_cast<int64_t>(s.c.size())},
+                                                   {"c_normed", static_cast<int64_t>(s.c_normed.size())},
+                                                   {"k_rope", static_cast<int64_t>(s.k_rope.size())},
+                                                   {"kv", static_cast<int64_t>(s.kv.size())},
+                                                   {"lse", static_cast<int64_t>(s.lse.size())},
+                                                   {"o", static_cast<int64_t>(s.o.size())}};
+  const int64_t want[] = {T,     T * dq,    T * dq, T * H * (dn + dr), T * dc, T * dc, T * dr, T * H * (dn + dv),
+                          T * H, T * H * dv};
+  for (size_t i = 0; i < std::size(want); ++i)
+    if (sizes[i].second != want[i])
+      throw InvalidArgument(std::string(op) + ": saved." + sizes[i].first + " has " + std::to_string(sizes[i].second) +
+                            " values, the config and " + std::to_string(T) + " tokens need " + std::to_string(want[i]) +
+                            " (is `saved` from this layer?)");
+}
+
 }  // namespace
 
 ForwardResultF32 forward(const LayerWeights& w, std::span<const float> hidden, std::span<const int32_t> cu_seqlens,
@@ -199,6 +227,7 @@ BackwardResult backward(const LayerWeights& w, const SavedF32& s, std::span<cons
   const int64_t dr = c.qk_rope_head_dim, dn = c.qk_nope_head_dim, dv = c.v_head_dim, dqk = dn + dr, dkv = dn + dv;
   const int64_t T = s.tokens;
   detail::check_backward_args(c, T, s.x.size(), d_out, "train::backward");
+  check_saved(c, s);
 
   BackwardResult res;
   LayerGradients& g = res.grads;
