@@ -24,7 +24,6 @@ import copy
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -168,7 +167,8 @@ print(json.dumps(res, indent=1))
 log(f"\nV2-Lite layer forward+backward, T={T}, {args.threads} threads, {flops / 1e9:.1f} GFLOP "
     f"(forward {flops_fwd / 1e9:.1f}, backward {flops_bwd / 1e9:.1f})")
 for n in rows:
-    log(f"  {n:12s} {med[n] * 1e3:8.1f} ms  {flops / med[n] / 1e9:6.1f} GFLOP/s  mla is {med[n] / med['mla']:.2f}x faster")
+    log(f"  {n:12s} {med[n] * 1e3:8.1f} ms  {flops / med[n] / 1e9:6.1f} GFLOP/s  "
+        f"mla is {med[n] / med['mla']:.2f}x faster")
 log(f"load average before {load_before}, after {load_after}; worst check {worst:.2e}")
 if worst > 1e-4:
     sys.exit(f"train_vs_torch: mla and torch disagree (worst relative error {worst:.2e} > 1e-4)")

@@ -66,7 +66,8 @@ BackwardResult backward_reference(const LayerWeights& weights, const Saved& save
 
 // The fast CPU path: the same arguments, checks and results as the reference, in float32 with fp32 accumulation,
 // over the OpenMP threads. It agrees with the reference to about 1e-6 relative (tests/test_train.cpp,
-// docs/training.md); two calls with the same inputs and thread count give the same bits.
+// docs/training.md); two calls with the same inputs and thread count give the same bits. backward also refuses a
+// `saved` whose arrays do not fit the layer and its token count, naming the array.
 ForwardResultF32 forward(const LayerWeights& weights, std::span<const float> hidden,
                          std::span<const int32_t> cu_seqlens, std::span<const int64_t> positions = {});
 BackwardResult backward(const LayerWeights& weights, const SavedF32& saved, std::span<const float> d_out);
