@@ -10,8 +10,6 @@
 // so the result does not depend on the thread count).
 #include "cpu/train_attention.hpp"
 
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
