@@ -156,6 +156,39 @@ TEST(Gemm, NnF32) {
     for (const Case& c : cases(false)) check_f32(c, false, seed++);
 }
 
+// gemm_tn: A stored [K, lda >= M] (transposed), B [K, ldb >= N]; the same shapes, beta and padding as above, each
+// element against a double loop with the tolerance of expect_matches.
+TEST(Gemm, TnF32) {
+    uint32_t seed = 150;
+    for (const Case& c0 : cases(false)) {
+        Case c = c0;
+        c.lda = c.M + (c0.lda - c0.K);  // the same padding, now past M
+        std::mt19937 rng(seed++);
+        std::uniform_real_distribution<float> d(-1.f, 1.f);
+        std::vector<float> A(c.K * c.lda), B(c.K * c.ldb), C(c.M * c.ldc);
+        for (auto* v : {&A, &B, &C})
+            for (auto& x : *v) x = d(rng);
+        const auto C0 = C;
+        mla::cpu::gemm_tn(c.M, c.N, c.K, A.data(), c.lda, B.data(), c.ldb, C.data(), c.ldc, c.beta);
+        for (int64_t m = 0; m < c.M; ++m)
+            for (int64_t n = 0; n < c.ldc; ++n) {
+                const float got = C[m * c.ldc + n], old = C0[m * c.ldc + n];
+                if (n >= c.N) {
+                    ASSERT_EQ(got, old) << "padding written at m=" << m << " n=" << n;
+                    continue;
+                }
+                double sum = 0, mag = 0;
+                for (int64_t k = 0; k < c.K; ++k) {
+                    const double p = double(A[k * c.lda + m]) * B[k * c.ldb + n];
+                    sum += p, mag += std::abs(p);
+                }
+                if (c.beta != 0.f) sum += double(c.beta) * old, mag += std::abs(double(c.beta) * old);
+                ASSERT_NEAR(got, sum, 1e-5 * mag + 1e-30) << "m=" << m << " n=" << n << " M=" << c.M << " N=" << c.N
+                                                          << " K=" << c.K;
+            }
+    }
+}
+
 TEST(Gemm, NtBf16) {
     uint32_t seed = 200;
     for (const Case& c : cases(true)) check_bf16(c, true, seed++);

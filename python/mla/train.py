@@ -1,13 +1,18 @@
 """Training with mla: the layer's forward over whole causal sequences and its backward.
 
-Today this is the scalar **reference** (C++ ``mla/train.hpp``: plain loops in double, host memory): correct to
-transformers' float64 autograd, and slow. The fast CPU and CUDA backward passes are not built yet (docs/training.md).
+Two implementations of the same computation (C++ ``mla/train.hpp``, host memory):
 
-* :func:`forward_reference` / :func:`backward_reference`: NumPy in and out.
+* :func:`forward` / :func:`backward`: the fast CPU path, float32 with fp32 accumulation (oneDNN GEMMs for the
+  projections and their gradients, FlashAttention-style attention backward over the threads). Agrees with the
+  reference to about 1e-6 relative.
+* :func:`forward_reference` / :func:`backward_reference`: the scalar reference (plain loops in double): correct to
+  transformers' float64 autograd, and slow; the ground truth the fast path is tested against.
 * :class:`MultiheadLatentAttention` (needs torch 2.4+): a ``torch.nn.Module`` whose parameters are the
   checkpoint's tensors under transformers' names, whose forward is the custom operator
-  ``torch.ops.mla.train_attention`` over the two functions above, with its backward registered (so
-  ``torch.compile`` traces it); it trains with any torch optimizer (float32, CPU).
+  ``torch.ops.mla.train_attention`` over the fast path (or the reference: ``reference=True``), with its backward
+  registered (so ``torch.compile`` traces it); it trains with any torch optimizer (float32, CPU).
+
+The CUDA backward is not built yet (docs/training.md).
 """
 import atexit
 from typing import Dict, Optional, Tuple
@@ -17,8 +22,8 @@ import numpy as np
 from . import _mla
 from ._mla import Config, LayerWeights
 
-__all__ = ["forward_reference", "backward_reference", "weights_from_tensors", "weights_to_tensors",
-           "MultiheadLatentAttention"]
+__all__ = ["forward", "backward", "forward_reference", "backward_reference", "weights_from_tensors",
+           "weights_to_tensors", "MultiheadLatentAttention"]
 
 
 def weights_from_tensors(config: Config, tensors: Dict[str, np.ndarray]) -> LayerWeights:
@@ -40,39 +45,66 @@ def _cu_seqlens(cu_seqlens, tokens: int) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(cu_seqlens), dtype=np.int32)
 
 
-def forward_reference(weights: LayerWeights, hidden: np.ndarray, cu_seqlens=None,
-                      positions: Optional[np.ndarray] = None) -> Tuple[np.ndarray, object]:
-    """out [T, D], saved = the layer on packed sequences ``hidden [T, D]`` (float32), each attending causally to
-    itself. ``cu_seqlens``: ``[batch + 1]`` prefix sums (default: one sequence); ``positions``: ``[T]`` int64
-    (default 0..n-1 within each sequence). ``saved`` is what :func:`backward_reference` needs."""
+def _hidden_2d(hidden, op: str) -> np.ndarray:
     hidden = np.ascontiguousarray(hidden, dtype=np.float32)
     if hidden.ndim != 2:
-        raise ValueError(f"forward_reference: hidden must be 2-D [tokens, hidden_size], got shape {list(hidden.shape)}")
-    pos = None if positions is None else np.ascontiguousarray(positions, dtype=np.int64)
-    return _mla.train_forward(weights, hidden, _cu_seqlens(cu_seqlens, hidden.shape[0]), pos)
+        raise ValueError(f"{op}: hidden must be 2-D [tokens, hidden_size], got shape {list(hidden.shape)}")
+    return hidden
+
+
+def _positions(positions) -> Optional[np.ndarray]:
+    return None if positions is None else np.ascontiguousarray(positions, dtype=np.int64)
+
+
+def forward(weights: LayerWeights, hidden: np.ndarray, cu_seqlens=None,
+            positions: Optional[np.ndarray] = None) -> Tuple[np.ndarray, object]:
+    """out [T, D], saved = the layer on packed sequences ``hidden [T, D]`` (float32), each attending causally to
+    itself; the fast CPU path. ``cu_seqlens``: ``[batch + 1]`` prefix sums (default: one sequence); ``positions``:
+    ``[T]`` int64 (default 0..n-1 within each sequence). ``saved`` is what :func:`backward` needs."""
+    hidden = _hidden_2d(hidden, "forward")
+    return _mla.train_forward_fast(weights, hidden, _cu_seqlens(cu_seqlens, hidden.shape[0]), _positions(positions))
+
+
+def backward(weights: LayerWeights, saved, d_out: np.ndarray) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+    """d_hidden [T, D] and the gradient of every weight (named as in :func:`weights_to_tensors`) for the output
+    gradient ``d_out [T, D]``, from :func:`forward`'s ``saved``; the fast CPU path."""
+    return _mla.train_backward_fast(weights, saved, np.ascontiguousarray(d_out, dtype=np.float32))
+
+
+def forward_reference(weights: LayerWeights, hidden: np.ndarray, cu_seqlens=None,
+                      positions: Optional[np.ndarray] = None) -> Tuple[np.ndarray, object]:
+    """:func:`forward` through the scalar reference (double inside); ``saved`` is what :func:`backward_reference`
+    needs."""
+    hidden = _hidden_2d(hidden, "forward_reference")
+    return _mla.train_forward(weights, hidden, _cu_seqlens(cu_seqlens, hidden.shape[0]), _positions(positions))
 
 
 def backward_reference(weights: LayerWeights, saved, d_out: np.ndarray) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
-    """d_hidden [T, D] and the gradient of every weight (named as in :func:`weights_to_tensors`) for the output
-    gradient ``d_out [T, D]``."""
+    """:func:`backward` through the scalar reference, from :func:`forward_reference`'s ``saved``."""
     return _mla.train_backward(weights, saved, np.ascontiguousarray(d_out, dtype=np.float32))
 
 
-# layer key -> (Config, tensor names): what the custom operators cannot take as arguments
+# layer key -> (Config, tensor names, reference?): what the custom operators cannot take as arguments
 _LAYERS: Dict[int, tuple] = {}
 atexit.register(_LAYERS.clear)  # before the extension's teardown, which reports objects still alive as leaks
 
 
 def _weights_of(key: int, params) -> LayerWeights:
-    config, names = _LAYERS[key]
+    config, names, _ = _LAYERS[key]
     return weights_from_tensors(config, {n: p.detach().cpu().numpy() for n, p in zip(names, params)})
+
+
+def _functions_of(key: int):
+    """(forward, backward) of the layer: the fast path, or the reference."""
+    return (forward_reference, backward_reference) if _LAYERS[key][2] else (forward, backward)
 
 
 def _register_ops(torch):
     """torch.ops.mla.train_attention and its backward as custom operators (torch >= 2.4), with fake
     implementations and the autograd formula registered, so that torch.compile traces a module's forward and
-    backward without running them. The backward recomputes the forward (the reference keeps no state between the
-    two operators)."""
+    backward without running them. On the fast path the forward operator also returns what the backward needs
+    (the C++ SavedF32 as flat tensors, marked non-differentiable); on the reference path those are empty and the
+    backward recomputes the forward."""
     from typing import List
 
     Tensor = torch.Tensor
@@ -80,40 +112,64 @@ def _register_ops(torch):
     def positions_or_none(positions: Tensor):
         return positions.cpu().numpy() if positions.numel() else None
 
+    def saved_sizes(layer: int, tokens: int) -> List[int]:
+        """Lengths of the saved tensors after out: positions, then _mla.train_saved_to_arrays' float arrays."""
+        c, _, reference = _LAYERS[layer]
+        if reference:
+            return [0] * 10
+        H, dq, dn, dr, dv, dc = (c.num_heads, c.q_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim,
+                                 c.v_head_dim, c.kv_lora_rank)
+        return [tokens, tokens * dq, tokens * dq, tokens * H * (dn + dr), tokens * dc, tokens * dc, tokens * dr,
+                tokens * H * (dn + dv), tokens * H, tokens * H * dv]
+
     @torch.library.custom_op("mla::train_attention", mutates_args=())
     def train_attention(hidden: Tensor, cu_seqlens: Tensor, positions: Tensor, layer: int,
-                        params: List[Tensor]) -> Tensor:
-        out, _ = forward_reference(_weights_of(layer, params), hidden.detach().cpu().numpy(), cu_seqlens.cpu().numpy(),
-                                   positions_or_none(positions))
-        return torch.from_numpy(out).to(hidden.device)
+                        params: List[Tensor]) -> List[Tensor]:
+        fwd, _ = _functions_of(layer)
+        out, saved = fwd(_weights_of(layer, params), hidden.detach().cpu().numpy(), cu_seqlens.cpu().numpy(),
+                         positions_or_none(positions))
+        if _LAYERS[layer][2]:
+            state = [torch.empty(0, dtype=torch.int64)] + [torch.empty(0) for _ in range(9)]
+        else:
+            state = [torch.from_numpy(a) for a in _mla.train_saved_to_arrays(saved)]
+        return [torch.from_numpy(out).to(hidden.device)] + state
 
     @train_attention.register_fake
     def _(hidden, cu_seqlens, positions, layer, params):
-        return torch.empty_like(hidden)
+        sizes = saved_sizes(layer, hidden.shape[0])
+        return ([torch.empty_like(hidden), hidden.new_empty(sizes[0], dtype=torch.int64)] +
+                [hidden.new_empty(n) for n in sizes[1:]])
 
     @torch.library.custom_op("mla::train_attention_backward", mutates_args=())
     def train_attention_backward(d_out: Tensor, hidden: Tensor, cu_seqlens: Tensor, positions: Tensor, layer: int,
-                                 params: List[Tensor]) -> List[Tensor]:
+                                 params: List[Tensor], state: List[Tensor]) -> List[Tensor]:
         weights = _weights_of(layer, params)
-        _, saved = forward_reference(weights, hidden.detach().cpu().numpy(), cu_seqlens.cpu().numpy(),
-                                     positions_or_none(positions))
-        d_hidden, grads = backward_reference(weights, saved, d_out.detach().cpu().numpy())
+        fwd, bwd = _functions_of(layer)
+        x = np.ascontiguousarray(hidden.detach().cpu().numpy())
+        cu = np.ascontiguousarray(cu_seqlens.cpu().numpy(), dtype=np.int32)
+        if _LAYERS[layer][2]:
+            _, saved = fwd(weights, x, cu, positions_or_none(positions))
+        else:
+            saved = _mla.train_saved_from_arrays(x, cu, state[0].numpy(), [t.numpy() for t in state[1:]])
+        d_hidden, grads = bwd(weights, saved, d_out.detach().cpu().numpy())
         names = _LAYERS[layer][1]
         return [torch.from_numpy(d_hidden)] + [torch.from_numpy(grads[n]) for n in names]
 
     @train_attention_backward.register_fake
-    def _(d_out, hidden, cu_seqlens, positions, layer, params):
+    def _(d_out, hidden, cu_seqlens, positions, layer, params, state):
         return [torch.empty_like(hidden)] + [torch.empty_like(p) for p in params]
 
     def setup_context(ctx, inputs, output):
         hidden, cu_seqlens, positions, layer, params = inputs
-        ctx.save_for_backward(hidden, cu_seqlens, positions, *params)
-        ctx.layer = layer
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(hidden, cu_seqlens, positions, *params, *output[1:])
+        ctx.layer, ctx.params = layer, len(params)
 
-    def backward(ctx, d_out):
-        hidden, cu_seqlens, positions, *params = ctx.saved_tensors
-        grads = torch.ops.mla.train_attention_backward(d_out, hidden, cu_seqlens, positions, ctx.layer, params)
-        return grads[0], None, None, None, list(grads[1:])
+    def backward(ctx, grads):
+        hidden, cu_seqlens, positions, *rest = ctx.saved_tensors
+        params, state = rest[:ctx.params], rest[ctx.params:]
+        g = torch.ops.mla.train_attention_backward(grads[0], hidden, cu_seqlens, positions, ctx.layer, params, state)
+        return g[0], None, None, None, list(g[1:])
 
     train_attention.register_autograd(backward, setup_context=setup_context)
     return torch.ops.mla.train_attention
@@ -127,24 +183,28 @@ def _module_class():
     op = _register_ops(torch)
 
     class MultiheadLatentAttention(torch.nn.Module):
-        """One MLA layer as a trainable ``torch.nn.Module`` (float32, CPU; the scalar reference underneath).
+        """One MLA layer as a trainable ``torch.nn.Module`` (float32, CPU).
 
         Parameters are registered under transformers' ``DeepseekV3Attention`` names (``q_a_proj.weight``, ...),
         so ``load_state_dict`` takes that layer's state dict and the checkpoint's tensors (prefix removed).
         ``forward(hidden)`` takes ``[B, T, D]`` (B sequences of T tokens) or ``[T, D]`` with ``cu_seqlens``; every
         sequence attends causally to itself, at positions 0..n-1 unless ``positions`` is given.
+        The fast path (:func:`forward` / :func:`backward`) computes it, or with ``reference=True`` the scalar
+        reference (double inside, slow).
         """
 
-        def __init__(self, config: Config, dtype=torch.float32, device="cpu", seed: int = 0):
+        def __init__(self, config: Config, dtype=torch.float32, device="cpu", seed: int = 0,
+                     reference: bool = False):
             super().__init__()
             if dtype != torch.float32 or torch.device(device).type != "cpu":
-                raise ValueError("MultiheadLatentAttention: only float32 on the CPU for now (the reference backward);"
+                raise ValueError("MultiheadLatentAttention: only float32 on the CPU for now (no CUDA backward yet);"
                                  f" got dtype={dtype}, device={device}")
             self.config = config
+            self.reference = bool(reference)
             tensors = weights_to_tensors(LayerWeights.random(config, seed))
             self._tensor_names = list(tensors)
             self._layer = len(_LAYERS)
-            _LAYERS[self._layer] = (config, self._tensor_names)
+            _LAYERS[self._layer] = (config, self._tensor_names, self.reference)
             for name, value in tensors.items():
                 module_name, attr = name.rsplit(".", 1)
                 if not hasattr(self, module_name):
@@ -152,10 +212,11 @@ def _module_class():
                 getattr(self, module_name).register_parameter(attr, torch.nn.Parameter(torch.from_numpy(value)))
 
         @classmethod
-        def from_pretrained(cls, path, layer: int = 0) -> "MultiheadLatentAttention":
-            """The layer's weights from a checkpoint folder (any format mla.LayerWeights.load reads)."""
+        def from_pretrained(cls, path, layer: int = 0, **kwargs) -> "MultiheadLatentAttention":
+            """The layer's weights from a checkpoint folder (any format mla.LayerWeights.load reads); ``kwargs``
+            go to the constructor (e.g. ``reference=True``)."""
             weights = LayerWeights.load(str(path), layer)
-            module = cls(weights.config)
+            module = cls(weights.config, **kwargs)
             with torch.no_grad():
                 for name, value in weights_to_tensors(weights).items():
                     module.get_parameter(name).copy_(torch.from_numpy(value))
@@ -168,7 +229,7 @@ def _module_class():
                 B, T, D = hidden.shape
                 cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32)
                 pos = torch.empty(0, dtype=torch.int64) if positions is None else torch.as_tensor(positions).reshape(-1)
-                return op(hidden.reshape(B * T, D), cu, pos, self._layer, self._params()).reshape(B, T, D)
+                return op(hidden.reshape(B * T, D), cu, pos, self._layer, self._params())[0].reshape(B, T, D)
             if hidden.dim() != 2:
                 raise ValueError("MultiheadLatentAttention: hidden must be [B, T, D] or [T, D], "
                                  f"got {list(hidden.shape)}")
@@ -180,7 +241,7 @@ def _module_class():
                 pos = torch.empty(0, dtype=torch.int64)
             else:
                 pos = torch.as_tensor(positions, dtype=torch.int64)
-            return op(hidden, cu, pos, self._layer, self._params())
+            return op(hidden, cu, pos, self._layer, self._params())[0]
 
         def _params(self):
             return [self.get_parameter(n) for n in self._tensor_names]

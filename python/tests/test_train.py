@@ -1,6 +1,6 @@
-"""The training reference from Python (mla.train): forward and backward against transformers' float64 goldens
-(NumPy only), named-tensor round trips and their errors, and, with torch and transformers, the
-MultiheadLatentAttention module training side by side with DeepseekV3Attention."""
+"""Training from Python (mla.train): the reference and the fast path against transformers' float64 goldens and
+the fast path against the reference (NumPy only), named-tensor round trips and their errors, and, with torch and
+transformers, the MultiheadLatentAttention module training side by side with DeepseekV3Attention."""
 import numpy as np
 import pytest
 
@@ -11,21 +11,74 @@ from conftest import GOLDEN_DIR, Golden, hf_config, read_safetensors, rel_error
 GRAD_CASES = ["v3-tiny", "v2lite-tiny", "noyarn", "yarn-ramp", "long-positions"]
 
 
+PATHS = {"reference": (train.forward_reference, train.backward_reference), "fast": (train.forward, train.backward)}
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", GRAD_CASES)
-def test_reference_matches_transformers_gradients(name):
+def test_matches_transformers_gradients(name, path):
+    forward, backward = PATHS[path]
     g = Golden(name)
     want = read_safetensors(g.dir / "grad.safetensors")
     weights = mla.LayerWeights.load(str(g.dir))
     B, T, D = g.hidden.shape
     cu = np.arange(0, (B + 1) * T, T, dtype=np.int32)
-    out, saved = train.forward_reference(weights, g.hidden.reshape(B * T, D), cu, g.positions.reshape(-1))
-    assert rel_error(out.reshape(B, T, D), g.output) < 2e-6
-    d_hidden, grads = train.backward_reference(weights, saved, want["d_output"].reshape(B * T, D))
+    out, saved = forward(weights, g.hidden.reshape(B * T, D), cu, g.positions.reshape(-1))
+    assert rel_error(out.reshape(B, T, D), g.output) < (2e-6 if path == "reference" else 1e-5)
+    d_hidden, grads = backward(weights, saved, want["d_output"].reshape(B * T, D))
     assert rel_error(d_hidden.reshape(B, T, D), want["grad.hidden_states"]) < 1e-5
     params = [k[len("grad."):] for k in want if k.startswith("grad.") and k != "grad.hidden_states"]
     assert sorted(grads) == sorted(params)
     for key, value in grads.items():
         assert rel_error(value, want["grad." + key]) < 1e-5, key
+
+
+@pytest.mark.parametrize("q_lora, yarn, bias", [(True, True, False), (False, False, True), (False, True, True)])
+def test_fast_matches_reference(q_lora, yarn, bias):
+    rope = ('"rope_scaling": {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 256, "mscale": 1.0,'
+            ' "mscale_all_dim": 0.707},' if yarn else "")
+    config = mla.Config.from_json(
+        f'{{"hidden_size": 40, "num_attention_heads": 3, "q_lora_rank": {24 if q_lora else "null"}, {rope}'
+        f' "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 12,'
+        f' "attention_bias": {"true" if bias else "false"}}}')
+    weights = mla.LayerWeights.random(config, 5)
+    rng = np.random.default_rng(6)
+    cu = np.array([0, 70, 70, 75, 150], np.int32)  # longer than a 64-query tile, an empty sequence
+    hidden = rng.standard_normal((150, 40)).astype(np.float32)
+    d_out = rng.standard_normal((150, 40)).astype(np.float32)
+    positions = rng.integers(0, 5000, 150)
+    out_ref, saved_ref = train.forward_reference(weights, hidden, cu, positions)
+    out, saved = train.forward(weights, hidden, cu, positions)
+    assert saved.tokens == 150
+    assert rel_error(out, out_ref) < 5e-6
+    d_ref, grads_ref = train.backward_reference(weights, saved_ref, d_out)
+    d_hidden, grads = train.backward(weights, saved, d_out)
+    assert rel_error(d_hidden, d_ref) < 5e-6
+    assert sorted(grads) == sorted(grads_ref)
+    assert ("q_a_proj.weight" in grads) == q_lora and ("o_proj.bias" in grads) == bias
+    for key in grads:
+        assert rel_error(grads[key], grads_ref[key]) < 5e-6, key
+    with pytest.raises(TypeError):
+        train.backward(weights, saved_ref, d_out)  # the reference's saved state is not the fast path's
+
+
+def test_fast_saved_state_round_trips_as_arrays():
+    """The module's operators pass the fast path's saved state as tensors: rebuilt from its arrays it gives the same
+    backward bit for bit, and a mis-sized array is refused by name instead of read past."""
+    weights = mla.LayerWeights.load(str(GOLDEN_DIR / "v3-tiny"))
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((6, weights.config.hidden_size)).astype(np.float32)
+    cu = np.array([0, 4, 6], np.int32)
+    _, saved = train.forward(weights, x, cu)
+    d_out = rng.standard_normal(x.shape).astype(np.float32)
+    arrays = mla._mla.train_saved_to_arrays(saved)
+    assert list(arrays[0]) == [0, 1, 2, 3, 0, 1]  # positions
+    again = mla._mla.train_saved_from_arrays(x, cu, arrays[0], arrays[1:])
+    (d1, g1), (d2, g2) = train.backward(weights, saved, d_out), train.backward(weights, again, d_out)
+    assert np.array_equal(d1, d2) and all(np.array_equal(g1[k], g2[k]) for k in g1)
+    cut = mla._mla.train_saved_from_arrays(x, cu, arrays[0], arrays[1:8] + [arrays[8][:-1], arrays[9]])
+    with pytest.raises(ValueError, match="saved.lse has"):
+        train.backward(weights, cut, d_out)
 
 
 def test_named_tensors_round_trip_and_errors():
@@ -41,11 +94,17 @@ def test_named_tensors_round_trip_and_errors():
     with pytest.raises(ValueError, match="'q_proj.weight' is not a tensor"):
         train.weights_from_tensors(weights.config, {**tensors, "q_proj.weight": np.zeros((3, 4), np.float32)})
     x = np.zeros((4, weights.config.hidden_size), np.float32)
-    with pytest.raises(ValueError, match="cu_seqlens ends at 3"):
+    with pytest.raises(ValueError, match="forward_reference: cu_seqlens ends at 3"):
         train.forward_reference(weights, x, [0, 3])
+    with pytest.raises(ValueError, match="train::forward: cu_seqlens ends at 3"):
+        train.forward(weights, x, [0, 3])
+    _, saved = train.forward(weights, x, [0, 4])
+    with pytest.raises(ValueError, match="train::backward: d_out has 3"):
+        train.backward(weights, saved, np.zeros(3, np.float32))
 
 
-def test_module_trains_like_transformers():
+@pytest.mark.parametrize("reference", [False, True])
+def test_module_trains_like_transformers(reference):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
@@ -57,7 +116,8 @@ def test_module_trains_like_transformers():
         for name, p in ref.named_parameters():
             p.copy_(1 + 0.2 * torch.randn_like(p) if "layernorm" in name else torch.randn_like(p) * p.shape[-1] ** -0.5)
     import json
-    ours = train.MultiheadLatentAttention(mla.Config.from_json(json.dumps(config.to_dict(), default=str)))
+    ours = train.MultiheadLatentAttention(mla.Config.from_json(json.dumps(config.to_dict(), default=str)),
+                                          reference=reference)
     ours.load_state_dict(ref.state_dict())
 
     B, T = 2, 12

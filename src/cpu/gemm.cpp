@@ -78,7 +78,7 @@ dnnl::engine& engine() {
 
 struct Key {
   DType dt;
-  bool trans_b;
+  bool trans_a, trans_b;
   int64_t M, N, K, lda, ldb, ldc;
   uint32_t beta_bits;
   int max_threads;  // oneDNN sizes its thread partition at creation time
@@ -87,7 +87,7 @@ struct Key {
 
 struct KeyHash {
   size_t operator()(const Key& k) const {
-    size_t h = static_cast<size_t>(k.dt) * 2 + k.trans_b;
+    size_t h = static_cast<size_t>(k.dt) * 4 + k.trans_a * 2 + k.trans_b;
     for (int64_t v : {k.M, k.N, k.K, k.lda, k.ldb, k.ldc, int64_t(k.beta_bits), int64_t(k.max_threads)})
       h = (h ^ static_cast<size_t>(v)) * 0x9e3779b97f4a7c15ull;
     return h;
@@ -126,7 +126,8 @@ class MatmulCache {
     using dt = dnnl::memory::data_type;
     using dims = dnnl::memory::dims;
     const dt in = k.dt == DType::f32 ? dt::f32 : dt::bf16;
-    dnnl::memory::desc a({k.M, k.K}, in, dims{k.lda, 1});
+    // A transposed (gemm_tn): A[K,M] row-major is logically [M,K] with strides {1, lda}.
+    dnnl::memory::desc a({k.M, k.K}, in, k.trans_a ? dims{1, k.lda} : dims{k.lda, 1});
     // Weights are logically [K,N]; B[N,K] row-major is the same matrix with strides {1, ldb}.
     dnnl::memory::desc b({k.K, k.N}, in, k.trans_b ? dims{1, k.ldb} : dims{k.ldb, 1});
     dnnl::memory::desc c({k.M, k.N}, dt::f32, dims{k.ldc, 1});
@@ -170,9 +171,9 @@ void* thread_scratchpad(size_t bytes) {
   return reinterpret_cast<void*>((p + kAlign - 1) & ~(kAlign - 1));
 }
 
-void run_matmul(DType dt, bool trans_b, int64_t M, int64_t N, int64_t K, const void* A, int64_t lda, const void* B,
-                int64_t ldb, float* C, int64_t ldc, float beta) {
-  const Key key{dt, trans_b, M, N, K, lda, ldb, ldc, std::bit_cast<uint32_t>(beta), omp_get_max_threads()};
+void run_matmul(DType dt, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const void* A, int64_t lda,
+                const void* B, int64_t ldb, float* C, int64_t ldc, float beta) {
+  const Key key{dt, trans_a, trans_b, M, N, K, lda, ldb, ldc, std::bit_cast<uint32_t>(beta), omp_get_max_threads()};
   auto mm = cache().get(key);
   auto& eng = engine();
   thread_local dnnl::stream strm(engine());
@@ -195,15 +196,16 @@ void scale_c(int64_t M, int64_t N, float* C, int64_t ldc, float beta) {
 }
 
 // The library's f32 GEMM: sgemm for a few rows, the matmul primitive otherwise.
-void gemm_f32(const char* op, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+void gemm_f32(const char* op, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
               const float* B, int64_t ldb, float* C, int64_t ldc, float beta) {
   if (M <= kSgemmMaxM) {
-    const dnnl_status_t st = dnnl_sgemm('N', trans_b ? 'T' : 'N', M, N, K, 1.f, A, lda, B, ldb, beta, C, ldc);
+    const dnnl_status_t st =
+        dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', M, N, K, 1.f, A, lda, B, ldb, beta, C, ldc);
     if (st != dnnl_success)
       fail(std::string("dnnl_sgemm failed: ") + dnnl_status2str(st), shape_str(op, DType::f32, M, N, K, lda, ldb, ldc));
     return;
   }
-  run_matmul(DType::f32, trans_b, M, N, K, A, lda, B, ldb, C, ldc, beta);
+  run_matmul(DType::f32, trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc, beta);
 }
 
 // f32 copies of bf16 operands, per calling thread (slot 0: B panels, slot 1: A); each grows to the largest seen.
@@ -254,12 +256,13 @@ void gemm_f32_bf16(const char* op, bool trans_b, int64_t M, int64_t N, int64_t K
     const int64_t np = std::min(panel, N - n0);
     if (trans_b) widen_rows(np, K, B + n0 * ldb, ldb, Bf, K);
     else widen_rows(K, np, B + n0, ldb, Bf, np);
-    gemm_f32(op, trans_b, M, np, K, A, lda, Bf, trans_b ? K : np, C + n0, ldc, beta);
+    gemm_f32(op, false, trans_b, M, np, K, A, lda, Bf, trans_b ? K : np, C + n0, ldc, beta);
   }
 }
 
-void gemm(const char* op, DType dt, bool trans_b, int64_t M, int64_t N, int64_t K, const void* A, int64_t lda,
-          const void* B, int64_t ldb, float* C, int64_t ldc, float beta) {
+// trans_a (gemm_tn) is offered for f32 only.
+void gemm(const char* op, DType dt, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const void* A,
+          int64_t lda, const void* B, int64_t ldb, float* C, int64_t ldc, float beta) {
   if (M < 0 || N < 0 || K < 0) fail("negative dimension", shape_str(op, dt, M, N, K, lda, ldb, ldc));
   if (M == 0 || N == 0) return;
   if (K == 0) return scale_c(M, N, C, ldc, beta);
@@ -267,10 +270,10 @@ void gemm(const char* op, DType dt, bool trans_b, int64_t M, int64_t N, int64_t 
   try {
     switch (dt) {
       case DType::f32:
-        return gemm_f32(op, trans_b, M, N, K, static_cast<const float*>(A), lda, static_cast<const float*>(B), ldb,
-                        C, ldc, beta);
+        return gemm_f32(op, trans_a, trans_b, M, N, K, static_cast<const float*>(A), lda, static_cast<const float*>(B),
+                        ldb, C, ldc, beta);
       case DType::bf16:
-        if (bf16_operands()) return run_matmul(dt, trans_b, M, N, K, A, lda, B, ldb, C, ldc, beta);
+        if (bf16_operands()) return run_matmul(dt, false, trans_b, M, N, K, A, lda, B, ldb, C, ldc, beta);
         {
           float* Af = widen_scratch(1, M * K);
           widen_rows(M, K, static_cast<const uint16_t*>(A), lda, Af, K);
@@ -290,32 +293,37 @@ void gemm(const char* op, DType dt, bool trans_b, int64_t M, int64_t N, int64_t 
 
 void gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
              int64_t ldc, float beta) {
-  gemm("gemm_nt", DType::f32, true, M, N, K, A, lda, B, ldb, C, ldc, beta);
+  gemm("gemm_nt", DType::f32, false, true, M, N, K, A, lda, B, ldb, C, ldc, beta);
 }
 
 void gemm_nt(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, float* C,
              int64_t ldc, float beta) {
-  gemm("gemm_nt", DType::bf16, true, M, N, K, A, lda, B, ldb, C, ldc, beta);
+  gemm("gemm_nt", DType::bf16, false, true, M, N, K, A, lda, B, ldb, C, ldc, beta);
 }
 
 void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
              int64_t ldc, float beta) {
-  gemm("gemm_nn", DType::f32, false, M, N, K, A, lda, B, ldb, C, ldc, beta);
+  gemm("gemm_nn", DType::f32, false, false, M, N, K, A, lda, B, ldb, C, ldc, beta);
 }
 
 void gemm_nn(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, float* C,
              int64_t ldc, float beta) {
-  gemm("gemm_nn", DType::bf16, false, M, N, K, A, lda, B, ldb, C, ldc, beta);
+  gemm("gemm_nn", DType::bf16, false, false, M, N, K, A, lda, B, ldb, C, ldc, beta);
 }
 
 void gemm_nt(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const uint16_t* B, int64_t ldb, float* C,
              int64_t ldc, float beta) {
-  gemm("gemm_nt", DType::f32_bf16, true, M, N, K, A, lda, B, ldb, C, ldc, beta);
+  gemm("gemm_nt", DType::f32_bf16, false, true, M, N, K, A, lda, B, ldb, C, ldc, beta);
 }
 
 void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const uint16_t* B, int64_t ldb, float* C,
              int64_t ldc, float beta) {
-  gemm("gemm_nn", DType::f32_bf16, false, M, N, K, A, lda, B, ldb, C, ldc, beta);
+  gemm("gemm_nn", DType::f32_bf16, false, false, M, N, K, A, lda, B, ldb, C, ldc, beta);
+}
+
+void gemm_tn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+             int64_t ldc, float beta) {
+  gemm("gemm_tn", DType::f32, true, false, M, N, K, A, lda, B, ldb, C, ldc, beta);
 }
 
 std::string gemm_library_name() {

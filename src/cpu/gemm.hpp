@@ -29,6 +29,11 @@ void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const
 void gemm_nn(int64_t M, int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B, int64_t ldb, float* C,
              int64_t ldc, float beta = 0.f);
 
+// C[M,N] = A[K,M]ᵀ · B[K,N] + beta·C, f32. Row-major, leading dimensions in elements (A stored [K, lda >= M]).
+// The weight gradients of training (dW = dYᵀ·X over the tokens) and dK, dV = dSᵀ·Q, Pᵀ·dO of the attention backward.
+void gemm_tn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+             int64_t ldc, float beta = 0.f);
+
 // f32 A times bf16 B (activations against bf16 weights or cache), fp32 accumulation: the exact products, whatever
 // the values of A. A few rows go to a GEMV that widens B in registers (decode reads the bf16 bytes once), more
 // rows widen B to f32 panels once per call for the f32 GEMM. The bf16 layer's path where the CPU has no native

@@ -5,8 +5,10 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <utility>
 
 #include "cpu/common.hpp"
+#include "cpu/train_common.hpp"
 #include "mla/error.hpp"
 #include "mla/train.hpp"
 
@@ -89,26 +91,6 @@ Matrix to_matrix(const Matrix& like, const std::vector<double>& g) {
 }
 std::vector<float> to_floats(const std::vector<double>& g) { return {g.begin(), g.end()}; }
 
-void check_lengths(std::span<const int32_t> cu, int64_t tokens, const char* what) {
-  if (cu.size() < 1 || cu.front() != 0)
-    throw InvalidArgument(std::string(what) + ": cu_seqlens must start with 0 (got " +
-                          (cu.empty() ? std::string("an empty array") : std::to_string(cu.front())) + ")");
-  for (size_t b = 1; b < cu.size(); ++b)
-    if (cu[b] < cu[b - 1])
-      throw InvalidArgument(std::string(what) + ": cu_seqlens[" + std::to_string(b) + "] = " + std::to_string(cu[b]) +
-                            " is below cu_seqlens[" + std::to_string(b - 1) + "] = " + std::to_string(cu[b - 1]));
-  if (cu.back() != tokens)
-    throw InvalidArgument(std::string(what) + ": cu_seqlens ends at " + std::to_string(cu.back()) + " but there are " +
-                          std::to_string(tokens) + " tokens");
-}
-
-void check_finite(std::span<const float> v, int64_t width, const char* what, const char* name) {
-  for (size_t i = 0; i < v.size(); ++i)
-    if (!std::isfinite(v[i]))
-      throw InvalidArgument(std::string(what) + ": " + name + "[" + std::to_string(static_cast<int64_t>(i) / width) +
-                            ", " + std::to_string(static_cast<int64_t>(i) % width) + "] is not finite");
-}
-
 }  // namespace
 
 ForwardResult forward_reference(const LayerWeights& w, std::span<const float> hidden,
@@ -118,26 +100,14 @@ ForwardResult forward_reference(const LayerWeights& w, std::span<const float> hi
   const int64_t D = c.hidden_size, H = c.num_heads, dq = c.q_lora_rank, dc = c.kv_lora_rank;
   const int64_t dr = c.qk_rope_head_dim, dn = c.qk_nope_head_dim, dv = c.v_head_dim, dqk = dn + dr, dkv = dn + dv;
   constexpr const char* op = "train::forward_reference";
-  if (hidden.size() % static_cast<size_t>(D) != 0)
-    throw InvalidArgument(std::string(op) + ": hidden has " + std::to_string(hidden.size()) +
-                          " values, not a multiple of hidden_size " + std::to_string(D));
-  const int64_t T = static_cast<int64_t>(hidden.size()) / D;
-  check_lengths(cu_seqlens, T, op);
-  if (!positions.empty() && static_cast<int64_t>(positions.size()) != T)
-    throw InvalidArgument(std::string(op) + ": positions has " + std::to_string(positions.size()) + " entries for " +
-                          std::to_string(T) + " tokens");
-  check_finite(hidden, D, op, "hidden");
+  std::vector<int64_t> pos = detail::check_forward_args(c, hidden, cu_seqlens, positions, op);
+  const int64_t T = static_cast<int64_t>(pos.size());
 
   ForwardResult res;
   Saved& s = res.saved;
   s.tokens = T;
   s.cu_seqlens.assign(cu_seqlens.begin(), cu_seqlens.end());
-  s.positions.resize(static_cast<size_t>(T));
-  for (size_t b = 0; b + 1 < cu_seqlens.size(); ++b)
-    for (int32_t t = cu_seqlens[b]; t < cu_seqlens[b + 1]; ++t)
-      s.positions[static_cast<size_t>(t)] = positions.empty() ? t - cu_seqlens[b] : positions[static_cast<size_t>(t)];
-  for (int64_t p : s.positions)
-    if (p < 0) throw InvalidArgument(std::string(op) + ": positions must be >= 0 (got " + std::to_string(p) + ")");
+  s.positions = std::move(pos);
   s.x.assign(hidden.begin(), hidden.end());
   if (c.has_q_lora()) s.qa = zeros(T * dq), s.qa_normed = zeros(T * dq);
   s.q = zeros(T * H * dqk), s.c = zeros(T * dc), s.c_normed = zeros(T * dc), s.k_rope = zeros(T * dr);
@@ -211,12 +181,7 @@ BackwardResult backward_reference(const LayerWeights& w, const Saved& s, std::sp
   const int64_t D = c.hidden_size, H = c.num_heads, dq = c.q_lora_rank, dc = c.kv_lora_rank;
   const int64_t dr = c.qk_rope_head_dim, dn = c.qk_nope_head_dim, dv = c.v_head_dim, dqk = dn + dr, dkv = dn + dv;
   const int64_t T = s.tokens;
-  constexpr const char* op = "train::backward_reference";
-  if (static_cast<int64_t>(d_out.size()) != T * D || static_cast<int64_t>(s.x.size()) != T * D)
-    throw InvalidArgument(std::string(op) + ": d_out has " + std::to_string(d_out.size()) +
-                          " values; the forward had " + std::to_string(T) + " tokens of hidden_size " +
-                          std::to_string(D) + " (is `saved` from this layer?)");
-  check_finite(d_out, D, op, "d_out");
+  detail::check_backward_args(c, T, s.x.size(), d_out, "train::backward_reference");
 
   // Gradients in double, shaped like the weights.
   auto like = [](const Matrix& m) { return zeros(m.rows * m.cols); };
