@@ -29,6 +29,8 @@ import transformers
 from transformers.cache_utils import DynamicCache
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
+import v2lite  # bench/v2lite.py, beside this script
+
 p = argparse.ArgumentParser()
 p.add_argument("--tokens", type=int, default=1024, help="prefill length")
 p.add_argument("--context", type=int, default=4096, help="decode context (cached rows + the new token)")
@@ -41,18 +43,10 @@ torch.set_num_threads(args.threads)
 T, L = args.tokens, args.context
 DTYPES = {"bf16": torch.bfloat16, "f32": torch.float32}
 
-# DeepSeek-V2-Lite's attention (mla's `v2-lite` preset, src/core/config.cpp): no query compression, YaRN.
-config = transformers.DeepseekV3Config(
-    hidden_size=2048, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None, kv_lora_rank=512,
-    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, num_hidden_layers=1, max_position_embeddings=163840,
-    rope_interleave=True, attention_bias=False, rms_norm_eps=1e-6,
-    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
-                     "original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0,
-                     "mscale": 0.707, "mscale_all_dim": 0.707},
-)
+# DeepSeek-V2-Lite's attention (bench/v2lite.py).
+config = v2lite.config()
 config._attn_implementation = args.attn
-H, DN, DR, DV, DC = 16, 128, 64, 128, 512
-D = config.hidden_size
+H, DN, DR, DV, DC, D = v2lite.H, v2lite.DN, v2lite.DR, v2lite.DV, v2lite.DC, v2lite.D
 
 
 def timed(f, reset=None, reps=args.reps, warmup=2):

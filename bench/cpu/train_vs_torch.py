@@ -22,6 +22,7 @@ Usage: PYTHONPATH=<folder with the mla package> ~/.cache/mla-bench-venv/bin/pyth
 import argparse
 import copy
 import json
+import pathlib
 import platform
 import statistics
 import sys
@@ -35,6 +36,9 @@ from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 import mla
 import mla.train as train
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # bench/, for v2lite
+import v2lite  # noqa: E402
+
 p = argparse.ArgumentParser()
 p.add_argument("--tokens", type=int, default=1024)
 p.add_argument("--reps", type=int, default=5, help="timed repetitions per row (median)")
@@ -44,16 +48,9 @@ args = p.parse_args()
 torch.set_num_threads(args.threads)
 T = args.tokens
 
-# DeepSeek-V2-Lite's attention (mla's `v2-lite` preset, as bench/transformers_anchor.py): no query compression, YaRN.
-config = transformers.DeepseekV3Config(
-    hidden_size=2048, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None, kv_lora_rank=512,
-    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, num_hidden_layers=1, max_position_embeddings=163840,
-    rope_interleave=True, attention_bias=False, rms_norm_eps=1e-6,
-    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
-                     "original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0,
-                     "mscale": 0.707, "mscale_all_dim": 0.707},
-)
-D, H, DC, DN, DR, DV = 2048, 16, 512, 128, 64, 128
+# DeepSeek-V2-Lite's attention (bench/v2lite.py, shared with bench/transformers_anchor.py).
+config = v2lite.config()
+D, H, DC, DN, DR, DV = v2lite.D, v2lite.H, v2lite.DC, v2lite.DN, v2lite.DR, v2lite.DV
 DQK = DN + DR
 
 
