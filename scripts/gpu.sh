@@ -69,15 +69,21 @@ site=$PWD/build-gpu/site
 [[ "$what" != nccl ]] && rm -rf "$site" && mkdir -p "$site" && cp -r python/mla "$site/" && cp build-gpu/python/mla/_mla*.so "$site/mla/"
 
 status=0
+# One gtest binary of build-gpu/tests under a time limit (a hung kernel must not eat the whole call: rc 124), its
+# log in $LOGS/<log>, its summary printed; a failure sets status.
+run_gtest() {  # binary, seconds, log file name
+  local t0 rc
+  t0=$(date +%s)
+  timeout "$2" stdbuf -oL "./build-gpu/tests/$1" >"$LOGS/$3" 2>&1; rc=$?
+  grep -E "FAILED|Failure|error|PASSED|SKIPPED \]|tests from .* ran" "$LOGS/$3" | head -40
+  (( rc == 124 )) && { echo "$1 timed out; last lines:"; tail -3 "$LOGS/$3"; }
+  echo "$1: rc $rc, $(( $(date +%s) - t0 )) s"
+  (( rc == 0 )) || status=1
+}
 export NCCL_NVLS_ENABLE=0  # NVLink multicast off on the lent machines (docs/parallel.md)
 if [[ "$what" == all || "$what" == test || "$what" == nccl ]]; then
   nvidia-smi topo -m 2>/dev/null | head -6
-  t0=$(date +%s)
-  timeout "${MLA_NCCL_TEST_TIMEOUT:-300}" stdbuf -oL ./build-gpu/tests/test_nccl >"$LOGS/test_nccl.log" 2>&1; rc=$?
-  grep -E "FAILED|Failure|error|PASSED|SKIPPED \]|tests from .* ran" "$LOGS/test_nccl.log" | head -40
-  (( rc == 124 )) && { echo "test_nccl timed out; last lines:"; tail -3 "$LOGS/test_nccl.log"; }
-  echo "test_nccl: rc $rc, $(( $(date +%s) - t0 )) s"
-  (( rc != 0 )) && status=1
+  run_gtest test_nccl "${MLA_NCCL_TEST_TIMEOUT:-300}" test_nccl.log
 fi
 if [[ "$what" == nccl ]] && (( $(nvidia-smi -L | wc -l) >= 2 )); then
   timeout "${MLA_NCCL_BENCH_TIMEOUT:-300}" ./build-gpu/mla-bench-parallel $quick --json "$OUT/parallel.json" \
@@ -85,13 +91,7 @@ if [[ "$what" == nccl ]] && (( $(nvidia-smi -L | wc -l) >= 2 )); then
   cat "$OUT/parallel.txt"
 fi
 if [[ "$what" == all || "$what" == test ]]; then
-  t0=$(date +%s)
-  # A hung kernel must not eat the whole call: each step has a time limit (rc 124).
-  timeout "${MLA_TEST_TIMEOUT:-270}" stdbuf -oL ./build-gpu/tests/test_cuda >"$LOGS/test.log" 2>&1; rc=$?
-  grep -E "FAILED|Failure|error|PASSED|SKIPPED \]|tests from .* ran" "$LOGS/test.log" | head -40
-  (( rc == 124 )) && { echo "test_cuda timed out; last lines:"; tail -3 "$LOGS/test.log"; }
-  echo "test_cuda: rc $rc, $(( $(date +%s) - t0 )) s"
-  (( rc != 0 )) && status=1
+  run_gtest test_cuda "${MLA_TEST_TIMEOUT:-270}" test.log
   t0=$(date +%s)
   timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 ./build-gpu/tests/test_cuda --gtest_brief=1 \
     --gtest_filter='CudaDecode.SplitKvAndLongSequences:CudaDecode.GenericF32AndSmallDims:CudaPrefill.*:AllCases/CudaGolden.*v3_tiny_bf16_decode:Shapes/CudaLayerVsCpu.*h3_page16*bf16' \
