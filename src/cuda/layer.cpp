@@ -53,8 +53,17 @@ class CudaLayer final : public detail::LayerImpl {
     auto weight = [&](const Matrix& m) {
       return dt_ == DType::F32 ? upload(m.data) : upload(to_bf16(m.data));
     };
-    q_proj_ = weight(w.q_proj), q_a_ = weight(w.q_a_proj), q_b_ = weight(w.q_b_proj);
-    kv_a_ = weight(w.kv_a_proj), kv_b_ = weight(w.kv_b_proj), o_weight_ = weight(w.o_proj);
+    // With query compression, q_a_proj and kv_a_proj_with_mqa both read the hidden states: they are stacked into
+    // one [d_q + d_c + d_r, D] weight and run as one GEMM (at decode they are memory-bound GEMVs, and two small
+    // ones each pay a split-K reduction and a tail).
+    if (w.config.has_q_lora()) {
+      Matrix a_proj{w.q_a_proj.rows + w.kv_a_proj.rows, w.q_a_proj.cols, w.q_a_proj.data};
+      a_proj.data.insert(a_proj.data.end(), w.kv_a_proj.data.begin(), w.kv_a_proj.data.end());
+      a_proj_ = weight(a_proj);
+    } else {
+      q_proj_ = weight(w.q_proj), kv_a_ = weight(w.kv_a_proj);
+    }
+    q_b_ = weight(w.q_b_proj), kv_b_ = weight(w.kv_b_proj), o_weight_ = weight(w.o_proj);
     q_a_norm_ = upload(w.q_a_norm), kv_a_norm_ = upload(w.kv_a_norm), inv_freq_ = upload(k_.inv_freq);
     has_q_bias_ = !w.q_bias.empty(), has_kv_bias_ = !w.kv_a_bias.empty(), has_o_bias_ = !w.o_bias.empty();
     q_bias_ = upload(w.q_bias), kv_a_bias_ = upload(w.kv_a_bias), o_bias_ = upload(w.o_bias);
@@ -379,10 +388,10 @@ class CudaLayer final : public detail::LayerImpl {
     if (any_absorbed_) grow(qa_, N * H * W * es);
     if (c_.has_q_lora()) {
       const int64_t dq = c_.q_lora_rank;
-      grow(qa32_, N * dq * 4);
+      grow(a32_, N * (dq + W) * 4);
       grow(qat_, N * dq * es);
-      linear(x_.get(), N, D, q_a_.get(), dq, qa32_.get(), DType::F32, stream);
-      rms_norm_rows(qa32_.get<float>(), dq, has_q_bias_ ? q_bias_.get<float>() : nullptr, q_a_norm_.get<float>(),
+      linear(x_.get(), N, D, a_proj_.get(), dq + W, a32_.get(), DType::F32, stream);  // [N, d_q | d_c + d_r]
+      rms_norm_rows(a32_.get<float>(), dq + W, has_q_bias_ ? q_bias_.get<float>() : nullptr, q_a_norm_.get<float>(),
                     kLatentNormEps, N, dq, qat_.get(), dt_, stream);
       linear(qat_.get(), N, dq, q_b_.get(), H * dqk, q_out, q_type, stream);
     } else {
@@ -401,10 +410,14 @@ class CudaLayer final : public detail::LayerImpl {
     finish_queries(qf, stream);
 
     // Latent rows → cache (skipped entirely on the device when the flag is set).
-    grow(kv32_, N * W * 4);
-    linear(x_.get(), N, D, kv_a_.get(), W, kv32_.get(), DType::F32, stream);
     LatentStore ls;
-    ls.kv = kv32_.get<float>();
+    if (c_.has_q_lora()) {
+      ls.kv = a32_.get<float>() + c_.q_lora_rank, ls.ld_kv = c_.q_lora_rank + W;  // the stacked GEMM's tail
+    } else {
+      grow(a32_, N * W * 4);
+      linear(x_.get(), N, D, kv_a_.get(), W, a32_.get(), DType::F32, stream);
+      ls.kv = a32_.get<float>(), ls.ld_kv = W;
+    }
     ls.bias = has_kv_bias_ ? kv_a_bias_.get<float>() : nullptr;
     ls.gamma = kv_a_norm_.get<float>();
     ls.positions = positions, ls.slots = slots, ls.error_flag = flag;
@@ -550,12 +563,12 @@ class CudaLayer final : public detail::LayerImpl {
   const Communicator* comm_;  // tensor parallelism: the o_proj all-reduce; null for a single-GPU layer
   int num_sms_ = 0;
   Gemm gemm_;
-  DeviceArray q_proj_, q_a_, q_b_, kv_a_, kv_b_, o_weight_;
+  DeviceArray q_proj_, a_proj_, q_b_, kv_a_, kv_b_, o_weight_;  // a_proj_: q_a and kv_a stacked
   DeviceArray q_a_norm_, kv_a_norm_, inv_freq_, q_bias_, kv_a_bias_, o_bias_;
   bool has_q_bias_ = false, has_kv_bias_ = false, has_o_bias_ = false;
   bool copy_glue_ = false;
   // Workspaces, grown on demand.
-  DeviceArray x_, qa32_, qat_, q32_, q_, qa_, kv32_, o_, ohat_, lat_, kvx_, kx_, vx_, y_, decode_ws_;
+  DeviceArray x_, a32_, qat_, q32_, q_, qa_, o_, ohat_, lat_, kvx_, kx_, vx_, y_, decode_ws_;
   // The per-forward upload (see stage()): host side, device side, and the flag's way back.
   PinnedArray staging_, flag_host_;
   DeviceArray staged_;

@@ -100,7 +100,7 @@ struct LatentRowNorm {
   __device__ float value(int64_t j) const { return kv[j] + (bias ? bias[j] : 0.f); }
 };
 __device__ __forceinline__ LatentRowNorm latent_row_norm(const LatentStore& p, float* scratch) {
-  LatentRowNorm r{p.kv + int64_t{blockIdx.x} * (p.d_c + p.d_rope), p.bias, 0.f, 0.f};
+  LatentRowNorm r{p.kv + int64_t{blockIdx.x} * p.ld_kv, p.bias, 0.f, 0.f};
   float ss = 0.f;
   for (int64_t j = threadIdx.x; j < p.d_c; j += blockDim.x) ss += r.value(j) * r.value(j);
   r.ss = block_sum(ss, scratch);

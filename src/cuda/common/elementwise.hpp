@@ -45,7 +45,8 @@ void finish_queries(const QueryFinish& p, cudaStream_t stream);
 // cache row slots[i]. Writes nothing at all when *error_flag != ~0 (a non-finite input was found); a row that comes
 // out non-finite is not written and sets the flag to at most kBadLatentRow | i.
 struct LatentStore {
-  const float* kv = nullptr;
+  const float* kv = nullptr;           // [N, d_c + d_r] with row stride ld_kv
+  int64_t ld_kv = 0;
   const float* bias = nullptr;
   const float* gamma = nullptr;        // [d_c]
   const int64_t* positions = nullptr;  // [N], device
