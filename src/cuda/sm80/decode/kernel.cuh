@@ -284,7 +284,7 @@ __device__ __forceinline__ long long block_sum(long long v, long long* warp_tota
   return total;
 }
 __global__ void __launch_bounds__(kScheduleThreads) schedule_kernel(const int32_t* __restrict__ seqlens, int batch,
-                                                                    int m_blocks, int num_sms,
+                                                                    int m_blocks, int num_sms, int min_tiles,
                                                                     SequenceSchedule* __restrict__ schedule,
                                                                     int32_t* __restrict__ work, int max_work) {
   __shared__ long long warp_totals[kScheduleThreads / 32];
@@ -296,7 +296,7 @@ __global__ void __launch_bounds__(kScheduleThreads) schedule_kernel(const int32_
   long long tiles_local = 0;
   for (int b = tid; b < batch; b += kScheduleThreads) tiles_local += tiles_of(b);
   const long long total = block_sum(tiles_local, warp_totals) * m_blocks;
-  const long long target = max(static_cast<long long>(kMinTilesPerSplit), (total + num_sms - 1) / num_sms);
+  const long long target = max(static_cast<long long>(min_tiles), (total + num_sms - 1) / num_sms);
   auto splits_of = [&](int tiles) {
     const long long s = (tiles + target / 2) / target;
     return static_cast<int>(min(static_cast<long long>(kMaxSplits), max(1LL, s)));
