@@ -199,7 +199,9 @@ void write_checkpoint(const fs::path& dir, const Config& c, const RawCheckpoint&
   json header = json::object();
   std::string data;
   for (const auto& [name, t] : tensors) {
-    header[name] = {{"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"data_offsets", {data.size(), data.size() + t.bytes.size()}}};
+    header[name] = {{"dtype", dtype_name(t.dtype)},
+                    {"shape", t.shape},
+                    {"data_offsets", {data.size(), data.size() + t.bytes.size()}}};
     data += t.bytes;
   }
   const std::string h = header.dump();
@@ -213,7 +215,9 @@ void expect_identical(const LayerWeights& got, const LayerWeights& want) {
   auto same = [](const std::vector<float>& a, const std::vector<float>& b) {
     return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
   };
-  auto same_matrix = [&](const Matrix& a, const Matrix& b) { return a.rows == b.rows && a.cols == b.cols && same(a.data, b.data); };
+  auto same_matrix = [&](const Matrix& a, const Matrix& b) {
+    return a.rows == b.rows && a.cols == b.cols && same(a.data, b.data);
+  };
   EXPECT_EQ(got.config.num_heads, want.config.num_heads);
   EXPECT_EQ(got.config.hidden_size, want.config.hidden_size);
   EXPECT_EQ(got.layer, want.layer);
