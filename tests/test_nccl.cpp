@@ -10,6 +10,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <exception>
+#include <filesystem>
+#include <fstream>
 #include <functional>
 #include <iterator>
 #include <limits>
@@ -19,6 +21,7 @@
 #include <vector>
 
 #include "mla/parallel.hpp"
+#include "mla/safetensors.hpp"
 #include "split_cache.hpp"
 #include "testing.hpp"
 
@@ -404,19 +407,27 @@ RunOptions decode_run(int64_t decode_after) {
   return run;
 }
 
-// The layer on every rank of `world` (one thread each) over the same feed; every rank's result.
-std::vector<RunResult> tensor_parallel_run(const LayerWeights& w, LayerOptions o, int world, const float* hidden,
-                                           const int64_t* positions, int64_t batch, int64_t tokens,
-                                           const RunOptions& run) {
+// The layer on every rank of `world` (one thread each) over the same feed, rank r built from weights_of(r) (the
+// whole layer's weights, or rank r's slice); every rank's result.
+std::vector<RunResult> tensor_parallel_run(const std::function<const LayerWeights&(int)>& weights_of,
+                                           LayerOptions o, int world, const float* hidden, const int64_t* positions,
+                                           int64_t batch, int64_t tokens, const RunOptions& run) {
   std::vector<Communicator> comms = Communicator::local(first_devices(world));
   std::vector<RunResult> results(static_cast<size_t>(world));
   on_every_rank(comms, [&](int r) {
     LayerOptions ro = o;
     ro.communicator = &comms[static_cast<size_t>(r)];
-    Attention layer(w, ro);
+    Attention layer(weights_of(r), ro);
     results[static_cast<size_t>(r)] = run_sequences(layer, hidden, positions, batch, tokens, run);
   });
   return results;
+}
+
+std::vector<RunResult> tensor_parallel_run(const LayerWeights& w, LayerOptions o, int world, const float* hidden,
+                                           const int64_t* positions, int64_t batch, int64_t tokens,
+                                           const RunOptions& run) {
+  return tensor_parallel_run([&](int) -> const LayerWeights& { return w; }, o, world, hidden, positions, batch,
+                             tokens, run);
 }
 
 RunResult single_gpu_run(const LayerWeights& w, const LayerOptions& o, const float* hidden, const int64_t* positions,
@@ -595,6 +606,69 @@ TEST(TensorParallel, GraphReplayedDecodeStepsEqualOneGpu) {
       EXPECT_LT(testing::rel_error(graphed[r][step], want[step]), 1e-2) << "rank " << r << " step " << step;
       EXPECT_EQ(testing::max_abs_diff(graphed[r][step], eager[r][step]), 0.0) << "rank " << r << " step " << step;
     }
+}
+
+// Ranks that load their slices from the checkpoint (LayerWeights::load with a HeadShard) run bit for bit what ranks
+// slicing the whole layer run: v3-tiny, and an F32 checkpoint with attention_bias (o_proj's bias, which the slice
+// of rank 1 holds as zeros, is added once after the all-reduce on every rank: o_bias_layer).
+TEST(TensorParallel, RanksLoadingTheirSlicesEqualRanksSlicingTheLayer) {
+  SKIP_WITHOUT_GPU();
+  {
+    const int zero[] = {0};
+    std::vector<Communicator> one = Communicator::local(zero);
+    LayerOptions o;
+    o.device = "cuda";
+    o.communicator = &one[0];
+    check(cudaSetDevice(0));
+    const LayerWeights s = LayerWeights::load(testing::golden_dir("v3-tiny"), 0, HeadShard{1, 2});
+    testing::expect_throw_with<InvalidArgument>([&] { Attention(s, o); }, {"rank 1 of 2", "rank 0 of 1"});
+  }
+  SKIP_WITHOUT_GPUS(2);
+  const testing::TempDir tmp("tp_bias");
+  {
+    Config c = testing::small_config(64, 4, 0, 32, 16, 16, 16, /*yarn=*/false);
+    c.attention_bias = true;
+    const LayerWeights w = LayerWeights::random(c, 9);
+    const std::string p = "model.layers.0.self_attn.";
+    auto m = [&](const std::string& name, const Matrix& x) {
+      return TensorToWrite{p + name, DType::F32, {x.rows, x.cols}, x.data.data()};
+    };
+    auto v = [&](const std::string& name, const std::vector<float>& x) {
+      return TensorToWrite{p + name, DType::F32, {static_cast<int64_t>(x.size())}, x.data()};
+    };
+    const std::vector<TensorToWrite> tensors = {
+        m("q_proj.weight", w.q_proj),       v("q_proj.bias", w.q_bias),
+        m("kv_a_proj_with_mqa.weight", w.kv_a_proj), v("kv_a_proj_with_mqa.bias", w.kv_a_bias),
+        v("kv_a_layernorm.weight", w.kv_a_norm),     m("kv_b_proj.weight", w.kv_b_proj),
+        m("o_proj.weight", w.o_proj),       v("o_proj.bias", w.o_bias)};
+    write_safetensors(tmp.path() / "model.safetensors", tensors);
+    std::ofstream(tmp.path() / "config.json")
+        << R"({"hidden_size": 64, "num_attention_heads": 4, "q_lora_rank": null, "kv_lora_rank": 32,
+              "qk_nope_head_dim": 16, "qk_rope_head_dim": 16, "v_head_dim": 16, "attention_bias": true})";
+  }
+  for (const std::filesystem::path& dir : {testing::golden_dir("v3-tiny"), tmp.path()}) {
+    const LayerWeights whole = LayerWeights::load(dir);
+    const std::vector<LayerWeights> slices = {LayerWeights::load(dir, 0, HeadShard{0, 2}),
+                                              LayerWeights::load(dir, 0, HeadShard{1, 2})};
+    const int64_t B = 2, T = 12;
+    const std::vector<float> hidden =
+        testing::random_values(static_cast<size_t>(B * T * whole.config.hidden_size), 4);
+    for (Precision pr : {Precision::F32, Precision::BF16}) {
+      SCOPED_TRACE(dir.string() + " " + std::string(precision_name(pr)));
+      LayerOptions o;
+      o.device = "cuda";
+      o.precision = pr;
+      const RunOptions run = decode_run(T / 2);
+      const std::vector<RunResult> want = tensor_parallel_run(whole, o, 2, hidden.data(), nullptr, B, T, run);
+      const std::vector<RunResult> got = tensor_parallel_run(
+          [&](int r) -> const LayerWeights& { return slices[static_cast<size_t>(r)]; }, o, 2, hidden.data(), nullptr,
+          B, T, run);
+      for (size_t r = 0; r < 2; ++r) {
+        EXPECT_EQ(got[r].output, want[r].output) << "rank " << r;
+        EXPECT_EQ(got[r].latent, want[r].latent) << "rank " << r;
+      }
+    }
+  }
 }
 
 // The ranks simulated on one device, no NCCL: the shards' outputs summed equal the layer's.

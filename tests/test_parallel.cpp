@@ -2,6 +2,9 @@
 // - tensor parallelism over heads without a transport (LayerWeights::shard_heads): the per-rank layers' outputs
 //   summed equal the whole layer's, on prefill and on decode steps after it, every rank's cache rows are the
 //   whole layer's bit for bit, and head counts that do not divide are refused by name;
+// - each rank's slice loaded straight from the checkpoint (LayerWeights::load with a HeadShard) equals
+//   load().shard_heads() bit for bit (BF16, F16, F32, FP8 with slice edges inside 128-blocks; q_lora or q_proj,
+//   with and without biases), and reads no byte outside the slice;
 // - context parallelism: merge_attention of the decodes over each rank's pages equals the decode over the whole
 //   cache (round-robin and contiguous pages, 2 to 4 ranks, empty shares and empty sequences), its handling of
 //   parts that saw no key and of NaN, and its validation;
@@ -9,10 +12,17 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <limits>
+#include <map>
 #include <string>
 #include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include "mla/parallel.hpp"
 #include "split_cache.hpp"
@@ -93,6 +103,298 @@ TEST(TensorParallel, RefusesWhatDoesNotDivideByName) {
   testing::expect_throw_with<InvalidArgument>([&] { w.shard_heads(0, 4); }, {"num_heads 6", "4 ranks"});
   testing::expect_throw_with<InvalidArgument>([&] { w.shard_heads(2, 2); }, {"rank 2", "[0, 2)"});
   testing::expect_throw_with<InvalidArgument>([&] { w.shard_heads(0, 0); }, {"world size"});
+}
+
+// ---- tensor parallelism: each rank loads its slice from the checkpoint files ----
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+// One tensor of a checkpoint being written: its dtype, shape and little-endian bytes.
+struct RawTensor {
+  DType dtype;
+  std::vector<int64_t> shape;
+  std::string bytes;
+};
+using RawCheckpoint = std::map<std::string, RawTensor>;
+
+// f16 bits by truncation; values below f16's normal range flush to zero (the test compares two loads of the same
+// file, so only finiteness matters).
+uint16_t f16_bits(float f) {
+  const uint32_t u = std::bit_cast<uint32_t>(f);
+  const auto sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const int32_t e = static_cast<int32_t>((u >> 23) & 0xffu) - 127 + 15;
+  if (e <= 0) return sign;
+  return static_cast<uint16_t>(sign | (e << 10) | ((u >> 13) & 0x3ffu));
+}
+
+template <typename T>
+void append(std::string& out, T v) {
+  out.append(reinterpret_cast<const char*>(&v), sizeof v);
+}
+
+std::string encode(const std::vector<float>& v, DType dt) {
+  std::string out;
+  for (float x : v) {
+    if (dt == DType::F32) append(out, x);
+    if (dt == DType::BF16) append(out, float_to_bf16(x));
+    if (dt == DType::F16) append(out, f16_bits(x));
+  }
+  return out;
+}
+
+// The layer's tensors as a checkpoint stores them: matrices in `dt`, vectors in bf16 when dt is FP8 (as in
+// DeepSeek's FP8 checkpoints). FP8 matrices get one f32 scale per 128x128 block (its largest |value| / 448).
+RawCheckpoint checkpoint_tensors(const LayerWeights& w, DType dt, int64_t layer) {
+  const std::string p = "model.layers." + std::to_string(layer) + ".self_attn.";
+  RawCheckpoint out;
+  auto matrix = [&](const std::string& name, const Matrix& m) {
+    if (m.empty()) return;
+    if (dt != DType::F8_E4M3) {
+      out[p + name] = {dt, {m.rows, m.cols}, encode(m.data, dt)};
+      return;
+    }
+    const int64_t br = (m.rows + 127) / 128, bc = (m.cols + 127) / 128;
+    std::vector<float> scale(static_cast<size_t>(br * bc), 0.f);
+    for (int64_t r = 0; r < m.rows; ++r)
+      for (int64_t c = 0; c < m.cols; ++c) {
+        float& s = scale[(r / 128) * bc + c / 128];
+        s = std::max(s, std::fabs(m.data[r * m.cols + c]) / 448.f);
+      }
+    for (float& s : scale) s = s > 0.f ? s : 1.f;
+    std::string q;
+    for (int64_t r = 0; r < m.rows; ++r)
+      for (int64_t c = 0; c < m.cols; ++c)
+        q.push_back(static_cast<char>(float_to_fp8_e4m3(m.data[r * m.cols + c] / scale[(r / 128) * bc + c / 128])));
+    out[p + name] = {DType::F8_E4M3, {m.rows, m.cols}, q};
+    out[p + name + "_scale_inv"] = {DType::F32, {br, bc}, encode(scale, DType::F32)};
+  };
+  const DType vdt = dt == DType::F8_E4M3 ? DType::BF16 : dt;
+  auto vector = [&](const std::string& name, const std::vector<float>& v) {
+    if (!v.empty()) out[p + name] = {vdt, {static_cast<int64_t>(v.size())}, encode(v, vdt)};
+  };
+  matrix("q_proj.weight", w.q_proj);
+  matrix("q_a_proj.weight", w.q_a_proj);
+  vector("q_a_layernorm.weight", w.q_a_norm);
+  matrix("q_b_proj.weight", w.q_b_proj);
+  matrix("kv_a_proj_with_mqa.weight", w.kv_a_proj);
+  vector("kv_a_layernorm.weight", w.kv_a_norm);
+  matrix("kv_b_proj.weight", w.kv_b_proj);
+  matrix("o_proj.weight", w.o_proj);
+  vector(w.config.has_q_lora() ? "q_a_proj.bias" : "q_proj.bias", w.q_bias);
+  vector("kv_a_proj_with_mqa.bias", w.kv_a_bias);
+  vector("o_proj.bias", w.o_bias);
+  return out;
+}
+
+void write_checkpoint(const fs::path& dir, const Config& c, const RawCheckpoint& tensors) {
+  fs::create_directories(dir);
+  const json config = {{"hidden_size", c.hidden_size},         {"num_attention_heads", c.num_heads},
+                       {"q_lora_rank", c.q_lora_rank ? json(c.q_lora_rank) : json(nullptr)},
+                       {"kv_lora_rank", c.kv_lora_rank},       {"qk_nope_head_dim", c.qk_nope_head_dim},
+                       {"qk_rope_head_dim", c.qk_rope_head_dim}, {"v_head_dim", c.v_head_dim},
+                       {"num_hidden_layers", c.num_layers},    {"attention_bias", c.attention_bias},
+                       {"rope_scaling", nullptr}};
+  std::ofstream(dir / "config.json") << config.dump();
+  json header = json::object();
+  std::string data;
+  for (const auto& [name, t] : tensors) {
+    header[name] = {{"dtype", dtype_name(t.dtype)},
+                    {"shape", t.shape},
+                    {"data_offsets", {data.size(), data.size() + t.bytes.size()}}};
+    data += t.bytes;
+  }
+  const std::string h = header.dump();
+  std::string file;
+  append(file, static_cast<uint64_t>(h.size()));
+  std::ofstream(dir / "model.safetensors", std::ios::binary) << file + h + data;
+}
+
+// Bit for bit, every field a rank's weights have.
+void expect_identical(const LayerWeights& got, const LayerWeights& want) {
+  auto same = [](const std::vector<float>& a, const std::vector<float>& b) {
+    return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
+  };
+  auto same_matrix = [&](const Matrix& a, const Matrix& b) {
+    return a.rows == b.rows && a.cols == b.cols && same(a.data, b.data);
+  };
+  EXPECT_EQ(got.config.num_heads, want.config.num_heads);
+  EXPECT_EQ(got.config.hidden_size, want.config.hidden_size);
+  EXPECT_EQ(got.layer, want.layer);
+  EXPECT_EQ(got.heads.rank, want.heads.rank);
+  EXPECT_EQ(got.heads.world, want.heads.world);
+  EXPECT_TRUE(same_matrix(got.q_proj, want.q_proj)) << "q_proj";
+  EXPECT_TRUE(same_matrix(got.q_a_proj, want.q_a_proj)) << "q_a_proj";
+  EXPECT_TRUE(same(got.q_a_norm, want.q_a_norm)) << "q_a_norm";
+  EXPECT_TRUE(same_matrix(got.q_b_proj, want.q_b_proj)) << "q_b_proj";
+  EXPECT_TRUE(same_matrix(got.kv_a_proj, want.kv_a_proj)) << "kv_a_proj";
+  EXPECT_TRUE(same(got.kv_a_norm, want.kv_a_norm)) << "kv_a_norm";
+  EXPECT_TRUE(same_matrix(got.kv_b_proj, want.kv_b_proj)) << "kv_b_proj";
+  EXPECT_TRUE(same_matrix(got.o_proj, want.o_proj)) << "o_proj";
+  EXPECT_TRUE(same(got.q_bias, want.q_bias)) << "q_bias";
+  EXPECT_TRUE(same(got.kv_a_bias, want.kv_a_bias)) << "kv_a_bias";
+  EXPECT_TRUE(same(got.o_bias, want.o_bias)) << "o_bias";
+  EXPECT_TRUE(same(got.o_bias_layer, want.o_bias_layer)) << "o_bias_layer";
+}
+
+// Every rank of W in {1, 2, 4} (those dividing H) loads what load().shard_heads() gives.
+void expect_slices_equal_shards(const fs::path& dir, int64_t layer) {
+  const LayerWeights whole = LayerWeights::load(dir, layer);
+  for (int64_t world : {1, 2, 4}) {
+    if (whole.config.num_heads % world != 0) continue;
+    for (int64_t rank = 0; rank < world; ++rank) {
+      SCOPED_TRACE("rank " + std::to_string(rank) + " of " + std::to_string(world));
+      expect_identical(LayerWeights::load(dir, layer, HeadShard{rank, world}), whole.shard_heads(rank, world));
+    }
+  }
+}
+
+// Four heads of shapes that put the slice edges inside 128-blocks: q_b_proj [192, 144] (4 x 48 rows), kv_b_proj
+// [304, 136] (4 x 76 rows), o_proj [160, 144] (4 x 36 columns; 2 x 72), all with partial edge blocks.
+Config sliced_config(bool q_lora, bool bias) {
+  Config c = testing::small_config(160, 4, q_lora ? 144 : 0, 136, 40, 8, 36, /*yarn=*/false);
+  c.attention_bias = bias;
+  c.num_layers = 2;
+  return c;
+}
+
+constexpr DType kCheckpointDtypes[] = {DType::BF16, DType::F16, DType::F32, DType::F8_E4M3};
+
+TEST(TensorParallelLoad, SlicesEqualTheShardsOfTheWholeLayer) {
+  const testing::TempDir tmp("tp_load");
+  for (bool q_lora : {true, false})
+    for (bool bias : {false, true})
+      for (DType dt : kCheckpointDtypes) {
+        SCOPED_TRACE(std::string(dtype_name(dt)) + (q_lora ? " q_lora" : " q_proj") + (bias ? " bias" : ""));
+        const Config c = sliced_config(q_lora, bias);
+        const fs::path dir = tmp.path() / (std::string(dtype_name(dt)) + (q_lora ? "_q" : "_p") + (bias ? "_b" : ""));
+        write_checkpoint(dir, c, checkpoint_tensors(LayerWeights::random(c, 11), dt, 1));
+        expect_slices_equal_shards(dir, 1);
+      }
+}
+
+TEST(TensorParallelLoad, GoldenCheckpoints) {  // BF16 single files and the sharded FP8 one (index + 2 files)
+  for (const std::string& name : testing::golden_cases()) {
+    SCOPED_TRACE(name);
+    expect_slices_equal_shards(testing::golden_dir(name), 0);
+  }
+}
+
+TEST(TensorParallelLoad, Fp8SliceEdgesCutScaleBlocks) {
+  // Scales chosen so that the wrong block's scale gives a wrong value: every block a different power of two.
+  const Config c = sliced_config(true, false);
+  LayerWeights w = LayerWeights::random(c, 5);
+  RawCheckpoint t = checkpoint_tensors(w, DType::F8_E4M3, 1);
+  for (auto& [name, raw] : t)
+    if (name.ends_with("_scale_inv")) {
+      std::vector<float> s(raw.bytes.size() / 4);
+      for (size_t i = 0; i < s.size(); ++i) s[i] = std::ldexp(1.f, static_cast<int>(i) - 3);
+      raw.bytes = encode(s, DType::F32);
+    }
+  const testing::TempDir tmp("tp_fp8");
+  write_checkpoint(tmp.path(), c, t);
+  expect_slices_equal_shards(tmp.path(), 1);
+  // Rank 2 of 4 holds q_b_proj rows [96, 144), across the row-block edge at 128: its rows 0-31 take the scale
+  // of block row 0, rows 32-47 that of block row 1.
+  const LayerWeights s = LayerWeights::load(tmp.path(), 1, HeadShard{2, 4});
+  const std::string& q8 = t.at("model.layers.1.self_attn.q_b_proj.weight").bytes;
+  const int64_t cols = c.q_lora_rank, bc = 2;
+  for (int64_t r : {0, 31, 32, 47})
+    for (int64_t col : {0, 127, 128, 143}) {
+      const int64_t R = 96 + r;
+      const float want = fp8_e4m3_to_float(static_cast<uint8_t>(q8[R * cols + col])) *
+                         std::ldexp(1.f, static_cast<int>((R / 128) * bc + col / 128) - 3);
+      EXPECT_EQ(s.q_b_proj.data[r * cols + col], want) << "[" << R << ", " << col << "]";
+    }
+}
+
+// The bytes outside a rank's slice are never read: with every one of them NaN (and the FP8 scale blocks the slice
+// does not touch NaN too), the whole layer is refused but each rank loads what it loads from the clean file.
+TEST(TensorParallelLoad, ReadsNothingOutsideTheSlice) {
+  const testing::TempDir tmp("tp_poison");
+  for (bool q_lora : {true, false})
+    for (DType dt : kCheckpointDtypes) {
+      const Config c = sliced_config(q_lora, /*bias=*/true);
+      const RawCheckpoint clean = checkpoint_tensors(LayerWeights::random(c, 23), dt, 0);
+      const fs::path clean_dir = tmp.path() / "clean";
+      fs::remove_all(clean_dir);
+      write_checkpoint(clean_dir, c, clean);
+      for (int64_t world : {2, 4})
+        for (int64_t rank = 0; rank < world; ++rank) {
+          SCOPED_TRACE(std::string(dtype_name(dt)) + (q_lora ? " q_lora" : " q_proj") + " rank " +
+                       std::to_string(rank) + " of " + std::to_string(world));
+          const int64_t heads = c.num_heads / world, h0 = rank * heads;
+          RawCheckpoint t = clean;
+          // Row r, column col of tensor `name` is NaN unless keep(r, col); its scale block likewise unless
+          // keep holds for some element of the block.
+          auto poison = [&](const std::string& name, auto keep) {
+            RawTensor& m = t.at("model.layers.0.self_attn." + name);
+            const int64_t rows = m.shape.size() == 2 ? m.shape[0] : 1, cols = m.shape.back();
+            const auto size = static_cast<size_t>(dtype_size(m.dtype));
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t col = 0; col < cols; ++col)
+                if (!keep(r, col)) m.bytes.replace(static_cast<size_t>(r * cols + col) * size, size, size, '\xff');
+            const auto it = t.find("model.layers.0.self_attn." + name + "_scale_inv");
+            if (it == t.end()) return;
+            const int64_t bc = it->second.shape[1];
+            for (int64_t br = 0; br < it->second.shape[0]; ++br)
+              for (int64_t b = 0; b < bc; ++b) {
+                bool used = false;
+                for (int64_t r = br * 128; r < std::min(rows, br * 128 + 128); ++r)
+                  for (int64_t col = b * 128; col < std::min(cols, b * 128 + 128); ++col) used = used || keep(r, col);
+                if (!used) it->second.bytes.replace(static_cast<size_t>(br * bc + b) * 4, 4, 4, '\xff');
+              }
+          };
+          auto rows_of_heads = [&](int64_t per_head) {
+            return [=](int64_t r, int64_t) { return r >= h0 * per_head && r < (h0 + heads) * per_head; };
+          };
+          const int64_t dqk = c.qk_head_dim(), dkv = c.qk_nope_head_dim + c.v_head_dim, dv = c.v_head_dim;
+          if (q_lora) {
+            poison("q_b_proj.weight", rows_of_heads(dqk));
+          } else {
+            poison("q_proj.weight", rows_of_heads(dqk));
+            poison("q_proj.bias", [&](int64_t, int64_t col) { return col >= h0 * dqk && col < (h0 + heads) * dqk; });
+          }
+          poison("kv_b_proj.weight", rows_of_heads(dkv));
+          poison("o_proj.weight", [&](int64_t, int64_t col) { return col >= h0 * dv && col < (h0 + heads) * dv; });
+          const fs::path dir = tmp.path() / "poisoned";
+          fs::remove_all(dir);
+          write_checkpoint(dir, c, t);
+          EXPECT_THROW(LayerWeights::load(dir, 0), Error);
+          expect_identical(LayerWeights::load(dir, 0, HeadShard{rank, world}),
+                           LayerWeights::load(clean_dir, 0, HeadShard{rank, world}));
+        }
+    }
+}
+
+TEST(TensorParallelLoad, NamesWhatIsWrong) {
+  const fs::path dir = testing::golden_dir("v3-tiny");  // 4 heads
+  testing::expect_throw_with<InvalidArgument>([&] { LayerWeights::load(dir, 0, HeadShard{2, 2}); },
+                                              {"LayerWeights::load", "rank 2", "[0, 2)"});
+  testing::expect_throw_with<InvalidArgument>([&] { LayerWeights::load(dir, 0, HeadShard{-1, 2}); }, {"rank -1"});
+  testing::expect_throw_with<InvalidArgument>([&] { LayerWeights::load(dir, 0, HeadShard{0, 0}); },
+                                              {"world size", "0"});
+  testing::expect_throw_with<InvalidArgument>([&] { LayerWeights::load(dir, 0, HeadShard{0, 3}); },
+                                              {"num_heads 4", "3 ranks"});
+  testing::expect_throw_with<InvalidArgument>([&] { LayerWeights::load(dir, 1, HeadShard{0, 2}); }, {"layer 1"});
+  testing::expect_throw_with<InvalidArgument>(
+      [&] { LayerWeights::load(dir, 0, HeadShard{1, 2}).shard_heads(0, 2); }, {"rank 1 of 2 already"});
+
+  // A NaN is named at its place in the checkpoint tensor, by the rank whose slice holds it.
+  const testing::TempDir tmp("tp_nan");
+  const Config c = sliced_config(true, false);
+  RawCheckpoint t = checkpoint_tensors(LayerWeights::random(c, 2), DType::BF16, 0);
+  const int64_t dv = c.v_head_dim;
+  t.at("model.layers.0.self_attn.o_proj.weight").bytes.replace(static_cast<size_t>(7 * (4 * dv) + 3 * dv + 5) * 2, 2,
+                                                               std::string("\xc0\x7f", 2));  // bf16 NaN at [7, 113]
+  t.at("model.layers.0.self_attn.kv_b_proj.weight").bytes.replace(static_cast<size_t>(80 * 136 + 2) * 2, 2,
+                                                                  std::string("\x80\x7f", 2));  // +inf at [80, 2]
+  write_checkpoint(tmp.path(), c, t);
+  testing::expect_throw_with<Error>([&] { LayerWeights::load(tmp.path(), 0, HeadShard{3, 4}); },
+                                    {"o_proj.weight", "nan", "[7, 113]"});
+  testing::expect_throw_with<Error>([&] { LayerWeights::load(tmp.path(), 0, HeadShard{1, 4}); },
+                                    {"kv_b_proj.weight", "inf", "[80, 2]"});
+  EXPECT_NO_THROW(LayerWeights::load(tmp.path(), 0, HeadShard{0, 4}));  // neither is in rank 0's slice
 }
 
 // ---- context parallelism: the merge ----

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <csignal>
@@ -258,6 +259,47 @@ TEST(Golden, Fp8ShardedCheckpoint) {
   }
   EXPECT_EQ(sum, -4555.19921875);   // from an independent Python decoder
   EXPECT_EQ(abs_sum, 6525397.0234375);
+}
+
+// A block of a 2-D tensor equals the same rows and columns of the whole tensor's conversion, for every float dtype
+// the golden files hold (BF16, F8_E4M3) and F32; a 1-D tensor is one row; blocks outside the shape are refused.
+TEST(Block, EqualsTheWholeTensorsRowsAndColumns) {
+  const mla::Checkpoint v3(kGolden / "v3-tiny"), fp8(kGolden / "fp8-sharded");
+  TempDir tmp;
+  std::vector<float> f32(7 * 33);
+  for (size_t i = 0; i < f32.size(); ++i) f32[i] = static_cast<float>(i) * 0.25f - 9.f;
+  const std::vector<mla::TensorToWrite> tensors = {{"m", DType::F32, {7, 33}, f32.data()},
+                                                   {"v", DType::F32, {33}, f32.data()},
+                                                   {"t", DType::F32, {1, 7, 33}, f32.data()}};
+  mla::write_safetensors(tmp / "f.safetensors", tensors);
+  const mla::SafetensorsFile file(tmp / "f.safetensors");
+  const std::vector<mla::TensorRef> refs = {v3.tensor(kAttn + "kv_b_proj.weight"),
+                                            fp8.tensor(kAttn + "o_proj.weight"), file.tensor("m")};
+  for (const mla::TensorRef& t : refs) {
+    SCOPED_TRACE(t.info.name);
+    const int64_t rows = t.info.shape[0], cols = t.info.shape[1];
+    std::vector<float> whole(static_cast<size_t>(rows * cols));
+    mla::convert_to_f32(t, whole.data());
+    for (const auto& [r0, nr, c0, nc] : std::vector<std::array<int64_t, 4>>{
+             {0, rows, 0, cols}, {1, rows - 2, 3, cols - 5}, {rows - 1, 1, cols - 1, 1}, {2, 3, 0, 0}, {0, 0, 1, 2}}) {
+      std::vector<float> block(static_cast<size_t>(nr * nc), -1.f);
+      mla::convert_block_to_f32(t, r0, nr, c0, nc, block.data());
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t c = 0; c < nc; ++c)
+          ASSERT_EQ(block[r * nc + c], whole[(r0 + r) * cols + c0 + c]) << "[" << r0 + r << ", " << c0 + c << "]";
+    }
+    std::vector<float> out(static_cast<size_t>(rows * cols));
+    expect_contains(error_of([&] { mla::convert_block_to_f32(t, 1, rows, 0, 1, out.data()); }),
+                    {t.info.name, "not inside"});
+    expect_contains(error_of([&] { mla::convert_block_to_f32(t, 0, 1, -1, 1, out.data()); }), {"not inside"});
+  }
+  std::vector<float> v(4);
+  mla::convert_block_to_f32(file.tensor("v"), 0, 1, 29, 4, v.data());
+  EXPECT_EQ(v, std::vector<float>(f32.begin() + 29, f32.begin() + 33));
+  expect_contains(error_of([&] { mla::convert_block_to_f32(file.tensor("v"), 1, 1, 0, 1, v.data()); }),
+                  {"not inside"});
+  expect_contains(error_of([&] { mla::convert_block_to_f32(file.tensor("t"), 0, 1, 0, 1, v.data()); }),
+                  {"'t'", "[1, 7, 33]", "1-D or 2-D"});
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -38,8 +38,10 @@ struct LayerOptions {
   Path path = Path::Auto;
   CacheDtype cache_dtype = CacheDtype::Auto;
   // Tensor parallelism over heads ("cuda" only; docs/parallel.md): this layer is rank r = communicator->rank() of
-  // W = communicator->world(). Give it the whole layer's weights: it keeps heads [H·r/W, H·(r+1)/W)
-  // (LayerWeights::shard_heads; W must divide H) and the replicated q_a / kv_a projections and norms, and sums the
+  // W = communicator->world(). Give it the whole layer's weights (it keeps heads [H·r/W, H·(r+1)/W):
+  // LayerWeights::shard_heads; W must divide H), or rank r's slice read by LayerWeights::load(dir, layer,
+  // HeadShard{r, W}) (its heads must be the communicator's rank and world, else mla::InvalidArgument), with the
+  // replicated q_a / kv_a projections and norms. config() is the whole layer's either way. The layer sums the
   // ranks' o_proj partials with an NCCL all-reduce inside forward(), adding o_proj's bias once after the sum, so
   // every rank's out is the whole layer's output and every rank's cache the whole layer's rows. Every rank must
   // make the same calls (same batches, same hidden states) with device communicator->device() current; a rank

@@ -60,6 +60,12 @@ std::string shape_string(std::span<const int64_t> shape);
 // Converts any supported float dtype to f32 (numel elements).
 void convert_to_f32(const TensorRef& t, float* out);
 
+// Converts rows [row0, row0 + rows) of a 2-D tensor (a 1-D tensor is one row), and of each row only columns
+// [col0, col0 + cols), to f32: out is row-major [rows, cols]. Reads those elements' bytes and no others (a
+// tensor-parallel rank's slice of a projection; the OS still pages in whole pages around them). Throws
+// mla::Error naming the tensor when it has another rank or the block is not inside its shape.
+void convert_block_to_f32(const TensorRef& t, int64_t row0, int64_t rows, int64_t col0, int64_t cols, float* out);
+
 // A tensor to write: f32 or i64 data owned by the caller.
 struct TensorToWrite {
   std::string name;

@@ -483,10 +483,16 @@ class Attention:
 
     @classmethod
     def from_pretrained(cls, pretrained_dir: Union[str, os.PathLike], layer: int = 0, device: str = "cpu",
-                        dtype: str = "bf16", path: str = "auto", cache_dtype: str = "auto") -> "Attention":
+                        dtype: str = "bf16", path: str = "auto", cache_dtype: str = "auto", tp_rank: int = 0,
+                        tp_world: int = 1) -> "Attention":
         """Loads layer ``layer`` of a Hugging Face DeepSeek checkpoint folder (config.json + safetensors, single
-        file or sharded; BF16, F16, F32 or FP8 E4M3 with block scales). Only that layer's tensors are read."""
-        return cls(LayerWeights.load(os.fspath(pretrained_dir), layer), device, dtype, path, cache_dtype)
+        file or sharded; BF16, F16, F32 or FP8 E4M3 with block scales). Only that layer's tensors are read.
+
+        ``tp_rank`` of ``tp_world`` > 1: only that rank's heads [H·r/W, H·(r+1)/W) are read (``LayerWeights.load``
+        with the same arguments) and the layer computes their share of the output: o_proj's bias on rank 0 only,
+        so the ranks' outputs sum to the layer's (docs/parallel.md). ``tp_world`` must divide the head count."""
+        weights = LayerWeights.load(os.fspath(pretrained_dir), layer, tp_rank, tp_world)
+        return cls(weights, device, dtype, path, cache_dtype)
 
     @classmethod
     def random(cls, config: Union[Config, str], seed: int = 0, device: str = "cpu", dtype: str = "bf16",

@@ -420,12 +420,13 @@ mla::Config config_from_pretrained(const std::filesystem::path& path) {
   return mla::Config::from_file(file);
 }
 
-mla::LayerWeights load_weights(const std::filesystem::path& dir, int64_t layer) {
+// tp_rank of tp_world: only that rank's heads are read (LayerWeights::load with a HeadShard).
+mla::LayerWeights load_weights(const std::filesystem::path& dir, int64_t layer, int64_t tp_rank, int64_t tp_world) {
   std::error_code ec;
   if (!std::filesystem::is_directory(dir, ec))
     file_not_found("from_pretrained: checkpoint folder '" + dir.string() + "' does not exist");
   nb::gil_scoped_release release;
-  return mla::LayerWeights::load(dir, layer);
+  return mla::LayerWeights::load(dir, layer, mla::HeadShard{tp_rank, tp_world});
 }
 
 // hidden [N, D] f32 and out [N, D] f32 in the layer's device memory (or host memory: staged), one chunk per
@@ -561,10 +562,12 @@ NB_MODULE(_mla, m) {
       });
 
   nb::class_<mla::LayerWeights>(m, "LayerWeights", "The attention weights of one layer (f32, host memory).")
-      .def_static("load", &load_weights, "path"_a, "layer"_a = 0)
+      .def_static("load", &load_weights, "path"_a, "layer"_a = 0, "tp_rank"_a = 0, "tp_world"_a = 1)
       .def_static("random", &mla::LayerWeights::random, "config"_a, "seed"_a = 0)
       .def_ro("config", &mla::LayerWeights::config)
-      .def_ro("layer", &mla::LayerWeights::layer);
+      .def_ro("layer", &mla::LayerWeights::layer)
+      .def_prop_ro("tp_rank", [](const mla::LayerWeights& w) { return w.heads.rank; })
+      .def_prop_ro("tp_world", [](const mla::LayerWeights& w) { return w.heads.world; });
 
   nb::class_<mla::LatentCache>(m, "LatentCache")
       .def("__init__",

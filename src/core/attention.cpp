@@ -54,13 +54,25 @@ Attention::Attention(const LayerWeights& weights, const LayerOptions& options)
     if (options.device != "cuda")
       throw InvalidArgument("layer: tensor parallelism (LayerOptions::communicator) needs device \"cuda\", got \"" +
                             options.device + "\"");
-    LayerWeights shard = weights.shard_heads(comm->rank(), comm->world());
-    shard.o_bias = weights.o_bias;  // added once, after the all-reduce, on every rank
+    LayerWeights shard;
+    if (weights.heads.world == 1) {  // the whole layer: this rank keeps its heads
+      shard = weights.shard_heads(comm->rank(), comm->world());
+      shard.o_bias = weights.o_bias;  // added once, after the all-reduce, on every rank
+    } else {  // loaded with a HeadShard: must be this rank's
+      if (weights.heads.rank != comm->rank() || weights.heads.world != comm->world())
+        throw InvalidArgument("layer: the weights hold the heads of rank " + std::to_string(weights.heads.rank) +
+                              " of " + std::to_string(weights.heads.world) + ", but the communicator is rank " +
+                              std::to_string(comm->rank()) + " of " + std::to_string(comm->world()));
+      shard = weights;
+      if (!weights.o_bias_layer.empty()) shard.o_bias = weights.o_bias_layer;
+    }
     impl_ = detail::find_backend(options.device).make_layer(shard, options);
   } else {
     impl_ = detail::find_backend(options.device).make_layer(weights, options);
   }
   config_ = weights.config;
+  // With a communicator the layer is the whole layer's (its output is), also when it was given a shard.
+  if (options.communicator) config_.num_heads *= weights.heads.world;
 }
 
 Attention::~Attention() = default;

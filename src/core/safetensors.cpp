@@ -395,23 +395,25 @@ std::string shape_string(std::span<const int64_t> shape) {
   return s + "]";
 }
 
-void convert_to_f32(const TensorRef& t, float* out) {
-  const auto n = static_cast<size_t>(t.info.numel());
+namespace {
+
+// n elements of t's dtype starting at src, to f32.
+void convert_run(const TensorRef& t, const std::byte* src, size_t n, float* out) {
   switch (t.info.dtype) {
     case DType::F32:
-      if (n) std::memcpy(out, t.data, n * sizeof(float));
+      if (n) std::memcpy(out, src, n * sizeof(float));
       return;
     case DType::F64:
-      convert_each<double>(t.data, n, out, [](double v) { return static_cast<float>(v); });
+      convert_each<double>(src, n, out, [](double v) { return static_cast<float>(v); });
       return;
     case DType::BF16:
-      convert_each<uint16_t>(t.data, n, out, bf16_to_float);
+      convert_each<uint16_t>(src, n, out, bf16_to_float);
       return;
     case DType::F16:
-      convert_each<uint16_t>(t.data, n, out, f16_to_float);
+      convert_each<uint16_t>(src, n, out, f16_to_float);
       return;
     case DType::F8_E4M3:
-      convert_each<uint8_t>(t.data, n, out, fp8_e4m3_to_float);
+      convert_each<uint8_t>(src, n, out, fp8_e4m3_to_float);
       return;
     case DType::I64:
     case DType::I32:
@@ -419,6 +421,30 @@ void convert_to_f32(const TensorRef& t, float* out) {
   }
   throw Error(t.file + ": tensor '" + t.info.name + "' has dtype " + std::string(dtype_name(t.info.dtype)) +
               ", which is not a float dtype");
+}
+
+}  // namespace
+
+void convert_to_f32(const TensorRef& t, float* out) {
+  convert_run(t, t.data, static_cast<size_t>(t.info.numel()), out);
+}
+
+void convert_block_to_f32(const TensorRef& t, int64_t row0, int64_t rows, int64_t col0, int64_t cols, float* out) {
+  const std::vector<int64_t>& shape = t.info.shape;
+  if (shape.size() != 1 && shape.size() != 2)
+    throw Error(t.file + ": tensor '" + t.info.name + "' has shape " + shape_string(shape) +
+                "; a block is read from a 1-D or 2-D tensor");
+  const int64_t n_rows = shape.size() == 2 ? shape[0] : 1, n_cols = shape.back();
+  if (row0 < 0 || rows < 0 || col0 < 0 || cols < 0 || row0 > n_rows - rows || col0 > n_cols - cols)
+    throw Error(t.file + ": tensor '" + t.info.name + "' of shape " + shape_string(shape) + ": block rows [" +
+                std::to_string(row0) + ", +" + std::to_string(rows) + "), columns [" + std::to_string(col0) + ", +" +
+                std::to_string(cols) + ") is not inside it");
+  const auto size = static_cast<size_t>(dtype_size(t.info.dtype));
+  for (int64_t r = 0; r < rows; ++r) {
+    const std::byte* src = t.data + (static_cast<size_t>(row0 + r) * static_cast<size_t>(n_cols) +
+                                     static_cast<size_t>(col0)) * size;
+    convert_run(t, src, static_cast<size_t>(cols), out + r * cols);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
