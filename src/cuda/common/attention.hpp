@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "cuda/common/device_memory.hpp"
 #include "mla/ops.hpp"
@@ -54,6 +55,9 @@ struct PrefillLayout {
 // kernel: one launch for the batch, nothing read on the host (else the lengths are copied to the host first).
 // `layout` (fast kernels only, see prefill_is_fast) replaces p.k / p.v and their dense layout.
 std::string prefill_kernel_name(const PrefillParams& p);
+// Device cu_seqlens_q and cu_seqlens_k ([batch + 1] each) copied to the host on `stream`, which it synchronises:
+// [cu_q..., cu_k...].
+std::vector<int32_t> cu_seqlens_to_host(const int32_t* cu_q, const int32_t* cu_k, int64_t batch, cudaStream_t stream);
 bool prefill_is_fast(const PrefillParams& p);
 void run_prefill(const PrefillParams& p, cudaStream_t stream, const PrefillLayout* layout = nullptr);
 

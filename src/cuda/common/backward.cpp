@@ -3,6 +3,7 @@
 // name, never run on a slow path.
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cuda/common/attention.hpp"
@@ -34,11 +35,7 @@ void validate(const PrefillBackwardParams& p) {
 void run_prefill_backward(const PrefillBackwardParams& p, cudaStream_t stream) {
   if (p.cu_seqlens_on_device) {
     // The kernels launch per sequence from host lengths: copy them (one synchronising copy), check them.
-    std::vector<int32_t> cu(static_cast<size_t>(2 * (p.batch + 1)));
-    const size_t bytes = static_cast<size_t>(p.batch + 1) * sizeof(int32_t);
-    MLA_CUDA_CHECK(cudaMemcpyAsync(cu.data(), p.cu_seqlens_q, bytes, cudaMemcpyDeviceToHost, stream));
-    MLA_CUDA_CHECK(cudaMemcpyAsync(cu.data() + p.batch + 1, p.cu_seqlens_k, bytes, cudaMemcpyDeviceToHost, stream));
-    MLA_CUDA_CHECK(cudaStreamSynchronize(stream));
+    const std::vector<int32_t> cu = cu_seqlens_to_host(p.cu_seqlens_q, p.cu_seqlens_k, p.batch, stream);
     PrefillBackwardParams host = p;
     host.cu_seqlens_on_device = false;
     host.cu_seqlens_q = cu.data(), host.cu_seqlens_k = cu.data() + p.batch + 1;
