@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const __grid_constan
   load_rows<kChunksV, kBlockN>(sm.v, p.v, p.k_offset + n0, p.n_k - n0, p.heads, h);
   cp_async_commit();
 
-  // This thread's two key rows of every C fragment, and whether each is a key of the sequence.
+  // This thread's two key rows (block-local) of every C fragment: c[0], c[1] and c[2], c[3].
   const int t_local[2] = {16 * warp + lane / 4, 16 * warp + lane / 4 + 8};
   float dk[kHeadDimQK / 8][4], dv[kHeadDimV / 8][4];  // [16, 192], [16, 128] this warp's key rows
 #pragma unroll
