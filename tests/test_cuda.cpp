@@ -1149,5 +1149,133 @@ TEST(CudaPrefill, GenericKernel) {
   run_prefill_case(2, 192, 128, {70, 3}, {90, 3}, DType::F32, 5);
 }
 
+// ---- prefill_attention_backward ----------------------------------------------------------------------------
+
+// The bf16 192/128 backward on "cuda" against the fast CPU backward (itself tested against the scalar reference in
+// test_backward.cpp) on the same bf16-rounded inputs: q, k, v, d_out random, out and lse from the CPU forward
+// (out rounded to bf16, as a bf16 forward hands it over). Errors are measured against max |gradient| per tensor.
+void run_backward_case(int64_t heads, const std::vector<int32_t>& nq, const std::vector<int32_t>& nk, bool causal,
+                       uint64_t seed) {
+  constexpr int64_t dqk = 192, dv = 128;
+  std::vector<int32_t> cq{0}, ck{0};
+  for (size_t b = 0; b < nq.size(); ++b) cq.push_back(cq.back() + nq[b]), ck.push_back(ck.back() + nk[b]);
+  const int64_t TQ = cq.back(), TK = ck.back();
+  auto rnd = [](size_t n, uint64_t s) {
+    std::vector<float> v = testing::random_values(n, s);
+    for (float& x : v) x = round_bf16(x);
+    return v;
+  };
+  auto bits = [](const std::vector<float>& x) {
+    std::vector<uint16_t> y(x.size());
+    for (size_t i = 0; i < x.size(); ++i) y[i] = float_to_bf16(x[i]);
+    return y;
+  };
+  auto floats = [](const std::vector<uint16_t>& x) {
+    std::vector<float> y(x.size());
+    for (size_t i = 0; i < x.size(); ++i) y[i] = bf16_to_float(x[i]);
+    return y;
+  };
+  const std::vector<float> q = rnd(static_cast<size_t>(TQ * heads * dqk), seed),
+                           k = rnd(static_cast<size_t>(TK * heads * dqk), seed + 1),
+                           v = rnd(static_cast<size_t>(TK * heads * dv), seed + 2),
+                           d_out = rnd(static_cast<size_t>(TQ * heads * dv), seed + 3);
+  const float scale = 0.0721687836f;  // 192^-0.5
+  std::vector<float> out(static_cast<size_t>(TQ * heads * dv)), lse(static_cast<size_t>(heads * TQ));
+  PrefillParams f;
+  f.batch = static_cast<int64_t>(nq.size()), f.num_heads = heads, f.head_dim_qk = dqk, f.head_dim_v = dv;
+  f.total_q = TQ, f.total_k = TK, f.dtype = DType::F32, f.cu_seqlens_q = cq.data(), f.cu_seqlens_k = ck.data();
+  f.q = q.data(), f.k = k.data(), f.v = v.data(), f.softmax_scale = scale, f.causal = causal;
+  f.out = out.data(), f.lse = lse.data();
+  prefill_attention("cpu", f);
+  for (float& x : out) x = round_bf16(x);
+
+  PrefillBackwardParams p;
+  p.batch = f.batch, p.num_heads = heads, p.head_dim_qk = dqk, p.head_dim_v = dv, p.total_q = TQ, p.total_k = TK;
+  p.dtype = DType::F32, p.cu_seqlens_q = cq.data(), p.cu_seqlens_k = ck.data();
+  p.q = q.data(), p.k = k.data(), p.v = v.data(), p.out = out.data(), p.lse = lse.data(), p.d_out = d_out.data();
+  p.softmax_scale = scale, p.causal = causal;
+  std::vector<float> want_dq(q.size()), want_dk(k.size()), want_dv(v.size());
+  p.d_q = want_dq.data(), p.d_k = want_dk.data(), p.d_v = want_dv.data();
+  prefill_attention_backward("cpu", p);
+
+  std::vector<float> got[2][3];  // [host cu_seqlens, device cu_seqlens][d_q, d_k, d_v]
+  for (const bool device_cu : {false, true}) {
+    const uint16_t nan = 0x7fc0;
+    Device gq(bits(q)), gk(bits(k)), gv(bits(v)), gout(bits(out)), gdo(bits(d_out)), glse(lse), gcq(cq), gck(ck);
+    Device gdq(std::vector<uint16_t>(q.size(), nan)), gdk(std::vector<uint16_t>(k.size(), nan)),
+        gdv(std::vector<uint16_t>(v.size(), nan));
+    PrefillBackwardParams d = p;
+    d.dtype = DType::BF16;
+    d.cu_seqlens_on_device = device_cu;
+    d.cu_seqlens_q = device_cu ? static_cast<const int32_t*>(gcq.data()) : cq.data();
+    d.cu_seqlens_k = device_cu ? static_cast<const int32_t*>(gck.data()) : ck.data();
+    d.q = gq.data(), d.k = gk.data(), d.v = gv.data(), d.out = gout.data(), d.d_out = gdo.data();
+    d.lse = static_cast<const float*>(glse.data());
+    d.d_q = gdq.data(), d.d_k = gdk.data(), d.d_v = gdv.data();
+    const int64_t bytes = prefill_attention_backward_workspace_bytes("cuda", d);
+    Device ws(std::vector<uint8_t>(static_cast<size_t>(bytes), 0xff));  // garbage: the op must zero what it needs
+    d.workspace = ws.data();
+    prefill_attention_backward("cuda", d);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    got[device_cu][0] = floats(gdq.read<uint16_t>(q.size()));
+    got[device_cu][1] = floats(gdk.read<uint16_t>(k.size()));
+    got[device_cu][2] = floats(gdv.read<uint16_t>(v.size()));
+  }
+  const std::vector<float>* want[3] = {&want_dq, &want_dk, &want_dv};
+  const char* names[3] = {"d_q", "d_k", "d_v"};
+  for (int t = 0; t < 3; ++t) {
+    double err = 0.0, ref = 0.0;
+    size_t worst = 0;
+    for (size_t i = 0; i < want[t]->size(); ++i) {
+      const double e = std::abs(static_cast<double>(got[0][t][i]) - (*want[t])[i]);
+      if (!(e <= err)) err = e, worst = i;  // NaN lands here too
+      ref = std::max(ref, std::abs(static_cast<double>((*want[t])[i])));
+    }
+    EXPECT_LE(err, 2e-2 * ref) << names[t] << ": max abs error " << err << " at " << worst << " (got "
+                               << got[0][t][worst] << ", want " << (*want[t])[worst] << "), max |want| " << ref;
+    // Atomics make d_q's fp32 sums order-dependent; d_k and d_v are one block's registers, so bit-exact.
+    if (t > 0)
+      EXPECT_EQ(std::memcmp(got[0][t].data(), got[1][t].data(), got[0][t].size() * sizeof(float)), 0)
+          << names[t] << ": cu_seqlens in device memory gave other bits than in host memory";
+  }
+}
+
+TEST(CudaPrefillBackward, CausalVarlen) {
+  SKIP_WITHOUT_GPU();
+  // lengths off the 64-key and 16-query tiles, n_q < n_k, a sequence without queries, one without keys for its
+  // queries (n_q > n_k: its first queries see nothing), one query
+  run_backward_case(3, {100, 0, 37, 1, 64, 5}, {100, 70, 300, 13, 64, 2}, true, 1);
+  run_backward_case(2, {129, 200}, {129, 333}, true, 2);
+}
+
+TEST(CudaPrefillBackward, LongSequence) {
+  SKIP_WITHOUT_GPU();
+  run_backward_case(2, {1000}, {1000}, true, 3);
+  run_backward_case(1, {517}, {1030}, true, 4);
+}
+
+TEST(CudaPrefillBackward, NonCausal) {
+  SKIP_WITHOUT_GPU();
+  run_backward_case(2, {70, 3, 0}, {90, 130, 20}, false, 5);
+}
+
+TEST(CudaPrefillBackward, RejectsUnsupportedByName) {
+  SKIP_WITHOUT_GPU();
+  Device buf(std::vector<uint16_t>(4 * 2 * 192, 0));
+  std::vector<int32_t> cu{0, 4};
+  PrefillBackwardParams p;
+  p.batch = 1, p.num_heads = 2, p.total_q = 4, p.total_k = 4, p.cu_seqlens_q = cu.data(), p.cu_seqlens_k = cu.data();
+  p.q = p.k = p.v = p.out = p.d_out = buf.data();
+  p.lse = static_cast<const float*>(buf.data());
+  p.d_q = p.d_k = p.d_v = buf.data();
+  p.softmax_scale = 0.1f;
+  testing::expect_throw_with<InvalidArgument>([&] { prefill_attention_backward("cuda", p); }, {"workspace"});
+  p.workspace = buf.data();
+  p.dtype = DType::F32;
+  testing::expect_throw_with<InvalidArgument>([&] { prefill_attention_backward("cuda", p); }, {"dtype", "BF16"});
+  p.dtype = DType::BF16, p.head_dim_qk = 64, p.head_dim_v = 64;
+  testing::expect_throw_with<InvalidArgument>([&] { prefill_attention_backward("cuda", p); }, {"head_dim_qk", "192"});
+}
+
 }  // namespace
 }  // namespace mla

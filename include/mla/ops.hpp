@@ -93,6 +93,44 @@ void prefill_attention(std::string_view device, const PrefillParams& params);
 // The same on a given stream: a cudaStream_t on "cuda" (null: the legacy default stream); ignored on the CPU.
 void prefill_attention(std::string_view device, const PrefillParams& params, void* stream);
 
+// The backward of prefill_attention (training): the gradients of q, k and v given forward's out and lse and
+// the gradient d_out of the loss with respect to out. With P = softmax(scale·q·kᵀ) recomputed from lse (masked as
+// the forward), D_i = Σ_e d_out_ie·out_ie, dP = d_out·vᵀ, dS = P ⊙ (dP − D):
+//   d_q = scale·dS·k,  d_k = scale·dSᵀ·q,  d_v = Pᵀ·d_out     (fp32 accumulation)
+// A query that sees no key (lse = +inf, as the forward writes) contributes nothing; a key no query sees gets 0.
+// Shapes, masks and cu_seqlens as PrefillParams (cu_seqlens_on_device: "cuda" only, copied to the host on the
+// stream, one synchronising copy). dtype BF16 or F32 ("cuda": BF16 with head_dim_qk 192, head_dim_v 128 only).
+struct PrefillBackwardParams {
+  int64_t batch = 0, num_heads = 0;
+  int64_t head_dim_qk = 192, head_dim_v = 128;
+  int64_t total_q = 0, total_k = 0;
+  DType dtype = DType::BF16;      // of q, k, v, out, d_out, d_q, d_k, d_v
+  const int32_t* cu_seqlens_q = nullptr;   // [batch + 1]
+  const int32_t* cu_seqlens_k = nullptr;   // [batch + 1]
+  bool cu_seqlens_on_device = false;
+  const void* q = nullptr;        // [total_q, num_heads, head_dim_qk]
+  const void* k = nullptr;        // [total_k, num_heads, head_dim_qk]
+  const void* v = nullptr;        // [total_k, num_heads, head_dim_v]
+  const void* out = nullptr;      // [total_q, num_heads, head_dim_v] forward's output
+  const float* lse = nullptr;     // [num_heads, total_q] forward's log-sum-exp (natural log)
+  const void* d_out = nullptr;    // [total_q, num_heads, head_dim_v]
+  float softmax_scale = 0.f;
+  bool causal = true;
+  void* d_q = nullptr;            // [total_q, num_heads, head_dim_qk] written
+  void* d_k = nullptr;            // [total_k, num_heads, head_dim_qk] written
+  void* d_v = nullptr;            // [total_k, num_heads, head_dim_v] written
+  // Scratch of at least prefill_attention_backward_workspace_bytes in the device's memory, owned by the caller;
+  // may be null when that is 0 (the CPU). The op allocates nothing else (but the host copy of device cu_seqlens).
+  void* workspace = nullptr;
+};
+
+// Scratch the backward needs on `device`, in bytes: 0 on the CPU; on "cuda" an fp32 d_q accumulator and the
+// rows' D (4·total_q·num_heads·(head_dim_qk + 1) bytes, 256-aligned). Depends only on the shape fields.
+int64_t prefill_attention_backward_workspace_bytes(std::string_view device, const PrefillBackwardParams& params);
+// `stream`: a cudaStream_t on "cuda" (null: the legacy default stream); ignored on the CPU. Throws
+// mla::InvalidArgument naming the parameter.
+void prefill_attention_backward(std::string_view device, const PrefillBackwardParams& params, void* stream = nullptr);
+
 // Plan/run decode (docs/ops.md, "Planned decode and CUDA graphs"). The plan depends only on the batch shape
 // (batch, s_q, h_q, head dims, dtype; pointers and lengths may be unset); the run takes a workspace of
 // workspace_bytes that the caller owns (device memory of that device; may be null when 0) and allocates

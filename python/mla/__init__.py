@@ -4,7 +4,8 @@
   a preset, or random).
 * :class:`Attention`: one MLA layer; call it on hidden states with a :class:`LatentCache`.
 * :func:`decode_with_kvcache` (FlashMLA's ``flash_mla_with_kvcache``) and :func:`prefill` (varlen expanded
-  attention): the kernels as functions over NumPy arrays or PyTorch tensors.
+  attention): the kernels as functions over NumPy arrays or PyTorch tensors; :func:`prefill_backward`, the
+  gradients of prefill's q, k and v.
 * :func:`quantize_fp8_kvcache`, :func:`dequantize_fp8_kvcache`: cache rows to and from the fp8_ds_mla bytes of
   an fp8 cache (``decode_with_kvcache(..., is_fp8_kvcache=True)``, ``LatentCache(dtype="fp8")``).
 
@@ -17,7 +18,7 @@ import os as _os
 
 from . import _mla
 from ._api import (Attention, DecodeSchedule, LatentCache, decode_with_kvcache, dequantize_fp8_kvcache, prefill,
-                   quantize_fp8_kvcache, run_sequences)
+                   prefill_backward, quantize_fp8_kvcache, run_sequences)
 from ._mla import Config, LayerWeights, OutOfPages, available_devices
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ __all__ = [
     "decode_with_kvcache",
     "dequantize_fp8_kvcache",
     "prefill",
+    "prefill_backward",
     "quantize_fp8_kvcache",
     "run_sequences",
 ]

@@ -160,6 +160,11 @@ def prefill(q: ArrayLike, k: ArrayLike, v: ArrayLike, cu_seqlens_q: ArrayLike, c
             softmax_scale: Optional[float] = None, causal: bool = True) -> Tuple[ArrayLike, ArrayLike]:
     """Varlen expanded attention: (out [total_q, H, dv], lse [H, total_q])."""
 
+def prefill_backward(q: ArrayLike, k: ArrayLike, v: ArrayLike, out: ArrayLike, lse: ArrayLike, d_out: ArrayLike,
+                     cu_seqlens_q: ArrayLike, cu_seqlens_k: ArrayLike, softmax_scale: Optional[float] = None,
+                     causal: bool = True) -> Tuple[ArrayLike, ArrayLike, ArrayLike]:
+    """The backward of prefill: (d_q, d_k, d_v) shaped as q, k, v, from prefill's out and lse and d_out."""
+
 def run_sequences(layer: Attention, hidden: np.ndarray, positions: Optional[np.ndarray] = None, *, chunk: int = 0,
                   decode_after: int = -1, page_size: int = 64, page_order_seed: int = 0,
                   poison_unused: bool = False) -> Tuple[np.ndarray, np.ndarray]:

@@ -213,6 +213,50 @@ def prefill(
     return out, lse
 
 
+def prefill_backward(
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike,
+    out: ArrayLike,
+    lse: ArrayLike,
+    d_out: ArrayLike,
+    cu_seqlens_q: ArrayLike,
+    cu_seqlens_k: ArrayLike,
+    softmax_scale: Optional[float] = None,
+    causal: bool = True,
+) -> Tuple[ArrayLike, ArrayLike, ArrayLike]:
+    """The backward of :func:`prefill`: the gradients of q, k and v given its ``(out, lse)`` and ``d_out``, the
+    gradient of the loss with respect to out. P is recomputed from lse (FlashAttention-2); see docs/ops.md.
+
+    Args:
+        q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal: as :func:`prefill`; float32 or (torch)
+            bfloat16 (on CUDA: bfloat16 with head_dim_qk 192, head_dim_v 128).
+        out, lse: what :func:`prefill` returned for these inputs; d_out: ``[total_q, num_heads, head_dim_v]``.
+
+    Returns:
+        ``(d_q, d_k, d_v)`` shaped and typed as q, k, v.
+    """
+    if _is_torch(q):
+        from . import _torch_ops
+
+        _check_torch("prefill_backward", k=k, v=v, out=out, lse=lse, d_out=d_out, cu_seqlens_q=cu_seqlens_q,
+                     cu_seqlens_k=cu_seqlens_k)
+        return _torch_ops.prefill_backward(q, k, v, out, lse, d_out, cu_seqlens_q, cu_seqlens_k,
+                                           _default_scale("prefill_backward", q.shape[-1], softmax_scale),
+                                           bool(causal))
+    op = "prefill_backward"
+    q, k, v, out, lse, d_out = (_as_numpy(a, n, op) for a, n in (
+        (q, "q"), (k, "k"), (v, "v"), (out, "out"), (lse, "lse"), (d_out, "d_out")))
+    cu_q, cu_k = _as_numpy(cu_seqlens_q, "cu_seqlens_q", op), _as_numpy(cu_seqlens_k, "cu_seqlens_k", op)
+    if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
+        raise ValueError(f"{op}: q, k and v must be 3-D [tokens, num_heads, head_dim], got shapes {list(q.shape)}, "
+                         f"{list(k.shape)} and {list(v.shape)}")
+    scale = _default_scale(op, q.shape[-1], softmax_scale)
+    d_q, d_k, d_v = (np.empty(a.shape, dtype=q.dtype) for a in (q, k, v))
+    _mla.prefill_backward(q, k, v, out, lse, d_out, cu_q, cu_k, d_q, d_k, d_v, scale, bool(causal))
+    return d_q, d_k, d_v
+
+
 def _fp8_host_array(x: Any, name: str, op: str, want_uint8: bool):
     """(array, is_torch): x as a C-contiguous CPU array, float32 for rows or uint8 for fp8 rows."""
     if _is_torch(x):

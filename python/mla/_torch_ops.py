@@ -1,4 +1,5 @@
-"""The kernel functions as PyTorch custom operators (torch.ops.mla.decode_with_kvcache, torch.ops.mla.prefill),
+"""The kernel functions as PyTorch custom operators (torch.ops.mla.decode_with_kvcache, torch.ops.mla.prefill,
+torch.ops.mla.prefill_backward),
 with fake (meta) implementations so that torch.compile can trace through them without running them.
 
 Imported by ``mla`` when torch is importable. The operators allocate their outputs with torch on the inputs'
@@ -94,6 +95,29 @@ def _prefill_impl(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seql
     return out, lse
 
 
+def _prefill_backward_impl(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor,
+                           cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, softmax_scale: float,
+                           causal: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"prefill_backward: q, k and v must be 3-D [tokens, num_heads, head_dim], got shapes "
+                         f"{list(q.shape)}, {list(k.shape)} and {list(v.shape)}")
+    d_q, d_k, d_v = (torch.empty(t.shape, dtype=q.dtype, device=q.device) for t in (q, k, v))
+    q, k, v, out, lse, d_out = (t.detach().contiguous() for t in (q, k, v, out, lse, d_out))
+    cu_q, cu_k = (t.detach().contiguous() for t in (cu_seqlens_q, cu_seqlens_k))
+    if not q.is_cuda:
+        _mla.prefill_backward(q, k, v, out, lse, d_out, cu_q.cpu(), cu_k.cpu(), d_q, d_k, d_v, softmax_scale, causal)
+        return d_q, d_k, d_v
+    # CUDA: on torch's current stream, with the fp32 dQ accumulator from torch's allocator (the op allocates
+    # nothing); cu_seqlens on the GPU are copied to the host on that stream (ops.md).
+    with torch.cuda.device(q.device):
+        nbytes = _mla.prefill_backward_workspace_bytes(q.shape[0], q.shape[1], q.shape[2], v.shape[2],
+                                                       str(q.dtype).replace("torch.", ""), "cuda")
+        workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=q.device)
+        _mla.prefill_backward(q, k, v, out, lse, d_out, cu_q, cu_k, d_q, d_k, d_v, softmax_scale, causal,
+                              workspace=workspace, stream=torch.cuda.current_stream().cuda_stream)
+    return d_q, d_k, d_v
+
+
 registered = hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_fake")
 
 if registered:
@@ -134,7 +158,19 @@ if registered:
         return (q.new_empty((q.shape[0], q.shape[1], v.shape[2])),
                 q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
 
+    @torch.library.custom_op("mla::prefill_backward", mutates_args=())
+    def prefill_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor,
+                         cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, softmax_scale: float,
+                         causal: bool) -> Tuple[Tensor, Tensor, Tensor]:
+        return _prefill_backward_impl(q, k, v, out, lse, d_out, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal)
+
+    @prefill_backward.register_fake
+    def _prefill_backward_fake(q, k, v, out, lse, d_out, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal):
+        torch._check(q.dim() == 3 and k.dim() == 3 and v.dim() == 3, lambda: "prefill_backward: q, k, v must be 3-D")
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
 else:  # torch older than 2.4: plain functions, eager only
     decode_with_kvcache = _decode_impl
     decode_with_kvcache_scheduled = _decode_scheduled_impl
     prefill = _prefill_impl
+    prefill_backward = _prefill_backward_impl

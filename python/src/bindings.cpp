@@ -17,6 +17,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "mla/mla.hpp"
@@ -281,28 +282,13 @@ void dequantize_fp8_rows(Array kv, OutArray out_w, int64_t head_dim_v) {
   for (int64_t r = 0; r < n; ++r) mla::load_row(layout, src + r * bytes, dst + r * w);
 }
 
-// cu_seqlens in host memory, or on q's CUDA device (read there by the kernel, see mla::PrefillParams); stream: a
-// cudaStream_t as an integer (0 = the legacy default stream).
-void prefill(Array q, Array k, Array v, Array cu_q, Array cu_k, OutArray out_w, std::optional<OutArray> lse_w,
-             double softmax_scale, bool causal, std::string device, uintptr_t stream) {
-  constexpr const char* op = "prefill";
-  const Array out = ro(out_w);
-  expect_ndim(q, 3, op, "q", "[total_q, num_heads, head_dim_qk]");
-  expect_ndim(k, 3, op, "k", "[total_k, num_heads, head_dim_qk]");
-  expect_ndim(v, 3, op, "v", "[total_k, num_heads, head_dim_v]");
+// cu_seqlens_q/k of prefill and prefill_backward: int32 [batch + 1], both in host memory or both on q's device.
+// Returns true for host memory.
+bool check_cu_seqlens(const Array& cu_q, const Array& cu_k, const Array& q, const char* op) {
   expect_ndim(cu_q, 1, op, "cu_seqlens_q", "[batch + 1]");
   expect_ndim(cu_k, 1, op, "cu_seqlens_k", "[batch + 1]");
-  const mla::DType dt = float_dtype(q, op, "q");
-  if (float_dtype(k, op, "k") != dt || float_dtype(v, op, "v") != dt)
-    throw nb::type_error((std::string(op) + ": q, k and v must share one dtype, got " + dtype_str(q.dtype()) + ", " +
-                          dtype_str(k.dtype()) + ", " + dtype_str(v.dtype())).c_str());
   expect_dtype(cu_q, nb::dtype<int32_t>(), op, "cu_seqlens_q", "int32");
   expect_dtype(cu_k, nb::dtype<int32_t>(), op, "cu_seqlens_k", "int32");
-  const int64_t tq = q.shape(0), H = q.shape(1), dqk = q.shape(2), tk = k.shape(0), dv = v.shape(2);
-  expect_dim(k, 1, H, op, "k", "num_heads, as q");
-  expect_dim(k, 2, dqk, op, "k", "head_dim_qk, as q");
-  expect_dim(v, 0, tk, op, "v", "total_k, as k");
-  expect_dim(v, 1, H, op, "v", "num_heads, as q");
   if (cu_q.shape(0) < 2 || cu_k.shape(0) != cu_q.shape(0))
     throw mla::InvalidArgument(std::string(op) + ": cu_seqlens_q and cu_seqlens_k must both have batch + 1 >= 2 "
                                "entries, got " + shape_str(cu_q) + " and " + shape_str(cu_k));
@@ -318,6 +304,28 @@ void prefill(Array q, Array k, Array v, Array cu_q, Array cu_k, OutArray out_w, 
   }
   expect_contiguous(cu_q, op, "cu_seqlens_q");
   expect_contiguous(cu_k, op, "cu_seqlens_k");
+  return cu_host;
+}
+
+// cu_seqlens in host memory, or on q's CUDA device (read there by the kernel, see mla::PrefillParams); stream: a
+// cudaStream_t as an integer (0 = the legacy default stream).
+void prefill(Array q, Array k, Array v, Array cu_q, Array cu_k, OutArray out_w, std::optional<OutArray> lse_w,
+             double softmax_scale, bool causal, std::string device, uintptr_t stream) {
+  constexpr const char* op = "prefill";
+  const Array out = ro(out_w);
+  expect_ndim(q, 3, op, "q", "[total_q, num_heads, head_dim_qk]");
+  expect_ndim(k, 3, op, "k", "[total_k, num_heads, head_dim_qk]");
+  expect_ndim(v, 3, op, "v", "[total_k, num_heads, head_dim_v]");
+  const mla::DType dt = float_dtype(q, op, "q");
+  if (float_dtype(k, op, "k") != dt || float_dtype(v, op, "v") != dt)
+    throw nb::type_error((std::string(op) + ": q, k and v must share one dtype, got " + dtype_str(q.dtype()) + ", " +
+                          dtype_str(k.dtype()) + ", " + dtype_str(v.dtype())).c_str());
+  const int64_t tq = q.shape(0), H = q.shape(1), dqk = q.shape(2), tk = k.shape(0), dv = v.shape(2);
+  expect_dim(k, 1, H, op, "k", "num_heads, as q");
+  expect_dim(k, 2, dqk, op, "k", "head_dim_qk, as q");
+  expect_dim(v, 0, tk, op, "v", "total_k, as k");
+  expect_dim(v, 1, H, op, "v", "num_heads, as q");
+  const bool cu_host = check_cu_seqlens(cu_q, cu_k, q, op);
   expect_ndim(out, 3, op, "out", "[total_q, num_heads, head_dim_v]");
   if (out.dtype() != q.dtype()) throw nb::type_error("prefill: out must have q's dtype");
   expect_dim(out, 0, tq, op, "out", "total_q"), expect_dim(out, 1, H, op, "out", "num_heads");
@@ -346,6 +354,81 @@ void prefill(Array q, Array k, Array v, Array cu_q, Array cu_k, OutArray out_w, 
   }
   nb::gil_scoped_release release;
   mla::prefill_attention(dev, p, reinterpret_cast<void*>(stream));
+}
+
+// prefill_attention_backward. q, k, v, out, d_out, d_q, d_k, d_v share one dtype (float32 or bfloat16) and device;
+// lse float32 [num_heads, total_q]; cu_seqlens as prefill (host or q's device). workspace: at least
+// prefill_backward_workspace_bytes on q's device (None: allowed only where that is 0, i.e. the CPU).
+void prefill_backward(Array q, Array k, Array v, Array out, Array lse, Array d_out, Array cu_q, Array cu_k,
+                      OutArray d_q_w, OutArray d_k_w, OutArray d_v_w, double softmax_scale, bool causal,
+                      std::string device, std::optional<OutArray> workspace_w, uintptr_t stream) {
+  constexpr const char* op = "prefill_backward";
+  const Array d_q = ro(d_q_w), d_k = ro(d_k_w), d_v = ro(d_v_w);
+  expect_ndim(q, 3, op, "q", "[total_q, num_heads, head_dim_qk]");
+  expect_ndim(k, 3, op, "k", "[total_k, num_heads, head_dim_qk]");
+  expect_ndim(v, 3, op, "v", "[total_k, num_heads, head_dim_v]");
+  const mla::DType dt = float_dtype(q, op, "q");
+  for (auto [a, name] : {std::pair<const Array*, const char*>{&k, "k"}, {&v, "v"}, {&out, "out"}, {&d_out, "d_out"},
+                         {&d_q, "d_q"}, {&d_k, "d_k"}, {&d_v, "d_v"}})
+    if (a->dtype() != q.dtype())
+      throw nb::type_error((std::string(op) + ": " + name + " must have q's dtype " + dtype_str(q.dtype()) + ", got " +
+                            dtype_str(a->dtype())).c_str());
+  expect_dtype(lse, nb::dtype<float>(), op, "lse", "float32");
+  const int64_t tq = q.shape(0), H = q.shape(1), dqk = q.shape(2), tk = k.shape(0), dv = v.shape(2);
+  expect_dim(k, 1, H, op, "k", "num_heads, as q");
+  expect_dim(k, 2, dqk, op, "k", "head_dim_qk, as q");
+  expect_dim(v, 0, tk, op, "v", "total_k, as k");
+  expect_dim(v, 1, H, op, "v", "num_heads, as q");
+  for (auto [a, name, t, d] : {std::tuple<const Array*, const char*, int64_t, int64_t>{&out, "out", tq, dv},
+                               {&d_out, "d_out", tq, dv}, {&d_q, "d_q", tq, dqk}, {&d_k, "d_k", tk, dqk},
+                               {&d_v, "d_v", tk, dv}}) {
+    expect_ndim(*a, 3, op, name, "[tokens, num_heads, head_dim]");
+    expect_dim(*a, 0, t, op, name, "tokens");
+    expect_dim(*a, 1, H, op, name, "num_heads");
+    expect_dim(*a, 2, d, op, name, "head dim");
+  }
+  expect_ndim(lse, 2, op, "lse", "[num_heads, total_q]");
+  expect_dim(lse, 0, H, op, "lse", "num_heads"), expect_dim(lse, 1, tq, op, "lse", "total_q");
+  const bool cu_host = check_cu_seqlens(cu_q, cu_k, q, op);
+  const std::string dev = device.empty() ? device_of(q, op, "q") : device;
+  for (auto [a, name] : {std::pair<const Array*, const char*>{&k, "k"}, {&v, "v"}, {&out, "out"}, {&lse, "lse"},
+                         {&d_out, "d_out"}, {&d_q, "d_q"}, {&d_k, "d_k"}, {&d_v, "d_v"}}) {
+    expect_same_device(*a, q, op, name);
+    expect_contiguous(*a, op, name);
+  }
+  expect_contiguous(q, op, "q");
+  mla::PrefillBackwardParams p;
+  p.batch = cu_q.shape(0) - 1, p.num_heads = H, p.head_dim_qk = dqk, p.head_dim_v = dv;
+  p.total_q = tq, p.total_k = tk, p.dtype = dt;
+  p.cu_seqlens_q = static_cast<const int32_t*>(cu_q.data()), p.cu_seqlens_k = static_cast<const int32_t*>(cu_k.data());
+  p.cu_seqlens_on_device = !cu_host;
+  p.q = q.data(), p.k = k.data(), p.v = v.data(), p.out = out.data(), p.lse = static_cast<const float*>(lse.data());
+  p.d_out = d_out.data(), p.softmax_scale = static_cast<float>(softmax_scale), p.causal = causal;
+  p.d_q = d_q_w.data(), p.d_k = d_k_w.data(), p.d_v = d_v_w.data();
+  if (workspace_w) {
+    const Array ws = ro(*workspace_w);
+    expect_same_device(ws, q, op, "workspace");
+    expect_contiguous(ws, op, "workspace");
+    const int64_t need = mla::prefill_attention_backward_workspace_bytes(dev, p);
+    if (static_cast<int64_t>(ws.nbytes()) < need)
+      throw mla::InvalidArgument(std::string(op) + ": workspace has " + std::to_string(ws.nbytes()) +
+                                 " bytes, the call needs " + std::to_string(need) + " (prefill_backward_workspace_bytes)");
+    p.workspace = workspace_w->data();
+  }
+  nb::gil_scoped_release release;
+  mla::prefill_attention_backward(dev, p, reinterpret_cast<void*>(stream));
+}
+
+// Bytes of scratch prefill_backward needs for this shape on this device (0 on the CPU).
+int64_t prefill_backward_workspace_bytes(int64_t total_q, int64_t num_heads, int64_t head_dim_qk, int64_t head_dim_v,
+                                         const std::string& dtype, const std::string& device) {
+  mla::PrefillBackwardParams p;
+  p.batch = 1, p.num_heads = num_heads, p.head_dim_qk = head_dim_qk, p.head_dim_v = head_dim_v;
+  p.total_q = total_q, p.softmax_scale = 1.f;
+  if (dtype == "bfloat16") p.dtype = mla::DType::BF16;
+  else if (dtype == "float32") p.dtype = mla::DType::F32;
+  else throw nb::type_error(("prefill_backward_workspace_bytes: unsupported dtype " + dtype).c_str());
+  return mla::prefill_attention_backward_workspace_bytes(device, p);
 }
 
 // ---- helpers for objects ----
@@ -662,6 +745,11 @@ NB_MODULE(_mla, m) {
   m.def("dequantize_fp8_rows", &dequantize_fp8_rows, "kv_cache"_a, "out"_a, "head_dim_v"_a);
   m.def("prefill", &prefill, "q"_a, "k"_a, "v"_a, "cu_seqlens_q"_a, "cu_seqlens_k"_a, "out"_a, "lse"_a.none(),
         "softmax_scale"_a, "causal"_a, "device"_a = "", "stream"_a = 0);
+  m.def("prefill_backward", &prefill_backward, "q"_a, "k"_a, "v"_a, "out"_a, "lse"_a, "d_out"_a, "cu_seqlens_q"_a,
+        "cu_seqlens_k"_a, "d_q"_a, "d_k"_a, "d_v"_a, "softmax_scale"_a, "causal"_a, "device"_a = "",
+        "workspace"_a.none() = nb::none(), "stream"_a = 0);
+  m.def("prefill_backward_workspace_bytes", &prefill_backward_workspace_bytes, "total_q"_a, "num_heads"_a,
+        "head_dim_qk"_a, "head_dim_v"_a, "dtype"_a, "device"_a);
   bind_train(m);
   m.def("available_devices", &mla::available_devices, "The backends compiled in and usable here.");
   m.def("run_sequences",

@@ -235,3 +235,91 @@ def test_prefill_errors():
         mla.prefill(q, np.zeros((7, 3, 8), np.float32), v, cu_q, cu_k)
     with pytest.raises(ValueError, match="must both have batch \\+ 1 >= 2 entries"):
         mla.prefill(q, k, v, np.array([5], np.int32), np.array([7], np.int32))
+
+
+def reference_prefill_backward(q, k, v, d_out, cu_q, cu_k, scale, causal):
+    """The gradients of sum(out * d_out) in float64, one (sequence, query) at a time, over every head at once."""
+    d_q, d_k, d_v = (np.zeros(a.shape) for a in (q, k, v))
+    for b in range(len(cu_q) - 1):
+        nq, nk = cu_q[b + 1] - cu_q[b], cu_k[b + 1] - cu_k[b]
+        for i in range(nq):
+            visible = min(nk, nk - nq + i + 1) if causal else nk
+            if visible <= 0:
+                continue
+            t0, qi, g = cu_k[b], q[cu_q[b] + i].astype(np.float64), d_out[cu_q[b] + i].astype(np.float64)
+            ks = k[t0 : t0 + visible].astype(np.float64)  # [visible, H, d]
+            vs = v[t0 : t0 + visible].astype(np.float64)
+            s = scale * np.einsum("hd,thd->ht", qi, ks)
+            p = np.exp(s - s.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)  # [H, visible]
+            o = np.einsum("ht,thd->hd", p, vs)
+            dp = np.einsum("hd,thd->ht", g, vs)
+            ds = p * (dp - (g * o).sum(-1, keepdims=True))
+            d_q[cu_q[b] + i] = scale * np.einsum("ht,thd->hd", ds, ks)
+            d_k[t0 : t0 + visible] += scale * np.einsum("ht,hd->thd", ds, qi)
+            d_v[t0 : t0 + visible] += np.einsum("ht,hd->thd", p, g)
+    return d_q, d_k, d_v
+
+
+def backward_inputs(rng, heads, dqk, dv, dtype=np.float32):
+    n_q, n_k = [40, 3, 2, 0, 5], [40, 9, 0, 4, 3]  # self-attention, n_q < n_k, no keys, no queries, no key seen
+    cu_q = np.concatenate([[0], np.cumsum(n_q)]).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum(n_k)]).astype(np.int32)
+    q = rng.uniform(-1, 1, (cu_q[-1], heads, dqk)).astype(dtype)
+    k = rng.uniform(-1, 1, (cu_k[-1], heads, dqk)).astype(dtype)
+    v = rng.uniform(-1, 1, (cu_k[-1], heads, dv)).astype(dtype)
+    d_out = rng.uniform(-1, 1, (cu_q[-1], heads, dv)).astype(dtype)
+    return q, k, v, d_out, cu_q, cu_k
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_prefill_backward_matches_numpy(causal):
+    q, k, v, d_out, cu_q, cu_k = backward_inputs(np.random.default_rng(5), 3, 24, 16)
+    out, lse = mla.prefill(q, k, v, cu_q, cu_k, softmax_scale=0.2, causal=causal)
+    grads = mla.prefill_backward(q, k, v, out, lse, d_out, cu_q, cu_k, softmax_scale=0.2, causal=causal)
+    want = reference_prefill_backward(q, k, v, d_out, cu_q, cu_k, 0.2, causal)
+    for got, w, a in zip(grads, want, (q, k, v)):
+        assert got.shape == a.shape and got.dtype == np.float32
+        assert rel_error(got, w) < 1e-5
+
+
+def test_prefill_backward_errors():
+    q, k, v, d_out, cu_q, cu_k = backward_inputs(np.random.default_rng(6), 2, 8, 4)
+    out, lse = mla.prefill(q, k, v, cu_q, cu_k)
+    with pytest.raises(ValueError, match="d_out"):
+        mla.prefill_backward(q, k, v, out, lse, d_out[:-1], cu_q, cu_k)
+    with pytest.raises(ValueError, match="lse"):
+        mla.prefill_backward(q, k, v, out, lse.T.copy(), d_out, cu_q, cu_k)
+    with pytest.raises(TypeError, match="d_out"):
+        mla.prefill_backward(q, k, v, out, lse, d_out.astype(np.float64), cu_q, cu_k)
+    with pytest.raises(ValueError, match="dtype"):
+        mla.prefill_backward(*(a.astype(np.float16) for a in (q, k, v, out)), lse, d_out.astype(np.float16), cu_q,
+                             cu_k)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_prefill_backward_matches_torch_autograd(causal):
+    """Against torch autograd of a float64 eager attention on the CPU (torch tensors in, torch tensors out)."""
+    torch = pytest.importorskip("torch")
+    q, k, v, d_out, cu_q, cu_k = backward_inputs(np.random.default_rng(7), 2, 24, 16)
+    tq, tk, tv, tg = (torch.from_numpy(a) for a in (q, k, v, d_out))
+    tcq, tck = torch.from_numpy(cu_q), torch.from_numpy(cu_k)
+    out, lse = mla.prefill(tq, tk, tv, tcq, tck, softmax_scale=0.2, causal=causal)
+    d_q, d_k, d_v = mla.prefill_backward(tq, tk, tv, out, lse, tg, tcq, tck, softmax_scale=0.2, causal=causal)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (tq, tk, tv))
+    outs = []
+    for b in range(len(cu_q) - 1):
+        nq, nk = int(cu_q[b + 1] - cu_q[b]), int(cu_k[b + 1] - cu_k[b])
+        qs, ks, vs = q64[cu_q[b] : cu_q[b + 1]], k64[cu_k[b] : cu_k[b + 1]], v64[cu_k[b] : cu_k[b + 1]]
+        s = 0.2 * torch.einsum("ihd,thd->hit", qs, ks)
+        seen = torch.ones(nq, nk, dtype=torch.bool)
+        if causal:
+            seen = torch.arange(nk)[None, :] <= (nk - nq + torch.arange(nq))[:, None]
+        # Masked logits at -1e30 give exactly 0 after the exp; rows that see no key end up all 0, never NaN.
+        p = torch.softmax(s.masked_fill(~seen, -1e30), -1) * seen
+        p = p / p.sum(-1, keepdim=True).clamp_min(1e-300)
+        outs.append(torch.einsum("hit,thd->ihd", p, vs))
+    (torch.cat(outs) * tg.double()).sum().backward()
+    for got, want in ((d_q, q64.grad), (d_k, k64.grad), (d_v, v64.grad)):
+        assert got.dtype == torch.float32
+        assert (got.double() - want).abs().max().item() < 1e-5 * max(1.0, want.abs().max().item())

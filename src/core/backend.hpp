@@ -79,6 +79,9 @@ class Backend {
                                       void* stream) const = 0;
   virtual void prefill_attention(const PrefillParams& params, void* stream) const = 0;
   virtual void merge_attention(const MergeParams& params, void* stream) const = 0;
+  // Shape fields only (pointers may be unset).
+  virtual int64_t prefill_attention_backward_workspace_bytes(const PrefillBackwardParams& params) const = 0;
+  virtual void prefill_attention_backward(const PrefillBackwardParams& params, void* stream) const = 0;
 };
 
 // Throws mla::InvalidArgument naming the available backends for an unknown or unavailable name.

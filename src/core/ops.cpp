@@ -117,21 +117,39 @@ void validate(const detail::Backend& backend, const DecodeParams& p, bool shape_
   }
 }
 
-void validate(const detail::Backend& backend, const PrefillParams& p) {
-  constexpr std::string_view op = "prefill_attention";
+// The shape fields PrefillParams and PrefillBackwardParams share.
+template <class P>
+void check_prefill_shape(std::string_view op, const P& p) {
   check_dim(op, "batch", p.batch);
   check_dim(op, "num_heads", p.num_heads);
   check_dim(op, "head_dim_qk", p.head_dim_qk);
   check_dim(op, "head_dim_v", p.head_dim_v);
   check_dim(op, "total_q", p.total_q, 0);
   check_dim(op, "total_k", p.total_k, 0);
-  check_dtype(op, p.dtype);
   check_scale(op, p.softmax_scale);
   check_elements(op, "q", {p.total_q, p.num_heads, p.head_dim_qk});
   check_elements(op, "k", {p.total_k, p.num_heads, p.head_dim_qk});
   check_elements(op, "v", {p.total_k, p.num_heads, p.head_dim_v});
+}
+
+// Host cu_seqlens are checked here; device ones (cu_seqlens_on_device, "cuda" only) by the backend.
+template <class P>
+void check_prefill_seqlens(std::string_view op, const detail::Backend& backend, const P& p) {
   check_ptr(op, "cu_seqlens_q", p.cu_seqlens_q);
   check_ptr(op, "cu_seqlens_k", p.cu_seqlens_k);
+  if (p.cu_seqlens_on_device) {
+    if (backend.host_memory())
+      fail(op, "cu_seqlens_on_device is for the \"cuda\" backend; on the CPU they are host memory already");
+    return;  // read by the kernel, or copied to the host and checked there (see PrefillParams)
+  }
+  check_cu_seqlens(op, "cu_seqlens_q", p.cu_seqlens_q, p.batch, p.total_q, "total_q");
+  check_cu_seqlens(op, "cu_seqlens_k", p.cu_seqlens_k, p.batch, p.total_k, "total_k");
+}
+
+void validate(const detail::Backend& backend, const PrefillParams& p) {
+  constexpr std::string_view op = "prefill_attention";
+  check_prefill_shape(op, p);
+  check_dtype(op, p.dtype);
   if (p.total_q > 0) {
     check_ptr(op, "q", p.q);
     check_ptr(op, "out", p.out);
@@ -140,13 +158,33 @@ void validate(const detail::Backend& backend, const PrefillParams& p) {
     check_ptr(op, "k", p.k);
     check_ptr(op, "v", p.v);
   }
-  if (p.cu_seqlens_on_device) {
-    if (backend.host_memory())
-      fail(op, "cu_seqlens_on_device is for the \"cuda\" backend; on the CPU they are host memory already");
-    return;  // read by the kernel only (see PrefillParams)
+  check_prefill_seqlens(op, backend, p);
+}
+
+void validate(const detail::Backend& backend, const PrefillBackwardParams& p, bool shape_only = false) {
+  constexpr std::string_view op = "prefill_attention_backward";
+  check_prefill_shape(op, p);
+  if (p.dtype != DType::BF16 && p.dtype != DType::F32)
+    fail(op, "dtype must be BF16 or F32, got " + std::string(dtype_name(p.dtype)));
+  if (shape_only) return;
+  if (p.total_q > 0) {
+    check_ptr(op, "q", p.q);
+    check_ptr(op, "out", p.out);
+    check_ptr(op, "lse", p.lse);
+    check_ptr(op, "d_out", p.d_out);
+    check_ptr(op, "d_q", p.d_q);
   }
-  check_cu_seqlens(op, "cu_seqlens_q", p.cu_seqlens_q, p.batch, p.total_q, "total_q");
-  check_cu_seqlens(op, "cu_seqlens_k", p.cu_seqlens_k, p.batch, p.total_k, "total_k");
+  if (p.total_k > 0) {
+    check_ptr(op, "k", p.k);
+    check_ptr(op, "v", p.v);
+    check_ptr(op, "d_k", p.d_k);
+    check_ptr(op, "d_v", p.d_v);
+  }
+  const int64_t need = backend.prefill_attention_backward_workspace_bytes(p);
+  if (need > 0 && p.workspace == nullptr)
+    fail(op, "workspace must not be null: this call needs " + str(need) +
+                 " bytes (prefill_attention_backward_workspace_bytes)");
+  check_prefill_seqlens(op, backend, p);
 }
 
 void validate(const MergeParams& p) {
@@ -243,6 +281,18 @@ void prefill_attention(std::string_view device, const PrefillParams& p, void* st
   const detail::Backend& backend = detail::find_backend(device);
   validate(backend, p);
   backend.prefill_attention(p, stream);
+}
+
+int64_t prefill_attention_backward_workspace_bytes(std::string_view device, const PrefillBackwardParams& p) {
+  const detail::Backend& backend = detail::find_backend(device);
+  validate(backend, p, true);
+  return backend.prefill_attention_backward_workspace_bytes(p);
+}
+
+void prefill_attention_backward(std::string_view device, const PrefillBackwardParams& p, void* stream) {
+  const detail::Backend& backend = detail::find_backend(device);
+  validate(backend, p);
+  backend.prefill_attention_backward(p, stream);
 }
 
 }  // namespace mla

@@ -93,6 +93,11 @@ class HostBackend : public detail::Backend {
   void split_decode_attention(const DecodeParams&, const DecodeSchedule&, void*, void*) const override {}
   void prefill_attention(const PrefillParams& p, void* /*stream*/) const override { cpu::prefill_attention(p); }
   void merge_attention(const MergeParams& p, void* /*stream*/) const override { cpu::merge_attention(p); }
+  int64_t prefill_attention_backward_workspace_bytes(const PrefillBackwardParams&) const override { return 0; }
+  // The fast path; "cpu-reference" overrides it with the scalar one.
+  void prefill_attention_backward(const PrefillBackwardParams& p, void* /*stream*/) const override {
+    cpu::prefill_attention_backward(p);
+  }
 };
 
 }  // namespace mla::cpu

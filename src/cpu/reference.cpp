@@ -201,6 +201,9 @@ class ReferenceBackend final : public HostBackend {
   std::unique_ptr<detail::LayerImpl> make_layer(const LayerWeights& w, const LayerOptions& o) const override {
     return std::make_unique<ReferenceLayer>(w, o);
   }
+  void prefill_attention_backward(const PrefillBackwardParams& p, void* /*stream*/) const override {
+    cpu::prefill_attention_backward_reference(p);
+  }
 };
 
 }  // namespace

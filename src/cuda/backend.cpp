@@ -67,6 +67,12 @@ class CudaBackend final : public detail::Backend {
   void merge_attention(const MergeParams& p, void* stream) const override {
     run_merge(p, static_cast<cudaStream_t>(stream));
   }
+  int64_t prefill_attention_backward_workspace_bytes(const PrefillBackwardParams& p) const override {
+    return prefill_backward_workspace_bytes(p);
+  }
+  void prefill_attention_backward(const PrefillBackwardParams& p, void* stream) const override {
+    run_prefill_backward(p, static_cast<cudaStream_t>(stream));
+  }
 
  private:
   // The plan of this call, which must be the one the caller's schedule was made from.

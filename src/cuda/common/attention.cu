@@ -307,6 +307,15 @@ sm80::prefill::Params fast_params(const PrefillParams& p, const PrefillLayout* l
 
 }  // namespace
 
+std::vector<int32_t> cu_seqlens_to_host(const int32_t* cu_q, const int32_t* cu_k, int64_t batch, cudaStream_t stream) {
+  std::vector<int32_t> cu(static_cast<size_t>(2 * (batch + 1)));
+  const size_t bytes = static_cast<size_t>(batch + 1) * sizeof(int32_t);
+  MLA_CUDA_CHECK(cudaMemcpyAsync(cu.data(), cu_q, bytes, cudaMemcpyDeviceToHost, stream));
+  MLA_CUDA_CHECK(cudaMemcpyAsync(cu.data() + batch + 1, cu_k, bytes, cudaMemcpyDeviceToHost, stream));
+  MLA_CUDA_CHECK(cudaStreamSynchronize(stream));
+  return cu;
+}
+
 void run_prefill(const PrefillParams& p, cudaStream_t stream, const PrefillLayout* layout) {
   const bool fast = fast_prefill(p);
   if (layout && (!fast || layout->k_split != sm80::prefill::kStridedSplit))
@@ -319,11 +328,7 @@ void run_prefill(const PrefillParams& p, cudaStream_t stream, const PrefillLayou
       return;
     }
     // The other kernels launch per sequence from host lengths: copy them (one synchronising copy), check them.
-    std::vector<int32_t> cu(static_cast<size_t>(2 * (p.batch + 1)));
-    const size_t bytes = static_cast<size_t>(p.batch + 1) * sizeof(int32_t);
-    MLA_CUDA_CHECK(cudaMemcpyAsync(cu.data(), p.cu_seqlens_q, bytes, cudaMemcpyDeviceToHost, stream));
-    MLA_CUDA_CHECK(cudaMemcpyAsync(cu.data() + p.batch + 1, p.cu_seqlens_k, bytes, cudaMemcpyDeviceToHost, stream));
-    MLA_CUDA_CHECK(cudaStreamSynchronize(stream));
+    const std::vector<int32_t> cu = cu_seqlens_to_host(p.cu_seqlens_q, p.cu_seqlens_k, p.batch, stream);
     PrefillParams host = p;
     host.cu_seqlens_on_device = false;
     host.cu_seqlens_q = cu.data(), host.cu_seqlens_k = cu.data() + p.batch + 1;

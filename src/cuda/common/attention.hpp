@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "cuda/common/device_memory.hpp"
 #include "mla/ops.hpp"
@@ -54,11 +55,20 @@ struct PrefillLayout {
 // kernel: one launch for the batch, nothing read on the host (else the lengths are copied to the host first).
 // `layout` (fast kernels only, see prefill_is_fast) replaces p.k / p.v and their dense layout.
 std::string prefill_kernel_name(const PrefillParams& p);
+// Device cu_seqlens_q and cu_seqlens_k ([batch + 1] each) copied to the host on `stream`, which it synchronises:
+// [cu_q..., cu_k...].
+std::vector<int32_t> cu_seqlens_to_host(const int32_t* cu_q, const int32_t* cu_k, int64_t batch, cudaStream_t stream);
 bool prefill_is_fast(const PrefillParams& p);
 void run_prefill(const PrefillParams& p, cudaStream_t stream, const PrefillLayout* layout = nullptr);
 
 // merge_attention (src/cuda/common/merge.cu): parameters already checked by src/core/ops.cpp; F16 refused by name.
 void run_merge(const MergeParams& p, cudaStream_t stream);
+
+// prefill_attention_backward (src/cuda/common/backward.cpp): BF16 with head dims 192/128 only, refused by name
+// otherwise; validate is called by run_prefill_backward (after the host copy of device cu_seqlens).
+int64_t prefill_backward_workspace_bytes(const PrefillBackwardParams& p);
+void run_prefill_backward(const PrefillBackwardParams& p, cudaStream_t stream);
+void validate(const PrefillBackwardParams& p);
 
 // Throw mla::InvalidArgument naming the parameter.
 void validate(const DecodeParams& p);

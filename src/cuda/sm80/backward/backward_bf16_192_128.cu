@@ -1,0 +1,89 @@
+// The sm80 attention backward for bf16, q·k 192, v 128: D = rowsum(d_out ⊙ out), the main kernel (kernel.cuh)
+// once per sequence, and the conversion of the fp32 dQ accumulator. Four stream-ordered steps, nothing allocated.
+#include <cuda_bf16.h>
+
+#include <algorithm>
+
+#include "cuda/common/check.hpp"
+#include "cuda/sm80/backward/kernel.cuh"
+
+namespace mla::cuda::sm80::backward {
+namespace {
+
+constexpr int kRowsPerBlock = 8;  // preprocess: one warp per (token, head) row
+
+// delta [H, total_q] = Σ_e d_out ⊙ out over each row's 128 values, fp32.
+__global__ void __launch_bounds__(32 * kRowsPerBlock) delta_kernel(const __nv_bfloat16* __restrict__ out,
+                                                                   const __nv_bfloat16* __restrict__ d_out,
+                                                                   float* __restrict__ delta, int64_t total_q,
+                                                                   int heads) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;  // token · H + head
+  const int lane = threadIdx.x % 32;
+  if (row >= total_q * heads) return;
+  // 128 values = 32 lanes × 4: two bf16 pairs per lane
+  const auto* o2 = reinterpret_cast<const __nv_bfloat162*>(out + row * kHeadDimV) + 2 * lane;
+  const auto* g2 = reinterpret_cast<const __nv_bfloat162*>(d_out + row * kHeadDimV) + 2 * lane;
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const float2 o = __bfloat1622float2(o2[i]), g = __bfloat1622float2(g2[i]);
+    sum += o.x * g.x + o.y * g.y;
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  if (lane == 0) delta[(row % heads) * total_q + row / heads] = sum;
+}
+
+// d_q = bf16(scale · accumulator), elementwise over [total_q, H, 192].
+__global__ void convert_kernel(const float* __restrict__ acc, __nv_bfloat16* __restrict__ d_q, int64_t n, float scale) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    d_q[i] = __float2bfloat16_rn(acc[i] * scale);
+}
+
+constexpr int64_t align256(int64_t b) { return (b + 255) / 256 * 256; }
+
+}  // namespace
+
+int64_t workspace_bytes(int64_t total_q, int64_t heads, int64_t head_dim_qk) {
+  return align256(total_q * heads * head_dim_qk * 4) + align256(total_q * heads * 4);
+}
+
+void run_bf16_192_128(const Call& c, cudaStream_t stream) {
+  if (c.total_q == 0 && c.total_k == 0) return;
+  auto* accum = static_cast<float*>(c.workspace);
+  auto* delta = reinterpret_cast<float*>(static_cast<char*>(c.workspace) + align256(c.total_q * c.heads * kHeadDimQK * 4));
+  const int64_t q_elements = c.total_q * c.heads * kHeadDimQK;
+  if (c.total_q > 0) {
+    MLA_CUDA_CHECK(cudaMemsetAsync(accum, 0, static_cast<size_t>(q_elements) * 4, stream));
+    const auto blocks = static_cast<unsigned>((c.total_q * c.heads + kRowsPerBlock - 1) / kRowsPerBlock);
+    delta_kernel<<<blocks, 32 * kRowsPerBlock, 0, stream>>>(static_cast<const __nv_bfloat16*>(c.out),
+                                                            static_cast<const __nv_bfloat16*>(c.d_out), delta,
+                                                            c.total_q, static_cast<int>(c.heads));
+    MLA_CUDA_LAUNCH_CHECK();
+  }
+
+  constexpr size_t bytes = sizeof(SharedMemoryPlan);
+  MLA_CUDA_CHECK(cudaFuncSetAttribute(backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  Params p;
+  p.heads = static_cast<int>(c.heads), p.total_q = c.total_q;
+  p.q = c.q, p.k = c.k, p.v = c.v, p.d_out = c.d_out, p.lse = c.lse, p.delta = delta;
+  p.scale = c.scale, p.scale_log2 = c.scale * 1.4426950408889634f, p.causal = c.causal;
+  p.d_q_accum = accum, p.d_k = c.d_k, p.d_v = c.d_v;
+  for (int64_t b = 0; b < c.batch; ++b) {
+    p.q_offset = c.cu_q[b], p.k_offset = c.cu_k[b];
+    p.n_q = static_cast<int>(c.cu_q[b + 1] - c.cu_q[b]), p.n_k = static_cast<int>(c.cu_k[b + 1] - c.cu_k[b]);
+    if (p.n_k == 0) continue;  // no keys: nothing to write but d_q = 0, which the zeroed accumulator gives
+    const dim3 grid((p.n_k + kBlockN - 1) / kBlockN, p.heads);  // key blocks that see the most queries first
+    backward_kernel<<<grid, kThreads, bytes, stream>>>(p);
+    MLA_CUDA_LAUNCH_CHECK();
+  }
+
+  if (q_elements > 0) {
+    const auto blocks = static_cast<unsigned>(std::min<int64_t>((q_elements + 255) / 256, 65535));
+    convert_kernel<<<blocks, 256, 0, stream>>>(accum, static_cast<__nv_bfloat16*>(c.d_q), q_elements, c.scale);
+    MLA_CUDA_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace mla::cuda::sm80::backward
