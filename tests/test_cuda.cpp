@@ -1154,15 +1154,17 @@ TEST(CudaPrefill, GenericKernel) {
 // The bf16 192/128 backward on "cuda" against the fast CPU backward (itself tested against the scalar reference in
 // test_backward.cpp) on the same bf16-rounded inputs: q, k, v, d_out random, out and lse from the CPU forward
 // (out rounded to bf16, as a bf16 forward hands it over). Errors are measured against max |gradient| per tensor.
+// F32 (any head dims) runs the generic kernels: the same comparison, inputs not rounded, bound 1e-5.
 void run_backward_case(int64_t heads, const std::vector<int32_t>& nq, const std::vector<int32_t>& nk, bool causal,
-                       uint64_t seed) {
-  constexpr int64_t dqk = 192, dv = 128;
+                       uint64_t seed, DType dtype = DType::BF16, int64_t dqk = 192, int64_t dv = 128) {
+  const bool f32 = dtype == DType::F32;
   std::vector<int32_t> cq{0}, ck{0};
   for (size_t b = 0; b < nq.size(); ++b) cq.push_back(cq.back() + nq[b]), ck.push_back(ck.back() + nk[b]);
   const int64_t TQ = cq.back(), TK = ck.back();
-  auto rnd = [](size_t n, uint64_t s) {
+  auto rnd = [f32](size_t n, uint64_t s) {
     std::vector<float> v = testing::random_values(n, s);
-    for (float& x : v) x = round_bf16(x);
+    if (!f32)
+      for (float& x : v) x = round_bf16(x);
     return v;
   };
   auto bits = [](const std::vector<float>& x) {
@@ -1179,7 +1181,7 @@ void run_backward_case(int64_t heads, const std::vector<int32_t>& nq, const std:
                            k = rnd(static_cast<size_t>(TK * heads * dqk), seed + 1),
                            v = rnd(static_cast<size_t>(TK * heads * dv), seed + 2),
                            d_out = rnd(static_cast<size_t>(TQ * heads * dv), seed + 3);
-  const float scale = 0.0721687836f;  // 192^-0.5
+  const float scale = 1.f / std::sqrt(static_cast<float>(dqk));
   std::vector<float> out(static_cast<size_t>(TQ * heads * dv)), lse(static_cast<size_t>(heads * TQ));
   PrefillParams f;
   f.batch = static_cast<int64_t>(nq.size()), f.num_heads = heads, f.head_dim_qk = dqk, f.head_dim_v = dv;
@@ -1187,7 +1189,8 @@ void run_backward_case(int64_t heads, const std::vector<int32_t>& nq, const std:
   f.q = q.data(), f.k = k.data(), f.v = v.data(), f.softmax_scale = scale, f.causal = causal;
   f.out = out.data(), f.lse = lse.data();
   prefill_attention("cpu", f);
-  for (float& x : out) x = round_bf16(x);
+  if (!f32)
+    for (float& x : out) x = round_bf16(x);
 
   PrefillBackwardParams p;
   p.batch = f.batch, p.num_heads = heads, p.head_dim_qk = dqk, p.head_dim_v = dv, p.total_q = TQ, p.total_k = TK;
@@ -1200,12 +1203,17 @@ void run_backward_case(int64_t heads, const std::vector<int32_t>& nq, const std:
 
   std::vector<float> got[2][3];  // [host cu_seqlens, device cu_seqlens][d_q, d_k, d_v]
   for (const bool device_cu : {false, true}) {
-    const uint16_t nan = 0x7fc0;
-    Device gq(bits(q)), gk(bits(k)), gv(bits(v)), gout(bits(out)), gdo(bits(d_out)), glse(lse), gcq(cq), gck(ck);
-    Device gdq(std::vector<uint16_t>(q.size(), nan)), gdk(std::vector<uint16_t>(k.size(), nan)),
-        gdv(std::vector<uint16_t>(v.size(), nan));
+    // Inputs in dtype; outputs poisoned with NaN, so that an element the op does not write fails.
+    auto upload = [&](const std::vector<float>& x) { return f32 ? Device(x) : Device(bits(x)); };
+    auto poisoned = [&](size_t n) {
+      return f32 ? Device(std::vector<float>(n, std::nanf(""))) : Device(std::vector<uint16_t>(n, 0x7fc0));
+    };
+    auto download = [&](const Device& x, size_t n) { return f32 ? x.read<float>(n) : floats(x.read<uint16_t>(n)); };
+    Device gq = upload(q), gk = upload(k), gv = upload(v), gout = upload(out), gdo = upload(d_out), glse(lse),
+           gcq(cq), gck(ck);
+    Device gdq = poisoned(q.size()), gdk = poisoned(k.size()), gdv = poisoned(v.size());
     PrefillBackwardParams d = p;
-    d.dtype = DType::BF16;
+    d.dtype = dtype;
     d.cu_seqlens_on_device = device_cu;
     d.cu_seqlens_q = device_cu ? static_cast<const int32_t*>(gcq.data()) : cq.data();
     d.cu_seqlens_k = device_cu ? static_cast<const int32_t*>(gck.data()) : ck.data();
@@ -1217,9 +1225,9 @@ void run_backward_case(int64_t heads, const std::vector<int32_t>& nq, const std:
     d.workspace = ws.data();
     prefill_attention_backward("cuda", d);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    got[device_cu][0] = floats(gdq.read<uint16_t>(q.size()));
-    got[device_cu][1] = floats(gdk.read<uint16_t>(k.size()));
-    got[device_cu][2] = floats(gdv.read<uint16_t>(v.size()));
+    got[device_cu][0] = download(gdq, q.size());
+    got[device_cu][1] = download(gdk, k.size());
+    got[device_cu][2] = download(gdv, v.size());
   }
   const std::vector<float>* want[3] = {&want_dq, &want_dk, &want_dv};
   const char* names[3] = {"d_q", "d_k", "d_v"};
@@ -1231,10 +1239,11 @@ void run_backward_case(int64_t heads, const std::vector<int32_t>& nq, const std:
       if (!(e <= err)) err = e, worst = i;  // NaN lands here too
       ref = std::max(ref, std::abs(static_cast<double>((*want[t])[i])));
     }
-    EXPECT_LE(err, 2e-2 * ref) << names[t] << ": max abs error " << err << " at " << worst << " (got "
+    EXPECT_LE(err, (f32 ? 1e-5 : 2e-2) * ref) << names[t] << ": max abs error " << err << " at " << worst << " (got "
                                << got[0][t][worst] << ", want " << (*want[t])[worst] << "), max |want| " << ref;
-    // Atomics make d_q's fp32 sums order-dependent; d_k and d_v are one block's registers, so bit-exact.
-    if (t > 0)
+    // Atomics make the fast d_q's fp32 sums order-dependent; d_k and d_v are one block's registers, so bit-exact
+    // (the generic kernels use no atomics: all three).
+    if (t > 0 || f32)
       EXPECT_EQ(std::memcmp(got[0][t].data(), got[1][t].data(), got[0][t].size() * sizeof(float)), 0)
           << names[t] << ": cu_seqlens in device memory gave other bits than in host memory";
   }
@@ -1259,7 +1268,14 @@ TEST(CudaPrefillBackward, NonCausal) {
   run_backward_case(2, {70, 3, 0}, {90, 130, 20}, false, 5);
 }
 
-TEST(CudaPrefillBackward, RejectsUnsupportedByName) {
+TEST(CudaPrefillBackward, GenericKernelsF32AndOtherHeadDims) {
+  SKIP_WITHOUT_GPU();
+  run_backward_case(3, {100, 0, 37, 1, 5}, {100, 70, 300, 13, 2}, true, 6, DType::F32);
+  run_backward_case(2, {70, 3, 0}, {90, 130, 20}, false, 7, DType::F32, 24, 40);
+  run_backward_case(4, {150, 9}, {150, 20}, true, 8, DType::BF16, 112, 40);  // the golden v3-tiny's head dims
+}
+
+TEST(CudaPrefillBackward, RefusesByName) {
   SKIP_WITHOUT_GPU();
   Device buf(std::vector<uint16_t>(4 * 2 * 192, 0));
   std::vector<int32_t> cu{0, 4};
@@ -1271,10 +1287,10 @@ TEST(CudaPrefillBackward, RejectsUnsupportedByName) {
   p.softmax_scale = 0.1f;
   testing::expect_throw_with<InvalidArgument>([&] { prefill_attention_backward("cuda", p); }, {"workspace"});
   p.workspace = buf.data();
-  p.dtype = DType::F32;
-  testing::expect_throw_with<InvalidArgument>([&] { prefill_attention_backward("cuda", p); }, {"dtype", "BF16"});
-  p.dtype = DType::BF16, p.head_dim_qk = 64, p.head_dim_v = 64;
-  testing::expect_throw_with<InvalidArgument>([&] { prefill_attention_backward("cuda", p); }, {"head_dim_qk", "192"});
+  p.dtype = DType::F16;
+  testing::expect_throw_with<InvalidArgument>([&] { prefill_attention_backward("cuda", p); }, {"dtype"});
+  p.dtype = DType::F32, p.head_dim_qk = 8000, p.head_dim_v = 4000;
+  testing::expect_throw_with<InvalidArgument>([&] { prefill_attention_backward("cuda", p); }, {"head_dim_qk", "too large"});
 }
 
 }  // namespace

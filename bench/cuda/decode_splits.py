@@ -6,12 +6,14 @@ replays interleaved, outputs compared with the default's.
 """
 import math
 import os
-import statistics
 import sys
 
 import torch
 
-import mla
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vs_anchors import graph_of, time_interleaved  # noqa: E402
+
+import mla  # noqa: E402
 
 ROWS = [  # name, sequence lengths, s_q, h_q
     ("b1 s_k4096 h128", [4096], 1, 128),
@@ -24,27 +26,6 @@ ROWS = [  # name, sequence lengths, s_q, h_q
     ("b128 s_k8192 h128", [8192] * 128, 1, 128),
 ]
 PAGE = 64
-
-
-def graph_of(fn, reps=20):
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    return g
-
-
-def time_graph(g, reps=20):
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps
 
 
 def main():
@@ -72,12 +53,9 @@ def main():
                                                   causal=True, schedule=sched)[0]
             graphs[m] = graph_of(call)  # the work list is written at the first call, with this setting
         os.environ.pop("MLA_CUDA_DECODE_MIN_TILES")
-        times = {m: [] for m in settings}
-        for _ in range(15):
-            for m, g in graphs.items():
-                times[m].append(time_graph(g))
+        t = time_interleaved({m: g.replay for m, g in graphs.items()}, rounds=15, per=20)
         diff = max((outs[m].float() - outs[settings[0]].float()).abs().max().item() for m in settings)
-        print(f"{name:32} " + " ".join(f"{statistics.median(times[m]):11.4f}" for m in settings) + f"   {diff:.2e}")
+        print(f"{name:32} " + " ".join(f"{t[m] * 1e3:11.4f}" for m in settings) + f"   {diff:.2e}")
         del graphs, q, kv
 
 

@@ -9,12 +9,15 @@ the Python path is named.
 MLA_BENCH_ONLY=<substring> keeps the rows whose name contains it.
 """
 import os
-import statistics
+import sys
 
 import torch
 
-import mla
-from mla import _mla
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vs_anchors import graph_of, time_interleaved  # noqa: E402
+
+import mla  # noqa: E402
+from mla import _mla  # noqa: E402
 
 ROWS = [  # name, batch, s_q, h_q, s_k
     ("b128 s_k8192 h128", 128, 1, 128, 8192),
@@ -23,27 +26,6 @@ ROWS = [  # name, batch, s_q, h_q, s_k
     ("b32 s_k4096 h128", 32, 1, 128, 4096),
 ]
 PAGE = 64
-
-
-def graph_of(fn, reps=20):
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    return g
-
-
-def time_graph(g, reps=20):
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps
 
 
 def kernels_of(fn):
@@ -87,11 +69,8 @@ def main():
             outs["direct"] = out
 
         graphs = {"python": graph_of(python_call), "direct": graph_of(direct_call)}
-        times = {k: [] for k in graphs}
-        for _ in range(15):
-            for k, g in graphs.items():
-                times[k].append(time_graph(g))
-        tp, td = statistics.median(times["python"]), statistics.median(times["direct"])
+        t = time_interleaved({k: g.replay for k, g in graphs.items()}, rounds=15, per=20)
+        tp, td = t["python"] * 1e3, t["direct"] * 1e3
         equal = torch.equal(outs["python"], outs["direct"])
         print(f"{name:22} {tp:10.4f} {td:10.4f} {tp / td:12.3f}x {str(equal):>9}")
         print(f"  kernels, python call: {kernels_of(python_call)}")

@@ -169,6 +169,23 @@ if registered:
         torch._check(q.dim() == 3 and k.dim() == 3 and v.dim() == 3, lambda: "prefill_backward: q, k, v must be 3-D")
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
+    # prefill is differentiable in q, k and v: its backward is prefill_backward, with the forward's out and lse
+    # saved (lse is an output but not differentiable: a loss that reads it gets no gradient through it).
+    def _prefill_setup_context(ctx, inputs, output):
+        q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+        ctx.softmax_scale, ctx.causal = softmax_scale, causal
+
+    def _prefill_backward_formula(ctx, d_out, _d_lse):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        d_q, d_k, d_v = prefill_backward(q, k, v, out, lse, d_out.contiguous(), cu_q, cu_k, ctx.softmax_scale,
+                                         ctx.causal)
+        return d_q, d_k, d_v, None, None, None, None
+
+    prefill.register_autograd(_prefill_backward_formula, setup_context=_prefill_setup_context)
+
 else:  # torch older than 2.4: plain functions, eager only
     decode_with_kvcache = _decode_impl
     decode_with_kvcache_scheduled = _decode_scheduled_impl

@@ -183,24 +183,43 @@ def _module_class():
     op = _register_ops(torch)
 
     class MultiheadLatentAttention(torch.nn.Module):
-        """One MLA layer as a trainable ``torch.nn.Module`` (float32, CPU).
+        """One MLA layer as a trainable ``torch.nn.Module``.
 
         Parameters are registered under transformers' ``DeepseekV3Attention`` names (``q_a_proj.weight``, ...),
         so ``load_state_dict`` takes that layer's state dict and the checkpoint's tensors (prefix removed).
         ``forward(hidden)`` takes ``[B, T, D]`` (B sequences of T tokens) or ``[T, D]`` with ``cu_seqlens``; every
         sequence attends causally to itself, at positions 0..n-1 unless ``positions`` is given.
-        The fast path (:func:`forward` / :func:`backward`) computes it, or with ``reference=True`` the scalar
-        reference (double inside, slow).
+
+        ``path`` says what computes it:
+
+        * ``"layer"``: the whole layer in C++ (:func:`forward` / :func:`backward`; float32 on the CPU only).
+        * ``"reference"`` (or ``reference=True``): the scalar reference (double inside, slow; float32, CPU).
+        * ``"ops"``: the projections, norms and RoPE as torch operations (autograd, cuBLAS on the GPU) around
+          mla's attention kernels: :func:`mla.prefill` forward and :func:`mla.prefill_backward` (FlashAttention-
+          style, probabilities recomputed from the saved log-sum-exp). Any device mla's kernels run on; float32 or
+          bfloat16 (bf16 storage, fp32 accumulation and norm statistics).
+        * ``"auto"`` (default): ``"layer"`` for float32 on the CPU, ``"ops"`` otherwise.
         """
 
         def __init__(self, config: Config, dtype=torch.float32, device="cpu", seed: int = 0,
-                     reference: bool = False):
+                     reference: bool = False, path: str = "auto"):
             super().__init__()
-            if dtype != torch.float32 or torch.device(device).type != "cpu":
-                raise ValueError("MultiheadLatentAttention: only float32 on the CPU for now (no CUDA backward yet);"
-                                 f" got dtype={dtype}, device={device}")
+            device = torch.device(device)
+            if reference:
+                path = "reference"
+            if path not in ("auto", "layer", "reference", "ops"):
+                raise ValueError(f"MultiheadLatentAttention: path must be 'auto', 'layer', 'reference' or 'ops', "
+                                 f"got {path!r}")
+            if dtype not in (torch.float32, torch.bfloat16):
+                raise ValueError(f"MultiheadLatentAttention: dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+            if path == "auto":
+                path = "layer" if dtype == torch.float32 and device.type == "cpu" else "ops"
+            if path in ("layer", "reference") and (dtype != torch.float32 or device.type != "cpu"):
+                raise ValueError(f"MultiheadLatentAttention: path={path!r} runs in float32 on the CPU only; got "
+                                 f"dtype={dtype}, device={device} (path='ops' runs elsewhere)")
             self.config = config
-            self.reference = bool(reference)
+            self.path = path
+            self.reference = path == "reference"
             tensors = weights_to_tensors(LayerWeights.random(config, seed))
             self._tensor_names = list(tensors)
             self._layer = len(_LAYERS)
@@ -209,13 +228,16 @@ def _module_class():
                 module_name, attr = name.rsplit(".", 1)
                 if not hasattr(self, module_name):
                     self.add_module(module_name, torch.nn.Module())
-                getattr(self, module_name).register_parameter(attr, torch.nn.Parameter(torch.from_numpy(value)))
+                param = torch.nn.Parameter(torch.from_numpy(value).to(device=device, dtype=dtype))
+                getattr(self, module_name).register_parameter(attr, param)
+            self.register_buffer("_inv_freq", torch.tensor(config.rope_inv_freq, dtype=torch.float32, device=device),
+                                 persistent=False)
 
         @classmethod
-        def from_pretrained(cls, path, layer: int = 0, **kwargs) -> "MultiheadLatentAttention":
+        def from_pretrained(cls, pretrained_dir, layer: int = 0, **kwargs) -> "MultiheadLatentAttention":
             """The layer's weights from a checkpoint folder (any format mla.LayerWeights.load reads); ``kwargs``
-            go to the constructor (e.g. ``reference=True``)."""
-            weights = LayerWeights.load(str(path), layer)
+            go to the constructor (e.g. ``device="cuda"``, ``dtype=torch.bfloat16``, ``reference=True``)."""
+            weights = LayerWeights.load(str(pretrained_dir), layer)
             module = cls(weights.config, **kwargs)
             with torch.no_grad():
                 for name, value in weights_to_tensors(weights).items():
@@ -228,8 +250,8 @@ def _module_class():
                     raise ValueError("MultiheadLatentAttention: pass cu_seqlens only with packed [T, D] hidden states")
                 B, T, D = hidden.shape
                 cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32)
-                pos = torch.empty(0, dtype=torch.int64) if positions is None else torch.as_tensor(positions).reshape(-1)
-                return op(hidden.reshape(B * T, D), cu, pos, self._layer, self._params())[0].reshape(B, T, D)
+                pos = None if positions is None else torch.as_tensor(positions).reshape(-1)
+                return self._packed(hidden.reshape(B * T, D), cu, pos).reshape(B, T, D)
             if hidden.dim() != 2:
                 raise ValueError("MultiheadLatentAttention: hidden must be [B, T, D] or [T, D], "
                                  f"got {list(hidden.shape)}")
@@ -237,11 +259,71 @@ def _module_class():
                 cu = torch.tensor([0, hidden.shape[0]], dtype=torch.int32)
             else:
                 cu = torch.as_tensor(cu_seqlens, dtype=torch.int32)
-            if positions is None:
-                pos = torch.empty(0, dtype=torch.int64)
+            return self._packed(hidden, cu, None if positions is None else torch.as_tensor(positions))
+
+        def _packed(self, hidden, cu, positions):
+            if self.path == "ops":
+                return self._ops_forward(hidden, cu, positions)
+            pos = torch.empty(0, dtype=torch.int64) if positions is None else positions.to(torch.int64)
+            return op(hidden, cu.cpu(), pos.cpu(), self._layer, self._params())[0]
+
+        def _ops_forward(self, hidden, cu, positions):
+            """The layer as torch operations around mla.prefill (whose autograd is mla.prefill_backward)."""
+            from . import prefill
+
+            c, dev = self.config, self._inv_freq.device
+            if hidden.device != dev or hidden.dtype != self._weight().dtype:
+                raise ValueError(f"MultiheadLatentAttention: hidden is {hidden.dtype} on {hidden.device}, the layer "
+                                 f"is {self._weight().dtype} on {dev}")
+            T = hidden.shape[0]
+            H, dn, dr, dv, dc = c.num_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
+            cu_host = cu.cpu()
+            if cu_host.dim() != 1 or cu_host.numel() < 2 or int(cu_host[0]) != 0 or int(cu_host[-1]) != T:
+                raise ValueError(f"MultiheadLatentAttention: cu_seqlens must be [batch + 1] prefix sums from 0 to "
+                                 f"{T}, got {cu_host.tolist()}")
+            lengths = cu_host[1:] - cu_host[:-1]
+            if bool((lengths < 0).any()):
+                raise ValueError(f"MultiheadLatentAttention: cu_seqlens must not decrease, got {cu_host.tolist()}")
+            if positions is None:  # 0 .. n-1 within each sequence
+                starts = torch.repeat_interleave(cu_host[:-1].to(torch.int64), lengths.to(torch.int64))
+                positions = torch.arange(T, dtype=torch.int64) - starts
+            elif positions.shape != (T,):
+                raise ValueError(f"MultiheadLatentAttention: positions must be [{T}], got {list(positions.shape)}")
+            angle = positions.to(device=dev, dtype=torch.float32)[:, None] * self._inv_freq  # fp32, as the spec
+            cos, sin = torch.cos(angle) * c.rope_magnitude, torch.sin(angle) * c.rope_magnitude
+
+            def rope(x):  # adjacent pairs (x[2i], x[2i+1]) of the last dim, turned by the token's angles
+                xf = x.float()
+                a, b = xf[..., 0::2], xf[..., 1::2]
+                cs, sn = (cos, sin) if x.dim() == 2 else (cos[:, None], sin[:, None])
+                return torch.stack((a * cs - b * sn, a * sn + b * cs), dim=-1).flatten(-2).to(x.dtype)
+
+            def rms_norm(x, gamma):  # statistics in fp32, epsilon 1e-6 (the latent norms' own)
+                xf = x.float()
+                return (gamma.float() * (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + 1e-6))).to(x.dtype)
+
+            linear, p, bias = torch.nn.functional.linear, self.get_parameter, self._bias
+            if c.q_lora_rank > 0:
+                qa = rms_norm(linear(hidden, p("q_a_proj.weight"), bias("q_a_proj")), p("q_a_layernorm.weight"))
+                q = linear(qa, p("q_b_proj.weight"))
             else:
-                pos = torch.as_tensor(positions, dtype=torch.int64)
-            return op(hidden, cu, pos, self._layer, self._params())[0]
+                q = linear(hidden, p("q_proj.weight"), bias("q_proj"))
+            q = q.view(T, H, dn + dr)
+            latent, k_pe = linear(hidden, p("kv_a_proj_with_mqa.weight"), bias("kv_a_proj_with_mqa")).split([dc, dr], -1)
+            kv = linear(rms_norm(latent, p("kv_a_layernorm.weight")), p("kv_b_proj.weight")).view(T, H, dn + dv)
+            k_nope, v = kv.split([dn, dv], -1)
+            q = torch.cat((q[..., :dn], rope(q[..., dn:])), -1)
+            k = torch.cat((k_nope, rope(k_pe)[:, None, :].expand(T, H, dr)), -1)
+            cu_dev = cu_host.to(dev)
+            out, _ = prefill(q, k, v.contiguous(), cu_dev, cu_dev, softmax_scale=c.softmax_scale, causal=True)
+            return linear(out.reshape(T, H * dv), p("o_proj.weight"), bias("o_proj"))
+
+        def _weight(self):  # one projection weight: the layer's dtype and device
+            return self.get_parameter("q_b_proj.weight" if self.config.q_lora_rank > 0 else "q_proj.weight")
+
+        def _bias(self, module_name):
+            name = module_name + ".bias"
+            return self.get_parameter(name) if name in self._tensor_names else None
 
         def _params(self):
             return [self.get_parameter(n) for n in self._tensor_names]

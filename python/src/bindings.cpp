@@ -636,6 +636,12 @@ NB_MODULE(_mla, m) {
                    "The layer's softmax scale (with YaRN's mscale), not head_dim^-0.5 of the 576-wide rows.")
       .def_prop_ro("rope_type",
                    [](const mla::Config& c) { return c.rope.type == mla::RopeType::Yarn ? "yarn" : "default"; })
+      .def_prop_ro("rope_inv_freq", [](const mla::Config& c) { return mla::DerivedConstants::compute(c).inv_freq; },
+                   "RoPE's fp32 frequencies ω_i (YaRN applied), qk_rope_head_dim / 2 values: pair i of the rope dims "
+                   "at position p turns by fp32(p)·ω_i.")
+      .def_prop_ro("rope_magnitude",
+                   [](const mla::Config& c) { return mla::DerivedConstants::compute(c).rope_magnitude; },
+                   "YaRN's magnitude A multiplying RoPE's cos and sin (1 for every released checkpoint).")
       .def("__repr__", [](const mla::Config& c) {
         return "mla.Config(name='" + c.name + "', hidden_size=" + std::to_string(c.hidden_size) +
                ", num_heads=" + std::to_string(c.num_heads) + ", q_lora_rank=" + std::to_string(c.q_lora_rank) +

@@ -252,3 +252,14 @@ def test_cuda_layer_with_fp8_cache_matches_cpu_reference():
             outs[device] = layer(hidden, cache, torch.from_numpy(g.positions), sequences=seqs).cpu().numpy()
         assert rel_error(outs["cuda"], g.output) < 5e-2, name
         assert rel_error(outs["cuda"], outs["cpu-reference"]) < 2e-2, name
+
+
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("name", ["v3-tiny", "v2lite-tiny", "noyarn", "yarn-ramp", "long-positions"])
+def test_module_trains_on_cuda_against_transformers_gradients(name, dtype, bound):
+    """mla.nn.MultiheadLatentAttention on the GPU (path 'ops': cuBLAS projections around mla.prefill and
+    mla.prefill_backward) against transformers' float64 autograd: output, input and every weight gradient."""
+    from test_train import golden_module_errors
+
+    errors = golden_module_errors(name, device="cuda", dtype=dtype)
+    assert max(errors.values()) < bound, errors

@@ -167,3 +167,70 @@ def test_module_compiles_with_torch_compile():
     torch.library.opcheck(torch.ops.mla.train_attention.default,
                           (x.reshape(10, 32), torch.tensor([0, 4, 10], dtype=torch.int32),
                            torch.empty(0, dtype=torch.int64), layer._layer, layer._params()))
+
+
+def module_grads(module, hidden, d_out, cu_seqlens=None, positions=None):
+    """(out, d_hidden, {parameter name: gradient}) of the module on packed hidden [T, D] (torch tensors)."""
+    module.zero_grad()
+    x = hidden.clone().requires_grad_(True)
+    out = module(x, cu_seqlens, positions)
+    (out * d_out).sum().backward()
+    return out.detach(), x.grad, {n: p.grad for n, p in module.named_parameters()}
+
+
+def small_config(q_lora, bias):
+    return mla.Config.from_json(
+        f'{{"hidden_size": 40, "num_attention_heads": 3, "q_lora_rank": {24 if q_lora else "null"},'
+        ' "rope_scaling": {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 256, "mscale": 1.0,'
+        ' "mscale_all_dim": 0.707}, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8,'
+        f' "v_head_dim": 12, "attention_bias": {"true" if bias else "false"}}}')
+
+
+@pytest.mark.parametrize("q_lora, bias", [(True, False), (False, True)])
+def test_ops_path_matches_layer_path(q_lora, bias):
+    """path='ops' (torch projections around mla.prefill and mla.prefill_backward) against the C++ layer path."""
+    torch = pytest.importorskip("torch")
+    config = small_config(q_lora, bias)
+    layer = train.MultiheadLatentAttention(config, seed=4)
+    ops = train.MultiheadLatentAttention(config, seed=4, path="ops")
+    assert (layer.path, ops.path) == ("layer", "ops")
+    g = torch.Generator().manual_seed(7)
+    cu = [0, 70, 70, 75, 150]  # longer than a 64-query tile, an empty sequence
+    hidden, d_out = torch.randn(150, 40, generator=g), torch.randn(150, 40, generator=g)
+    positions = torch.randint(0, 5000, (150,), generator=g)
+    for pos in (None, positions):
+        want = module_grads(layer, hidden, d_out, cu, pos)
+        got = module_grads(ops, hidden, d_out, cu, pos)
+        assert rel_error(got[0].numpy(), want[0].numpy()) < 1e-5
+        assert rel_error(got[1].numpy(), want[1].numpy()) < 1e-5
+        assert sorted(got[2]) == sorted(want[2])
+        for name in want[2]:
+            assert rel_error(got[2][name].numpy(), want[2][name].numpy()) < 1e-5, name
+
+
+def golden_module_errors(name, **kwargs):
+    """Worst relative errors (out, d_hidden, weights) of the module against transformers' float64 gradients."""
+    import torch
+
+    g = Golden(name)
+    want = read_safetensors(g.dir / "grad.safetensors")
+    module = train.MultiheadLatentAttention.from_pretrained(g.dir, **kwargs)
+    dev, dtype = module._inv_freq.device, module._weight().dtype
+    B, T, D = g.hidden.shape
+    as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(dev, dtype)  # noqa: E731
+    out, d_hidden, grads = module_grads(module, as_t(g.hidden.reshape(B * T, D)), as_t(want["d_output"].reshape(B * T, D)),
+                                        list(range(0, (B + 1) * T, T)), torch.from_numpy(g.positions.reshape(-1)))
+    host = lambda t: t.float().cpu().numpy()  # noqa: E731
+    errors = {"out": rel_error(host(out).reshape(B, T, D), g.output),
+              "d_hidden": rel_error(host(d_hidden).reshape(B, T, D), want["grad.hidden_states"])}
+    for key, value in grads.items():
+        errors[key] = rel_error(host(value), want["grad." + key])
+    assert len(grads) == len([k for k in want if k.startswith("grad.")]) - 1
+    return errors
+
+
+@pytest.mark.parametrize("name", GRAD_CASES)
+def test_ops_path_matches_transformers_gradients(name):
+    pytest.importorskip("torch")
+    errors = golden_module_errors(name, path="ops")
+    assert max(errors.values()) < 1e-5, errors

@@ -64,10 +64,12 @@ void run_prefill(const PrefillParams& p, cudaStream_t stream, const PrefillLayou
 // merge_attention (src/cuda/common/merge.cu): parameters already checked by src/core/ops.cpp; F16 refused by name.
 void run_merge(const MergeParams& p, cudaStream_t stream);
 
-// prefill_attention_backward (src/cuda/common/backward.cpp): BF16 with head dims 192/128 only, refused by name
-// otherwise; validate is called by run_prefill_backward (after the host copy of device cu_seqlens).
+// prefill_attention_backward (src/cuda/common/backward.cpp): the sm80 kernels for BF16 with head dims 192/128,
+// the generic kernels (backward_generic.cu) for the rest; the workspace holds the fast path's fp32 d_q
+// accumulator and every row's D (the generic kernels use D's part only).
 int64_t prefill_backward_workspace_bytes(const PrefillBackwardParams& p);
 void run_prefill_backward(const PrefillBackwardParams& p, cudaStream_t stream);
+void run_generic_prefill_backward(const PrefillBackwardParams& p, cudaStream_t stream);
 void validate(const PrefillBackwardParams& p);
 
 // Throw mla::InvalidArgument naming the parameter.

@@ -1,6 +1,6 @@
 // prefill_attention_backward on "cuda" (parameters already checked by src/core/ops.cpp): the sm80 bf16 192/128
-// kernels only (they run on any GPU since Ampere, Hopper included); every other dtype or head size is refused by
-// name, never run on a slow path.
+// kernels (they run on any GPU since Ampere, Hopper included) for the MLA shapes in bf16; every other dtype (F32)
+// and head size on the generic kernels (backward_generic.cu: plain fp32 dot products, slow, exact to fp32).
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -17,12 +17,13 @@ int64_t prefill_backward_workspace_bytes(const PrefillBackwardParams& p) {
   return sm80::backward::workspace_bytes(p.total_q, p.num_heads, p.head_dim_qk);
 }
 
-void validate(const PrefillBackwardParams& p) {
+bool fast_backward(const PrefillBackwardParams& p) {
+  return p.dtype == DType::BF16 && p.head_dim_qk == sm80::backward::kHeadDimQK &&
+         p.head_dim_v == sm80::backward::kHeadDimV;
+}
+
+void validate_fast(const PrefillBackwardParams& p) {
   auto bad = [](const std::string& what) { throw InvalidArgument("prefill_attention_backward (cuda): " + what); };
-  if (p.dtype != DType::BF16) bad("dtype must be BF16, got " + std::string(dtype_name(p.dtype)));
-  if (p.head_dim_qk != sm80::backward::kHeadDimQK || p.head_dim_v != sm80::backward::kHeadDimV)
-    bad("head_dim_qk must be 192 and head_dim_v 128 (the MLA shapes), got head_dim_qk " +
-        std::to_string(p.head_dim_qk) + ", head_dim_v " + std::to_string(p.head_dim_v));
   if (p.num_heads > 65535) bad("num_heads must be <= 65535, got " + std::to_string(p.num_heads));
   // 16-byte cp.async loads and bf16-pair stores: every row of these tensors then starts 16-byte aligned.
   const std::pair<const char*, const void*> tensors[] = {{"q", p.q},         {"k", p.k},     {"v", p.v},
@@ -42,7 +43,11 @@ void run_prefill_backward(const PrefillBackwardParams& p, cudaStream_t stream) {
     mla::prefill_attention_backward("cuda", host, stream);  // the host checks, then this function again
     return;
   }
-  validate(p);
+  if (!fast_backward(p)) {
+    run_generic_prefill_backward(p, stream);
+    return;
+  }
+  validate_fast(p);
   sm80::backward::Call c;
   c.batch = p.batch, c.heads = p.num_heads, c.total_q = p.total_q, c.total_k = p.total_k;
   c.cu_q = p.cu_seqlens_q, c.cu_k = p.cu_seqlens_k;
