@@ -819,6 +819,23 @@ TEST(CudaDecode, PortablePathOnHopper) {
   unsetenv("MLA_CUDA_DISABLE_SM90");
 }
 
+// Smaller splits than the default (MLA_CUDA_DECODE_MIN_TILES, the scheduler's A/B knob): one- and two-tile
+// splits, many per sequence, on the sm90 and sm80 kernels, bf16 and fp8 rows.
+TEST(CudaDecode, FinerSplits) {
+  SKIP_WITHOUT_GPU();
+  uint64_t seed = 700;
+  for (const char* min_tiles : {"1", "2"}) {
+    SCOPED_TRACE(std::string("MLA_CUDA_DECODE_MIN_TILES=") + min_tiles);
+    setenv("MLA_CUDA_DECODE_MIN_TILES", min_tiles, 1);
+    run_decode_case({1, 1, 128, 64, {4096}, DType::BF16}, seed++);
+    run_decode_case({1, 1, 128, 64, {4000}, DType::BF16}, seed++);
+    run_decode_case({5, 1, 128, 16, {2500, 0, 64, 65, 1}, DType::BF16}, seed++);
+    run_decode_case({2, 1, 16, 64, {5000, 3}, DType::BF16}, seed++);
+    run_decode_case({1, 1, 128, 64, {4000}, DType::BF16, 576, 512, true}, seed++);
+  }
+  unsetenv("MLA_CUDA_DECODE_MIN_TILES");
+}
+
 TEST(CudaDecode, GenericF32AndSmallDims) {
   SKIP_WITHOUT_GPU();
   run_decode_case({3, 2, 5, 16, {}, DType::F32}, 6);
