@@ -99,7 +99,7 @@ void prefill_attention(std::string_view device, const PrefillParams& params, voi
 //   d_q = scale·dS·k,  d_k = scale·dSᵀ·q,  d_v = Pᵀ·d_out     (fp32 accumulation)
 // A query that sees no key (lse = +inf, as the forward writes) contributes nothing; a key no query sees gets 0.
 // Shapes, masks and cu_seqlens as PrefillParams (cu_seqlens_on_device: "cuda" only, copied to the host on the
-// stream, one synchronising copy). dtype BF16 or F32 ("cuda": BF16 with head_dim_qk 192, head_dim_v 128 only).
+// stream, one synchronising copy). dtype BF16 or F32 ("cuda": fast kernels for BF16 192/128, generic fp32 kernels otherwise).
 struct PrefillBackwardParams {
   int64_t batch = 0, num_heads = 0;
   int64_t head_dim_qk = 192, head_dim_v = 128;

@@ -10,9 +10,8 @@ Two implementations of the same computation (C++ ``mla/train.hpp``, host memory)
 * :class:`MultiheadLatentAttention` (needs torch 2.4+): a ``torch.nn.Module`` whose parameters are the
   checkpoint's tensors under transformers' names, whose forward is the custom operator
   ``torch.ops.mla.train_attention`` over the fast path (or the reference: ``reference=True``), with its backward
-  registered (so ``torch.compile`` traces it); it trains with any torch optimizer (float32, CPU).
-
-The CUDA backward is not built yet (docs/training.md).
+  registered (so ``torch.compile`` traces it); it trains with any torch optimizer (float32, CPU). On CUDA (or in
+  bf16) it runs ``path="ops"``: torch projections around mla's attention kernels (docs/training.md).
 """
 import atexit
 from typing import Dict, Optional, Tuple
