@@ -3,6 +3,8 @@
 * :class:`Config`, :class:`LayerWeights`: a layer's shape and weights (from a Hugging Face checkpoint folder,
   a preset, or random).
 * :class:`Attention`: one MLA layer; call it on hidden states with a :class:`LatentCache`.
+* :class:`Communicator`: an NCCL rank for tensor parallelism with one process per GPU
+  (``Communicator.from_process_group()`` over a torch.distributed group; ``Attention(..., communicator=)``).
 * :func:`decode_with_kvcache` (FlashMLA's ``flash_mla_with_kvcache``) and :func:`prefill` (varlen expanded
   attention): the kernels as functions over NumPy arrays or PyTorch tensors.
 * :func:`quantize_fp8_kvcache`, :func:`dequantize_fp8_kvcache`: cache rows to and from the fp8_ds_mla bytes of
@@ -16,7 +18,7 @@ MLA_NO_TORCH=1 to skip importing torch).
 import os as _os
 
 from . import _mla
-from ._api import (Attention, DecodeSchedule, LatentCache, decode_with_kvcache, dequantize_fp8_kvcache, prefill,
+from ._api import (Attention, Communicator, DecodeSchedule, LatentCache, decode_with_kvcache, dequantize_fp8_kvcache, prefill,
                    quantize_fp8_kvcache, run_sequences)
 from ._mla import Config, LayerWeights, OutOfPages, available_devices
 
@@ -24,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Attention",
+    "Communicator",
     "Config",
     "LatentCache",
     "LayerWeights",
