@@ -5,6 +5,7 @@ two-process test two GPUs (scripts/gpu-python.sh runs them)."""
 import gc
 import os
 import socket
+import sys
 
 import numpy as np
 import pytest
@@ -108,6 +109,25 @@ def test_from_process_group_passes_rank_0s_error_to_every_rank():
         dist.destroy_process_group()
 
 
+def test_from_process_group_joins_with_rank_0s_id(monkeypatch):
+    # The plumbing alone (NCCL replaced): rank 0's id goes through broadcast_object_list to from_unique_id with the
+    # group's rank and size, for the default group and a new one.
+    dist = pytest.importorskip("torch.distributed")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    uid, joined = b"\x07" * 128, []
+    monkeypatch.setattr(mla.Communicator, "unique_id", staticmethod(lambda: uid))
+    monkeypatch.setattr(mla.Communicator, "from_unique_id",
+                        classmethod(lambda cls, id, rank, world, device: joined.append((id, rank, world, device))))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        mla.Communicator.from_process_group(device=3)
+        mla.Communicator.from_process_group(dist.new_group([0]), device=5)
+    finally:
+        dist.destroy_process_group()
+    assert joined == [(uid, 0, 1, 3), (uid, 0, 1, 5)]
+
+
 # ---- CUDA ----
 
 
@@ -175,6 +195,15 @@ def test_from_unique_id_with_one_rank():
     assert repr(comm) == "mla.Communicator(rank=0, world=1, device=0)"
     with pytest.raises(ValueError, match=f"device {torch.cuda.device_count()} does not exist"):
         mla.Communicator.from_unique_id(mla.Communicator.unique_id(), 0, 1, torch.cuda.device_count())
+    # The binding's keep_alive: the C++ layer holds a reference to the communicator it points to.
+    torch.cuda.set_device(0)
+    impl, w = comm._impl, mla.LayerWeights.load(GOLDEN_DIR / "v3-tiny")
+    before = sys.getrefcount(impl)
+    layer = mla._mla.Attention(w, "cuda", "bf16", "auto", "auto", impl)
+    assert sys.getrefcount(impl) == before + 1
+    del layer
+    gc.collect()
+    assert sys.getrefcount(impl) == before
 
 
 def _rank_main(rank, world, port, name, results):
