@@ -11,5 +11,6 @@ MLA_WITH_CUDA=ON python3 -m pip install -q --no-build-isolation --no-deps --targ
   >"$OUT/python-build.log" 2>&1 || { tail -30 "$OUT/python-build.log"; exit 1; }
 echo "python build: $(( $(date +%s) - t0 )) s"
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
+export NCCL_NVLS_ENABLE=0  # NVLink multicast off for test_nccl_python's communicators (docs/parallel.md)
 PYTHONPATH=/tmp/mla-site python3 -m pytest python/tests -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/python.log" | tail -15
 exit "${PIPESTATUS[0]}"

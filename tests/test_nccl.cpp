@@ -164,6 +164,28 @@ TEST(Communicator, WrapsAnEnginesCommunicator) {
   EXPECT_EQ(y, (std::vector<float>{1.f, 2.f}));
 }
 
+// One process per GPU (ncclCommInitRank from rank 0's id); with world 1 this process is every rank.
+TEST(Communicator, FromUniqueIdWithOneRank) {
+  SKIP_WITHOUT_GPU();
+  const std::string id = Communicator::unique_id();
+  ASSERT_EQ(id.size(), Communicator::kUniqueIdBytes);
+  check(cudaSetDevice(0));
+  Communicator comm = Communicator::from_unique_id(id, 0, 1, 0);
+  EXPECT_EQ(comm.rank(), 0);
+  EXPECT_EQ(comm.world(), 1);
+  EXPECT_EQ(comm.device(), 0);
+  EXPECT_NE(comm.nccl_comm(), nullptr);
+  const std::vector<float> x = {1.f, -2.5f, 3e30f, 0.f};
+  DeviceBuf send(x), recv(x.size() * 4);
+  comm.all_reduce_sum(send.ptr, recv.ptr, static_cast<int64_t>(x.size()), DType::F32, nullptr);
+  check(cudaDeviceSynchronize());
+  std::vector<float> y(x.size());
+  recv.read(y.data(), y.size() * 4);
+  EXPECT_EQ(y, x) << "a sum over one rank is the identity";
+  testing::expect_throw_with<InvalidArgument>([&] { Communicator::from_unique_id(id, 0, 1, gpu_count()); },
+                                              {"device " + std::to_string(gpu_count()), "does not exist"});
+}
+
 TEST(Communicator, RefusesBadArgumentsByName) {
   SKIP_WITHOUT_GPU();
   const int n = gpu_count();

@@ -559,8 +559,27 @@ TEST(Communicator, ABuildWithoutCudaSaysSo) {
                                     {"no CUDA support", "NCCL", "MLA_WITH_CUDA"});
   testing::expect_throw_with<Error>([&] { Communicator::wrap(nullptr); }, {"no CUDA support"});
   testing::expect_throw_with<Error>([&] { Communicator::group_start(); }, {"no CUDA support"});
+  testing::expect_throw_with<Error>([] { Communicator::unique_id(); }, {"unique_id", "no CUDA support"});
+  const std::string id(Communicator::kUniqueIdBytes, '\0');
+  testing::expect_throw_with<Error>([&] { Communicator::from_unique_id(id, 0, 1, 0); },
+                                    {"from_unique_id", "no CUDA support"});
 }
 #endif
+
+// Checked before NCCL is reached, so in every build and without a GPU.
+TEST(Communicator, FromUniqueIdNamesABadArgument) {
+  const std::string id(Communicator::kUniqueIdBytes, '\0');
+  testing::expect_throw_with<InvalidArgument>([&] { Communicator::from_unique_id(id, 0, 0, 0); },
+                                              {"world must be >= 1", "got 0"});
+  testing::expect_throw_with<InvalidArgument>([&] { Communicator::from_unique_id(id, 2, 2, 0); },
+                                              {"rank 2", "[0, 2)"});
+  testing::expect_throw_with<InvalidArgument>([&] { Communicator::from_unique_id(id, -1, 2, 0); },
+                                              {"rank -1", "[0, 2)"});
+  testing::expect_throw_with<InvalidArgument>([&] { Communicator::from_unique_id(id.substr(1), 0, 1, 0); },
+                                              {"id must be the 128 bytes", "got 127"});
+  testing::expect_throw_with<InvalidArgument>([&] { Communicator::from_unique_id(id, 0, 1, -1); },
+                                              {"device must be >= 0", "got -1"});
+}
 
 TEST(TensorParallel, LayerWithACommunicatorNeedsCuda) {
   // No communicator can exist without CUDA, but the layer's check comes first: a reference to any address will do.

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "mla/dtype.hpp"
@@ -35,6 +36,18 @@ class Communicator {
   // processes, torch.distributed's NCCL process group): not owned, never destroyed here. rank(), world() and
   // device() are what NCCL reports for it (ncclCommUserRank, ncclCommCount, ncclCommCuDevice).
   static Communicator wrap(void* nccl_comm);
+  // One process per GPU, the way vLLM and SGLang run: rank 0 calls unique_id(), sends the bytes to every other
+  // process by any means (torch.distributed, a file, a socket), and each process calls from_unique_id(id, its
+  // rank, world, its device). unique_id() is ncclGetUniqueId's ncclUniqueId as a std::string of exactly
+  // kUniqueIdBytes bytes (binary, not text; bytes in Python). from_unique_id is ncclCommInitRank on `device`
+  // (made current for the call, then the caller's device is restored) and returns only once all `world` ranks
+  // have called it; the communicator is owned (ncclCommDestroy when it is destroyed). Throws
+  // mla::InvalidArgument naming a bad argument (world < 1, rank outside [0, world), an id of another size, a
+  // device that does not exist), mla::Error naming NCCL's reason, or mla::Error saying the build has no
+  // CUDA/NCCL (the arguments are checked first, in every build).
+  static constexpr size_t kUniqueIdBytes = 128;  // NCCL_UNIQUE_ID_BYTES
+  static std::string unique_id();
+  static Communicator from_unique_id(const std::string& id, int rank, int world, int device);
   // ncclGroupStart / ncclGroupEnd: collectives of several communicators issued by one thread between them are
   // launched together at group_end(). Groups nest.
   static void group_start();

@@ -110,14 +110,37 @@ class LatentCache:
     @property
     def nbytes(self) -> int: ...
 
+class Communicator:
+    """One NCCL rank (ncclCommInitRank) for tensor parallelism with one process per GPU (CUDA builds)."""
+    @staticmethod
+    def unique_id() -> bytes:
+        """ncclGetUniqueId: 128 bytes rank 0 makes and sends to every rank."""
+    @classmethod
+    def from_unique_id(cls, id: bytes, rank: int, world: int, device: int) -> Communicator:
+        """Rank `rank` of `world` on CUDA device `device`; returns once every rank has called it."""
+    @classmethod
+    def from_process_group(cls, group: Any = None, device: Optional[int] = None) -> Communicator:
+        """Over a torch.distributed group (default: the world): rank 0 makes the id, the group broadcasts it;
+        device defaults to torch.cuda.current_device(). Every rank of the group must call it."""
+    @property
+    def rank(self) -> int: ...
+    @property
+    def world(self) -> int: ...
+    @property
+    def device(self) -> int: ...
+
 class Attention:
     """One DeepSeek MLA attention layer over a batch of sequences that share a LatentCache."""
     def __init__(self, weights: LayerWeights, device: str = "cpu", dtype: str = "bf16", path: str = "auto",
-                 cache_dtype: str = "auto") -> None: ...
+                 cache_dtype: str = "auto", communicator: Optional[Communicator] = None) -> None: ...
     @classmethod
     def from_pretrained(cls, pretrained_dir: Union[str, os.PathLike], layer: int = 0, device: str = "cpu",
-                        dtype: str = "bf16", path: str = "auto", cache_dtype: str = "auto", tp_rank: int = 0,
-                        tp_world: int = 1) -> Attention: ...
+                        dtype: str = "bf16", path: str = "auto", cache_dtype: str = "auto",
+                        tp_rank: Optional[int] = None, tp_world: Optional[int] = None,
+                        communicator: Optional[Communicator] = None) -> Attention:
+        """tp_rank of tp_world: only that rank's heads are read; with a communicator they are its rank and world."""
+    @property
+    def communicator(self) -> Optional[Communicator]: ...
     @classmethod
     def random(cls, config: Union[Config, str], seed: int = 0, device: str = "cpu", dtype: str = "bf16",
                path: str = "auto", cache_dtype: str = "auto") -> Attention: ...

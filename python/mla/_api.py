@@ -500,6 +500,98 @@ class LatentCache:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Tensor parallelism across processes
+
+
+class Communicator:
+    """One rank of an NCCL communicator, for tensor parallelism with one process per GPU (docs/parallel.md).
+
+    The communicator is mla's own (``ncclCommInitRank``), not the one inside a torch.distributed process group:
+    rank 0 makes an id with :meth:`unique_id`, every process receives it and calls :meth:`from_unique_id` with its
+    rank. :meth:`from_process_group` does both over an existing torch.distributed group. Pass it to
+    :class:`Attention` as ``communicator=``: the layer then holds this rank's heads and sums the ranks' o_proj
+    partials with an NCCL all-reduce, so every rank's output is the whole layer's. CUDA builds only; a build without
+    CUDA raises RuntimeError saying so. Set ``NCCL_NVLS_ENABLE=0`` before the first communicator on machines
+    whose NVLink multicast must stay off.
+    """
+
+    def __init__(self) -> None:
+        raise TypeError("mla.Communicator: use Communicator.from_unique_id or Communicator.from_process_group")
+
+    @classmethod
+    def _wrap(cls, impl: "_mla.Communicator") -> "Communicator":
+        obj = cls.__new__(cls)
+        obj._impl = impl
+        return obj
+
+    @staticmethod
+    def unique_id() -> bytes:
+        """``ncclGetUniqueId``: 128 bytes that rank 0 makes and sends to every rank (one id per communicator)."""
+        return _mla.Communicator.unique_id()
+
+    @classmethod
+    def from_unique_id(cls, id: bytes, rank: int, world: int, device: int) -> "Communicator":
+        """Rank ``rank`` of ``world`` on CUDA device ``device`` (``ncclCommInitRank``); returns once every rank has
+        called it. ``id`` is rank 0's :meth:`unique_id`. Raises ValueError naming a bad rank, world, id or device."""
+        if not isinstance(id, (bytes, bytearray, memoryview)):
+            raise TypeError(f"Communicator.from_unique_id: id must be the bytes of Communicator.unique_id(), got "
+                            f"{type(id).__name__}")
+        return cls._wrap(_mla.Communicator.from_unique_id(bytes(id), int(rank), int(world), int(device)))
+
+    @classmethod
+    def from_process_group(cls, group: Any = None, device: Optional[int] = None) -> "Communicator":
+        """A communicator over the ranks of a torch.distributed process group (default: the whole world), each
+        process its group rank, on ``device`` (default ``torch.cuda.current_device()``).
+
+        Collective: every rank of the group must call it. Rank 0 of the group makes the id and
+        ``torch.distributed.broadcast_object_list`` sends it (any backend: gloo or nccl; with nccl the current CUDA
+        device must be this rank's). If rank 0 cannot make one (no CUDA/NCCL in this build), every rank raises
+        its error instead of waiting."""
+        import torch
+        import torch.distributed as dist
+
+        op = "Communicator.from_process_group"
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(f"{op}: torch.distributed is not initialised; call "
+                               "torch.distributed.init_process_group first")
+        g = group if group is not None else dist.group.WORLD
+        rank, world = dist.get_rank(g), dist.get_world_size(g)
+        if rank < 0:
+            raise ValueError(f"{op}: this process (global rank {dist.get_rank()}) is not in the group")
+        get_global_rank = getattr(dist, "get_global_rank", None) or dist.distributed_c10d._get_global_rank
+        src = get_global_rank(g, 0)  # broadcast_object_list's src is a global rank
+        message: list = [None]
+        if rank == 0:
+            try:
+                message[0] = ("id", cls.unique_id())
+            except Exception as e:  # sent to every rank: none is left waiting in the broadcast
+                message[0] = ("error", f"{type(e).__name__}: {e}")
+        dist.broadcast_object_list(message, src=src, group=group)
+        kind, value = message[0]
+        if kind != "id":
+            raise RuntimeError(f"{op}: rank 0 of the group could not make an NCCL id: {value}")
+        if device is None:
+            device = torch.cuda.current_device()
+        return cls.from_unique_id(value, rank, world, int(device))
+
+    @property
+    def rank(self) -> int:
+        return self._impl.rank
+
+    @property
+    def world(self) -> int:
+        return self._impl.world
+
+    @property
+    def device(self) -> int:
+        """The CUDA device index this rank runs on."""
+        return self._impl.device
+
+    def __repr__(self) -> str:
+        return f"mla.Communicator(rank={self.rank}, world={self.world}, device={self.device})"
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The layer
 
 
@@ -514,6 +606,13 @@ class Attention:
         cache_dtype: "auto" (the cache stores rows in ``dtype``) or "fp8" (bf16 layers only: fp8_ds_mla rows, 656
             bytes a token instead of 1152 for DeepSeek shapes; the layer computes with the dequantised rows exactly
             as over a bf16 cache holding them; docs/mla.md, "FP8 cache").
+        communicator: a :class:`Communicator` (device "cuda"): tensor parallelism over heads, this layer being rank
+            ``communicator.rank`` of ``communicator.world``. ``weights`` is the whole layer (the layer keeps its
+            rank's heads) or the rank's slice (``LayerWeights.load(..., tp_rank, tp_world)`` with the
+            communicator's rank and world; :meth:`from_pretrained` with ``communicator=`` reads it). Every rank's
+            output and cache rows are the whole layer's. Every rank must make the same calls with the same hidden
+            states, with ``torch.cuda.current_device() == communicator.device``. The layer keeps the communicator
+            alive.
 
     Threads: one layer may be called from several threads at once as long as each thread uses its own
     :class:`LatentCache` (a cache is not thread-safe). Calls release the GIL; on the CPU they run in parallel and
@@ -521,22 +620,46 @@ class Attention:
     """
 
     def __init__(self, weights: LayerWeights, device: str = "cpu", dtype: str = "bf16", path: str = "auto",
-                 cache_dtype: str = "auto") -> None:
-        self._impl = _mla.Attention(weights, device, dtype, path, cache_dtype)
+                 cache_dtype: str = "auto", communicator: Optional[Communicator] = None) -> None:
+        if communicator is not None and not isinstance(communicator, Communicator):
+            raise TypeError(f"Attention: communicator must be an mla.Communicator, got {type(communicator).__name__}")
+        self._communicator = communicator
+        self._impl = _mla.Attention(weights, device, dtype, path, cache_dtype,
+                                    None if communicator is None else communicator._impl)
         self._local = threading.local()
 
     @classmethod
     def from_pretrained(cls, pretrained_dir: Union[str, os.PathLike], layer: int = 0, device: str = "cpu",
-                        dtype: str = "bf16", path: str = "auto", cache_dtype: str = "auto", tp_rank: int = 0,
-                        tp_world: int = 1) -> "Attention":
+                        dtype: str = "bf16", path: str = "auto", cache_dtype: str = "auto",
+                        tp_rank: Optional[int] = None, tp_world: Optional[int] = None,
+                        communicator: Optional[Communicator] = None) -> "Attention":
         """Loads layer ``layer`` of a Hugging Face DeepSeek checkpoint folder (config.json + safetensors, single
         file or sharded; BF16, F16, F32 or FP8 E4M3 with block scales). Only that layer's tensors are read.
 
         ``tp_rank`` of ``tp_world`` > 1: only that rank's heads [H·r/W, H·(r+1)/W) are read (``LayerWeights.load``
         with the same arguments) and the layer computes their share of the output: o_proj's bias on rank 0 only,
-        so the ranks' outputs sum to the layer's (docs/parallel.md). ``tp_world`` must divide the head count."""
-        weights = LayerWeights.load(os.fspath(pretrained_dir), layer, tp_rank, tp_world)
-        return cls(weights, device, dtype, path, cache_dtype)
+        so the ranks' outputs sum to the layer's (docs/parallel.md). ``tp_world`` must divide the head count.
+
+        ``communicator``: a tensor-parallel layer (see :class:`Attention`) reading only its rank's heads; tp_rank and
+        tp_world are the communicator's (giving others is a ValueError) and every rank's output is the layer's."""
+        if communicator is not None:
+            if not isinstance(communicator, Communicator):
+                raise TypeError(f"Attention.from_pretrained: communicator must be an mla.Communicator, got "
+                                f"{type(communicator).__name__}")
+            for name, given, want in (("tp_rank", tp_rank, communicator.rank),
+                                      ("tp_world", tp_world, communicator.world)):
+                if given is not None and int(given) != want:
+                    raise ValueError(f"Attention.from_pretrained: {name}={given} conflicts with the communicator's "
+                                     f"{name[3:]} {want}; leave {name} out (the communicator sets it)")
+            tp_rank, tp_world = communicator.rank, communicator.world
+        weights = LayerWeights.load(os.fspath(pretrained_dir), layer, 0 if tp_rank is None else tp_rank,
+                                    1 if tp_world is None else tp_world)
+        return cls(weights, device, dtype, path, cache_dtype, communicator)
+
+    @property
+    def communicator(self) -> Optional[Communicator]:
+        """The :class:`Communicator` of a tensor-parallel layer, else None."""
+        return self._communicator
 
     @classmethod
     def random(cls, config: Union[Config, str], seed: int = 0, device: str = "cpu", dtype: str = "bf16",

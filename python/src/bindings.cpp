@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "mla/mla.hpp"
+#include "mla/parallel.hpp"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -712,17 +713,40 @@ NB_MODULE(_mla, m) {
       .def_prop_ro("page_bytes", &mla::LatentCache::page_bytes)
       .def_prop_ro("device", [](const mla::LatentCache& c) { return c.options().device; });
 
+  // One NCCL rank (mla/parallel.hpp); mla.Communicator (python/mla/_api.py) wraps it.
+  nb::class_<mla::Communicator>(m, "Communicator")
+      .def_static("unique_id",
+                  [] {
+                    const std::string id = mla::Communicator::unique_id();
+                    return nb::bytes(id.data(), id.size());
+                  },
+                  "ncclGetUniqueId: 128 bytes for every rank's from_unique_id.")
+      .def_static("from_unique_id",
+                  [](nb::bytes id, int rank, int world, int device) {
+                    std::string bytes(id.c_str(), id.size());
+                    nb::gil_scoped_release release;  // ncclCommInitRank waits for every rank
+                    return mla::Communicator::from_unique_id(bytes, rank, world, device);
+                  },
+                  "id"_a, "rank"_a, "world"_a, "device"_a)
+      .def_prop_ro("rank", &mla::Communicator::rank)
+      .def_prop_ro("world", &mla::Communicator::world)
+      .def_prop_ro("device", &mla::Communicator::device)
+      .def_prop_ro("nccl_comm", [](const mla::Communicator& c) { return reinterpret_cast<uintptr_t>(c.nccl_comm()); });
+
   nb::class_<mla::Attention>(m, "Attention")
       .def("__init__",
            [](mla::Attention* self, const mla::LayerWeights& w, const std::string& device, const std::string& dtype,
-              const std::string& path, const std::string& cache_dtype) {
+              const std::string& path, const std::string& cache_dtype, const mla::Communicator* communicator) {
              mla::LayerOptions o;
              o.device = device, o.precision = parse_dtype(dtype), o.path = parse_path(path);
              o.cache_dtype = parse_layer_cache_dtype(cache_dtype);
+             o.communicator = communicator;
              nb::gil_scoped_release release;
              new (self) mla::Attention(w, o);
            },
-           "weights"_a, "device"_a = "cpu", "dtype"_a = "bf16", "path"_a = "auto", "cache_dtype"_a = "auto")
+           "weights"_a, "device"_a = "cpu", "dtype"_a = "bf16", "path"_a = "auto", "cache_dtype"_a = "auto",
+           "communicator"_a.none() = nb::none(),
+           nb::keep_alive<1, 7>())  // the layer holds a pointer to the communicator (LayerOptions::communicator)
       .def_prop_ro("config", &mla::Attention::config)
       .def_prop_ro("device", [](const mla::Attention& a) { return a.options().device; })
       .def_prop_ro("dtype", [](const mla::Attention& a) { return std::string(mla::precision_name(a.options().precision)); })

@@ -3,6 +3,7 @@
 
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "mla/dtype.hpp"
@@ -23,6 +24,9 @@ class CommImpl {
 #ifdef MLA_WITH_CUDA
 std::vector<std::unique_ptr<CommImpl>> nccl_local(std::span<const int> devices);
 std::unique_ptr<CommImpl> nccl_wrap(void* nccl_comm);
+std::string nccl_unique_id();
+// id: kUniqueIdBytes bytes; rank in [0, world) (checked by the caller).
+std::unique_ptr<CommImpl> nccl_from_unique_id(const std::string& id, int rank, int world, int device);
 void nccl_group_start();
 void nccl_group_end();
 #endif

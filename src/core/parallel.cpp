@@ -67,6 +67,30 @@ Communicator Communicator::wrap(void* nccl_comm) {
 #endif
 }
 
+std::string Communicator::unique_id() {
+#ifdef MLA_WITH_CUDA
+  return detail::nccl_unique_id();
+#else
+  no_nccl("Communicator::unique_id");
+#endif
+}
+
+Communicator Communicator::from_unique_id(const std::string& id, int rank, int world, int device) {
+  // Checked in every build, before NCCL: a bad argument reads the same with or without CUDA.
+  if (world < 1) throw InvalidArgument("Communicator::from_unique_id: world must be >= 1, got " + str(world));
+  if (rank < 0 || rank >= world)
+    throw InvalidArgument("Communicator::from_unique_id: rank " + str(rank) + " is outside [0, " + str(world) + ")");
+  if (id.size() != kUniqueIdBytes)
+    throw InvalidArgument("Communicator::from_unique_id: id must be the " + str(static_cast<int64_t>(kUniqueIdBytes)) +
+                          " bytes of Communicator::unique_id(), got " + str(static_cast<int64_t>(id.size())));
+  if (device < 0) throw InvalidArgument("Communicator::from_unique_id: device must be >= 0, got " + str(device));
+#ifdef MLA_WITH_CUDA
+  return Communicator(detail::nccl_from_unique_id(id, rank, world, device));
+#else
+  no_nccl("Communicator::from_unique_id");
+#endif
+}
+
 void Communicator::group_start() {
 #ifdef MLA_WITH_CUDA
   detail::nccl_group_start();

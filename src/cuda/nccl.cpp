@@ -10,6 +10,7 @@
 #include "core/comm.hpp"
 #include "cuda/common/check.hpp"
 #include "mla/error.hpp"
+#include "mla/parallel.hpp"
 
 namespace mla::cuda {
 namespace {
@@ -116,6 +117,36 @@ std::vector<std::unique_ptr<CommImpl>> nccl_local(std::span<const int> devices) 
 std::unique_ptr<CommImpl> nccl_wrap(void* nccl_comm) {
   if (nccl_comm == nullptr) throw InvalidArgument("Communicator::wrap: nccl_comm must not be null");
   return std::make_unique<cuda::NcclRank>(static_cast<ncclComm_t>(nccl_comm), false);
+}
+
+static_assert(NCCL_UNIQUE_ID_BYTES == Communicator::kUniqueIdBytes);
+
+std::string nccl_unique_id() {
+  ncclUniqueId id;
+  MLA_NCCL_CHECK(ncclGetUniqueId(&id), nullptr);
+  return std::string(id.internal, sizeof id.internal);
+}
+
+std::unique_ptr<CommImpl> nccl_from_unique_id(const std::string& id, int rank, int world, int device) {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no device" error
+    count = 0;
+  }
+  if (device >= count)
+    throw InvalidArgument("Communicator::from_unique_id: device " + std::to_string(device) +
+                          " does not exist (this machine has " + std::to_string(count) + " usable GPU" +
+                          (count == 1 ? "" : "s") + ")");
+  ncclUniqueId uid;
+  std::copy(id.begin(), id.end(), uid.internal);
+  int restore = 0;
+  MLA_CUDA_CHECK(cudaGetDevice(&restore));
+  MLA_CUDA_CHECK(cudaSetDevice(device));  // ncclCommInitRank binds the rank to the current device
+  ncclComm_t comm = nullptr;
+  const ncclResult_t r = ncclCommInitRank(&comm, world, uid, rank);
+  cudaSetDevice(restore);
+  if (r != ncclSuccess) cuda::nccl_fail(r, "ncclCommInitRank", nullptr);
+  return std::make_unique<cuda::NcclRank>(comm, true);
 }
 
 void nccl_group_start() { MLA_NCCL_CHECK(ncclGroupStart(), nullptr); }
