@@ -82,7 +82,8 @@ class DecodeSchedule:
     launch only the attention and combine kernels. An engine makes one per decode step and passes it to every layer.
     Reuse it only while ``cache_seqlens`` holds the same values (a new step needs a new schedule, or :meth:`reset`);
     a call with different shapes recomputes the work list by itself. Calls that use one schedule must be ordered
-    (one stream). On the CPU it has no effect.
+    (one stream). A CUDA graph that captured such a call reads the schedule's workspace at every replay: keep the
+    schedule alive (referenced) as long as the graph. On the CPU it has no effect.
     """
 
     def __init__(self) -> None:
