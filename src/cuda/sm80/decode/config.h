@@ -15,7 +15,8 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kChunksQK = kHeadDim / 8;   // 16-byte chunks per row
 constexpr int kMaxSplits = 128;           // key ranges per sequence
-constexpr int kMinTilesPerSplit = 4;      // below this a split costs more (Q load, partial write) than it saves
+constexpr int kMinTilesPerSplit = 2;      // smallest split (tiles) when the batch is too small to fill the SMs;
+                                          // 2 measured best (bench/results/2026-12-01-h200-decode-splits.md)
 static_assert(kHeadDim % 64 == 0 && kHeadDimV % 64 == 0, "tile shapes");
 
 // Two warp layouts. kRowGroups = 4: 64 query rows per block, warps = 4 row groups × 2 key/column halves

@@ -51,7 +51,7 @@ void run_bf16_576(const Params& params, int num_sms, cudaStream_t stream, bool s
   }();
   p.rows_adjacent = !old_grid;
   if (schedule) {
-    // MLA_CUDA_DECODE_MIN_TILES=n (an A/B aid, read at every call): the smallest split in 64-key tiles.
+    // MLA_CUDA_DECODE_MIN_TILES=n (an A/B aid, read at every call): the smallest split in 64-key tiles (default 2).
     const char* min_env = std::getenv("MLA_CUDA_DECODE_MIN_TILES");
     const int min_tiles = min_env && *min_env ? std::clamp(std::atoi(min_env), 1, 64) : kMinTilesPerSplit;
     schedule_kernel<<<1, kScheduleThreads, 0, stream>>>(p.seqlens, p.batch, m_blocks, num_sms, min_tiles,
