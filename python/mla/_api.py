@@ -231,7 +231,7 @@ def prefill_backward(
 
     Args:
         q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal: as :func:`prefill`; float32 or (torch)
-            bfloat16 (on CUDA: bfloat16 with head_dim_qk 192, head_dim_v 128).
+            bfloat16 (on CUDA the fast kernels for bfloat16 192/128, generic fp32 kernels otherwise).
         out, lse: what :func:`prefill` returned for these inputs; d_out: ``[total_q, num_heads, head_dim_v]``.
 
     Returns:

@@ -44,6 +44,16 @@ __device__ float dot(const float* a, const T* b, int n) {
   return s;
 }
 
+// acc[e] += Σ_{j < n} w[j] · row(j)[e] for e < d, the block's threads striding over e.
+template <class T, class Row>
+__device__ void accumulate_rows(float* acc, int d, const float* w, int n, Row row) {
+  for (int e = threadIdx.x; e < d; e += blockDim.x) {
+    float a = acc[e];
+    for (int j = 0; j < n; ++j) a += w[j] * to_f32<T>(row(j)[e]);
+    acc[e] = a;
+  }
+}
+
 template <class T>
 __global__ void generic_dq_kernel(PrefillBackwardParams p, Sequence s, float* d_sum) {
   const int i = blockIdx.x, h = blockIdx.y, dqk = static_cast<int>(p.head_dim_qk), dv = static_cast<int>(p.head_dim_v);
@@ -75,11 +85,7 @@ __global__ void generic_dq_kernel(PrefillBackwardParams p, Sequence s, float* d_
     }
     sds[threadIdx.x] = ds;
     __syncthreads();
-    for (int e = threadIdx.x; e < dqk; e += blockDim.x) {
-      float a = acc[e];
-      for (int j = 0; j < n; ++j) a += sds[j] * to_f32<T>(at.k(s.k0 + t0 + j, h)[e]);
-      acc[e] = a;
-    }
+    accumulate_rows<T>(acc, dqk, sds, n, [&](int j) { return at.k(s.k0 + t0 + j, h); });
     __syncthreads();
   }
   T* dq = static_cast<T*>(p.d_q) + (row * p.num_heads + h) * dqk;
@@ -116,16 +122,8 @@ __global__ void generic_dkdv_kernel(PrefillBackwardParams p, Sequence s, const f
     }
     sp[threadIdx.x] = pr, sds[threadIdx.x] = ds;
     __syncthreads();
-    for (int e = threadIdx.x; e < dv; e += blockDim.x) {
-      float a = acc_v[e];
-      for (int j = 0; j < n; ++j) a += sp[j] * to_f32<T>(at.d_out(s.q0 + i0 + j, h)[e]);
-      acc_v[e] = a;
-    }
-    for (int e = threadIdx.x; e < dqk; e += blockDim.x) {
-      float a = acc_k[e];
-      for (int j = 0; j < n; ++j) a += sds[j] * to_f32<T>(at.q(s.q0 + i0 + j, h)[e]);
-      acc_k[e] = a;
-    }
+    accumulate_rows<T>(acc_v, dv, sp, n, [&](int j) { return at.d_out(s.q0 + i0 + j, h); });
+    accumulate_rows<T>(acc_k, dqk, sds, n, [&](int j) { return at.q(s.q0 + i0 + j, h); });
     __syncthreads();
   }
   T* dk = static_cast<T*>(p.d_k) + (key * p.num_heads + h) * dqk;
