@@ -1272,6 +1272,8 @@ TEST(CudaPrefillBackward, CausalVarlen) {
   // queries (n_q > n_k: its first queries see nothing), one query
   run_backward_case(3, {100, 0, 37, 1, 64, 5}, {100, 70, 300, 13, 64, 2}, true, 1);
   run_backward_case(2, {129, 200}, {129, 333}, true, 2);
+  // the sm90 kernel's tiles: 128 keys a block, 64 queries a step, a two-stage ring (steps 1, 2, 3 and many)
+  run_backward_case(2, {64, 65, 128, 129, 191, 300}, {128, 129, 256, 129, 130, 300}, true, 9);
 }
 
 TEST(CudaPrefillBackward, LongSequence) {
@@ -1283,6 +1285,16 @@ TEST(CudaPrefillBackward, LongSequence) {
 TEST(CudaPrefillBackward, NonCausal) {
   SKIP_WITHOUT_GPU();
   run_backward_case(2, {70, 3, 0}, {90, 130, 20}, false, 5);
+}
+
+// On Hopper the cases above run the sm90 kernel; these run the sm80 one there too.
+TEST(CudaPrefillBackward, PortableKernelsOnHopper) {
+  SKIP_WITHOUT_GPU();
+  setenv("MLA_CUDA_DISABLE_SM90", "1", 1);
+  run_backward_case(3, {100, 0, 37, 1, 64, 5}, {100, 70, 300, 13, 64, 2}, true, 11);
+  run_backward_case(1, {517}, {1030}, true, 12);
+  run_backward_case(2, {70, 3, 0}, {90, 130, 20}, false, 13);
+  unsetenv("MLA_CUDA_DISABLE_SM90");
 }
 
 TEST(CudaPrefillBackward, GenericKernelsF32AndOtherHeadDims) {

@@ -1,6 +1,7 @@
-// prefill_attention_backward on "cuda" (parameters already checked by src/core/ops.cpp): the sm80 bf16 192/128
-// kernels (they run on any GPU since Ampere, Hopper included) for the MLA shapes in bf16; every other dtype (F32)
-// and head size on the generic kernels (backward_generic.cu: plain fp32 dot products, slow, exact to fp32).
+// prefill_attention_backward on "cuda" (parameters already checked by src/core/ops.cpp): for the MLA shapes in
+// bf16, the sm90 wgmma kernel on Hopper, else the sm80 mma.sync kernels (any GPU since Ampere; on Hopper with
+// MLA_CUDA_DISABLE_SM90 set); every other dtype (F32) and head size on the generic kernels (backward_generic.cu:
+// plain fp32 dot products, slow, exact to fp32).
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -9,6 +10,7 @@
 #include "cuda/common/attention.hpp"
 #include "cuda/common/check.hpp"
 #include "cuda/sm80/backward/config.h"
+#include "cuda/sm90/launch.hpp"
 #include "mla/error.hpp"
 
 namespace mla::cuda {
@@ -54,7 +56,8 @@ void run_prefill_backward(const PrefillBackwardParams& p, cudaStream_t stream) {
   c.q = p.q, c.k = p.k, c.v = p.v, c.out = p.out, c.d_out = p.d_out, c.lse = p.lse;
   c.scale = p.softmax_scale, c.causal = p.causal;
   c.d_q = p.d_q, c.d_k = p.d_k, c.d_v = p.d_v, c.workspace = p.workspace;
-  sm80::backward::run_bf16_192_128(c, stream);
+  if (sm90::usable()) sm90::backward::run_bf16_192_128(c, stream);
+  else sm80::backward::run_bf16_192_128(c, stream);
 }
 
 }  // namespace mla::cuda

@@ -3,6 +3,7 @@
 
 #include <cuda_runtime.h>
 
+#include "cuda/sm80/backward/config.h"
 #include "cuda/sm80/decode/config.h"
 #include "cuda/sm80/prefill/config.h"
 
@@ -21,5 +22,10 @@ namespace prefill {
 // Same parameters as the sm80 kernel (one sequence, all heads).
 void run_bf16_192_128(const sm80::prefill::Params& p, cudaStream_t stream);
 }  // namespace prefill
+
+namespace backward {
+// The same call as the sm80 kernels' (per-sequence launches from host cu_seqlens).
+void run_bf16_192_128(const sm80::backward::Call& c, cudaStream_t stream);
+}  // namespace backward
 
 }  // namespace mla::cuda::sm90

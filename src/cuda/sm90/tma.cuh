@@ -1,4 +1,4 @@
-// Hopper asynchronous copies and barriers for the decode kernel: mbarriers with transaction counts, 2-D tensor
+// Hopper asynchronous copies and barriers for the sm90 kernels: mbarriers with transaction counts, 2-D tensor
 // (TMA) loads that complete on them, and named barriers between warpgroups. PTX ISA: "mbarrier",
 // "cp.async.bulk.tensor", "bar".
 #pragma once
@@ -56,6 +56,17 @@ __device__ __forceinline__ void tma_load_3d(void* smem, const void* tensor_map, 
           "r"(sm80::smem_addr(smem)),
       "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(sm80::smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2)
       : "memory");
+}
+
+// 4 bytes global → shared by cp.async (zeros instead of reading when !valid), and an arrival on `bar` once all of
+// this thread's earlier cp.async copies have landed; .noinc: the barrier's expected count includes it.
+__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(sm80::smem_addr(smem)), "l"(gmem),
+               "r"(valid ? 4 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_mbarrier_arrive_noinc(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(sm80::smem_addr(bar)) : "memory");
 }
 
 // Register budget of a warpgroup after warp specialisation (all its threads execute it; multiple of 8).

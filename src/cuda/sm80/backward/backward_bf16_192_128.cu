@@ -1,5 +1,6 @@
 // The sm80 attention backward for bf16, q·k 192, v 128: D = rowsum(d_out ⊙ out), the main kernel (kernel.cuh)
 // once per sequence, and the conversion of the fp32 dQ accumulator. Four stream-ordered steps, nothing allocated.
+// The first and last steps serve the sm90 kernel too.
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -49,27 +50,40 @@ int64_t workspace_bytes(int64_t total_q, int64_t heads, int64_t head_dim_qk) {
   return align256(total_q * heads * head_dim_qk * 4) + align256(total_q * heads * 4);
 }
 
+float* d_q_accumulator(const Call& c) { return static_cast<float*>(c.workspace); }
+
+float* delta(const Call& c) {
+  return reinterpret_cast<float*>(static_cast<char*>(c.workspace) + align256(c.total_q * c.heads * kHeadDimQK * 4));
+}
+
+void run_preprocess(const Call& c, cudaStream_t stream) {
+  if (c.total_q == 0) return;
+  MLA_CUDA_CHECK(cudaMemsetAsync(d_q_accumulator(c), 0, static_cast<size_t>(c.total_q * c.heads * kHeadDimQK) * 4, stream));
+  const auto blocks = static_cast<unsigned>((c.total_q * c.heads + kRowsPerBlock - 1) / kRowsPerBlock);
+  delta_kernel<<<blocks, 32 * kRowsPerBlock, 0, stream>>>(static_cast<const __nv_bfloat16*>(c.out),
+                                                          static_cast<const __nv_bfloat16*>(c.d_out), delta(c),
+                                                          c.total_q, static_cast<int>(c.heads));
+  MLA_CUDA_LAUNCH_CHECK();
+}
+
+void run_convert(const Call& c, cudaStream_t stream) {
+  const int64_t n = c.total_q * c.heads * kHeadDimQK;
+  if (n == 0) return;
+  const auto blocks = static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 65535));
+  convert_kernel<<<blocks, 256, 0, stream>>>(d_q_accumulator(c), static_cast<__nv_bfloat16*>(c.d_q), n, c.scale);
+  MLA_CUDA_LAUNCH_CHECK();
+}
+
 void run_bf16_192_128(const Call& c, cudaStream_t stream) {
   if (c.total_q == 0 && c.total_k == 0) return;
-  auto* accum = static_cast<float*>(c.workspace);
-  auto* delta = reinterpret_cast<float*>(static_cast<char*>(c.workspace) + align256(c.total_q * c.heads * kHeadDimQK * 4));
-  const int64_t q_elements = c.total_q * c.heads * kHeadDimQK;
-  if (c.total_q > 0) {
-    MLA_CUDA_CHECK(cudaMemsetAsync(accum, 0, static_cast<size_t>(q_elements) * 4, stream));
-    const auto blocks = static_cast<unsigned>((c.total_q * c.heads + kRowsPerBlock - 1) / kRowsPerBlock);
-    delta_kernel<<<blocks, 32 * kRowsPerBlock, 0, stream>>>(static_cast<const __nv_bfloat16*>(c.out),
-                                                            static_cast<const __nv_bfloat16*>(c.d_out), delta,
-                                                            c.total_q, static_cast<int>(c.heads));
-    MLA_CUDA_LAUNCH_CHECK();
-  }
-
+  run_preprocess(c, stream);
   constexpr size_t bytes = sizeof(SharedMemoryPlan);
   MLA_CUDA_CHECK(cudaFuncSetAttribute(backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   Params p;
   p.heads = static_cast<int>(c.heads), p.total_q = c.total_q;
-  p.q = c.q, p.k = c.k, p.v = c.v, p.d_out = c.d_out, p.lse = c.lse, p.delta = delta;
+  p.q = c.q, p.k = c.k, p.v = c.v, p.d_out = c.d_out, p.lse = c.lse, p.delta = delta(c);
   p.scale = c.scale, p.scale_log2 = c.scale * 1.4426950408889634f, p.causal = c.causal;
-  p.d_q_accum = accum, p.d_k = c.d_k, p.d_v = c.d_v;
+  p.d_q_accum = d_q_accumulator(c), p.d_k = c.d_k, p.d_v = c.d_v;
   for (int64_t b = 0; b < c.batch; ++b) {
     p.q_offset = c.cu_q[b], p.k_offset = c.cu_k[b];
     p.n_q = static_cast<int>(c.cu_q[b + 1] - c.cu_q[b]), p.n_k = static_cast<int>(c.cu_k[b + 1] - c.cu_k[b]);
@@ -78,12 +92,7 @@ void run_bf16_192_128(const Call& c, cudaStream_t stream) {
     backward_kernel<<<grid, kThreads, bytes, stream>>>(p);
     MLA_CUDA_LAUNCH_CHECK();
   }
-
-  if (q_elements > 0) {
-    const auto blocks = static_cast<unsigned>(std::min<int64_t>((q_elements + 255) / 256, 65535));
-    convert_kernel<<<blocks, 256, 0, stream>>>(accum, static_cast<__nv_bfloat16*>(c.d_q), q_elements, c.scale);
-    MLA_CUDA_LAUNCH_CHECK();
-  }
+  run_convert(c, stream);
 }
 
 }  // namespace mla::cuda::sm80::backward

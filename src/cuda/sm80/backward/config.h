@@ -71,6 +71,14 @@ struct Call {
 
 // fp32 dQ accumulator [total_q, H, 192], then D [H, total_q], each 256-byte aligned.
 int64_t workspace_bytes(int64_t total_q, int64_t heads, int64_t head_dim_qk);
+float* d_q_accumulator(const Call& c);
+float* delta(const Call& c);
+
+// The steps around the main kernel, shared with the sm90 kernel (src/cuda/sm90/backward): D and a zeroed
+// accumulator before it, d_q = bf16(scale · accumulator) after it.
+void run_preprocess(const Call& c, cudaStream_t stream);
+void run_convert(const Call& c, cudaStream_t stream);
+
 void run_bf16_192_128(const Call& c, cudaStream_t stream);
 
 }  // namespace mla::cuda::sm80::backward

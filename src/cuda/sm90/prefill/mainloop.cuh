@@ -27,23 +27,6 @@ __device__ __forceinline__ int blocked(int row, int col) {
   return (col >> 6) * (kRows * 64) + row * 64 + ((((col >> 3) & 7) ^ (row & 7)) << 3) + (col & 7);
 }
 
-// An empty asm that "reads and writes" each register: keeps ordinary instructions on the right side of a
-// wgmma issue or wait. Only ever on registers that are not in flight (ptxas serialises every wgmma otherwise).
-template <int N>
-__device__ __forceinline__ void fence_operands(float (&r)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-
-// 2^x by one MUFU.EX2 (exp2f adds a denormal-result fixup of three instructions around it; the only
-// difference is that results below 2^-126 become 0, far below a bf16 probability's resolution next to the
-// row maximum's 1).
-__device__ __forceinline__ float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // S = Q·K_tileᵀ for this warpgroup's 64 rows: 12 k-steps of m64nNk16, both operands in shared memory.
 template <int kN>
 __device__ __forceinline__ void issue_s(float (&s)[kN / 2], uint64_t desc_q, uint64_t desc_k) {

@@ -1,0 +1,54 @@
+// The sm90 attention backward for bf16, q·k 192, v 128: the sm80 path's D and accumulator steps around the wgmma
+// main kernel (kernel.cuh), launched once per sequence with tensor maps over that sequence's rows.
+#include <algorithm>
+#include <string>
+
+#include "cuda/common/check.hpp"
+#include "cuda/sm90/backward/kernel.cuh"
+#include "cuda/sm90/launch.hpp"
+#include "cuda/sm90/tensor_map.hpp"
+
+namespace mla::cuda::sm90::backward {
+namespace {
+
+// rows [first, first + rows) of a packed [tokens][heads][cols] bf16 tensor; boxes of 64 columns × 1 head × box_rows.
+CUtensorMap map_rows(const void* base, int64_t first, int64_t rows, int64_t heads, int64_t cols, uint32_t box_rows,
+                     const char* what) {
+  const auto* start = static_cast<const uint16_t*>(base) + first * heads * cols;
+  const uint64_t dims[3] = {static_cast<uint64_t>(cols), static_cast<uint64_t>(heads),
+                            static_cast<uint64_t>(std::max<int64_t>(rows, 1))};
+  const uint64_t strides[2] = {static_cast<uint64_t>(cols) * 2, static_cast<uint64_t>(heads * cols) * 2};
+  const uint32_t box[3] = {64, 1, box_rows};
+  return make_tensor_map(start, 3, dims, strides, box, std::string("prefill_attention_backward (cuda): ") + what);
+}
+
+}  // namespace
+
+void run_bf16_192_128(const sm80::backward::Call& c, cudaStream_t stream) {
+  if (c.total_q == 0 && c.total_k == 0) return;
+  sm80::backward::run_preprocess(c, stream);
+  MLA_CUDA_CHECK(cudaFuncSetAttribute(backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)));
+  Params p;
+  p.heads = static_cast<int>(c.heads), p.total_q = c.total_q;
+  p.q = c.q, p.k = c.k, p.v = c.v, p.d_out = c.d_out, p.lse = c.lse, p.delta = sm80::backward::delta(c);
+  p.scale = c.scale, p.scale_log2 = c.scale * 1.4426950408889634f, p.causal = c.causal;
+  p.d_q_accum = sm80::backward::d_q_accumulator(c), p.d_k = c.d_k, p.d_v = c.d_v;
+  for (int64_t b = 0; b < c.batch; ++b) {
+    p.q_offset = c.cu_q[b], p.k_offset = c.cu_k[b];
+    p.n_q = static_cast<int>(c.cu_q[b + 1] - c.cu_q[b]), p.n_k = static_cast<int>(c.cu_k[b + 1] - c.cu_k[b]);
+    if (p.n_k == 0) continue;  // no keys: d_q = 0 (the zeroed accumulator), nothing else to write
+    // A sequence without queries still writes d_k = d_v = 0; its query maps then span keys (never read).
+    Maps maps;
+    maps.q = p.n_q > 0 ? map_rows(c.q, p.q_offset, p.n_q, c.heads, kHeadDimQK, kBlockM, "q")
+                       : map_rows(c.k, p.k_offset, p.n_k, c.heads, kHeadDimQK, kBlockM, "q");
+    maps.d_out = p.n_q > 0 ? map_rows(c.d_out, p.q_offset, p.n_q, c.heads, kHeadDimV, kBlockM, "d_out") : maps.q;
+    maps.k = map_rows(c.k, p.k_offset, p.n_k, c.heads, kHeadDimQK, kBlockN, "k");
+    maps.v = map_rows(c.v, p.k_offset, p.n_k, c.heads, kHeadDimV, kBlockN, "v");
+    const dim3 grid((p.n_k + kBlockN - 1) / kBlockN, p.heads);  // key blocks that see the most queries first
+    backward_kernel<<<grid, kThreads, kSmemBytes, stream>>>(p, maps);
+    MLA_CUDA_LAUNCH_CHECK();
+  }
+  sm80::backward::run_convert(c, stream);
+}
+
+}  // namespace mla::cuda::sm90::backward

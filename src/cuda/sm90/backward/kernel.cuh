@@ -1,0 +1,294 @@
+// The sm90 attention backward's main kernel (wgmma + TMA, bf16, q·k 192, v 128, causal bottom-right): one block =
+// 128 keys of one head of one sequence, looping over the 64-query tiles that see them. The same key-major math as
+// the sm80 kernel (src/cuda/sm80/backward/kernel.cuh), on warpgroup MMAs:
+//
+//  - two warpgroups (256 threads, up to 255 registers each), 64 keys each, keep their dK [64, 192] and dV [64, 128]
+//    in registers (160 of them) through the whole loop; per step of 64 queries:
+//      Sᵀ = K·Qᵀ, then dPᵀ = V·dOᵀ               (shared × shared, each in two halves of 32 queries)
+//      Pᵀ = exp2(Sᵀ·scale·log2e − lse·log2e), dSᵀ = Pᵀ ⊙ (dPᵀ − D)      (masked: 0 past n_q, n_k, the diagonal)
+//      dV += Pᵀ·dO, dK += dSᵀ·Q                   (Pᵀ, dSᵀ from registers: the C fragments are the A fragments)
+//      dQ[:, 64c..64c+63] = dS·K[:, 64c..]         (dSᵀ of both warpgroups through shared memory, 128 keys deep),
+//    the three 64-column chunks of dQ split between the warpgroups (two and one, alternating by step), added to
+//    the fp32 accumulator by vector atomics;
+//  - no producer warpgroup (a 384-thread block leaves 168 registers a thread; dK and dV alone take 160): Q, dO
+//    (TMA) and the tile's lse and D (cp.async) arrive in a two-stage ring, each stage refilled with the step after
+//    next by the first warp of whichever warpgroup finishes with it second, so that nobody waits for a release.
+//
+// The tensor maps cover this sequence's rows only, so that the copies read zeros past n_q and n_k (never another
+// sequence's rows: 0·NaN would reach dK and dQ). P and dS are rounded to bf16 before their MMAs (the sm80 kernel's
+// rounding points); 2^x is MUFU.EX2 (the forward's sm90 kernel's).
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/sm80/backward/config.h"
+#include "cuda/sm80/mma.cuh"
+#include "cuda/sm90/tma.cuh"
+#include "cuda/sm90/wgmma.cuh"
+
+namespace mla::cuda::sm90::backward {
+
+using sm80::backward::kHeadDimQK;
+using sm80::backward::kHeadDimV;
+using sm80::backward::Params;
+
+constexpr int kBlockN = 128;  // keys per block: two consumer warpgroups of 64
+constexpr int kBlockM = 64;   // queries per step
+constexpr int kThreads = 256;  // two warpgroups of 64 keys; no producer warpgroup (see the header)
+constexpr uint32_t kKVBytes = kBlockN * (kHeadDimQK + kHeadDimV) * 2;
+constexpr uint32_t kStepBytes = kBlockM * (kHeadDimQK + kHeadDimV) * 2;  // one Q and one dO tile
+
+// This sequence's q, k, v and d_out ([rows][heads][columns]); boxes of 64 columns × 1 head × 64 or 128 rows.
+struct Maps {
+  CUtensorMap q, k, v, d_out;
+};
+
+// Tiles in 64-column, 128-byte-swizzled blocks of their rows (the layout the copies write and wgmma reads).
+struct SharedMemoryPlan {
+  uint16_t k[kBlockN * kHeadDimQK];      // [3 blocks][128 keys][64]
+  uint16_t v[kBlockN * kHeadDimV];       // [2 blocks][128 keys][64]
+  uint16_t q[2][kBlockM * kHeadDimQK];   // [stage][3 blocks][64 queries][64]
+  uint16_t d_o[2][kBlockM * kHeadDimV];  // [stage][2 blocks][64 queries][64]
+  uint16_t d_s[2][kBlockN * kBlockM];    // [step parity][128 keys][64 queries]: dSᵀ, bf16
+  float lse[2][kBlockM];                 // [stage] lse (natural log); 0 past n_q
+  float delta[2][kBlockM];               // [stage] D; 0 past n_q
+  uint64_t kv_full, full[2];
+  int released[2];                       // [stage] warpgroups done with it, counted up forever (parity: who is second)
+};
+constexpr size_t kSmemBytes = sizeof(SharedMemoryPlan) + 1024;
+static_assert(kSmemBytes <= 227 * 1024, "one block per SM");
+
+constexpr int kDsReady = 1;  // named barrier: both halves of this step's dSᵀ are in shared memory
+
+// Descriptor offsets (16-byte units) of k-step kk along a K-major tile of kRows rows (64-column blocks), and of
+// 16 rows down an MN-major one.
+template <int kRows>
+__device__ __forceinline__ uint64_t k_major_step(int kk) {
+  return static_cast<uint64_t>(((kk / 4) * kRows * 64 + (kk % 4) * 16) * 2 / 16);
+}
+__device__ __forceinline__ uint64_t mn_major_step(int kk) { return static_cast<uint64_t>(kk * 16 * 64 * 2 / 16); }
+
+__device__ __forceinline__ uint32_t at32(uint32_t base, uint32_t offset) {
+  asm volatile("" : "+r"(base));
+  return base + offset;
+}
+__device__ __forceinline__ uint64_t at(uint64_t base, uint64_t offset) {
+  asm volatile("" : "+l"(base));
+  return base + offset;
+}
+
+// Step i's lse and D (4-byte cp.async; zeros past n_q, where every probability is masked anyway) and its Q and
+// dO tiles (TMA) into stage st, all completing on full[st] (33 arrivals: the 32 lanes' copies and lane 0's
+// expect-tx). Called by a whole warp.
+__device__ __forceinline__ void load_step(SharedMemoryPlan& sm, const Maps& maps, const Params& p, int h, int m0,
+                                          int st, int lane) {
+  for (int c = lane; c < kBlockM; c += 32) {
+    const int r = m0 + c;
+    const bool ok = r < p.n_q;
+    const int64_t at = ok ? static_cast<int64_t>(h) * p.total_q + p.q_offset + r : 0;
+    cp_async_4(&sm.lse[st][c], p.lse + at, ok);
+    cp_async_4(&sm.delta[st][c], p.delta + at, ok);
+  }
+  cp_async_mbarrier_arrive_noinc(&sm.full[st]);
+  if (lane == 0) {
+    mbarrier_arrive_expect_tx(&sm.full[st], kStepBytes);
+#pragma unroll
+    for (int c = 0; c < 3; ++c) tma_load_3d(sm.q[st] + c * kBlockM * 64, &maps.q, &sm.full[st], 64 * c, h, m0);
+#pragma unroll
+    for (int c = 0; c < 2; ++c) tma_load_3d(sm.d_o[st] + c * kBlockM * 64, &maps.d_out, &sm.full[st], 64 * c, h, m0);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 1) backward_kernel(const __grid_constant__ Params p, const __grid_constant__ Maps maps) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ unsigned char smem_raw[];
+  auto& sm = *reinterpret_cast<SharedMemoryPlan*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  const int n0 = blockIdx.x * kBlockN, h = blockIdx.y;
+  const int diag = p.n_k - p.n_q;  // query r sees keys t <= r + diag
+  // The first query that sees key n0 is n0 − diag (causal); earlier tiles are skipped.
+  const int m_first = p.causal ? max(0, n0 - diag) / kBlockM * kBlockM : 0;
+  const int steps = m_first < p.n_q ? (p.n_q - m_first + kBlockM - 1) / kBlockM : 0;
+  const int t = threadIdx.x, wg = t / 128, warp = (t / 32) % 4, lane = t % 32;
+  if (t == 0) {
+    mbarrier_init(&sm.kv_full, 1);
+#pragma unroll
+    for (int st = 0; st < 2; ++st) mbarrier_init(&sm.full[st], 33), sm.released[st] = 0;
+    fence_barrier_init();
+  }
+  __syncthreads();
+  if (t < 32 && steps > 0) {  // K and V, the first two steps (a block that sees no query loads nothing)
+    if (lane == 0) {
+      mbarrier_arrive_expect_tx(&sm.kv_full, kKVBytes);
+#pragma unroll
+      for (int c = 0; c < 3; ++c) tma_load_3d(sm.k + c * kBlockN * 64, &maps.k, &sm.kv_full, 64 * c, h, n0);
+#pragma unroll
+      for (int c = 0; c < 2; ++c) tma_load_3d(sm.v + c * kBlockN * 64, &maps.v, &sm.kv_full, 64 * c, h, n0);
+    }
+    for (int i = 0; i < min(steps, 2); ++i) load_step(sm, maps, p, h, m_first + i * kBlockM, i, lane);
+  }
+  const int key[2] = {64 * wg + 16 * warp + lane / 4, 64 * wg + 16 * warp + lane / 4 + 8};  // block-local rows
+
+  float dk[kHeadDimQK / 2], dv[kHeadDimV / 2];  // [64, 192], [64, 128]: element 4j + 2i + e = row half i, column 8j + 2(lane%4) + e
+#pragma unroll
+  for (int j = 0; j < kHeadDimQK / 2; ++j) dk[j] = 0.f;
+#pragma unroll
+  for (int j = 0; j < kHeadDimV / 2; ++j) dv[j] = 0.f;
+
+  // K-major operands (Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ): this warpgroup's 64 rows of K and V, all rows of Q and dO. MN-major
+  // ones (dV += Pᵀ·dO, dK += dSᵀ·Q, dQ = dS·K): rows along k, the 64-column blocks kRows·128 bytes apart. Stage 1
+  // is stage 0's descriptor plus the stage's size (16-byte units): fewer registers held.
+  const uint64_t desc_k = make_desc(sm.k + 64 * wg * 64, 16, 1024), desc_v = make_desc(sm.v + 64 * wg * 64, 16, 1024);
+  const uint64_t desc_q = make_desc(sm.q[0], 16, 1024), desc_do = make_desc(sm.d_o[0], 16, 1024);
+  const uint64_t desc_q_mn = make_desc(sm.q[0], kBlockM * 128, 1024), desc_do_mn = make_desc(sm.d_o[0], kBlockM * 128, 1024);
+  const uint64_t desc_ds = make_desc(sm.d_s[0], kBlockN * 128, 1024), desc_k_mn = make_desc(sm.k, kBlockN * 128, 1024);
+
+  if (steps > 0) mbarrier_wait(&sm.kv_full, 0);
+#pragma unroll 1
+  for (int i = 0; i < steps; ++i) {
+    const int st = i & 1, m0 = m_first + i * kBlockM;
+    // This step's descriptors. Every k-step's descriptor is formed right at its MMA (at(): the base passes an
+    // empty volatile asm, which keeps its place among the MMAs): otherwise the compiler computes all of them up
+    // front, a hundred-odd registers that dK and dV need.
+    const uint64_t q_st = desc_q + st * (sizeof(sm.q[0]) / 16), do_st = desc_do + st * (sizeof(sm.d_o[0]) / 16);
+    const uint64_t q_mn_st = desc_q_mn + st * (sizeof(sm.q[0]) / 16), do_mn_st = desc_do_mn + st * (sizeof(sm.d_o[0]) / 16);
+    const uint64_t ds_st = desc_ds + st * (sizeof(sm.d_s[0]) / 16);
+    // Sᵀ, then dPᵀ, each in two halves of 32 queries: dK and dV hold 160 registers, so only small fp32 tiles fit
+    // beside them. Pᵀ waits in bf16 (its A fragments) while dPᵀ is computed; dSᵀ = Pᵀ ⊙ (dPᵀ − D) takes that
+    // rounded Pᵀ.
+    uint32_t pf[4][4], sf[4][4];  // A fragments of Pᵀ and dSᵀ
+    mbarrier_wait(&sm.full[st], (i >> 1) & 1);
+    const float* lse = sm.lse[st];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {  // Sᵀ in two halves of 32 queries
+      float s[16];  // Sᵀ [64 keys, 32 queries]
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kHeadDimQK / 16; ++kk)
+        wgmma_m64n32k16_ss(s, at(desc_k, k_major_step<kBlockN>(kk)),
+                           at(q_st, k_major_step<kBlockM>(kk) + half * 32 * 128 / 16), kk > 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(s);
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int c = 32 * half + 8 * j + 2 * (lane % 4) + e, r = m0 + c;
+          const float l = lse[c] * 1.4426950408889634f;
+#pragma unroll
+          for (int kh = 0; kh < 2; ++kh) {
+            const int tk = n0 + key[kh];
+            const bool seen = r < p.n_q && tk < p.n_k && (!p.causal || tk <= r + diag);
+            float& x = s[4 * j + 2 * kh + e];
+            x = seen ? ex2(fmaf(x, p.scale_log2, -l)) : 0.f;
+          }
+        }
+#pragma unroll
+      for (int kh = 0; kh < 2; ++kh)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) pf[2 * half + kh][r] = sm80::pack_bf16(s[8 * kh + 2 * r], s[8 * kh + 2 * r + 1]);
+    }
+    const float* d = sm.delta[st];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float dp[16];  // dPᵀ [64 keys, 32 queries]
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kHeadDimV / 16; ++kk)
+        wgmma_m64n32k16_ss(dp, at(desc_v, k_major_step<kBlockN>(kk)),
+                           at(do_st, k_major_step<kBlockM>(kk) + half * 32 * 128 / 16), kk > 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(dp);
+#pragma unroll
+      for (int kh = 0; kh < 2; ++kh)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          // pf[kk][r] holds columns 16kk + 8(r / 2) + 2(lane % 4) + {0, 1} of key row half r % 2
+          const int kk = 2 * half + kh;
+          const float2 pv = make_float2(__uint_as_float(pf[kk][r] << 16), __uint_as_float(pf[kk][r] & 0xffff0000u));
+          const float2 dd = *reinterpret_cast<const float2*>(d + 16 * kk + 8 * (r / 2) + 2 * (lane % 4));
+          sf[kk][r] = sm80::pack_bf16(pv.x * (dp[8 * kh + 2 * r] - dd.x), pv.y * (dp[8 * kh + 2 * r + 1] - dd.y));
+        }
+    }
+
+    // dSᵀ to shared memory for dQ (before the MMAs below read sf: no access to registers in flight), then
+    // dV += Pᵀ·dO, dK += dSᵀ·Q.
+    // Row key[half] of the swizzled tile holds columns 8j.. in 16-byte chunk j ^ (row % 8), row % 8 = lane / 4.
+    // Each address is formed at its store (at32): hoisted out of the loop, the sixteen would hold sixteen registers.
+    const uint32_t ds_row = sm80::smem_addr(sm.d_s[st]) + (key[0] * 64 + 2 * (lane % 4)) * 2;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at32(ds_row, half * 8 * 64 * 2) + ((j ^ (lane / 4)) << 4)),
+                     "r"(sf[j / 2][2 * (j % 2) + half])
+                     : "memory");
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) wgmma_m64n128k16_rs_tb(dv, pf[kk], at(do_mn_st, mn_major_step(kk)));
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) wgmma_m64n192k16_rs_tb(dk, sf[kk], at(q_mn_st, mn_major_step(kk)));
+    wgmma_commit();
+    fence_proxy_async();  // generic stores, read by wgmma
+    named_sync(kDsReady, kThreads);
+    wgmma_wait<0>();  // dV, dK done: this stage's Q, dO, lse and D are no longer read
+    fence_operands(dk);
+    fence_operands(dv);
+    // The second warpgroup done with this stage refills it with step i + 2 (its first warp; nobody waits).
+    if (warp == 0 && i + 2 < steps) {
+      int second = 0;
+      if (lane == 0) second = atomicAdd(&sm.released[st], 1) & 1;
+      if (__shfl_sync(0xffffffffu, second, 0)) load_step(sm, maps, p, h, m0 + 2 * kBlockM, st, lane);
+    }
+
+    // dQ chunks: warpgroup wg takes columns 0..127 on steps where i + wg is even, 128..191 on the others.
+    const int c_begin = ((i + wg) & 1) ? 2 : 0, c_end = c_begin == 2 ? 3 : 2;
+#pragma unroll 1
+    for (int c = c_begin; c < c_end; ++c) {
+      float dq[32];
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk)
+        wgmma_m64n64k16_ss_tt(dq, at(ds_st, mn_major_step(kk)), at(desc_k_mn, c * kBlockN * 64 * 2 / 16 + mn_major_step(kk)),
+                              kk > 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(dq);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = m0 + 16 * warp + lane / 4 + 8 * half;
+        if (r >= p.n_q) continue;
+        float* row = p.d_q_accum + ((p.q_offset + r) * p.heads + h) * kHeadDimQK + 64 * c + 2 * (lane % 4);
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          atomicAdd(reinterpret_cast<float2*>(row + 8 * j), make_float2(dq[4 * j + 2 * half], dq[4 * j + 2 * half + 1]));
+      }
+    }
+  }
+
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int tk = n0 + key[half];
+    if (tk >= p.n_k) continue;
+    const int64_t row = (p.k_offset + tk) * p.heads + h;
+    auto* gdK = static_cast<__nv_bfloat16*>(p.d_k) + row * kHeadDimQK + 2 * (lane % 4);
+    auto* gdV = static_cast<__nv_bfloat16*>(p.d_v) + row * kHeadDimV + 2 * (lane % 4);
+#pragma unroll
+    for (int j = 0; j < kHeadDimQK / 8; ++j)
+      *reinterpret_cast<__nv_bfloat162*>(gdK + 8 * j) =
+          __floats2bfloat162_rn(dk[4 * j + 2 * half] * p.scale, dk[4 * j + 2 * half + 1] * p.scale);
+#pragma unroll
+    for (int j = 0; j < kHeadDimV / 8; ++j)
+      *reinterpret_cast<__nv_bfloat162*>(gdV + 8 * j) = __floats2bfloat162_rn(dv[4 * j + 2 * half], dv[4 * j + 2 * half + 1]);
+  }
+#else
+  __trap();
+#endif
+}
+
+}  // namespace mla::cuda::sm90::backward
