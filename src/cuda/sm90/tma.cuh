@@ -69,6 +69,20 @@ __device__ __forceinline__ void cp_async_mbarrier_arrive_noinc(uint64_t* bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(sm80::smem_addr(bar)) : "memory");
 }
 
+// Element-wise add of a shared-memory box into a 3-D tensor (cp.reduce.async.bulk.tensor, .add): elements
+// outside the tensor are skipped. Completion is tracked by bulk groups: commit, then wait until the shared source
+// has been read (before it is rewritten) or until the writes are done (before the block exits).
+__device__ __forceinline__ void tma_reduce_add_3d(const void* tensor_map, const void* smem, int c0, int c1, int c2) {
+  asm volatile(
+      "cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::"l"(
+          reinterpret_cast<uint64_t>(tensor_map)),
+      "r"(sm80::smem_addr(smem)), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+
 // Register budget of a warpgroup after warp specialisation (all its threads execute it; multiple of 8).
 template <int kRegisters>
 __device__ __forceinline__ void set_max_registers_inc() {

@@ -22,6 +22,17 @@ CUtensorMap map_rows(const void* base, int64_t first, int64_t rows, int64_t head
   return make_tensor_map(start, 3, dims, strides, box, std::string("prefill_attention_backward (cuda): ") + what);
 }
 
+// rows [first, first + rows) of the fp32 dQ accumulator [tokens][heads][192]; boxes of 32 columns (128 bytes,
+// swizzled as the kernel's staging tile) × 1 head × 64 rows.
+CUtensorMap accumulator_rows(float* base, int64_t first, int64_t rows, int64_t heads) {
+  const uint64_t dims[3] = {static_cast<uint64_t>(kHeadDimQK), static_cast<uint64_t>(heads),
+                            static_cast<uint64_t>(std::max<int64_t>(rows, 1))};
+  const uint64_t strides[2] = {static_cast<uint64_t>(kHeadDimQK) * 4, static_cast<uint64_t>(heads * kHeadDimQK) * 4};
+  const uint32_t box[3] = {32, 1, kBlockM};
+  return make_tensor_map(base + first * heads * kHeadDimQK, 3, dims, strides, box,
+                         "prefill_attention_backward (cuda): d_q accumulator", CU_TENSOR_MAP_DATA_TYPE_FLOAT32);
+}
+
 }  // namespace
 
 void run_bf16_192_128(const sm80::backward::Call& c, cudaStream_t stream) {
@@ -44,6 +55,7 @@ void run_bf16_192_128(const sm80::backward::Call& c, cudaStream_t stream) {
     maps.d_out = p.n_q > 0 ? map_rows(c.d_out, p.q_offset, p.n_q, c.heads, kHeadDimV, kBlockM, "d_out") : maps.q;
     maps.k = map_rows(c.k, p.k_offset, p.n_k, c.heads, kHeadDimQK, kBlockN, "k");
     maps.v = map_rows(c.v, p.k_offset, p.n_k, c.heads, kHeadDimV, kBlockN, "v");
+    maps.d_q = accumulator_rows(p.d_q_accum, p.n_q > 0 ? p.q_offset : 0, p.n_q, c.heads);
     const dim3 grid((p.n_k + kBlockN - 1) / kBlockN, p.heads);  // key blocks that see the most queries first
     backward_kernel<<<grid, kThreads, kSmemBytes, stream>>>(p, maps);
     MLA_CUDA_LAUNCH_CHECK();

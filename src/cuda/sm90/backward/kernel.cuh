@@ -8,8 +8,8 @@
 //      Pᵀ = exp2(Sᵀ·scale·log2e − lse·log2e), dSᵀ = Pᵀ ⊙ (dPᵀ − D)      (masked: 0 past n_q, n_k, the diagonal)
 //      dV += Pᵀ·dO, dK += dSᵀ·Q                   (Pᵀ, dSᵀ from registers: the C fragments are the A fragments)
 //      dQ[:, 64c..64c+63] = dS·K[:, 64c..]         (dSᵀ of both warpgroups through shared memory, 128 keys deep),
-//    the three 64-column chunks of dQ split between the warpgroups (two and one, alternating by step), added to
-//    the fp32 accumulator by vector atomics;
+//    the three 64-column chunks of dQ split between the warpgroups (two and one, alternating by step), staged in
+//    shared memory and added to the fp32 accumulator by tensor reductions (cp.reduce.async.bulk.tensor);
 //  - no producer warpgroup (a 384-thread block leaves 168 registers a thread; dK and dV alone take 160): Q, dO
 //    (TMA) and the tile's lse and D (cp.async) arrive in a two-stage ring, each stage refilled with the step after
 //    next by the first warp of whichever warpgroup finishes with it second, so that nobody waits for a release.
@@ -45,6 +45,7 @@ constexpr uint32_t kStepBytes = kBlockM * (kHeadDimQK + kHeadDimV) * 2;  // one 
 // This sequence's q, k, v and d_out ([rows][heads][columns]); boxes of 64 columns × 1 head × 64 or 128 rows.
 struct Maps {
   CUtensorMap q, k, v, d_out;
+  CUtensorMap d_q;  // the fp32 accumulator's rows of this sequence, boxes of 32 columns × 1 head × 64 rows
 };
 
 // Tiles in 64-column, 128-byte-swizzled blocks of their rows (the layout the copies write and wgmma reads).
@@ -54,6 +55,7 @@ struct SharedMemoryPlan {
   uint16_t q[2][kBlockM * kHeadDimQK];   // [stage][3 blocks][64 queries][64]
   uint16_t d_o[2][kBlockM * kHeadDimV];  // [stage][2 blocks][64 queries][64]
   uint16_t d_s[2][kBlockN * kBlockM];    // [step parity][128 keys][64 queries]: dSᵀ, bf16
+  float d_q[2][kBlockM * 64];            // [warpgroup] one 64-column chunk of dQ, fp32: [2 halves][64 rows][32], swizzled
   float lse[2][kBlockM];                 // [stage] lse (natural log); 0 past n_q
   float delta[2][kBlockM];               // [stage] D; 0 past n_q
   uint64_t kv_full, full[2];
@@ -63,6 +65,7 @@ constexpr size_t kSmemBytes = sizeof(SharedMemoryPlan) + 1024;
 static_assert(kSmemBytes <= 227 * 1024, "one block per SM");
 
 constexpr int kDsReady = 1;  // named barrier: both halves of this step's dSᵀ are in shared memory
+constexpr int kDqStage = 2;  // named barriers 2, 3: warpgroup 0's / 1's dQ chunk staging
 
 // Descriptor offsets (16-byte units) of k-step kk along a K-major tile of kRows rows (64-column blocks), and of
 // 16 rows down an MN-major one.
@@ -270,17 +273,34 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const __grid_cons
       wgmma_commit();
       wgmma_wait<0>();
       fence_operands(dq);
+      // Into this warpgroup's staging tile (free once the previous chunk's reduction has read it), then one
+      // thread adds it to the accumulator by two tensor reductions (rows past n_q fall outside the map). Measured
+      // 7-10% faster than vector atomics from the registers (same run).
+      if (t % 128 == 0) bulk_wait_read();
+      named_sync(kDqStage + wg, 128);
+      const uint32_t stage = sm80::smem_addr(sm.d_q[wg]);
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int r = m0 + 16 * warp + lane / 4 + 8 * half;
-        if (r >= p.n_q) continue;
-        float* row = p.d_q_accum + ((p.q_offset + r) * p.heads + h) * kHeadDimQK + 64 * c + 2 * (lane % 4);
+        const int row = 16 * warp + lane / 4 + 8 * half;  // row % 8 = lane / 4
 #pragma unroll
-        for (int j = 0; j < 8; ++j)
-          atomicAdd(reinterpret_cast<float2*>(row + 8 * j), make_float2(dq[4 * j + 2 * half], dq[4 * j + 2 * half + 1]));
+        for (int j = 0; j < 8; ++j) {  // columns 8j + 2(lane % 4): tile half j / 4, 16-byte chunk 2(j % 4) + (lane % 4) / 2
+          const uint32_t chunk = (2 * (j % 4) + (lane % 4) / 2) ^ (lane / 4);
+          asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(at32(stage, ((j / 4) * kBlockM * 32 + row * 32) * 4) +
+                                                                   chunk * 16 + (lane % 2) * 8),
+                       "f"(dq[4 * j + 2 * half]), "f"(dq[4 * j + 2 * half + 1])
+                       : "memory");
+        }
+      }
+      fence_proxy_async();
+      named_sync(kDqStage + wg, 128);
+      if (t % 128 == 0) {
+        tma_reduce_add_3d(&maps.d_q, sm.d_q[wg], 64 * c, h, m0);
+        tma_reduce_add_3d(&maps.d_q, sm.d_q[wg] + kBlockM * 32, 64 * c + 32, h, m0);
+        bulk_commit();
       }
     }
   }
+  if (t % 128 == 0) bulk_wait();  // the reductions are done before the block's shared memory goes
 
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
