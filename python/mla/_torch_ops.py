@@ -87,8 +87,10 @@ def _prefill_impl(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seql
     if not q.is_cuda:
         _mla.prefill(q, k, v, cu_q.cpu(), cu_k.cpu(), out, lse, softmax_scale, causal)
         return out, lse
-    # CUDA: on torch's current stream. cu_seqlens on the GPU are read by Hopper's kernel itself (one launch, graph-
-    # capturable); the other kernels copy them to the host on that stream and check them there (ops.md).
+    # CUDA: on torch's current stream. cu_seqlens on the host (CPU tensors, with q, k, v on the GPU) are checked
+    # there and the kernels launch per sequence from them: nothing is copied or read back, graph-capturable (the
+    # lengths are baked into the graph). cu_seqlens on the GPU are read by Hopper's kernel itself (one launch,
+    # graph-capturable); the other kernels copy them to the host on that stream and check them there (ops.md).
     with torch.cuda.device(q.device):
         _mla.prefill(q, k, v, cu_q, cu_k, out, lse, softmax_scale, causal,
                      stream=torch.cuda.current_stream().cuda_stream)
@@ -108,7 +110,8 @@ def _prefill_backward_impl(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
         _mla.prefill_backward(q, k, v, out, lse, d_out, cu_q.cpu(), cu_k.cpu(), d_q, d_k, d_v, softmax_scale, causal)
         return d_q, d_k, d_v
     # CUDA: on torch's current stream, with the fp32 dQ accumulator from torch's allocator (the op allocates
-    # nothing); cu_seqlens on the GPU are copied to the host on that stream (ops.md).
+    # nothing); host cu_seqlens (CPU tensors) are used as they are (per-sequence launches, nothing read back,
+    # graph-capturable); cu_seqlens on the GPU are copied to the host on that stream: a sync, not capturable (ops.md).
     with torch.cuda.device(q.device):
         nbytes = _mla.prefill_backward_workspace_bytes(q.shape[0], q.shape[1], q.shape[2], v.shape[2],
                                                        str(q.dtype).replace("torch.", ""), "cuda")
@@ -170,7 +173,9 @@ if registered:
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     # prefill is differentiable in q, k and v: its backward is prefill_backward, with the forward's out and lse
-    # saved (lse is an output but not differentiable: a loss that reads it gets no gradient through it).
+    # saved (lse is an output but not differentiable: a loss that reads it gets no gradient through it). The
+    # forward's cu_seqlens are saved as given, device included: CPU ones (with CUDA q, k, v) reach the backward
+    # as CPU tensors, so forward and backward both stay free of host<->device copies and syncs.
     def _prefill_setup_context(ctx, inputs, output):
         q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal = inputs
         out, lse = output

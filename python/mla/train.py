@@ -174,6 +174,20 @@ def _register_ops(torch):
     return torch.ops.mla.train_attention
 
 
+def _sequence_positions(torch, lengths, device):
+    """int64 positions 0..n-1 of each of the packed sequences of the host ``lengths``, built on ``device`` with no
+    host->device copy and no sync: only Python integers reach the device, as the arguments of arange's kernel, so
+    a CUDA graph capture bakes them in, as it does prefill's per-sequence launches from the same host lengths.
+    (A host tensor of starts or lengths would need a copy: a pageable one cannot be captured, and a pinned one
+    captured by a graph must outlive it unchanged; torch.repeat_interleave with device repeats reads the output
+    size back unless given, and with host repeats copies them.) One arange and a repeat when every sequence has
+    the same length ([B, T, D] input), else one arange per sequence and a cat."""
+    n = lengths[0] if lengths else 0
+    if all(x == n for x in lengths):
+        return torch.arange(n, dtype=torch.int64, device=device).repeat(len(lengths))
+    return torch.cat([torch.arange(x, dtype=torch.int64, device=device) for x in lengths])
+
+
 def _module_class():
     import torch
 
@@ -198,6 +212,12 @@ def _module_class():
           style, probabilities recomputed from the saved log-sum-exp). Any device mla's kernels run on; float32 or
           bfloat16 (bf16 storage, fp32 accumulation and norm statistics).
         * ``"auto"`` (default): ``"layer"`` for float32 on the CPU, ``"ops"`` otherwise.
+
+        On CUDA, ``path="ops"`` copies nothing between host and device and never synchronises the host: the
+        lengths stay on the host (prefill and its backward launch per sequence from them) and the default
+        positions are made on the GPU, so a whole forward + backward can be captured in a ``torch.cuda.CUDAGraph``.
+        Pass ``cu_seqlens`` as a list or CPU tensor (a CUDA one is read back: one sync) and explicit ``positions``
+        as a tensor on the layer's device (CPU positions are copied to it on every call, which a capture refuses).
         """
 
         def __init__(self, config: Config, dtype=torch.float32, device="cpu", seed: int = 0,
@@ -276,6 +296,9 @@ def _module_class():
                                  f"is {self._weight().dtype} on {dev}")
             T = hidden.shape[0]
             H, dn, dr, dv, dc = c.num_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
+            # The lengths stay on the host: validated there, and given to prefill as a CPU tensor, which launches
+            # per sequence from them with nothing read back (graph-capturable); its autograd hands the same CPU
+            # tensor to prefill_backward. (CUDA cu_seqlens from the caller are read back here: one sync.)
             cu_host = cu.cpu()
             if cu_host.dim() != 1 or cu_host.numel() < 2 or int(cu_host[0]) != 0 or int(cu_host[-1]) != T:
                 raise ValueError(f"MultiheadLatentAttention: cu_seqlens must be [batch + 1] prefix sums from 0 to "
@@ -283,11 +306,11 @@ def _module_class():
             lengths = cu_host[1:] - cu_host[:-1]
             if bool((lengths < 0).any()):
                 raise ValueError(f"MultiheadLatentAttention: cu_seqlens must not decrease, got {cu_host.tolist()}")
-            if positions is None:  # 0 .. n-1 within each sequence
-                starts = torch.repeat_interleave(cu_host[:-1].to(torch.int64), lengths.to(torch.int64))
-                positions = torch.arange(T, dtype=torch.int64) - starts
+            if positions is None:  # 0 .. n-1 within each sequence, made on the layer's device
+                positions = _sequence_positions(torch, lengths.tolist(), dev)
             elif positions.shape != (T,):
                 raise ValueError(f"MultiheadLatentAttention: positions must be [{T}], got {list(positions.shape)}")
+            # positions on the layer's device are used as they are; others (CPU ones on a GPU) are copied here
             angle = positions.to(device=dev, dtype=torch.float32)[:, None] * self._inv_freq  # fp32, as the spec
             cos, sin = torch.cos(angle) * c.rope_magnitude, torch.sin(angle) * c.rope_magnitude
 
@@ -313,8 +336,7 @@ def _module_class():
             k_nope, v = kv.split([dn, dv], -1)
             q = torch.cat((q[..., :dn], rope(q[..., dn:])), -1)
             k = torch.cat((k_nope, rope(k_pe)[:, None, :].expand(T, H, dr)), -1)
-            cu_dev = cu_host.to(dev)
-            out, _ = prefill(q, k, v.contiguous(), cu_dev, cu_dev, softmax_scale=c.softmax_scale, causal=True)
+            out, _ = prefill(q, k, v.contiguous(), cu_host, cu_host, softmax_scale=c.softmax_scale, causal=True)
             return linear(out.reshape(T, H * dv), p("o_proj.weight"), bias("o_proj"))
 
         def _weight(self):  # one projection weight: the layer's dtype and device

@@ -234,3 +234,67 @@ def test_ops_path_matches_transformers_gradients(name):
     pytest.importorskip("torch")
     errors = golden_module_errors(name, path="ops")
     assert max(errors.values()) < 1e-5, errors
+
+
+def capture_config(fast):
+    """A small bf16-sized layer: fast = MLA's head dims (192/128: the sm80/sm90 bf16 attention kernels), else
+    small ones (the generic kernels)."""
+    nope, rope, v = (128, 64, 128) if fast else (8, 8, 12)
+    return mla.Config.from_json(f'{{"hidden_size": 64, "num_attention_heads": 2, "q_lora_rank": 32, '
+                                f'"kv_lora_rank": 32, "qk_nope_head_dim": {nope}, "qk_rope_head_dim": {rope}, '
+                                f'"v_head_dim": {v}}}')
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("layout", ["batched", "packed", "packed-cuda-positions"])
+def test_ops_path_forward_backward_captured_in_cuda_graph(fast, layout):
+    """path='ops' on CUDA copies nothing between host and device and never synchronises (host cu_seqlens for
+    prefill and its backward, positions made on the GPU or given there): the forward and torch.autograd.grad of
+    the output with respect to the input and every parameter (fixed d_out) are captured in one
+    torch.cuda.CUDAGraph, and replays with new values copied into the static input give the eager results."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available() or "cuda" not in mla.available_devices():
+        pytest.skip("needs a GPU and mla built with MLA_WITH_CUDA=ON")
+    layer = train.MultiheadLatentAttention(capture_config(fast), dtype=torch.bfloat16, device="cuda", seed=5,
+                                           path="ops")
+    params = list(layer.parameters())
+    g = torch.Generator().manual_seed(11)
+    if layout == "batched":  # [B, T, D]: cu_seqlens and the default positions made by the module
+        shape, cu, positions = (3, 40, 64), None, None
+    else:  # uneven lengths, an empty sequence, one longer than a 128-query block
+        shape, cu = (200, 64), [0, 37, 37, 45, 200]
+        positions = (torch.randint(0, 3000, (200,), generator=g).cuda() if layout == "packed-cuda-positions"
+                     else None)
+    inputs = [torch.randn(shape, generator=g).bfloat16().cuda() for _ in range(3)]
+    d_out = torch.randn(shape, generator=g).bfloat16().cuda()
+
+    def step(x):
+        out = layer(x, cu, positions)
+        return (out,) + torch.autograd.grad(out, [x] + params, d_out)
+
+    static_x = inputs[0].clone().requires_grad_(True)
+    stream = torch.cuda.Stream()  # warm-up (cuBLAS handles, the kernels' attributes) on a side stream
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step(static_x)
+    torch.cuda.synchronize()
+    names = ["out", "d_hidden"] + [n for n, _ in layer.named_parameters()]
+    for x in inputs[1:]:
+        with torch.no_grad():
+            static_x.copy_(x)
+        graph.replay()
+        want = step(x.clone().requires_grad_(True))
+        torch.cuda.synchronize()
+        assert len(static) == len(want) == len(names)
+        for name, a, b in zip(names, static, want):
+            assert a.shape == b.shape and a.dtype == b.dtype == torch.bfloat16 and a.is_cuda, name
+            a, b = a.float(), b.float()
+            assert torch.isfinite(a).all() and b.abs().max() > 0, name
+            # the same kernels on the same values; only dQ's fp32 atomics may sum in another order
+            assert (a - b).abs().max().item() <= 2e-2 * b.abs().max().item(), (name, layout)
