@@ -100,8 +100,8 @@ if [[ "$what" == all || "$what" == test ]]; then
   echo "memcheck: rc $rc, $(( $(date +%s) - t0 )) s"
   (( rc != 0 )) && status=1
   t0=$(date +%s)
-  PYTHONPATH=$site timeout 120 python3 -m pytest python/tests/test_cuda.py python/tests/test_torch.py \
-    python/tests/test_nccl_python.py -q -p no:cacheprovider -rs \
+  PYTHONPATH=$site timeout 150 python3 -m pytest python/tests/test_cuda.py python/tests/test_torch.py \
+    python/tests/test_nccl_python.py python/tests/test_train.py::test_ops_path_forward_backward_captured_in_cuda_graph -q -p no:cacheprovider -rs \
     >"$LOGS/python.log" 2>&1; rc=$?
   tail -3 "$LOGS/python.log"
   echo "python GPU tests: rc $rc, $(( $(date +%s) - t0 )) s"
