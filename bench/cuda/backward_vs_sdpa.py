@@ -57,11 +57,13 @@ def main():
         diff = [reldiff(grads["mla"][i], packed(grads["cudnn"][i])) for i in range(3)]
         launch, how = {}, {}
         for name, f in (("cudnn", f_cudnn), ("mla", f_mla)):
-            try:
-                launch[name], how[name] = graph_of(f, 2).replay, "graph"
-            except Exception as ex:
-                torch.cuda.synchronize()
-                launch[name], how[name] = f, f"eager ({type(ex).__name__}: {str(ex)[:80]})"
+            for attempt in range(2):  # cuDNN's first capture in a process can fail on its lazy set-up: once more
+                try:
+                    launch[name], how[name] = graph_of(f, 2).replay, "graph"
+                    break
+                except Exception as ex:
+                    torch.cuda.synchronize()
+                    launch[name], how[name] = f, f"eager ({type(ex).__name__}: {str(ex)[:80]})"
         per = {k: 2 if how[k] == "graph" else 1 for k in launch}
         t = {k: s * 1e3 for k, s in time_interleaved(launch, rounds=7, per=per).items()}
         flop = 2.5 * 2 * b * H * (T * T / 2) * (192 + 128)

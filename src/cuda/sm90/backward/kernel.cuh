@@ -9,7 +9,9 @@
 //      dV += Pᵀ·dO, dK += dSᵀ·Q                   (Pᵀ, dSᵀ from registers: the C fragments are the A fragments)
 //      dQ[:, 64c..64c+63] = dS·K[:, 64c..]         (dSᵀ of both warpgroups through shared memory, 128 keys deep),
 //    the three 64-column chunks of dQ split between the warpgroups (two and one, alternating by step), staged in
-//    shared memory and added to the fp32 accumulator by tensor reductions (cp.reduce.async.bulk.tensor);
+//    shared memory and added to the fp32 accumulator by tensor reductions (cp.reduce.async.bulk.tensor); dQ runs
+//    one step behind, on a double-buffered dSᵀ with "full" / "empty" mbarriers, so that the warpgroups never
+//    wait for each other unless one falls a whole step behind;
 //  - no producer warpgroup (a 384-thread block leaves 168 registers a thread; dK and dV alone take 160): Q, dO
 //    (TMA) and the tile's lse and D (cp.async) arrive in a two-stage ring, each stage refilled with the step after
 //    next by the first warp of whichever warpgroup finishes with it second, so that nobody waits for a release.
@@ -59,12 +61,12 @@ struct SharedMemoryPlan {
   float lse[2][kBlockM];                 // [stage] lse (natural log); 0 past n_q
   float delta[2][kBlockM];               // [stage] D; 0 past n_q
   uint64_t kv_full, full[2];
+  uint64_t ds_full[2], ds_empty[2];      // [step parity] dSᵀ stored by all 256 threads / read by both dQ
   int released[2];                       // [stage] warpgroups done with it, counted up forever (parity: who is second)
 };
 constexpr size_t kSmemBytes = sizeof(SharedMemoryPlan) + 1024;
 static_assert(kSmemBytes <= 227 * 1024, "one block per SM");
 
-constexpr int kDsReady = 1;  // named barrier: both halves of this step's dSᵀ are in shared memory
 constexpr int kDqStage = 2;  // named barriers 2, 3: warpgroup 0's / 1's dQ chunk staging
 
 // Descriptor offsets (16-byte units) of k-step kk along a K-major tile of kRows rows (64-column blocks), and of
@@ -140,6 +142,51 @@ __device__ __forceinline__ void load_step(SharedMemoryPlan& sm, const Maps& maps
   }
 }
 
+// dQ[m0.., :] += dS·K for step i's tile: dSᵀ of both warpgroups at desc_ds (128 keys deep), in 64-column chunks,
+// warpgroup wg taking columns 0..127 on steps where i + wg is even and 128..191 on the others. Each chunk goes
+// through this warpgroup's staging tile (free once the previous chunk's reduction has read it) and one thread
+// adds it to the accumulator by two tensor reductions (rows past n_q fall outside the map); measured 7-10% faster
+// than vector atomics from the registers (same run).
+__device__ __forceinline__ void accumulate_dq(SharedMemoryPlan& sm, const Maps& maps, uint64_t desc_ds, uint64_t desc_k_mn,
+                                              int m0, int i, int h, int t) {
+  const int wg = t / 128, warp = (t / 32) % 4, lane = t % 32;
+  const int c_begin = ((i + wg) & 1) ? 2 : 0, c_end = c_begin == 2 ? 3 : 2;
+#pragma unroll 1
+  for (int c = c_begin; c < c_end; ++c) {
+    float dq[32];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk)
+      wgmma_m64n64k16_ss_tt(dq, at(desc_ds, mn_major_step(kk)), at(desc_k_mn, c * kBlockN * 64 * 2 / 16 + mn_major_step(kk)),
+                            kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(dq);
+    if (t % 128 == 0) bulk_wait_read();
+    named_sync(kDqStage + wg, 128);
+    const uint32_t stage = sm80::smem_addr(sm.d_q[wg]);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = 16 * warp + lane / 4 + 8 * half;  // row % 8 = lane / 4
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {  // columns 8j + 2(lane % 4): tile half j / 4, 16-byte chunk 2(j % 4) + (lane % 4) / 2
+        const uint32_t chunk = (2 * (j % 4) + (lane % 4) / 2) ^ (lane / 4);
+        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(at32(stage, ((j / 4) * kBlockM * 32 + row * 32) * 4) +
+                                                                 chunk * 16 + (lane % 2) * 8),
+                     "f"(dq[4 * j + 2 * half]), "f"(dq[4 * j + 2 * half + 1])
+                     : "memory");
+      }
+    }
+    fence_proxy_async();
+    named_sync(kDqStage + wg, 128);
+    if (t % 128 == 0) {
+      tma_reduce_add_3d(&maps.d_q, sm.d_q[wg], 64 * c, h, m0);
+      tma_reduce_add_3d(&maps.d_q, sm.d_q[wg] + kBlockM * 32, 64 * c + 32, h, m0);
+      bulk_commit();
+    }
+  }
+}
+
 __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const __grid_constant__ Params p, const __grid_constant__ Maps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ unsigned char smem_raw[];
@@ -153,7 +200,10 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const __grid_cons
   if (t == 0) {
     mbarrier_init(&sm.kv_full, 1);
 #pragma unroll
-    for (int st = 0; st < 2; ++st) mbarrier_init(&sm.full[st], 33), sm.released[st] = 0;
+    for (int st = 0; st < 2; ++st) {
+      mbarrier_init(&sm.full[st], 33), sm.released[st] = 0;
+      mbarrier_init(&sm.ds_full[st], kThreads), mbarrier_init(&sm.ds_empty[st], kThreads);
+    }
     fence_barrier_init();
   }
   __syncthreads();
@@ -234,6 +284,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const __grid_cons
     // dV += Pᵀ·dO, dK += dSᵀ·Q.
     // Row key[half] of the swizzled tile holds columns 8j.. in 16-byte chunk j ^ (row % 8), row % 8 = lane / 4.
     // Each address is formed at its store (at32): hoisted out of the loop, the sixteen would hold sixteen registers.
+    if (i >= 2) mbarrier_wait(&sm.ds_empty[st], ((i >> 1) - 1) & 1);  // both dQ of step i - 2 read this buffer
     const uint32_t ds_row = sm80::smem_addr(sm.d_s[st]) + (key[0] * 64 + 2 * (lane % 4)) * 2;
 #pragma unroll
     for (int j = 0; j < 8; ++j)
@@ -249,7 +300,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const __grid_cons
     for (int kk = 0; kk < 4; ++kk) wgmma_m64n192k16_rs_tb(dk, sf[kk], at(q_mn_st, mn_major_step(kk)));
     wgmma_commit();
     fence_proxy_async();  // generic stores, read by wgmma
-    named_sync(kDsReady, kThreads);
+    mbarrier_arrive(&sm.ds_full[st]);
     wgmma_wait<0>();  // dV, dK done: this stage's Q, dO, lse and D are no longer read
     fence_operands(dk);
     fence_operands(dv);
@@ -260,45 +311,19 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const __grid_cons
       if (__shfl_sync(0xffffffffu, second, 0)) load_step(sm, maps, p, h, m0 + 2 * kBlockM, st, lane);
     }
 
-    // dQ chunks: warpgroup wg takes columns 0..127 on steps where i + wg is even, 128..191 on the others.
-    const int c_begin = ((i + wg) & 1) ? 2 : 0, c_end = c_begin == 2 ? 3 : 2;
-#pragma unroll 1
-    for (int c = c_begin; c < c_end; ++c) {
-      float dq[32];
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk)
-        wgmma_m64n64k16_ss_tt(dq, at(ds_st, mn_major_step(kk)), at(desc_k_mn, c * kBlockN * 64 * 2 / 16 + mn_major_step(kk)),
-                              kk > 0);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_operands(dq);
-      // Into this warpgroup's staging tile (free once the previous chunk's reduction has read it), then one
-      // thread adds it to the accumulator by two tensor reductions (rows past n_q fall outside the map). Measured
-      // 7-10% faster than vector atomics from the registers (same run).
-      if (t % 128 == 0) bulk_wait_read();
-      named_sync(kDqStage + wg, 128);
-      const uint32_t stage = sm80::smem_addr(sm.d_q[wg]);
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int row = 16 * warp + lane / 4 + 8 * half;  // row % 8 = lane / 4
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {  // columns 8j + 2(lane % 4): tile half j / 4, 16-byte chunk 2(j % 4) + (lane % 4) / 2
-          const uint32_t chunk = (2 * (j % 4) + (lane % 4) / 2) ^ (lane / 4);
-          asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(at32(stage, ((j / 4) * kBlockM * 32 + row * 32) * 4) +
-                                                                   chunk * 16 + (lane % 2) * 8),
-                       "f"(dq[4 * j + 2 * half]), "f"(dq[4 * j + 2 * half + 1])
-                       : "memory");
-        }
-      }
-      fence_proxy_async();
-      named_sync(kDqStage + wg, 128);
-      if (t % 128 == 0) {
-        tma_reduce_add_3d(&maps.d_q, sm.d_q[wg], 64 * c, h, m0);
-        tma_reduce_add_3d(&maps.d_q, sm.d_q[wg] + kBlockM * 32, 64 * c + 32, h, m0);
-        bulk_commit();
-      }
+    // dQ of the previous step, whose dSᵀ both warpgroups stored by now unless one runs a step behind: one step
+    // of slack between the warpgroups (a barrier on this step's dSᵀ kept them in lockstep: 2-3% slower; starting
+    // warpgroup 1 half a step late on top: 1-2% slower, same runs).
+    if (i > 0) {
+      mbarrier_wait(&sm.ds_full[st ^ 1], ((i - 1) >> 1) & 1);
+      accumulate_dq(sm, maps, desc_ds + (st ^ 1) * (sizeof(sm.d_s[0]) / 16), desc_k_mn, m0 - kBlockM, i - 1, h, t);
+      mbarrier_arrive(&sm.ds_empty[st ^ 1]);
     }
+  }
+  if (steps > 0) {
+    mbarrier_wait(&sm.ds_full[(steps - 1) & 1], ((steps - 1) >> 1) & 1);
+    accumulate_dq(sm, maps, desc_ds + ((steps - 1) & 1) * (sizeof(sm.d_s[0]) / 16), desc_k_mn,
+                  m_first + (steps - 1) * kBlockM, steps - 1, h, t);
   }
   if (t % 128 == 0) bulk_wait();  // the reductions are done before the block's shared memory goes
 
