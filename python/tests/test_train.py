@@ -296,5 +296,5 @@ def test_ops_path_forward_backward_captured_in_cuda_graph(fast, layout):
             assert a.shape == b.shape and a.dtype == b.dtype == torch.bfloat16 and a.is_cuda, name
             a, b = a.float(), b.float()
             assert torch.isfinite(a).all() and b.abs().max() > 0, name
-            # the same kernels on the same values; only dQ's fp32 atomics may sum in another order
+            # the same kernels on the same values; only dQ's fp32 accumulation may sum in another order
             assert (a - b).abs().max().item() <= 2e-2 * b.abs().max().item(), (name, layout)

@@ -56,6 +56,21 @@ float* delta(const Call& c) {
   return reinterpret_cast<float*>(static_cast<char*>(c.workspace) + align256(c.total_q * c.heads * kHeadDimQK * 4));
 }
 
+Params kernel_params(const Call& c) {
+  Params p;
+  p.heads = static_cast<int>(c.heads), p.total_q = c.total_q;
+  p.q = c.q, p.k = c.k, p.v = c.v, p.d_out = c.d_out, p.lse = c.lse, p.delta = delta(c);
+  p.scale = c.scale, p.scale_log2 = c.scale * 1.4426950408889634f, p.causal = c.causal;
+  p.d_q_accum = d_q_accumulator(c), p.d_k = c.d_k, p.d_v = c.d_v;
+  return p;
+}
+
+bool set_sequence(Params& p, const Call& c, int64_t b) {
+  p.q_offset = c.cu_q[b], p.k_offset = c.cu_k[b];
+  p.n_q = static_cast<int>(c.cu_q[b + 1] - c.cu_q[b]), p.n_k = static_cast<int>(c.cu_k[b + 1] - c.cu_k[b]);
+  return p.n_k > 0;
+}
+
 void run_preprocess(const Call& c, cudaStream_t stream) {
   if (c.total_q == 0) return;
   MLA_CUDA_CHECK(cudaMemsetAsync(d_q_accumulator(c), 0, static_cast<size_t>(c.total_q * c.heads * kHeadDimQK) * 4, stream));
@@ -79,15 +94,9 @@ void run_bf16_192_128(const Call& c, cudaStream_t stream) {
   run_preprocess(c, stream);
   constexpr size_t bytes = sizeof(SharedMemoryPlan);
   MLA_CUDA_CHECK(cudaFuncSetAttribute(backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-  Params p;
-  p.heads = static_cast<int>(c.heads), p.total_q = c.total_q;
-  p.q = c.q, p.k = c.k, p.v = c.v, p.d_out = c.d_out, p.lse = c.lse, p.delta = delta(c);
-  p.scale = c.scale, p.scale_log2 = c.scale * 1.4426950408889634f, p.causal = c.causal;
-  p.d_q_accum = d_q_accumulator(c), p.d_k = c.d_k, p.d_v = c.d_v;
+  Params p = kernel_params(c);
   for (int64_t b = 0; b < c.batch; ++b) {
-    p.q_offset = c.cu_q[b], p.k_offset = c.cu_k[b];
-    p.n_q = static_cast<int>(c.cu_q[b + 1] - c.cu_q[b]), p.n_k = static_cast<int>(c.cu_k[b + 1] - c.cu_k[b]);
-    if (p.n_k == 0) continue;  // no keys: nothing to write but d_q = 0, which the zeroed accumulator gives
+    if (!set_sequence(p, c, b)) continue;
     const dim3 grid((p.n_k + kBlockN - 1) / kBlockN, p.heads);  // key blocks that see the most queries first
     backward_kernel<<<grid, kThreads, bytes, stream>>>(p);
     MLA_CUDA_LAUNCH_CHECK();

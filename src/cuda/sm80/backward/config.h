@@ -74,6 +74,11 @@ int64_t workspace_bytes(int64_t total_q, int64_t heads, int64_t head_dim_qk);
 float* d_q_accumulator(const Call& c);
 float* delta(const Call& c);
 
+// The main kernel's parameters for the whole call (the sm90 kernel takes the same), and those of sequence b: false
+// when it has no keys (no launch: d_q = 0 comes from the zeroed accumulator, nothing else is written).
+Params kernel_params(const Call& c);
+bool set_sequence(Params& p, const Call& c, int64_t b);
+
 // The steps around the main kernel, shared with the sm90 kernel (src/cuda/sm90/backward): D and a zeroed
 // accumulator before it, d_q = bf16(scale · accumulator) after it.
 void run_preprocess(const Call& c, cudaStream_t stream);

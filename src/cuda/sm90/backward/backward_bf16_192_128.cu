@@ -39,15 +39,9 @@ void run_bf16_192_128(const sm80::backward::Call& c, cudaStream_t stream) {
   if (c.total_q == 0 && c.total_k == 0) return;
   sm80::backward::run_preprocess(c, stream);
   MLA_CUDA_CHECK(cudaFuncSetAttribute(backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)));
-  Params p;
-  p.heads = static_cast<int>(c.heads), p.total_q = c.total_q;
-  p.q = c.q, p.k = c.k, p.v = c.v, p.d_out = c.d_out, p.lse = c.lse, p.delta = sm80::backward::delta(c);
-  p.scale = c.scale, p.scale_log2 = c.scale * 1.4426950408889634f, p.causal = c.causal;
-  p.d_q_accum = sm80::backward::d_q_accumulator(c), p.d_k = c.d_k, p.d_v = c.d_v;
+  Params p = sm80::backward::kernel_params(c);
   for (int64_t b = 0; b < c.batch; ++b) {
-    p.q_offset = c.cu_q[b], p.k_offset = c.cu_k[b];
-    p.n_q = static_cast<int>(c.cu_q[b + 1] - c.cu_q[b]), p.n_k = static_cast<int>(c.cu_k[b + 1] - c.cu_k[b]);
-    if (p.n_k == 0) continue;  // no keys: d_q = 0 (the zeroed accumulator), nothing else to write
+    if (!sm80::backward::set_sequence(p, c, b)) continue;
     // A sequence without queries still writes d_k = d_v = 0; its query maps then span keys (never read).
     Maps maps;
     maps.q = p.n_q > 0 ? map_rows(c.q, p.q_offset, p.n_q, c.heads, kHeadDimQK, kBlockM, "q")

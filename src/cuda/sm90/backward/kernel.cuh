@@ -86,6 +86,19 @@ __device__ __forceinline__ uint64_t at(uint64_t base, uint64_t offset) {
   return base + offset;
 }
 
+// c [64 keys, 64 queries] = A·Bᵀ over kSteps k-steps of 16, both K-major in shared memory: A this warpgroup's
+// rows of K or V (blocks of kBlockN rows), B the step's Q or dO tile (blocks of kBlockM rows); returns once done.
+template <int kSteps>
+__device__ __forceinline__ void product_t(float (&c)[32], uint64_t desc_a, uint64_t desc_b) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kSteps; ++kk)
+    wgmma_m64n64k16_ss(c, at(desc_a, k_major_step<kBlockN>(kk)), at(desc_b, k_major_step<kBlockM>(kk)), kk > 0);
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_operands(c);
+}
+
 // Pᵀ = exp2(Sᵀ·scale·log2e − lse·log2e) in place over the tile's 64 queries; 0 where the key does not see the
 // query (past n_q or n_k, or beyond the diagonal).
 __device__ __forceinline__ void probabilities(float (&s)[32], const float* lse, int m0, int n0, const int (&key)[2],
@@ -242,7 +255,6 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const __grid_cons
     // front, a hundred-odd registers that dK and dV need.
     const uint64_t q_st = desc_q + st * (sizeof(sm.q[0]) / 16), do_st = desc_do + st * (sizeof(sm.d_o[0]) / 16);
     const uint64_t q_mn_st = desc_q_mn + st * (sizeof(sm.q[0]) / 16), do_mn_st = desc_do_mn + st * (sizeof(sm.d_o[0]) / 16);
-    const uint64_t ds_st = desc_ds + st * (sizeof(sm.d_s[0]) / 16);
     // Sᵀ, then dPᵀ (dK and dV hold 160 registers: the two fp32 tiles in flight together spill, and measured 6%
     // slower; in halves of 32 queries, 5% slower). Pᵀ waits in bf16 (its A fragments) while dPᵀ is computed;
     // dSᵀ = Pᵀ ⊙ (dPᵀ − D) takes that rounded Pᵀ.
@@ -252,13 +264,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const __grid_cons
     const float* d = sm.delta[st];
     {
       float s[32];  // Sᵀ [64 keys, 64 queries]
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kHeadDimQK / 16; ++kk)
-        wgmma_m64n64k16_ss(s, at(desc_k, k_major_step<kBlockN>(kk)), at(q_st, k_major_step<kBlockM>(kk)), kk > 0);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_operands(s);
+      product_t<kHeadDimQK / 16>(s, desc_k, q_st);
       probabilities(s, lse, m0, n0, key, diag, lane, p);
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
@@ -267,13 +273,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const __grid_cons
     }
     {
       float dp[32];  // dPᵀ [64 keys, 64 queries]
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kHeadDimV / 16; ++kk)
-        wgmma_m64n64k16_ss(dp, at(desc_v, k_major_step<kBlockN>(kk)), at(do_st, k_major_step<kBlockM>(kk)), kk > 0);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_operands(dp);
+      product_t<kHeadDimV / 16>(dp, desc_v, do_st);
       d_scores<0>(sf[0], pf[0], dp, d, lane);
       d_scores<8>(sf[1], pf[1], dp, d + 16, lane);
       d_scores<16>(sf[2], pf[2], dp, d + 32, lane);
