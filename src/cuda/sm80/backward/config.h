@@ -34,13 +34,14 @@ struct SharedMemoryPlan {
 // One sequence (n_q queries over n_k keys, bottom-right causal), all heads: the main kernel's launch.
 struct Params {
   int heads = 0, n_q = 0, n_k = 0;
-  int64_t q_offset = 0, k_offset = 0, total_q = 0;  // token offsets of this sequence; rows of lse and delta
+  int64_t q_offset = 0, k_offset = 0, total_q = 0;  // token offsets of this sequence; total query tokens
+  int64_t stats_stride = 0;     // row pitch (floats) of lse_log2 and delta: total_q rounded up to 4 (16 bytes)
   const void* q = nullptr;      // [total_q, H, 192] bf16
   const void* k = nullptr;      // [total_k, H, 192] bf16
   const void* v = nullptr;      // [total_k, H, 128] bf16
   const void* d_out = nullptr;  // [total_q, H, 128] bf16
-  const float* lse = nullptr;   // [H, total_q] natural log; +inf for a row that saw no key
-  const float* delta = nullptr; // [H, total_q] from the preprocess kernel
+  const float* lse_log2 = nullptr;  // [H, stats_stride] lse·log2(e) (+inf for a row that saw no key), preprocess
+  const float* delta = nullptr;     // [H, stats_stride] D = rowsum(d_out ⊙ out), preprocess
   float scale = 0.f;            // softmax scale
   float scale_log2 = 0.f;       // scale·log2(e)
   bool causal = true;
@@ -69,9 +70,12 @@ struct Call {
   void* workspace = nullptr;    // workspace_bytes(total_q, heads)
 };
 
-// fp32 dQ accumulator [total_q, H, 192], then D [H, total_q], each 256-byte aligned.
+// fp32 dQ accumulator [total_q, H, 192], then lse·log2(e) and D, each [H, stats_stride(total_q)] (adjacent: the
+// sm90 kernel reads both through one tensor map); each part 256-byte aligned.
 int64_t workspace_bytes(int64_t total_q, int64_t heads, int64_t head_dim_qk);
+constexpr int64_t stats_stride(int64_t total_q) { return (total_q + 3) / 4 * 4; }
 float* d_q_accumulator(const Call& c);
+float* lse_log2(const Call& c);
 float* delta(const Call& c);
 
 // The main kernel's parameters for the whole call (the sm90 kernel takes the same), and those of sequence b: false
@@ -79,8 +83,8 @@ float* delta(const Call& c);
 Params kernel_params(const Call& c);
 bool set_sequence(Params& p, const Call& c, int64_t b);
 
-// The steps around the main kernel, shared with the sm90 kernel (src/cuda/sm90/backward): D and a zeroed
-// accumulator before it, d_q = bf16(scale · accumulator) after it.
+// The steps around the main kernel, shared with the sm90 kernel (src/cuda/sm90/backward): lse·log2(e), D and a
+// zeroed accumulator before it, d_q = bf16(scale · accumulator) after it.
 void run_preprocess(const Call& c, cudaStream_t stream);
 void run_convert(const Call& c, cudaStream_t stream);
 

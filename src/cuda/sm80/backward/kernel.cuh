@@ -130,8 +130,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const __grid_constan
     cp_async_commit();
     if (threadIdx.x < kBlockM) {
       const int r = m0 + threadIdx.x;
-      const int64_t at = static_cast<int64_t>(h) * p.total_q + p.q_offset + r;
-      sm.lse_log2[threadIdx.x] = r < p.n_q ? p.lse[at] * 1.4426950408889634f : INFINITY;
+      const int64_t at = static_cast<int64_t>(h) * p.stats_stride + p.q_offset + r;
+      sm.lse_log2[threadIdx.x] = r < p.n_q ? p.lse_log2[at] : INFINITY;
       sm.delta[threadIdx.x] = r < p.n_q ? p.delta[at] : 0.f;
     }
     cp_async_wait<0>();

@@ -33,6 +33,21 @@ CUtensorMap accumulator_rows(float* base, int64_t first, int64_t rows, int64_t h
                          "prefill_attention_backward (cuda): d_q accumulator", CU_TENSOR_MAP_DATA_TYPE_FLOAT32);
 }
 
+// lse·log2(e) and D of all tokens, [2][H][total_q] at a row pitch of stats_stride floats; boxes of kStatsBox
+// tokens × 1 head × both, from a token index that is a multiple of 4 (a tensor copy's innermost start must be
+// 16-byte aligned: an unaligned one stops the kernel with an illegal instruction). A box past a sequence's last
+// query reads the next sequence's values (or zeros past total_q): the kernel masks them.
+CUtensorMap stats_map(const sm80::backward::Call& c) {
+  const int64_t stride = sm80::backward::stats_stride(c.total_q);
+  const void* base = c.total_q > 0 ? static_cast<const void*>(sm80::backward::lse_log2(c)) : c.k;  // never read then
+  const uint64_t dims[3] = {static_cast<uint64_t>(std::max<int64_t>(c.total_q, 1)), static_cast<uint64_t>(c.heads), 2};
+  const uint64_t strides[2] = {static_cast<uint64_t>(std::max<int64_t>(stride, 4)) * 4,
+                               static_cast<uint64_t>(c.heads * std::max<int64_t>(stride, 4)) * 4};
+  const uint32_t box[3] = {kStatsBox, 1, 2};
+  return make_tensor_map(base, 3, dims, strides, box, "prefill_attention_backward (cuda): lse and D",
+                         CU_TENSOR_MAP_DATA_TYPE_FLOAT32, CU_TENSOR_MAP_SWIZZLE_NONE);
+}
+
 }  // namespace
 
 void run_bf16_192_128(const sm80::backward::Call& c, cudaStream_t stream) {
@@ -40,10 +55,11 @@ void run_bf16_192_128(const sm80::backward::Call& c, cudaStream_t stream) {
   sm80::backward::run_preprocess(c, stream);
   MLA_CUDA_CHECK(cudaFuncSetAttribute(backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmemBytes)));
   Params p = sm80::backward::kernel_params(c);
+  Maps maps;
+  maps.stats = stats_map(c);
   for (int64_t b = 0; b < c.batch; ++b) {
     if (!sm80::backward::set_sequence(p, c, b)) continue;
     // A sequence without queries still writes d_k = d_v = 0; its query maps then span keys (never read).
-    Maps maps;
     maps.q = p.n_q > 0 ? map_rows(c.q, p.q_offset, p.n_q, c.heads, kHeadDimQK, kBlockM, "q")
                        : map_rows(c.k, p.k_offset, p.n_k, c.heads, kHeadDimQK, kBlockM, "q");
     maps.d_out = p.n_q > 0 ? map_rows(c.d_out, p.q_offset, p.n_q, c.heads, kHeadDimV, kBlockM, "d_out") : maps.q;
