@@ -31,6 +31,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cuda/common/dependent_launch.cuh"
 #include "cuda/sm80/backward/config.h"
 #include "cuda/sm80/mma.cuh"
 #include "cuda/sm90/tma.cuh"
@@ -224,6 +225,9 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const __grid_cons
   // Aligned by pointer arithmetic on smem_raw (not through an integer): the compiler then knows every access is
   // to shared memory (LDS/STS, not generic loads).
   auto& sm = *reinterpret_cast<SharedMemoryPlan*>(smem_raw + ((1024 - (sm80::smem_addr(smem_raw) & 1023)) & 1023));
+  // The next sequence's grid (a programmatic dependent: it shares no data with this one) may start its blocks once
+  // every block of this grid has started.
+  allow_dependent_launch();
   const int n0 = blockIdx.x * kBlockN, h = blockIdx.y;
   const int diag = p.n_k - p.n_q;  // query r sees keys t <= r + diag
   // The first query that sees key n0 is n0 − diag (causal); earlier tiles are skipped.
@@ -367,6 +371,9 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const __grid_cons
     for (int j = 0; j < kHeadDimV / 8; ++j)
       *reinterpret_cast<__nv_bfloat162*>(gdV + 8 * j) = __floats2bfloat162_rn(dv[4 * j + 2 * half], dv[4 * j + 2 * half + 1]);
   }
+  // ... but no block ends before the grid it depends on has completed: completion chains back to the first
+  // sequence, and whatever follows the last grid (the dQ conversion) sees every sequence's writes.
+  grid_dependency_wait();
 #else
   __trap();
 #endif
