@@ -67,7 +67,7 @@ float* delta(const Call& c) { return lse_log2(c) + c.heads * stats_stride(c.tota
 
 Params kernel_params(const Call& c) {
   Params p;
-  p.heads = static_cast<int>(c.heads), p.total_q = c.total_q, p.stats_stride = stats_stride(c.total_q);
+  p.heads = static_cast<int>(c.heads), p.stats_stride = stats_stride(c.total_q);
   p.q = c.q, p.k = c.k, p.v = c.v, p.d_out = c.d_out, p.lse_log2 = lse_log2(c), p.delta = delta(c);
   p.scale = c.scale, p.scale_log2 = c.scale * 1.4426950408889634f, p.causal = c.causal;
   p.d_q_accum = d_q_accumulator(c), p.d_k = c.d_k, p.d_v = c.d_v;

@@ -34,7 +34,7 @@ struct SharedMemoryPlan {
 // One sequence (n_q queries over n_k keys, bottom-right causal), all heads: the main kernel's launch.
 struct Params {
   int heads = 0, n_q = 0, n_k = 0;
-  int64_t q_offset = 0, k_offset = 0, total_q = 0;  // token offsets of this sequence; total query tokens
+  int64_t q_offset = 0, k_offset = 0;  // token offsets of this sequence
   int64_t stats_stride = 0;     // row pitch (floats) of lse_log2 and delta: total_q rounded up to 4 (16 bytes)
   const void* q = nullptr;      // [total_q, H, 192] bf16
   const void* k = nullptr;      // [total_k, H, 192] bf16

@@ -40,11 +40,11 @@ CUtensorMap accumulator_rows(float* base, int64_t first, int64_t rows, int64_t h
 // 16-byte aligned: an unaligned one stops the kernel with an illegal instruction). A box past a sequence's last
 // query reads the next sequence's values (or zeros past total_q): the kernel masks them.
 CUtensorMap stats_map(const sm80::backward::Call& c) {
-  const int64_t stride = sm80::backward::stats_stride(c.total_q);
-  const void* base = c.total_q > 0 ? static_cast<const void*>(sm80::backward::lse_log2(c)) : c.k;  // never read then
+  // Without queries nothing is read: the map only has to be valid (one token, over k).
+  const auto stride = static_cast<uint64_t>(std::max<int64_t>(sm80::backward::stats_stride(c.total_q), 4));
+  const void* base = c.total_q > 0 ? static_cast<const void*>(sm80::backward::lse_log2(c)) : c.k;
   const uint64_t dims[3] = {static_cast<uint64_t>(std::max<int64_t>(c.total_q, 1)), static_cast<uint64_t>(c.heads), 2};
-  const uint64_t strides[2] = {static_cast<uint64_t>(std::max<int64_t>(stride, 4)) * 4,
-                               static_cast<uint64_t>(c.heads * std::max<int64_t>(stride, 4)) * 4};
+  const uint64_t strides[2] = {stride * 4, static_cast<uint64_t>(c.heads) * stride * 4};
   const uint32_t box[3] = {kStatsBox, 1, 2};
   return make_tensor_map(base, 3, dims, strides, box, "prefill_attention_backward (cuda): lse and D",
                          CU_TENSOR_MAP_DATA_TYPE_FLOAT32, CU_TENSOR_MAP_SWIZZLE_NONE);

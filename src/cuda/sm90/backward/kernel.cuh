@@ -47,7 +47,10 @@ constexpr int kBlockN = 128;  // keys per block: two consumer warpgroups of 64
 constexpr int kBlockM = 64;   // queries per step
 constexpr int kThreads = 256;  // two warpgroups of 64 keys; no producer warpgroup (see the header)
 constexpr uint32_t kKVBytes = kBlockN * (kHeadDimQK + kHeadDimV) * 2;
-constexpr uint32_t kStepBytes = kBlockM * (kHeadDimQK + kHeadDimV) * 2 + 2 * (kBlockM + 4) * 4;  // Q, dO, lse, D
+// A step's lse·log2(e) and D: the box starts at the 16-byte boundary at or before the step's first query and
+// reaches 4 past its last, so that any start offset (q_offset % 4) fits.
+constexpr int kStatsBox = kBlockM + 4;
+constexpr uint32_t kStepBytes = kBlockM * (kHeadDimQK + kHeadDimV) * 2 + 2 * kStatsBox * 4;  // Q, dO, lse, D
 
 // This sequence's q, k, v and d_out ([rows][heads][columns]); boxes of 64 columns × 1 head × 64 or 128 rows.
 struct Maps {
@@ -56,9 +59,6 @@ struct Maps {
   CUtensorMap stats;  // lse·log2(e) and D of all tokens [2][H][total_q] (fp32), boxes of kStatsBox tokens × 1 head × 2
 };
 
-// A step's lse·log2(e) and D: the box starts at the 16-byte boundary at or before the step's first query and
-// reaches 4 past its last, so that any start offset (q_offset % 4) fits.
-constexpr int kStatsBox = kBlockM + 4;
 struct alignas(128) StepStats {
   float v[2][kStatsBox];  // [lse·log2(e), D][first query − q_offset % 4 ..]
 };
@@ -156,8 +156,7 @@ __device__ __forceinline__ void d_scores(uint32_t (&sf)[4], const uint32_t (&pf)
 }
 
 // Step m0's Q and dO tiles and its 64 queries' lse·log2(e) and D into stage st, by tensor copies completing on
-// full[st]. One thread. (The stats by 4-byte cp.async instead: 1-2% slower, same run; they were read through
-// generic loads then too.)
+// full[st]. One thread. (The stats by 4-byte cp.async instead: 0-1.6% slower, same run.)
 __device__ __forceinline__ void load_step(SharedMemoryPlan& sm, const Maps& maps, const Params& p, int h, int m0, int st) {
   mbarrier_arrive_expect_tx(&sm.full[st], kStepBytes);
   tma_load_3d(sm.stats[st].v[0], &maps.stats, &sm.full[st], static_cast<int>(p.q_offset & ~int64_t{3}) + m0, h, 0);
