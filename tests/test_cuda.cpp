@@ -631,6 +631,10 @@ struct DecodeCase {
   DType dtype;
   int64_t head_dim = 576, head_dim_v = 512;
   bool fp8 = false;  // kv_cache as fp8_ds_mla rows (dtype BF16)
+  // Latent values spread over decades: group g of 128 columns scaled by 10^(g - 2) (small and large fp8 scales)
+  // and each value by 10^(-6u), u uniform in [0, 1) (fp8 subnormals: values below 2^-6 of their group's largest,
+  // and zeros).
+  bool wide_range = false;
 };
 
 template <class T>
@@ -660,7 +664,14 @@ void run_decode_case(const DecodeCase& dc, uint64_t seed) {
   for (int64_t i = 0; i < dc.batch * max_pages; ++i) table[i] = perm[i];
   // Cache: NaN everywhere, then real rows for every stored token.
   std::vector<float> cache(static_cast<size_t>(num_pages * P * D), kNaN);
-  const std::vector<float> vals = testing::random_values(cache.size(), seed + 1);
+  std::vector<float> vals = testing::random_values(cache.size(), seed + 1);
+  if (dc.wide_range) {
+    const std::vector<float> u = testing::random_values(cache.size(), seed + 7);
+    for (size_t i = 0; i < vals.size(); ++i) {
+      const int64_t col = static_cast<int64_t>(i) % D;
+      if (col < DV) vals[i] *= std::pow(10.f, static_cast<float>(col / 128) - 2.f - 3.f * (u[i] + 1.f));
+    }
+  }
   for (int64_t b = 0; b < dc.batch; ++b)
     for (int64_t t = 0; t < seqlens[b]; ++t) {
       const int64_t slot = int64_t{table[b * max_pages + t / P]} * P + t % P;
@@ -781,6 +792,8 @@ TEST(CudaDecode, Fp8Cache) {
   run_decode_case({1, 1, 128, 64, {4000}, DType::BF16, 576, 512, true}, seed++);  // splits + combine
   run_decode_case({5, 1, 16, 16, {2500, 0, 64, 65, 1}, DType::BF16, 576, 512, true}, seed++);
   run_decode_case({80, 1, 16, 64, {}, DType::BF16, 576, 512, true}, seed++);
+  for (int64_t h_q : {16, 128})  // values over nine decades, fp8 subnormals (the 16-row kernel's exact fragments)
+    run_decode_case({3, 2, h_q, 64, {700, 1, 130}, DType::BF16, 576, 512, true, true}, seed++);
   run_decode_case({2, 3, 4, 1, {}, DType::BF16, 144, 128, true}, seed++);  // generic kernel, one short scale group
   run_decode_case({2, 1, 3, 16, {300, 0}, DType::BF16, 200, 136, true}, seed++);
 }
@@ -798,10 +811,12 @@ TEST(CudaDecode, SmallHeadsPaddedOnSm90) {
       run_decode_case({3, 2, (h_q + 1) / 2, page, {}, DType::BF16}, seed++);
     }
   run_decode_case({2, 1, 16, 64, {5000, 3}, DType::BF16}, seed++);  // split-KV and combine on the padded rows
-  for (int64_t page : {16, 64}) {  // and over fp8 rows (the dequantising producer warpgroup)
+  setenv("MLA_CUDA_DECODE_FP8_ROWS16", "0", 1);  // fp8 rows: the dequantising producer warpgroup, not rows16
+  for (int64_t page : {16, 64}) {
     run_decode_case({4, 1, 16, page, {0, 1, 17, 0}, DType::BF16, 576, 512, true}, seed++);
     run_decode_case({3, 2, 3, page, {}, DType::BF16, 576, 512, true}, seed++);
   }
+  unsetenv("MLA_CUDA_DECODE_FP8_ROWS16");
   unsetenv("MLA_CUDA_DECODE_SM90_SMALL");
   run_decode_case({80, 1, 16, 64, {}, DType::BF16}, seed++);  // 80 sequences: padded without the knob
   run_decode_case({64, 2, 8, 16, {}, DType::BF16}, seed++);

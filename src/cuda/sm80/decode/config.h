@@ -84,12 +84,23 @@ __device__ __forceinline__ int block_row_block(const Params& p) {
 }
 #endif
 
+// An fp8 cache with h_q·s_q <= 32 takes the 16-row fp8 kernel (fp8_rows16.cu: dequantisation in the MMA
+// fragments, ceil(rows / 16) row blocks of a sequence side by side) on every GPU. MLA_CUDA_DECODE_FP8_ROWS16=0
+// restores the kernels below for those shapes (an A/B knob, read on every call).
+constexpr int kFp8Rows16MaxRows = 32;
+inline bool uses_fp8_rows16(bool fp8, int rows) {
+  if (!fp8 || rows > kFp8Rows16MaxRows) return false;
+  const char* off = std::getenv("MLA_CUDA_DECODE_FP8_ROWS16");
+  return !(off && *off == '0');
+}
+
 // Rows of query per block for a batch shape: 64 for h_q·s_q > 16. The small shapes (tensor-parallel shards) take
 // the 16-row sm80 kernel, except where the sm90 kernel can run (sm90_capable: Hopper, pages of 16 and up) and the
 // batch has 64 sequences or more: padded to 64 rows it streams the cache faster there (H200, same run, 2026-11-30:
 // b128 s_k32768 h16 1.196 vs 1.589 ms, b128 s_k8192 0.327 vs 0.345; slower at b8 and b4: 0.0249 vs 0.0208 ms,
 // 0.0639 vs 0.0564). MLA_CUDA_DECODE_SM90_SMALL=1 / 0 forces either (an A/B knob, read on every call).
-inline int block_rows(int rows, bool sm90_capable = false, int64_t batch = 0) {
+inline int block_rows(int rows, bool sm90_capable = false, int64_t batch = 0, bool fp8 = false) {
+  if (uses_fp8_rows16(fp8, rows)) return 16;
   if (rows > 16) return 64;
   if (!sm90_capable) return 16;
   if (const char* force = std::getenv("MLA_CUDA_DECODE_SM90_SMALL"); force && *force) return *force == '1' ? 64 : 16;
@@ -99,5 +110,7 @@ inline int block_rows(int rows, bool sm90_capable = false, int64_t batch = 0) {
 // Scheduler (from the device-side sequence lengths; writes p.schedule and p.work), then split kernel and
 // combine kernel, on one stream; `schedule` / `attend` select the two parts.
 void run_bf16_576(const Params& p, int num_sms, cudaStream_t stream, bool schedule = true, bool attend = true);
+// The fp8 16-row split kernel (fp8_rows16.cu) alone; p.m_blocks set.
+void launch_fp8_rows16(const Params& p, int smem_limit, cudaStream_t stream);
 
 }  // namespace mla::cuda::sm80::decode

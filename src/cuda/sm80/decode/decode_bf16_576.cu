@@ -43,7 +43,8 @@ void run_bf16_576(const Params& params, int num_sms, cudaStream_t stream, bool s
   MLA_CUDA_CHECK(cudaGetDevice(&device));
   MLA_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   const bool sm90_capable = sm90::usable() && p.page_size_log2 >= 4;
-  const int bm = block_rows(p.rows, sm90_capable, p.batch), m_blocks = (p.rows + bm - 1) / bm;
+  const bool fp8_rows16 = uses_fp8_rows16(p.fp8, p.rows);
+  const int bm = block_rows(p.rows, sm90_capable, p.batch, p.fp8), m_blocks = (p.rows + bm - 1) / bm;
   p.m_blocks = m_blocks;
   static const bool old_grid = [] {
     const char* v = std::getenv("MLA_CUDA_DECODE_GRID");
@@ -61,7 +62,8 @@ void run_bf16_576(const Params& params, int num_sms, cudaStream_t stream, bool s
   }
   if (!attend) return;
   const bool sm90 = bm == 64 && sm90_capable;
-  if (bm == 16) launch_split<1>(p, smem_limit, stream);
+  if (fp8_rows16) launch_fp8_rows16(p, smem_limit, stream);
+  else if (bm == 16) launch_split<1>(p, smem_limit, stream);
   else if (sm90) launch_split_sm90(p, m_blocks, stream);
   else launch_split<4>(p, smem_limit, stream);
   const int64_t rows = static_cast<int64_t>(p.batch) * p.rows;

@@ -24,11 +24,6 @@
 
 namespace mla::cuda::sm80::decode {
 
-__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* smem) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
-               : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(smem)));
-}
-
 // kFp8: the cache holds fp8_ds_mla rows, read through Fp8TileLoader (registers a tile ahead, dequantised into
 // the same bf16 tiles); otherwise bf16 rows by cp.async.
 template <int kStages, int kRowGroups, bool kFp8>
