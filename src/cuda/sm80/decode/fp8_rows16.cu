@@ -43,7 +43,7 @@ constexpr float kPScale = 1.152921504606846976e18f; // 2^60: P'_g = p · scale_g
 template <int kStages>
 struct Fp8Plan {
   unsigned char kv[kStages][kBlockN * kRowBytes];  // tiles of rows as stored
-  uint16_t q[kBlockM16 * kHeadDim];                // [16, 576] bf16, row-major (read once into registers)
+  uint16_t q[kBlockM16 * kHeadDim];                // [16, 576] bf16 in S's column order, swizzled (read once)
   uint16_t p[kGroups][kBlockM16 * kBlockN];        // P'_g [16, 64] bf16, swizzled
   float row_max[kWarps][kBlockM16], row_sum[kWarps][kBlockM16];
 };
@@ -53,11 +53,13 @@ __device__ __forceinline__ uint32_t e4m3_odd_bytes(uint32_t w) { return (w & 0x8
 // Bytes 0 and 2.
 __device__ __forceinline__ uint32_t e4m3_even_bytes(uint32_t w) { return e4m3_odd_bytes(w << 8); }
 
-// The column of Q (and of the key) that fragment column k of S's k-step kk holds (see the file comment).
-__device__ __forceinline__ int s_column(int kk, int k) {
-  if (kk >= kHeadDimV / 16) return kHeadDimV + 16 * (kk - kHeadDimV / 16) + k;  // rope: natural order
-  const int g = kk / 8, s = kk % 8, q = (k % 8) / 2, odd = k % 2, high = k / 8;
-  return 128 * g + 32 * q + 4 * s + high + 2 * odd;  // b0 = bytes (0, 2) of word s, b1 = bytes (1, 3)
+// Where Q's column d goes in S's fragment order (see the file comment): column 16·kk + k of k-step kk holds the
+// latent column 128g + 32q + 4s + high + 2·odd for kk = 8g + s, k = 2q + odd + 8·high (b0 = bytes 0 and 2 of the
+// thread's word s, b1 = bytes 1 and 3); the rope columns keep their order.
+__device__ __forceinline__ int s_position(int d) {
+  if (d >= kHeadDimV) return d;
+  const int g = d / 128, q = d % 128 / 32, s = d % 32 / 4, t = d % 4;
+  return 16 * (8 * g + s) + 2 * q + t / 2 + 8 * (t % 2);
 }
 
 // Raw row loader: 4 threads per key row, 41 chunks between them.
@@ -89,13 +91,6 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_rows16_kernel(const __grid_co
   const int k_end = min(seqlen, k_begin + sched.keys_per_split);
   const int tiles = k_end > k_begin ? (k_end - k_begin + kBlockN - 1) / kBlockN : 0;
 
-  // Q rows [m0, m0 + 16) (zeros past `rows`) and the first kStages - 1 tiles, Q in the first group.
-  const auto* gQ = static_cast<const uint16_t*>(p.q) + (static_cast<int64_t>(b) * p.rows + m0) * kHeadDim;
-  for (int idx = threadIdx.x; idx < kBlockM16 * kChunksQK; idx += kThreads) {
-    const int row = idx / kChunksQK, chunk = idx % kChunksQK;
-    const bool valid = m0 + row < p.rows;
-    cp_async_16(sm.q + row * kHeadDim + chunk * 8, valid ? gQ + row * kHeadDim + chunk * 8 : gQ, valid);
-  }
   const int32_t* table = p.block_table + static_cast<int64_t>(b) * p.max_pages;
   RawTileLoader loader;
   loader.prefetch(p, table, k_begin, seqlen);
@@ -104,6 +99,22 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_rows16_kernel(const __grid_co
     if (s < tiles) loader.issue(sm.kv[s], p.kv);
     cp_async_commit();
     loader.prefetch(p, table, k_begin + (s + 1) * kBlockN, seqlen);
+  }
+
+  // Q rows [m0, m0 + 16) (zeros past `rows`) into S's column order, the latent columns times 2^32 (exact).
+  const auto* gQ = static_cast<const uint16_t*>(p.q) + (static_cast<int64_t>(b) * p.rows + m0) * kHeadDim;
+  for (int idx = threadIdx.x; idx < kBlockM16 * kChunksQK; idx += kThreads) {
+    const int row = idx / kChunksQK, chunk = idx % kChunksQK;
+    uint4 raw = make_uint4(0, 0, 0, 0);
+    if (m0 + row < p.rows) raw = __ldg(reinterpret_cast<const uint4*>(gQ + row * kHeadDim + chunk * 8));
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int d = chunk * 8 + e;
+      uint32_t v = (w[e / 2] >> (16 * (e % 2))) & 0xffffu;
+      if (d < kHeadDimV) v = __float_as_uint(__uint_as_float(v << 16) * kQScale) >> 16;  // exact: no rounding
+      sm.q[swizzle<kChunksQK>(row, s_position(d))] = static_cast<uint16_t>(v);
+    }
   }
 
   const int r_local[2] = {group_id, group_id + 8};  // this thread's rows (C fragment)
@@ -133,17 +144,10 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_rows16_kernel(const __grid_co
       cp_async_commit();
       loader.prefetch(p, table, k_begin + (next + 1) * kBlockN, seqlen);
     }
-    if (tile == 0) {
+    if (tile == 0) {  // Q's stores are visible after the barrier above
 #pragma unroll
       for (int kk = 0; kk < kHeadDim / 16; ++kk)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int row = group_id + 8 * (i & 1), k = 2 * quad + 8 * (i >> 1);
-          float lo = __uint_as_float(uint32_t{sm.q[row * kHeadDim + s_column(kk, k)]} << 16);
-          float hi = __uint_as_float(uint32_t{sm.q[row * kHeadDim + s_column(kk, k + 1)]} << 16);
-          if (kk < kHeadDimV / 16) lo *= kQScale, hi *= kQScale;  // exact
-          qf[kk][i] = pack_bf16(lo, hi);
-        }
+        ldmatrix_x4(qf[kk], sm.q + swizzle<kChunksQK>(lane % 16, 16 * kk + (lane / 16) * 8));
     }
     const unsigned char* kv = sm.kv[tile % kStages];
 
