@@ -798,6 +798,15 @@ TEST(CudaDecode, Fp8Cache) {
   run_decode_case({2, 1, 3, 16, {300, 0}, DType::BF16, 200, 136, true}, seed++);
 }
 
+// The fp8 16-row kernel's edges, small enough for compute-sanitizer (scripts/gpu.sh): two row blocks of a sequence
+// (s_q 2 × h_q 16), split-KV with the combine, pages of one row, a query that sees no key, wide-range values.
+TEST(CudaDecode, Fp8SixteenRowKernel) {
+  SKIP_WITHOUT_GPU();
+  run_decode_case({3, 2, 16, 1, {0, 1, 200}, DType::BF16, 576, 512, true}, 900);
+  run_decode_case({2, 1, 16, 64, {5000, 3}, DType::BF16, 576, 512, true}, 901);
+  run_decode_case({2, 4, 5, 16, {700, 66}, DType::BF16, 576, 512, true, true}, 902);
+}
+
 // h_q·s_q <= 16 on Hopper: the sm90 kernel with the rows padded to 64 (taken by batches of 64 sequences and more;
 // MLA_CUDA_DECODE_SM90_SMALL=1 forces it for the small batches here). No-op elsewhere: the knob only matters on sm90.
 TEST(CudaDecode, SmallHeadsPaddedOnSm90) {
