@@ -798,10 +798,34 @@ TEST(CudaDecode, Fp8Cache) {
   run_decode_case({2, 1, 3, 16, {300, 0}, DType::BF16, 200, 136, true}, seed++);
 }
 
-// The fp8 16-row kernel's edges, small enough for compute-sanitizer (scripts/gpu.sh): two row blocks of a sequence
-// (s_q 2 × h_q 16), split-KV with the combine, pages of one row, a query that sees no key, wide-range values.
+// The opt-in fp8 16-row kernel (MLA_CUDA_DECODE_FP8_ROWS16=1) on the shapes it takes (h_q·s_q <= 32), every page
+// size, and its edges: two row blocks of a sequence (s_q 2 × h_q 16; s_q 4 × h_q 5 with a partial second block),
+// split-KV with the combine, pages of one row, queries that see no key, wide-range values (fp8 subnormals).
+// Fp8SixteenRowKernelEdges is small enough for compute-sanitizer (scripts/gpu.sh).
+struct Fp8Rows16On {
+  Fp8Rows16On() { setenv("MLA_CUDA_DECODE_FP8_ROWS16", "1", 1); }
+  ~Fp8Rows16On() { unsetenv("MLA_CUDA_DECODE_FP8_ROWS16"); }
+};
+
 TEST(CudaDecode, Fp8SixteenRowKernel) {
   SKIP_WITHOUT_GPU();
+  const Fp8Rows16On on;
+  uint64_t seed = 950;
+  for (int64_t page : {1, 16, 64, 256})
+    for (int64_t h_q : {1, 3, 16}) {
+      SCOPED_TRACE("page " + std::to_string(page) + " h_q " + std::to_string(h_q));
+      run_decode_case({4, 1, h_q, page, {0, 1, 17, 0}, DType::BF16, 576, 512, true}, seed++);
+      run_decode_case({3, 2, h_q, page, {}, DType::BF16, 576, 512, true}, seed++);
+      run_decode_case({2, 1, h_q, page, {300, 129}, DType::BF16, 576, 512, true, true}, seed++);
+    }
+  run_decode_case({5, 1, 16, 16, {2500, 0, 64, 65, 1}, DType::BF16, 576, 512, true}, seed++);
+  run_decode_case({80, 1, 16, 64, {}, DType::BF16, 576, 512, true}, seed++);
+  run_decode_case({64, 2, 16, 64, {}, DType::BF16, 576, 512, true}, seed++);
+}
+
+TEST(CudaDecode, Fp8SixteenRowKernelEdges) {
+  SKIP_WITHOUT_GPU();
+  const Fp8Rows16On on;
   run_decode_case({3, 2, 16, 1, {0, 1, 200}, DType::BF16, 576, 512, true}, 900);
   run_decode_case({2, 1, 16, 64, {5000, 3}, DType::BF16, 576, 512, true}, 901);
   run_decode_case({2, 4, 5, 16, {700, 66}, DType::BF16, 576, 512, true, true}, 902);
@@ -820,12 +844,10 @@ TEST(CudaDecode, SmallHeadsPaddedOnSm90) {
       run_decode_case({3, 2, (h_q + 1) / 2, page, {}, DType::BF16}, seed++);
     }
   run_decode_case({2, 1, 16, 64, {5000, 3}, DType::BF16}, seed++);  // split-KV and combine on the padded rows
-  setenv("MLA_CUDA_DECODE_FP8_ROWS16", "0", 1);  // fp8 rows: the dequantising producer warpgroup, not rows16
-  for (int64_t page : {16, 64}) {
+  for (int64_t page : {16, 64}) {  // and over fp8 rows (the dequantising producer warpgroup)
     run_decode_case({4, 1, 16, page, {0, 1, 17, 0}, DType::BF16, 576, 512, true}, seed++);
     run_decode_case({3, 2, 3, page, {}, DType::BF16, 576, 512, true}, seed++);
   }
-  unsetenv("MLA_CUDA_DECODE_FP8_ROWS16");
   unsetenv("MLA_CUDA_DECODE_SM90_SMALL");
   run_decode_case({80, 1, 16, 64, {}, DType::BF16}, seed++);  // 80 sequences: padded without the knob
   run_decode_case({64, 2, 8, 16, {}, DType::BF16}, seed++);

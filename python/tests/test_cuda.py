@@ -202,6 +202,25 @@ def test_decode_fp8_cuda_matches_cpu(h_q, s_q, page_size):
     torch.testing.assert_close(lse[finite].double(), ref_lse[finite], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("h_q, s_q, page_size", [(16, 1, 64), (16, 2, 1), (5, 4, 16)])
+def test_decode_fp8_cuda_sixteen_row_kernel_matches_cpu(h_q, s_q, page_size, monkeypatch):
+    """The opt-in 16-row fp8 kernel (MLA_CUDA_DECODE_FP8_ROWS16=1, h_q·s_q <= 32) against the CPU decode of the same
+    bytes and float64 over the dequantised rows (it multiplies the fp8 values exactly: close, not the same bits)."""
+    monkeypatch.setenv("MLA_CUDA_DECODE_FP8_ROWS16", "1")
+    q, kv8, table, seqlens = fp8_paged([0, 100, 1025, 5, 300], page_size, h_q, s_q, seed=h_q * 11 + s_q)
+    causal = s_q > 1
+    want, want_lse = mla.decode_with_kvcache(q, kv8, table, seqlens, 512, causal=causal, is_fp8_kvcache=True)
+    out, lse = mla.decode_with_kvcache(q.cuda(), kv8.cuda(), table.cuda(), seqlens.cuda(), 512, causal=causal,
+                                       is_fp8_kvcache=True)
+    assert rel_error(out.float().cpu().numpy(), want.float().numpy()) < 1e-2
+    ref, _ = paged_reference(q, mla.dequantize_fp8_kvcache(kv8), table, seqlens, 512, 576**-0.5, causal)
+    assert rel_error(out.float().cpu().numpy(), ref.numpy()) < 2e-2
+    lse = lse.cpu()
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    finite = ~torch.isinf(want_lse)
+    torch.testing.assert_close(lse[finite], want_lse[finite], rtol=1e-3, atol=1e-3)
+
+
 def test_decode_fp8_cuda_schedule_and_graph():
     """The planned fp8 decode (DecodeSchedule, CUDA graph) gives the bits of a plain fp8 call."""
     q, kv8, table, seqlens = fp8_paged([4096, 17, 1000, 64], 64, 128, 1, seed=5)

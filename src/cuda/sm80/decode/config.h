@@ -84,14 +84,15 @@ __device__ __forceinline__ int block_row_block(const Params& p) {
 }
 #endif
 
-// An fp8 cache with h_q·s_q <= 32 takes the 16-row fp8 kernel (fp8_rows16.cu: dequantisation in the MMA
-// fragments, ceil(rows / 16) row blocks of a sequence side by side) on every GPU. MLA_CUDA_DECODE_FP8_ROWS16=0
-// restores the kernels below for those shapes (an A/B knob, read on every call).
+// The 16-row fp8 kernel (fp8_rows16.cu: dequantisation in the MMA fragments, ceil(rows / 16) row blocks of a
+// sequence side by side) for an fp8 cache with h_q·s_q <= 32, any GPU since Ampere. Opt-in until it has run on a
+// GPU: MLA_CUDA_DECODE_FP8_ROWS16=1 (read on every call) selects it; it was written in a session without device
+// time (2026-12-08, bench/results/2026-12-08-fp8-rows16-unmeasured.md). Its tests set the variable.
 constexpr int kFp8Rows16MaxRows = 32;
 inline bool uses_fp8_rows16(bool fp8, int rows) {
   if (!fp8 || rows > kFp8Rows16MaxRows) return false;
-  const char* off = std::getenv("MLA_CUDA_DECODE_FP8_ROWS16");
-  return !(off && *off == '0');
+  const char* on = std::getenv("MLA_CUDA_DECODE_FP8_ROWS16");
+  return on && *on == '1';
 }
 
 // Rows of query per block for a batch shape: 64 for h_q·s_q > 16. The small shapes (tensor-parallel shards) take
