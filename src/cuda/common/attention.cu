@@ -222,10 +222,11 @@ DecodePlan plan_decode(const DecodeParams& p, int num_sms) {
   // The sm90 kernel reads 64-key tiles through a tensor map in boxes of min(page size, 64) rows.
   const bool sm90_capable = sm90::usable() && p.page_size >= 16;
   const int64_t rows = p.s_q * p.h_q;
-  const int64_t bm = sm80::decode::block_rows(static_cast<int>(rows), sm90_capable, p.batch, p.fp8_kv_cache);
+  const bool fp8_rows16 = sm80::decode::uses_fp8_rows16(p.fp8_kv_cache, static_cast<int>(rows));
+  const int64_t bm = fp8_rows16 ? 16 : sm80::decode::block_rows(static_cast<int>(rows), sm90_capable, p.batch);
   const bool use_sm90 = sm90_capable && bm == 64;
-  plan.kernel = std::string(use_sm90 ? "sm90" : "sm80") + (p.fp8_kv_cache ? "-fp8-576" : "-bf16-576");
-  if (sm80::decode::uses_fp8_rows16(p.fp8_kv_cache, static_cast<int>(rows))) plan.kernel = "sm80-fp8-576-rows16";
+  plan.kernel = fp8_rows16 ? "sm80-fp8-576-rows16"
+                           : std::string(use_sm90 ? "sm90" : "sm80") + (p.fp8_kv_cache ? "-fp8-576" : "-bf16-576");
   plan.max_work = static_cast<int>(p.batch + num_sms);
   if (plan.max_work * ((rows + bm - 1) / bm) > std::numeric_limits<int32_t>::max() ||
       p.batch * rows > std::numeric_limits<int32_t>::max())  // grid sizes of the split and combine kernels

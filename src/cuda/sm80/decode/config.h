@@ -100,8 +100,7 @@ inline bool uses_fp8_rows16(bool fp8, int rows) {
 // batch has 64 sequences or more: padded to 64 rows it streams the cache faster there (H200, same run, 2026-11-30:
 // b128 s_k32768 h16 1.196 vs 1.589 ms, b128 s_k8192 0.327 vs 0.345; slower at b8 and b4: 0.0249 vs 0.0208 ms,
 // 0.0639 vs 0.0564). MLA_CUDA_DECODE_SM90_SMALL=1 / 0 forces either (an A/B knob, read on every call).
-inline int block_rows(int rows, bool sm90_capable = false, int64_t batch = 0, bool fp8 = false) {
-  if (uses_fp8_rows16(fp8, rows)) return 16;
+inline int block_rows(int rows, bool sm90_capable = false, int64_t batch = 0) {
   if (rows > 16) return 64;
   if (!sm90_capable) return 16;
   if (const char* force = std::getenv("MLA_CUDA_DECODE_SM90_SMALL"); force && *force) return *force == '1' ? 64 : 16;

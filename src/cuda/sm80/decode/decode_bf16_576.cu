@@ -44,7 +44,7 @@ void run_bf16_576(const Params& params, int num_sms, cudaStream_t stream, bool s
   MLA_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   const bool sm90_capable = sm90::usable() && p.page_size_log2 >= 4;
   const bool fp8_rows16 = uses_fp8_rows16(p.fp8, p.rows);
-  const int bm = block_rows(p.rows, sm90_capable, p.batch, p.fp8), m_blocks = (p.rows + bm - 1) / bm;
+  const int bm = fp8_rows16 ? 16 : block_rows(p.rows, sm90_capable, p.batch), m_blocks = (p.rows + bm - 1) / bm;
   p.m_blocks = m_blocks;
   static const bool old_grid = [] {
     const char* v = std::getenv("MLA_CUDA_DECODE_GRID");

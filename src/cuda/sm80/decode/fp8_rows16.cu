@@ -19,12 +19,12 @@
 // Block: 8 warps. Warp w computes S for keys 8w .. 8w+7 of each 64-key tile (all 576 columns, Q in registers),
 // the row maxima meet in shared memory, then warp w accumulates O's value columns 64w .. 64w+63 (latent group
 // w / 2) over all 64 keys. Scheduler, work list, split layout and combine are the bf16 kernels' (kernel.cuh).
-#include <algorithm>
 #include <string>
 
 #include "cuda/common/check.hpp"
 #include "cuda/sm80/decode/config.h"
 #include "cuda/sm80/decode/loader.cuh"
+#include "cuda/sm80/decode/softmax.cuh"
 #include "cuda/sm80/mma.cuh"
 #include "mla/error.hpp"
 
@@ -185,23 +185,13 @@ __global__ void __launch_bounds__(kThreads, 1) fp8_rows16_kernel(const __grid_co
       s[e] = t < limit[e / 2] ? (latent + rope[e]) * p.scale_log2 : -INFINITY;
       tile_max[e / 2] = fmaxf(tile_max[e / 2], s[e]);
     }
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 1));
-      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 2));
-      if (quad == 0) sm.row_max[warp][r_local[i]] = tile_max[i];
-    }
+    publish_row_max(tile_max, sm.row_max, warp, r_local, lane);
     __syncthreads();
 
     float alpha[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      float m_new = m_run[i];
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) m_new = fmaxf(m_new, sm.row_max[w][r_local[i]]);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no key seen yet: keep everything at 0
-      alpha[i] = exp2f(m_run[i] - m_use);
-      m_run[i] = m_new;
+      const float m_use = advance_row_max<kWarps>(m_run[i], sm.row_max, r_local[i], alpha[i]);
       const float p0 = exp2f(s[2 * i] - m_use), p1 = exp2f(s[2 * i + 1] - m_use);
       l_run[i] = l_run[i] * alpha[i] + (p0 + p1);  // fp32 sum of the unrounded probabilities
       const float a0 = p0 * kPScale, a1 = p1 * kPScale;

@@ -20,6 +20,7 @@
 #include "cuda/common/dependent_launch.cuh"
 #include "cuda/sm80/decode/config.h"
 #include "cuda/sm80/decode/loader.cuh"
+#include "cuda/sm80/decode/softmax.cuh"
 #include "cuda/sm80/mma.cuh"
 
 namespace mla::cuda::sm80::decode {
@@ -149,23 +150,13 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
         s[j][e] = x;
         tile_max[e / 2] = fmaxf(tile_max[e / 2], x);
       }
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 1));
-      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffffu, tile_max[i], 2));
-      if (lane % 4 == 0) sm.row_max[nw][r_local[i]] = tile_max[i];
-    }
+    publish_row_max(tile_max, sm.row_max, nw, r_local, lane);
     __syncthreads();
 
     float alpha[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      float m_new = m_run[i];
-#pragma unroll
-      for (int g = 0; g < L::kKeyGroups; ++g) m_new = fmaxf(m_new, sm.row_max[g][r_local[i]]);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no key seen yet: keep everything at 0
-      alpha[i] = exp2f(m_run[i] - m_use);
-      m_run[i] = m_new;
+      const float m_use = advance_row_max<L::kKeyGroups>(m_run[i], sm.row_max, r_local[i], alpha[i]);
       float sum = 0.f;
 #pragma unroll
       for (int j = 0; j < L::kSTiles; ++j)
